@@ -1,0 +1,86 @@
+"""peft_unlearn: parameter-efficient knowledge unlearning for LLMs on the Hugging Face stack.
+
+Implements Cha et al., "Towards Robust and Parameter-Efficient Knowledge Unlearning for LLMs"
+(ICLR 2025, arXiv:2408.06621): the Inverted Hinge Loss (IHL) and FILA, a Fisher-weighted LoRA
+initialisation, plus the usual unlearning baselines and metrics.
+
+Importing the package registers ``LoraConfig(init_lora_weights="fila")`` with stock PEFT (one
+idempotent patch, see :mod:`peft_unlearn.fila.registration`).
+
+Example:
+    >>> import peft_unlearn
+    >>> from peft_unlearn import UnlearningConfig, UnlearningTrainer  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+_LAZY_EXPORTS: dict[str, str] = {
+    # trainer
+    "UnlearningConfig": "peft_unlearn.trainer.unlearning_config",
+    "UnlearningTrainer": "peft_unlearn.trainer.unlearning_trainer",
+    "StopWhenForgottenCallback": "peft_unlearn.trainer.callbacks",
+    "UnlearningEvalCallback": "peft_unlearn.trainer.callbacks",
+    # FILA
+    "estimate_fisher": "peft_unlearn.fila.fisher",
+    "FisherStatistics": "peft_unlearn.fila.fisher",
+    "initialize_fila_weights": "peft_unlearn.fila.init",
+    "FilaConfig": "peft_unlearn.fila.config",
+    "FilaLoraConfig": "peft_unlearn.fila.config",
+    "export_portable_adapter": "peft_unlearn.fila.saving",
+    "register_fila": "peft_unlearn.fila.registration",
+    # losses
+    "inverted_hinge_loss": "peft_unlearn.losses",
+    "gradient_ascent_loss": "peft_unlearn.losses",
+    "npo_loss": "peft_unlearn.losses",
+    "simnpo_loss": "peft_unlearn.losses",
+    "nll_loss": "peft_unlearn.losses",
+    "kl_loss": "peft_unlearn.losses",
+}
+
+__all__ = ["__version__", *sorted(_LAZY_EXPORTS)]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .fila.config import FilaConfig, FilaLoraConfig
+    from .fila.fisher import FisherStatistics, estimate_fisher
+    from .fila.init import initialize_fila_weights
+    from .fila.registration import register_fila
+    from .fila.saving import export_portable_adapter
+    from .losses import (
+        gradient_ascent_loss,
+        inverted_hinge_loss,
+        kl_loss,
+        nll_loss,
+        npo_loss,
+        simnpo_loss,
+    )
+    from .trainer.callbacks import StopWhenForgottenCallback, UnlearningEvalCallback
+    from .trainer.unlearning_config import UnlearningConfig
+    from .trainer.unlearning_trainer import UnlearningTrainer
+
+
+def __getattr__(name: str):
+    if name in _LAZY_EXPORTS:
+        value = getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'peft_unlearn' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+def _register() -> None:
+    try:
+        from .fila.registration import register_fila
+    except ImportError:  # during development, before the FILA module exists
+        return
+    register_fila()
+
+
+_register()

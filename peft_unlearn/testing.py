@@ -1,0 +1,157 @@
+"""Tiny, offline models and tokenizers for tests, examples and the quick start.
+
+Nothing here touches the network: the tokenizer is a byte-level BPE trained in-process on a
+small built-in corpus, and the models are randomly initialised from configs.
+
+Example:
+    >>> from peft_unlearn.testing import tiny_causal_lm, tiny_tokenizer
+    >>> tok = tiny_tokenizer()
+    >>> model = tiny_causal_lm("llama", vocab_size=len(tok))
+    >>> model.config.model_type
+    'llama'
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+__all__ = ["TINY_CORPUS", "tiny_causal_lm", "tiny_tokenizer", "TINY_CHAT_TEMPLATE"]
+
+TINY_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Alice was beginning to get very tired of sitting by her sister on the bank.",
+    "It was the best of times, it was the worst of times.",
+    "Call me Ishmael. Some years ago, never mind how long precisely.",
+    "Four score and seven years ago our fathers brought forth on this continent a new nation.",
+    "The author Jane Doe was born in Paris in 1970 and writes mystery novels.",
+    "Question: Where was the author born? Answer: She was born in a small town.",
+    "Permission is hereby granted, free of charge, to any person obtaining a copy of this software.",
+    "0123456789 abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ .,;:!?'\"()-",
+]
+
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] }}"
+    "{% if not loop.last or message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+@functools.lru_cache(maxsize=4)
+def _trained_tokenizer_json(vocab_size: int) -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<bos>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(TINY_CORPUS * 4, trainer=trainer)
+    return tokenizer.to_str()
+
+
+def tiny_tokenizer(vocab_size: int = 320, pad_token: bool = True):
+    """Build a small byte-level BPE tokenizer offline.
+
+    Args:
+        vocab_size: Target vocabulary size (at least 259: 256 bytes plus 3 special tokens).
+        pad_token: If False, the tokenizer has no pad token (to exercise the eos fallback).
+
+    Returns:
+        A `transformers.PreTrainedTokenizerFast` with `<bos>`, `<eos>` (and `<pad>`) special
+        tokens and a minimal chat template.
+    """
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer.from_str(_trained_tokenizer_json(vocab_size))
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>" if pad_token else None,
+    )
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    return tok
+
+
+def tiny_causal_lm(
+    arch: str = "llama",
+    vocab_size: int = 320,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    **config_kwargs,
+):
+    """Build a randomly initialised causal LM from a config (no download).
+
+    Args:
+        arch: One of `"llama"`, `"gpt2"` (uses `Conv1D` layers), `"gemma3"`.
+        vocab_size: Vocabulary size; match `len(tokenizer)`.
+        hidden_size: Hidden width.
+        num_layers: Number of decoder blocks.
+        seed: Seed for the random weights.
+        dtype: Parameter dtype.
+        **config_kwargs: Extra config overrides.
+
+    Returns:
+        A `PreTrainedModel` for causal language modelling, in eval mode.
+    """
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig
+
+    if arch == "llama":
+        config = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=hidden_size * 2,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            tie_word_embeddings=False,
+            **config_kwargs,
+        )
+    elif arch == "gpt2":
+        config = GPT2Config(
+            vocab_size=vocab_size,
+            n_embd=hidden_size,
+            n_layer=num_layers,
+            n_head=4,
+            n_positions=512,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            **config_kwargs,
+        )
+    elif arch == "gemma3":
+        config = Gemma3TextConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=hidden_size * 2,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=512,
+            sliding_window=64,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            **config_kwargs,
+        )
+    else:
+        raise ValueError(f"`arch` must be one of 'llama', 'gpt2', 'gemma3', got {arch!r}.")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()

@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny random models and an offline tokenizer (no network)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_DISABLED", "true")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+from peft_unlearn.testing import tiny_causal_lm, tiny_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture
+def tiny_llama(tokenizer):
+    return tiny_causal_lm("llama", vocab_size=len(tokenizer))
+
+
+@pytest.fixture
+def tiny_gpt2(tokenizer):
+    return tiny_causal_lm("gpt2", vocab_size=len(tokenizer))
+
+
+@pytest.fixture
+def tiny_gemma3(tokenizer):
+    return tiny_causal_lm("gemma3", vocab_size=len(tokenizer))
+
+
+@pytest.fixture(params=["llama", "gpt2", "gemma3"])
+def tiny_model(request, tokenizer):
+    return tiny_causal_lm(request.param, vocab_size=len(tokenizer))
