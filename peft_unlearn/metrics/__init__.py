@@ -1,0 +1,60 @@
+"""Unlearning metrics: memorization (MA, EL_n, NLL/perplexity), TOFU (truth ratio, forget quality, model
+utility) and membership inference (Min-k% Prob, AUC, PrivLeak).
+
+Example:
+    >>> from peft_unlearn.metrics import evaluate_memorization
+    >>> from peft_unlearn.testing import tiny_causal_lm
+    >>> sorted(evaluate_memorization(tiny_causal_lm("llama"), [[5, 6, 7, 8]], el_n=(2,)))
+    ['el2', 'ma', 'nll', 'ppl']
+"""
+
+from __future__ import annotations
+
+from . import mia, tofu
+from .memorization import (
+    compute_ma_metrics,
+    evaluate_memorization,
+    extraction_likelihood,
+    greedy_generate,
+    memorization_accuracy,
+    pad_batch,
+    perplexity,
+    preprocess_logits_for_ma,
+    sequence_nll,
+    token_log_probs,
+)
+from .mia import mia_auc, min_k_prob_scores, privleak
+from .tofu import (
+    answer_probability,
+    evaluate_tofu,
+    forget_quality,
+    load_tofu,
+    model_utility,
+    rouge_l_recall,
+    truth_ratio,
+)
+
+__all__ = [
+    "answer_probability",
+    "compute_ma_metrics",
+    "evaluate_memorization",
+    "evaluate_tofu",
+    "extraction_likelihood",
+    "forget_quality",
+    "greedy_generate",
+    "load_tofu",
+    "memorization_accuracy",
+    "mia",
+    "mia_auc",
+    "min_k_prob_scores",
+    "model_utility",
+    "pad_batch",
+    "perplexity",
+    "preprocess_logits_for_ma",
+    "privleak",
+    "rouge_l_recall",
+    "sequence_nll",
+    "tofu",
+    "token_log_probs",
+    "truth_ratio",
+]

@@ -1,0 +1,713 @@
+"""TOFU metrics (Maini et al. 2024) with the formulas of ``locuslab/tofu`` / ``locuslab/open-unlearning``.
+
+Per item, with ``nll(a | q)`` the mean per-token NLL of answer ``a`` given question ``q`` (question masked,
+answer tokens + the EOS after the answer supervised, as in TOFU training):
+
+- **Answer probability** ``P(a|q)^{1/|a|} = exp(-nll(a|q))`` (forget, retain).
+- **Relative probability** (real authors, world facts): ``P(true) / (P(true) + sum_k P(perturbed_k))`` with the
+  same length-normalised probabilities (open-unlearning ``probability_w_options``).
+- **Truth ratio** ``R = [prod_k P(perturbed_k)^{1/|a_k|}]^{1/K} / P(base)^{1/|base|}
+  = exp(nll(base) - mean_k nll(perturbed_k))``, where base is the paraphrased answer (forget, retain) or the
+  answer (real authors, world facts). This module returns **R** (open-unlearning's ``wrong / correct``);
+  the original TOFU code computes ``1/R = exp(mean perturbed nll - paraphrased nll)``. Small R: the model
+  prefers the true answer.
+
+  * forget-side statistic: ``mean(min(R, 1/R))`` (``closer_to_1_better``; 1 = cannot tell true from false);
+  * utility-side statistic: ``mean(max(0, 1 - R))`` (``true_better``).
+- **ROUGE-L recall** of the greedy generation against the answer (``rouge_score``, stemming on).
+- **Forget quality**: p-value of ``scipy.stats.ks_2samp`` between the per-item forget truth ratios of the
+  unlearned model and of a retain-only model (invariant to using R or 1/R for both).
+- **Model utility**: harmonic mean of the 9 numbers {probability, ROUGE-L, truth-ratio statistic} x
+  {retain, real authors, world facts}; 0 if any is 0.
+
+Example:
+    >>> import numpy as np
+    >>> from peft_unlearn.metrics.tofu import truth_ratio, truth_ratio_forget_score
+    >>> r = truth_ratio(np.array([1.0]), np.array([[1.0, 1.0]]))  # equal NLLs: R = 1
+    >>> float(r[0]), float(truth_ratio_forget_score(r))
+    (1.0, 1.0)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from typing import Any
+
+import numpy as np
+import torch
+
+from .memorization import _eval_mode, _token_stats, greedy_generate, pad_batch
+
+__all__ = [
+    "DEFAULT_QA_TEMPLATE",
+    "TOFU_HUB_ALIASES",
+    "SYNTHETIC_SPLITS",
+    "answer_nll",
+    "answer_probability",
+    "evaluate_tofu",
+    "format_prompt",
+    "format_qa",
+    "forget_quality",
+    "generate_answers",
+    "load_tofu",
+    "model_utility",
+    "relative_answer_probability",
+    "rouge_l_recall",
+    "truth_ratio",
+    "truth_ratio_forget_score",
+    "truth_ratio_utility_score",
+]
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+DEFAULT_QA_TEMPLATE = "Question: {question}\nAnswer:"
+SYNTHETIC_SPLITS = ("forget", "retain", "real_authors", "world_facts", "full")
+TOFU_HUB_ALIASES = {
+    "forget": "forget10_perturbed",
+    "retain": "retain_perturbed",
+    "real_authors": "real_authors_perturbed",
+    "world_facts": "world_facts_perturbed",
+}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------------------
+
+
+def load_tofu(split: str, source: str = "synthetic", *, max_items: int | None = None):
+    """Load a TOFU split as a ``datasets.Dataset``.
+
+    Rows have ``question``, ``answer``, ``paraphrased_answer`` and ``perturbed_answer`` (a list).
+
+    - ``source="synthetic"``: a small offline data set shipped with the package (12 fictitious authors x 4 QA,
+      forget = the first 3 authors (12 QA), retain = the other 9 (36 QA); 8 real-author and 8 world-fact
+      questions with 3 perturbed options each). Splits: ``forget``, ``retain``, ``real_authors``,
+      ``world_facts``, ``full`` (forget + retain).
+    - ``source="hub"``: ``datasets.load_dataset("locuslab/TOFU", name, split="train")`` (needs the network or a
+      local HF cache). ``split`` is any TOFU config name (``forget01``, ``forget05_perturbed``, ``retain90``,
+      ``full``, ...) or an alias: ``forget`` -> ``forget10_perturbed``, ``retain`` -> ``retain_perturbed``,
+      ``real_authors`` -> ``real_authors_perturbed``, ``world_facts`` -> ``world_facts_perturbed``.
+      :func:`evaluate_tofu` needs the ``*_perturbed`` configs (they carry ``paraphrased_answer`` and
+      ``perturbed_answer``); plain configs such as ``forget10`` / ``retain90`` are for training.
+
+    Args:
+        split: Split name (see above).
+        source: ``"synthetic"`` or ``"hub"``.
+        max_items: Keep only the first ``max_items`` rows (the TOFU protocol evaluates the first 300).
+
+    Returns:
+        A ``datasets.Dataset``.
+
+    Example:
+        >>> ds = load_tofu("forget")
+        >>> len(ds), sorted(ds.column_names)[:3]
+        (12, ['answer', 'author', 'paraphrased_answer'])
+    """
+    import datasets
+
+    if source == "synthetic":
+        if split not in SYNTHETIC_SPLITS:
+            raise ValueError(f"`split` must be one of {SYNTHETIC_SPLITS} for source='synthetic', got {split!r}.")
+        names = ("forget", "retain") if split == "full" else (split,)
+        rows: list[dict[str, Any]] = []
+        for name in names:
+            path = resources.files("peft_unlearn") / "data" / f"tofu_synthetic_{name}.jsonl"
+            with path.open(encoding="utf-8") as f:
+                rows.extend(json.loads(line) for line in f if line.strip())
+        ds = datasets.Dataset.from_list(rows)
+    elif source == "hub":
+        name = TOFU_HUB_ALIASES.get(split, split)
+        ds = datasets.load_dataset("locuslab/TOFU", name, split="train")
+    else:
+        raise ValueError(f"`source` must be 'synthetic' or 'hub', got {source!r}.")
+    if max_items is not None:
+        if max_items < 1:
+            raise ValueError(f"`max_items` must be >= 1 or None, got {max_items}.")
+        ds = ds.select(range(min(max_items, len(ds))))
+    return ds
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Formatting
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def format_prompt(question: str, tokenizer: Any, template: str = DEFAULT_QA_TEMPLATE) -> list[int]:
+    """Token ids of the question prompt (what generation starts from).
+
+    Args:
+        question: The question text.
+        tokenizer: A Hugging Face tokenizer.
+        template: ``"chat"`` to use ``tokenizer.apply_chat_template`` (user turn + generation prompt), or a
+            format string containing ``{question}`` (default ``"Question: {question}\\nAnswer:"``). Special
+            tokens (e.g. BOS) are added as the tokenizer does by default.
+
+    Returns:
+        A list of token ids.
+
+    Example:
+        >>> from peft_unlearn.testing import tiny_tokenizer
+        >>> len(format_prompt("Who?", tiny_tokenizer())) > 0
+        True
+    """
+    if template == "chat":
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError("`template='chat'` but the tokenizer has no chat_template; pass a format string.")
+        out = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True
+        )
+        ids = out["input_ids"] if isinstance(out, Mapping) else out
+        return [int(i) for i in ids]
+    if not isinstance(template, str) or "{question}" not in template:
+        raise ValueError(f"`template` must be 'chat' or a format string containing '{{question}}', got {template!r}.")
+    return _encode(tokenizer, template.format(question=question), add_special_tokens=True)
+
+
+def format_qa(
+    question: str,
+    answer: str,
+    tokenizer: Any,
+    template: str = DEFAULT_QA_TEMPLATE,
+    *,
+    add_eos: bool = True,
+    max_length: int | None = None,
+) -> dict[str, list[int]]:
+    """Tokenize a question/answer pair with the question masked in the labels.
+
+    The prompt (:func:`format_prompt`) and the answer are tokenized separately and concatenated, so the
+    answer tokens are exactly those scored. With a format-string template the answer is prefixed by a space
+    (``"...Answer:" + " " + answer``); with ``"chat"`` it follows the generation prompt directly. The EOS
+    token after the answer is supervised when ``add_eos`` (TOFU convention).
+
+    Args:
+        question: Question text.
+        answer: Answer text.
+        tokenizer: A Hugging Face tokenizer.
+        template: ``"chat"`` or a format string with ``{question}``.
+        add_eos: Append ``tokenizer.eos_token_id`` to the answer.
+        max_length: Truncate the answer tail so the sequence has at most this many tokens (at least one
+            answer token is kept).
+
+    Returns:
+        ``{"input_ids": [...], "labels": [...]}`` with -100 on the prompt.
+
+    Example:
+        >>> from peft_unlearn.testing import tiny_tokenizer
+        >>> item = format_qa("Who?", "Jane.", tiny_tokenizer())
+        >>> item["labels"][0], item["labels"][-1] == item["input_ids"][-1]
+        (-100, True)
+    """
+    prompt = format_prompt(question, tokenizer, template)
+    answer_text = answer if template == "chat" else " " + answer
+    answer_ids = _encode(tokenizer, answer_text, add_special_tokens=False)
+    if add_eos:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("`add_eos=True` but the tokenizer has no eos_token_id; pass add_eos=False.")
+        answer_ids.append(int(tokenizer.eos_token_id))
+    if not answer_ids:
+        raise ValueError(f"The answer {answer!r} tokenizes to no tokens; every answer needs at least one token.")
+    if max_length is not None:
+        keep = max(1, max_length - len(prompt))
+        answer_ids = answer_ids[:keep]
+    return {"input_ids": prompt + answer_ids, "labels": [IGNORE_INDEX] * len(prompt) + answer_ids}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Probabilities
+# --------------------------------------------------------------------------------------------------------------
+
+
+def answer_nll(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    questions: Sequence[str],
+    answers: Sequence[str],
+    *,
+    template: str = DEFAULT_QA_TEMPLATE,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    add_eos: bool = True,
+) -> np.ndarray:
+    """Mean per-token NLL of each answer given its question (question masked), batched.
+
+    Args:
+        model: A causal LM.
+        tokenizer: Its tokenizer (``pad_token_id`` or ``eos_token_id`` is used for padding).
+        questions: N questions.
+        answers: N answers.
+        template: See :func:`format_qa`.
+        batch_size: Sequences per forward pass.
+        max_length: See :func:`format_qa`.
+        add_eos: See :func:`format_qa`.
+
+    Returns:
+        ``np.ndarray [N]`` (float64).
+
+    Example:
+        >>> from peft_unlearn.testing import tiny_causal_lm, tiny_tokenizer
+        >>> tok = tiny_tokenizer()
+        >>> answer_nll(tiny_causal_lm("llama", vocab_size=len(tok)), tok, ["Who?"], ["Jane."]).shape
+        (1,)
+    """
+    if len(questions) != len(answers):
+        raise ValueError(f"`questions` has {len(questions)} items but `answers` has {len(answers)}; they must match.")
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
+    items = [
+        format_qa(q, a, tokenizer, template, add_eos=add_eos, max_length=max_length)
+        for q, a in zip(questions, answers)
+    ]
+    pad = _pad_id(tokenizer)
+    out = np.empty(len(items), dtype=np.float64)
+    with _eval_mode(model):
+        for start in range(0, len(items), batch_size):
+            ids, mask, labels = pad_batch(items[start : start + batch_size], pad)
+            for j, (_, logp) in enumerate(_token_stats(model, ids, mask, labels)):
+                out[start + j] = -float(logp.double().mean()) if logp.numel() else float("nan")
+    return out
+
+
+def answer_probability(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    questions: Sequence[str],
+    answers: Sequence[str],
+    *,
+    template: str = DEFAULT_QA_TEMPLATE,
+    batch_size: int = 8,
+    max_length: int | None = None,
+) -> np.ndarray:
+    """Length-normalised answer probability ``P(a|q)^{1/|a|} = exp(-mean token NLL)`` per item.
+
+    Args:
+        model: A causal LM.
+        tokenizer: Its tokenizer.
+        questions: N questions.
+        answers: N answers.
+        template: See :func:`format_qa`.
+        batch_size: Sequences per forward pass.
+        max_length: See :func:`format_qa`.
+
+    Returns:
+        ``np.ndarray [N]`` in (0, 1].
+
+    Example:
+        >>> from peft_unlearn.testing import tiny_causal_lm, tiny_tokenizer
+        >>> tok = tiny_tokenizer()
+        >>> p = answer_probability(tiny_causal_lm("llama", vocab_size=len(tok)), tok, ["Who?"], ["Jane."])
+        >>> bool(0 < p[0] <= 1)
+        True
+    """
+    nll = answer_nll(
+        model, tokenizer, questions, answers, template=template, batch_size=batch_size, max_length=max_length
+    )
+    return np.exp(-nll)
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tokenizer, "eos_token_id", None)
+    return int(pad) if pad is not None else 0
+
+
+def _ragged(perturbed_nlls: Any, n: int, name: str) -> list[np.ndarray]:
+    rows = [np.asarray(r, dtype=np.float64).reshape(-1) for r in perturbed_nlls]
+    if len(rows) != n:
+        raise ValueError(f"`{name}` has {len(rows)} rows but there are {n} items; they must match.")
+    if any(r.size == 0 for r in rows):
+        raise ValueError(f"Every row of `{name}` needs at least one perturbed value; got an empty row.")
+    return rows
+
+
+def truth_ratio(paraphrased_nll: Any, perturbed_nlls: Any) -> np.ndarray:
+    """Per-item truth ratio ``R = exp(nll(base) - mean_k nll(perturbed_k))`` from per-token mean NLLs.
+
+    ``R = geometric mean_k P(perturbed_k)^{1/|a_k|} / P(base)^{1/|base|}`` (open-unlearning's wrong/correct).
+    R < 1: the model prefers the true (paraphrased) answer. The original TOFU code's value is ``1/R``.
+
+    Args:
+        paraphrased_nll: ``[N]`` mean per-token NLL of the base answer (paraphrased for forget/retain, the
+            answer itself for real authors / world facts).
+        perturbed_nlls: ``[N, K]`` array or N lists (ragged allowed) of mean per-token NLLs of the perturbed
+            answers.
+
+    Returns:
+        ``np.ndarray [N]``.
+
+    Example:
+        >>> float(truth_ratio([2.0], [[1.0, 3.0]])[0])  # exp(2 - 2)
+        1.0
+    """
+    base = np.asarray(paraphrased_nll, dtype=np.float64).reshape(-1)
+    rows = _ragged(perturbed_nlls, base.size, "perturbed_nlls")
+    mean_pert = np.array([r.mean() for r in rows])
+    return np.exp(base - mean_pert)
+
+
+def truth_ratio_forget_score(ratios: Any) -> float:
+    """Forget-side truth-ratio statistic ``mean(min(R, 1/R))`` in [0, 1] (1 = cannot tell true from false).
+
+    Args:
+        ratios: Per-item R from :func:`truth_ratio`.
+
+    Returns:
+        The mean as a float.
+
+    Example:
+        >>> truth_ratio_forget_score([0.5, 2.0, 1.0])
+        0.6666666666666666
+    """
+    r = np.asarray(ratios, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        return float(np.mean(np.minimum(r, 1.0 / r)))
+
+
+def truth_ratio_utility_score(ratios: Any) -> float:
+    """Utility-side truth-ratio statistic ``mean(max(0, 1 - R))`` in [0, 1] (higher: prefers the truth).
+
+    Args:
+        ratios: Per-item R from :func:`truth_ratio`.
+
+    Returns:
+        The mean as a float.
+
+    Example:
+        >>> truth_ratio_utility_score([0.25, 2.0])
+        0.375
+    """
+    r = np.asarray(ratios, dtype=np.float64)
+    return float(np.mean(np.maximum(0.0, 1.0 - r)))
+
+
+def relative_answer_probability(true_nll: Any, perturbed_nlls: Any) -> np.ndarray:
+    """``P(true) / (P(true) + sum_k P(perturbed_k))`` with ``P = exp(-mean token NLL)`` (length-normalised).
+
+    This is what TOFU / open-unlearning report as "probability" on real authors and world facts.
+
+    Args:
+        true_nll: ``[N]`` mean per-token NLL of the true answers.
+        perturbed_nlls: ``[N, K]`` or ragged lists of the perturbed answers' mean per-token NLLs.
+
+    Returns:
+        ``np.ndarray [N]`` in (0, 1).
+
+    Example:
+        >>> float(relative_answer_probability([1.0], [[1.0, 1.0, 1.0]])[0])
+        0.25
+    """
+    t = np.asarray(true_nll, dtype=np.float64).reshape(-1)
+    rows = _ragged(perturbed_nlls, t.size, "perturbed_nlls")
+    p_true = np.exp(-t)
+    p_wrong = np.array([np.exp(-r).sum() for r in rows])
+    return p_true / (p_true + p_wrong)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Generation and ROUGE
+# --------------------------------------------------------------------------------------------------------------
+
+
+def generate_answers(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    questions: Sequence[str],
+    *,
+    template: str = DEFAULT_QA_TEMPLATE,
+    max_new_tokens: int = 200,
+    batch_size: int = 8,
+) -> list[str]:
+    """Greedy answers to the questions (stop at EOS or ``max_new_tokens``), decoded without special tokens.
+
+    Args:
+        model: A causal LM.
+        tokenizer: Its tokenizer.
+        questions: The questions.
+        template: See :func:`format_prompt`.
+        max_new_tokens: Generation budget per answer.
+        batch_size: Prompts per batch (left-padded, KV cache when the model provides one).
+
+    Returns:
+        One stripped string per question.
+
+    Example:
+        >>> from peft_unlearn.testing import tiny_causal_lm, tiny_tokenizer
+        >>> tok = tiny_tokenizer()
+        >>> out = generate_answers(tiny_causal_lm("llama", vocab_size=len(tok)), tok, ["Who?"], max_new_tokens=4)
+        >>> isinstance(out[0], str)
+        True
+    """
+    prompts = [format_prompt(q, tokenizer, template) for q in questions]
+    generated = greedy_generate(
+        model,
+        prompts,
+        max_new_tokens,
+        pad_token_id=_pad_id(tokenizer),
+        eos_token_id=getattr(tokenizer, "eos_token_id", None),
+        batch_size=batch_size,
+    )
+    return [tokenizer.decode(g, skip_special_tokens=True).strip() for g in generated]
+
+
+def rouge_l_recall(predictions: Sequence[str], references: Sequence[str], *, use_stemmer: bool = True) -> np.ndarray:
+    """ROUGE-L recall ``LCS(prediction, reference) / len(reference)`` per pair (``rouge_score``, offline).
+
+    Args:
+        predictions: Generated texts.
+        references: Reference answers.
+        use_stemmer: Porter stemming as in TOFU / open-unlearning.
+
+    Returns:
+        ``np.ndarray [N]`` in [0, 1].
+
+    Example:
+        >>> float(rouge_l_recall(["the cat sat"], ["the cat sat down"])[0])
+        0.75
+    """
+    if isinstance(predictions, str) or isinstance(references, str):
+        raise TypeError("`predictions` and `references` must be sequences of strings, not a single string.")
+    if len(predictions) != len(references):
+        raise ValueError(
+            f"`predictions` has {len(predictions)} items but `references` has {len(references)}; they must match."
+        )
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=use_stemmer)
+    return np.array([scorer.score(ref, pred)["rougeL"].recall for pred, ref in zip(predictions, references)])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Aggregates
+# --------------------------------------------------------------------------------------------------------------
+
+
+def forget_quality(unlearned_truth_ratios: Any, retain_truth_ratios: Any) -> float:
+    """KS-test p-value between the forget-set truth ratios of the unlearned and the retain-only model.
+
+    Both inputs must be the same per-item quantity (e.g. R from :func:`truth_ratio`, or both 1/R; the KS test
+    is invariant to applying the same monotone map to both).
+
+    Args:
+        unlearned_truth_ratios: Per-item values for the unlearned model.
+        retain_truth_ratios: Per-item values for the retain-only model (same questions).
+
+    Returns:
+        ``scipy.stats.ks_2samp(...).pvalue`` (1 = indistinguishable from the retain model).
+
+    Example:
+        >>> forget_quality([0.5, 1.0, 2.0], [0.5, 1.0, 2.0])
+        1.0
+    """
+    from scipy.stats import ks_2samp
+
+    a = np.asarray(unlearned_truth_ratios, dtype=np.float64).reshape(-1)
+    b = np.asarray(retain_truth_ratios, dtype=np.float64).reshape(-1)
+    if a.size == 0 or b.size == 0:
+        raise ValueError(f"Both truth-ratio samples must be non-empty, got sizes {a.size} and {b.size}.")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("Truth ratios must be finite; got NaN or inf (check the NLL inputs).")
+    return float(ks_2samp(a, b).pvalue)
+
+
+UTILITY_KEYS = tuple(
+    f"{split}_{metric}"
+    for split in ("retain", "real_authors", "world_facts")
+    for metric in ("prob", "rougeL", "truth_ratio")
+)
+
+
+def model_utility(values: Mapping[str, float] | Sequence[float]) -> float:
+    """Harmonic mean of the utility numbers (TOFU: 9 values); 0 when any value is 0.
+
+    Args:
+        values: A dict name -> value (e.g. the 9 ``UTILITY_KEYS`` of :func:`evaluate_tofu`) or a sequence.
+            Values must be finite and >= 0.
+
+    Returns:
+        ``scipy.stats.hmean(values)``, or 0.0 if any value is 0.
+
+    Example:
+        >>> model_utility({"a": 0.5, "b": 0.25})
+        0.3333333333333333
+    """
+    from scipy.stats import hmean
+
+    vals = np.asarray(list(values.values()) if isinstance(values, Mapping) else list(values), dtype=np.float64)
+    if vals.size == 0:
+        raise ValueError("`values` is empty; pass the 9 TOFU utility numbers.")
+    if not np.isfinite(vals).all() or (vals < 0).any():
+        raise ValueError(f"`values` must be finite and >= 0, got {vals.tolist()}.")
+    if (vals == 0).any():
+        return 0.0
+    return float(hmean(vals))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# End to end
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _rows(data: Any, max_items: int | None, name: str) -> list[dict[str, Any]]:
+    rows = [dict(r) for r in data]
+    if max_items is not None:
+        rows = rows[:max_items]
+    if not rows:
+        raise ValueError(f"`{name}` is empty.")
+    for key in ("question", "answer", "perturbed_answer"):
+        if key not in rows[0]:
+            raise ValueError(f"`{name}` rows need a {key!r} field (TOFU format); got fields {sorted(rows[0])}.")
+    return rows
+
+
+def _split_scores(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    rows: list[dict[str, Any]],
+    *,
+    base_key: str,
+    relative_prob: bool,
+    template: str,
+    batch_size: int,
+    max_length: int | None,
+    max_new_tokens: int,
+    compute_rouge: bool,
+) -> dict[str, Any]:
+    questions = [r["question"] for r in rows]
+    answers = [r["answer"] for r in rows]
+    kw = {"template": template, "batch_size": batch_size, "max_length": max_length}
+    true_nll = answer_nll(model, tokenizer, questions, answers, **kw)
+    if base_key == "answer":
+        base_nll = true_nll
+    else:
+        if base_key not in rows[0]:
+            raise ValueError(f"Rows need a {base_key!r} field (TOFU format); got fields {sorted(rows[0])}.")
+        base_nll = answer_nll(model, tokenizer, questions, [r[base_key] for r in rows], **kw)
+    perturbed = [
+        list(r["perturbed_answer"]) if not isinstance(r["perturbed_answer"], str) else [r["perturbed_answer"]]
+        for r in rows
+    ]
+    flat_q = [q for q, opts in zip(questions, perturbed) for _ in opts]
+    flat_a = [a for opts in perturbed for a in opts]
+    flat_nll = answer_nll(model, tokenizer, flat_q, flat_a, **kw)
+    pert_nll, pos = [], 0
+    for opts in perturbed:
+        pert_nll.append(flat_nll[pos : pos + len(opts)])
+        pos += len(opts)
+    out: dict[str, Any] = {
+        "prob": relative_answer_probability(true_nll, pert_nll) if relative_prob else np.exp(-true_nll),
+        "truth_ratios": truth_ratio(base_nll, pert_nll),
+    }
+    if compute_rouge:
+        gens = generate_answers(
+            model, tokenizer, questions, template=template, max_new_tokens=max_new_tokens, batch_size=batch_size
+        )
+        out["rougeL"] = rouge_l_recall(gens, answers)
+        out["generations"] = gens
+    return out
+
+
+def evaluate_tofu(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    forget: Any = None,
+    retain: Any = None,
+    real_authors: Any = None,
+    world_facts: Any = None,
+    retain_model_truth_ratios: Any = None,
+    *,
+    template: str = DEFAULT_QA_TEMPLATE,
+    max_new_tokens: int = 200,
+    batch_size: int = 8,
+    max_items: int | None = 300,
+    max_length: int | None = 500,
+    compute_rouge: bool = True,
+) -> dict[str, Any]:
+    """All TOFU numbers for one model: probability, ROUGE-L, truth ratio per split, model utility, forget quality.
+
+    Splits (``datasets.Dataset`` or lists of dicts in TOFU format, see :func:`load_tofu`) may be None to skip
+    them. Truth ratios use ``paraphrased_answer`` as the base on forget/retain and ``answer`` on real authors /
+    world facts; probability is ``P(a|q)^{1/|a|}`` on forget/retain and the relative probability against the
+    perturbed options on real authors / world facts.
+
+    Args:
+        model: A causal LM (e.g. a ``PeftModel``).
+        tokenizer: Its tokenizer.
+        forget: Forget split (``question``, ``answer``, ``paraphrased_answer``, ``perturbed_answer``).
+        retain: Retain split (same fields).
+        real_authors: Real-authors split (``question``, ``answer``, ``perturbed_answer``).
+        world_facts: World-facts split (same fields).
+        retain_model_truth_ratios: ``evaluate_tofu(retain_model, ...)["forget_truth_ratios"]``; when given,
+            ``forget_quality`` is computed.
+        template: Prompt template (see :func:`format_qa`).
+        max_new_tokens: Generation budget for ROUGE (TOFU: max length 200).
+        batch_size: Sequences per forward pass / generation batch.
+        max_items: Evaluate the first ``max_items`` rows of each split (TOFU protocol: 300; None = all).
+        max_length: Token budget per scored sequence (TOFU: 500).
+        compute_rouge: False skips generation (ROUGE keys absent, no model utility).
+
+    Returns:
+        A dict with, for each given split ``s``: ``s_prob``, ``s_truth_ratio`` (forget: ``mean(min(R, 1/R))``;
+        others: ``mean(max(0, 1 - R))``), ``s_rougeL``; plus ``forget_truth_ratios`` (list of per-item R, the
+        input of :func:`forget_quality`), ``forget_generations`` (list of str), ``model_utility`` (when retain,
+        real authors and world facts are all given and ROUGE is computed) and ``forget_quality`` (when
+        ``retain_model_truth_ratios`` is given).
+
+    Example:
+        >>> from peft_unlearn.testing import tiny_causal_lm, tiny_tokenizer
+        >>> tok = tiny_tokenizer()
+        >>> model = tiny_causal_lm("llama", vocab_size=len(tok))
+        >>> out = evaluate_tofu(model, tok, forget=load_tofu("forget"), compute_rouge=False)
+        >>> 0 <= out["forget_truth_ratio"] <= 1
+        True
+    """
+    splits = {"forget": forget, "retain": retain, "real_authors": real_authors, "world_facts": world_facts}
+    if all(v is None for v in splits.values()):
+        raise ValueError("Pass at least one of `forget`, `retain`, `real_authors`, `world_facts`.")
+    result: dict[str, Any] = {}
+    for name, data in splits.items():
+        if data is None:
+            continue
+        rows = _rows(data, max_items, name)
+        scores = _split_scores(
+            model,
+            tokenizer,
+            rows,
+            base_key="paraphrased_answer" if name in ("forget", "retain") else "answer",
+            relative_prob=name in ("real_authors", "world_facts"),
+            template=template,
+            batch_size=batch_size,
+            max_length=max_length,
+            max_new_tokens=max_new_tokens,
+            compute_rouge=compute_rouge,
+        )
+        result[f"{name}_prob"] = float(np.mean(scores["prob"]))
+        ratios = scores["truth_ratios"]
+        if name == "forget":
+            result["forget_truth_ratio"] = truth_ratio_forget_score(ratios)
+            result["forget_truth_ratios"] = [float(r) for r in ratios]
+        else:
+            result[f"{name}_truth_ratio"] = truth_ratio_utility_score(ratios)
+        if compute_rouge:
+            result[f"{name}_rougeL"] = float(np.mean(scores["rougeL"]))
+            if name == "forget":
+                result["forget_generations"] = scores["generations"]
+    if all(k in result for k in UTILITY_KEYS):
+        result["model_utility"] = model_utility({k: result[k] for k in UTILITY_KEYS})
+    if retain_model_truth_ratios is not None:
+        if "forget_truth_ratios" not in result:
+            raise ValueError("`retain_model_truth_ratios` was given but `forget` is None; pass the forget split.")
+        result["forget_quality"] = forget_quality(result["forget_truth_ratios"], retain_model_truth_ratios)
+    for key, value in result.items():
+        if isinstance(value, float) and math.isnan(value):
+            logger.warning("evaluate_tofu: %s is NaN (empty answers or NaN logits?).", key)
+    return result
