@@ -42,7 +42,26 @@ _LAZY_EXPORTS: dict[str, str] = {
     "kl_loss": "peft_unlearn.losses",
 }
 
-__all__ = ["__version__", *sorted(_LAZY_EXPORTS)]
+__all__ = [
+    "__version__",
+    "FilaConfig",
+    "FilaLoraConfig",
+    "FisherStatistics",
+    "StopWhenForgottenCallback",
+    "UnlearningConfig",
+    "UnlearningEvalCallback",
+    "UnlearningTrainer",
+    "estimate_fisher",
+    "export_portable_adapter",
+    "gradient_ascent_loss",
+    "initialize_fila_weights",
+    "inverted_hinge_loss",
+    "kl_loss",
+    "nll_loss",
+    "npo_loss",
+    "register_fila",
+    "simnpo_loss",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .fila.config import FilaConfig, FilaLoraConfig
@@ -76,10 +95,8 @@ def __dir__() -> list[str]:
 
 
 def _register() -> None:
-    try:
-        from .fila.registration import register_fila
-    except ImportError:  # during development, before the FILA module exists
-        return
+    from .fila.registration import register_fila
+
     register_fila()
 
 

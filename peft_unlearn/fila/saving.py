@@ -1,0 +1,578 @@
+"""Saving FILA adapters: the portable rank-2r plain LoRA, the raw format and the residual rebuild.
+
+A FILA-trained model is ``W_res + s * B A`` with ``W_res = W - s * B0 A0``. On the **original**
+base ``W`` that equals the plain LoRA
+
+    A' = [A ; A0]   (2r x in)        B' = [B | -B0]   (out x 2r)
+    r' = 2r,  lora_alpha' = 2 * alpha  (sqrt(2) * alpha with rslora),  rank/alpha patterns doubled
+
+with the same scaling (PEFT's PiSSA conversion, hf-integration.md section 3). This is what
+``PeftModel.save_pretrained`` / ``push_to_hub`` write for FILA models after ``import peft_unlearn``
+(:func:`export_portable_adapter`); stock PEFT loads it with ``init_lora_weights=true``.
+
+The raw format (``save_pretrained(..., fila_portable=False)``, used for Trainer checkpoints) is the
+rank-r adapter whose config keeps ``"fila"`` (stock PEFT refuses it loudly) plus ``_fila_init/``
+(:func:`save_fila_state`): ``A0``/``B0`` per layer in ``fila_init.safetensors`` and ``fila_meta.json``
+(adapter, rank, scaling, dtypes). A fresh process rebuilds ``W_res`` from it with
+:func:`restore_fila_residual`; :func:`save_residual_base` writes the residual base model itself
+(the compact deployment option: residual base + raw rank-r adapter).
+
+``merge_and_unload()`` needs nothing special: it gives ``W_res + s * B A``, the unlearned model.
+
+Example:
+    >>> model.save_pretrained("out")                         # portable plain LoRA  # doctest: +SKIP
+    >>> model.save_pretrained("ckpt", fila_portable=False)   # raw + _fila_init/    # doctest: +SKIP
+    >>> restore_fila_residual(fresh_model, "ckpt")           # base -> W_res         # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import FILA_INIT_NAME
+from .init import residual_weight
+from .registration import (
+    clear_pending,
+    get_init_state,
+    is_fila_init,
+    iter_lora_layers,
+    normalize_module_name,
+    pending_fila_adapters,
+    set_init_state,
+)
+
+__all__ = [
+    "INIT_DIR",
+    "export_portable_adapter",
+    "fila_adapters",
+    "is_fila_model",
+    "load_fila_state",
+    "portable_lora_config",
+    "restore_fila_residual",
+    "save_fila_state",
+    "save_residual_base",
+]
+
+#: Folder (inside a save directory) holding A0/B0; the leading underscore keeps it out of Hub pushes.
+INIT_DIR = "_fila_init"
+_TENSORS_FILE = "fila_init.safetensors"
+_META_FILE = "fila_meta.json"
+_FORMAT_VERSION = 1
+_PROBE_SEED = 20240813
+# A layer's base weight counts as "residual" (or "original") if its probe fingerprint is within this
+# fraction of the distance between the two fingerprints.
+_MATCH_TOLERANCE = 0.05
+
+
+def fila_adapters(model: nn.Module) -> list[str]:
+    """Names of the adapters whose config says ``init_lora_weights="fila"``."""
+    configs = getattr(model, "peft_config", None) or {}
+    return [name for name, cfg in configs.items() if is_fila_init(getattr(cfg, "init_lora_weights", None))]
+
+
+def is_fila_model(model: nn.Module) -> bool:
+    """Return True if the model has at least one FILA adapter (pending or initialised).
+
+    Example:
+        >>> is_fila_model(torch.nn.Linear(2, 2))
+        False
+    """
+    return bool(fila_adapters(model))
+
+
+def _require_initialized(model: nn.Module, adapter_names: Sequence[str]) -> None:
+    pending = [a for a in pending_fila_adapters(model) if a in adapter_names]
+    if pending:
+        raise ValueError(
+            f"FILA adapter(s) {pending} are not initialised yet (their base weights are not the residual), so saving "
+            "them would publish a wrong adapter: call peft_unlearn.fila.initialize_fila_weights(model, "
+            "forget_dataloader, retain_dataloader) first, or restore_fila_residual() after loading a raw checkpoint."
+        )
+
+
+def _init_states(model: nn.Module, adapter_name: str) -> dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor]]:
+    states = {}
+    for name, layer in iter_lora_layers(model, adapter_name):
+        state = get_init_state(layer, adapter_name)
+        if state is None:
+            raise ValueError(
+                f"Layer {name} of FILA adapter {adapter_name!r} has no stored initial factors A0/B0; it was not "
+                "initialised by initialize_fila_weights/restore_fila_residual."
+            )
+        states[name] = (layer, state[0], state[1])
+    return states
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# portable export
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def portable_lora_config(config: Any) -> Any:
+    """Return the plain ``LoraConfig`` of the portable rank-2r adapter for a FILA adapter config.
+
+    ``init_lora_weights=True``, ``r`` and ``lora_alpha`` doubled (``sqrt(2) * alpha`` with rslora), rank and
+    alpha patterns doubled, ``fila_config`` dropped, ``inference_mode=True``.
+
+    Args:
+        config: The FILA adapter's ``LoraConfig`` / ``FilaLoraConfig``.
+
+    Returns:
+        A new ``peft.LoraConfig``.
+    """
+    from peft import LoraConfig
+
+    values = {
+        f.name: getattr(config, f.name) for f in dataclasses.fields(LoraConfig) if f.init and hasattr(config, f.name)
+    }
+    values = {k: (v.copy() if isinstance(v, (dict, list, set)) else v) for k, v in values.items()}
+    values["init_lora_weights"] = True
+    values["r"] = 2 * config.r
+    values["lora_alpha"] = config.lora_alpha * (2**0.5 if config.use_rslora else 2)
+    values["rank_pattern"] = {k: 2 * v for k, v in (config.rank_pattern or {}).items()}
+    values["alpha_pattern"] = {k: 2 * v for k, v in (config.alpha_pattern or {}).items()}
+    values["inference_mode"] = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        portable = LoraConfig(**values)
+    for attr in ("base_model_name_or_path", "revision", "task_type", "peft_type"):
+        if hasattr(config, attr):
+            setattr(portable, attr, getattr(config, attr))
+    return portable
+
+
+def _auto_mapping(model: nn.Module, config: Any) -> dict[str, str] | None:
+    if config.task_type is not None or not hasattr(model, "_get_base_model_class"):
+        return None
+    base_cls = model._get_base_model_class(is_prompt_tuning=False)
+    return {"base_model_class": base_cls.__name__, "parent_library": base_cls.__module__}
+
+
+def export_portable_adapter(
+    peft_model: nn.Module,
+    save_directory: str | os.PathLike,
+    adapter_name: str = "default",
+    *,
+    safe_serialization: bool = True,
+    is_main_process: bool = True,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    save_embedding_layers: str | bool = "auto",
+) -> Path:
+    """Write a FILA adapter as a plain rank-2r LoRA that stock PEFT loads onto the original base.
+
+    ``W + s * [B | -B0] [A ; A0] = W_res + s * B A``: the trained model, without the residual base.
+
+    Args:
+        peft_model: A PeftModel with an initialised FILA adapter.
+        save_directory: Folder for ``adapter_config.json`` and ``adapter_model.safetensors`` (``.bin``
+            when ``safe_serialization=False``).
+        adapter_name: The FILA adapter to export.
+        safe_serialization: Use safetensors.
+        is_main_process: Only the main process writes (DDP).
+        state_dict: Optional full state dict to take the trained weights from (as PEFT's ``save_pretrained``).
+        save_embedding_layers: Passed to ``get_peft_model_state_dict``.
+
+    Returns:
+        The directory written.
+
+    Example:
+        >>> export_portable_adapter(model, "portable")  # doctest: +SKIP
+        >>> PeftModel.from_pretrained(original_base, "portable")  # stock PEFT, no peft_unlearn  # doctest: +SKIP
+    """
+    from peft.utils import get_peft_model_state_dict
+    from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+
+    configs = getattr(peft_model, "peft_config", None) or {}
+    if adapter_name not in configs:
+        raise ValueError(f"`adapter_name`={adapter_name!r} is not an adapter of the model; have {sorted(configs)}.")
+    config = configs[adapter_name]
+    if not is_fila_init(config.init_lora_weights):
+        raise ValueError(
+            f"Adapter {adapter_name!r} is not a FILA adapter (init_lora_weights={config.init_lora_weights!r}); save it "
+            "with save_pretrained."
+        )
+    _require_initialized(peft_model, [adapter_name])
+    states = _init_states(peft_model, adapter_name)
+    trained = get_peft_model_state_dict(
+        peft_model, state_dict=state_dict, adapter_name=adapter_name, save_embedding_layers=save_embedding_layers
+    )
+    converted: dict[str, torch.Tensor] = {}
+    seen = set()
+    for key, value in trained.items():
+        for part, dim in ((".lora_A.weight", 0), (".lora_B.weight", 1)):
+            if key.endswith(part):
+                name = normalize_module_name(key[: -len(part)])
+                if name not in states:
+                    raise ValueError(f"No FILA initial state for the adapter tensor {key!r}.")
+                _, lora_a0, lora_b0 = states[name]
+                initial = lora_a0 if dim == 0 else -lora_b0
+                converted[key] = torch.cat(
+                    [value.detach(), initial.to(device=value.device, dtype=value.dtype)], dim=dim
+                )
+                seen.add((name, dim))
+                break
+        else:
+            raise ValueError(
+                f"The FILA adapter {adapter_name!r} holds the tensor {key!r}, which the portable rank-2r conversion "
+                "cannot represent (only lora_A/lora_B are supported)."
+            )
+    missing = sorted(name for name in states if (name, 0) not in seen or (name, 1) not in seen)
+    if missing:
+        raise ValueError(f"The adapter state dict lacks lora_A/lora_B of {missing[:3]}; cannot convert.")
+
+    out = Path(save_directory)
+    if not is_main_process:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    converted = {k: v.to("cpu").contiguous() for k, v in converted.items()}
+    if safe_serialization:
+        from safetensors.torch import save_file
+
+        save_file(converted, str(out / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+    else:
+        torch.save(converted, out / WEIGHTS_NAME)
+    portable = portable_lora_config(config)
+    if portable.base_model_name_or_path is None:
+        base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else None
+        portable.base_model_name_or_path = getattr(base, "name_or_path", None) or None
+    portable.save_pretrained(str(out), auto_mapping_dict=_auto_mapping(peft_model, config))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# raw format: _fila_init/
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _probe(in_features: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(_PROBE_SEED)
+    return torch.randn(in_features, generator=generator, dtype=torch.float64)
+
+
+def _linear_weight(layer: nn.Module) -> torch.Tensor:
+    from transformers.pytorch_utils import Conv1D
+
+    base = layer.get_base_layer()
+    return base.weight.mT if isinstance(base, Conv1D) else base.weight
+
+
+def _fingerprint(weight: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
+    return weight.detach().to("cpu", torch.float64) @ probe
+
+
+def save_fila_state(
+    model: nn.Module, directory: str | os.PathLike, adapter_names: Sequence[str] | None = None
+) -> Path:
+    """Write ``directory/_fila_init/`` with the initial factors of the FILA adapters.
+
+    Holds, per adapter and layer, ``A0``/``B0`` (exactly the values the adapter was initialised with) and
+    two probe fingerprints (of ``W`` and ``W_res``) that let :func:`restore_fila_residual` tell whether a
+    base weight is original or residual; ``fila_meta.json`` records rank, scaling and dtypes.
+
+    Args:
+        model: A PeftModel with initialised FILA adapter(s).
+        directory: The checkpoint / save folder.
+        adapter_names: Adapters to store (default: every FILA adapter).
+
+    Returns:
+        The ``_fila_init`` folder.
+    """
+    from safetensors.torch import save_file
+
+    names = list(adapter_names) if adapter_names is not None else fila_adapters(model)
+    if not names:
+        raise ValueError("The model has no FILA adapter (init_lora_weights='fila'); nothing to store.")
+    _require_initialized(model, names)
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, Any] = {"format_version": _FORMAT_VERSION, "adapters": {}}
+    from .config import get_fila_config
+
+    for adapter in names:
+        config = model.peft_config[adapter]
+        layers_meta = {}
+        for name, (layer, lora_a0, lora_b0) in _init_states(model, adapter).items():
+            weight = _linear_weight(layer)
+            scaling = float(layer.scaling[adapter])
+            probe = _probe(weight.shape[1])
+            residual_fp = _fingerprint(weight, probe)
+            delta_fp = scaling * (lora_b0.to("cpu", torch.float64) @ (lora_a0.to("cpu", torch.float64) @ probe))
+            key = f"{adapter}::{name}"
+            tensors[f"{key}::A0"] = lora_a0.detach().to("cpu").contiguous()
+            tensors[f"{key}::B0"] = lora_b0.detach().to("cpu").contiguous()
+            tensors[f"{key}::fp_res"] = residual_fp
+            tensors[f"{key}::fp_orig"] = residual_fp + delta_fp
+            layers_meta[name] = {
+                "r": int(layer.r[adapter]),
+                "scaling": scaling,
+                "shape": list(weight.shape),
+                "base_dtype": str(weight.dtype).removeprefix("torch."),
+                "lora_dtype": str(lora_a0.dtype).removeprefix("torch."),
+            }
+        meta["adapters"][adapter] = {
+            "init_lora_weights": FILA_INIT_NAME,
+            "r": int(config.r),
+            "lora_alpha": config.lora_alpha,
+            "use_rslora": bool(config.use_rslora),
+            "fila_config": get_fila_config(config).to_dict(),
+            "layers": layers_meta,
+        }
+    folder = Path(directory) / INIT_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / _TENSORS_FILE), metadata={"format": "peft_unlearn.fila_init/1"})
+    (folder / _META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return folder
+
+
+def load_fila_state(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read ``directory/_fila_init`` (or the ``_fila_init`` folder itself).
+
+    Returns:
+        ``(meta, tensors)`` as written by :func:`save_fila_state`.
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(directory)
+    if folder.name != INIT_DIR:
+        folder = folder / INIT_DIR
+    if not (folder / _META_FILE).is_file() or not (folder / _TENSORS_FILE).is_file():
+        raise FileNotFoundError(
+            f"No FILA initial state in {folder} (expected {_META_FILE} and {_TENSORS_FILE}); it is written by "
+            "save_pretrained(..., fila_portable=False) / save_fila_state()."
+        )
+    meta = json.loads((folder / _META_FILE).read_text())
+    if meta.get("format_version") != _FORMAT_VERSION:
+        raise ValueError(f"Unsupported FILA state format {meta.get('format_version')!r} in {folder}.")
+    return meta, load_file(str(folder / _TENSORS_FILE))
+
+
+@torch.no_grad()
+def restore_fila_residual(
+    model: nn.Module, directory: str | os.PathLike, adapter_names: Sequence[str] | None = None
+) -> dict[str, int]:
+    """Rebuild the residual base ``W_res = W - s * B0 A0`` from ``directory/_fila_init`` (resume).
+
+    Given a PeftModel whose base holds the **original** weights (a fresh process: load the base, wrap
+    it with the same LoRA config, or ``PeftModel.from_pretrained`` the raw checkpoint), subtract each
+    layer's stored ``s * B0 A0`` with the init's arithmetic (fp32 product of the stored factors, cast to
+    the base dtype). Layers whose base already holds ``W_res`` are left alone (detected with probe
+    fingerprints), so calling it twice is harmless. The adapter weights themselves are not touched
+    (load the checkpoint with ``load_adapter`` before or after); the initial factors are registered for
+    saving, the adapter config is set to ``"fila"`` and pending flags are cleared.
+
+    Args:
+        model: The PeftModel.
+        directory: A folder containing ``_fila_init/`` (e.g. a Trainer checkpoint).
+        adapter_names: Restore only these adapters (default: all stored ones).
+
+    Returns:
+        ``{"restored": layers rebuilt, "already_residual": layers left unchanged}``.
+
+    Raises:
+        ValueError: If an adapter/layer is missing, ranks or shapes differ, or a base weight matches
+            neither the original nor the residual weight.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    meta, tensors = load_fila_state(directory)
+    stored = meta["adapters"]
+    names = list(adapter_names) if adapter_names is not None else list(stored)
+    configs = getattr(model, "peft_config", None) or {}
+    summary = {"restored": 0, "already_residual": 0}
+    for adapter in names:
+        if adapter not in stored:
+            raise ValueError(f"Adapter {adapter!r} is not stored in {directory}; stored: {sorted(stored)}.")
+        if adapter not in configs:
+            raise ValueError(
+                f"The model has no adapter {adapter!r}; create it with the checkpoint's LoRA config first (stored: "
+                f"{sorted(stored)}, model: {sorted(configs)})."
+            )
+        layers = dict(iter_lora_layers(model, adapter))
+        layer_meta = stored[adapter]["layers"]
+        missing = sorted(set(layer_meta) - set(layers))
+        extra = sorted(set(layers) - set(layer_meta))
+        if missing or extra:
+            raise ValueError(
+                f"Adapter {adapter!r} targets other layers than the stored FILA state: missing {missing[:3]}, "
+                f"unexpected {extra[:3]}. Use the same LoRA config as the checkpoint."
+            )
+        for name, info in layer_meta.items():
+            layer = layers[name]
+            key = f"{adapter}::{name}"
+            if int(layer.r[adapter]) != info["r"] or not torch.isclose(
+                torch.tensor(float(layer.scaling[adapter])), torch.tensor(info["scaling"])
+            ):
+                raise ValueError(
+                    f"Layer {name}: rank/scaling ({layer.r[adapter]}, {layer.scaling[adapter]}) differ from the stored "
+                    f"({info['r']}, {info['scaling']}); use the checkpoint's r/lora_alpha."
+                )
+            base = layer.get_base_layer()
+            transposed = isinstance(base, Conv1D)
+            weight = base.weight.mT if transposed else base.weight
+            if list(weight.shape) != info["shape"]:
+                raise ValueError(f"Layer {name}: weight shape {list(weight.shape)} != stored {info['shape']}.")
+            lora_a0, lora_b0 = tensors[f"{key}::A0"], tensors[f"{key}::B0"]
+            probe = _probe(weight.shape[1])
+            current = _fingerprint(weight, probe)
+            fp_res, fp_orig = tensors[f"{key}::fp_res"], tensors[f"{key}::fp_orig"]
+            gap = float((fp_orig - fp_res).norm())
+            to_res, to_orig = float((current - fp_res).norm()), float((current - fp_orig).norm())
+            if gap <= 1e-12 * (1.0 + float(fp_res.norm())) or to_res <= _MATCH_TOLERANCE * gap:
+                summary["already_residual"] += 1
+            elif to_orig <= _MATCH_TOLERANCE * gap:
+                residual = residual_weight(weight, lora_a0, lora_b0, float(layer.scaling[adapter]))
+                base.weight.data = (residual.mT if transposed else residual).contiguous()
+                summary["restored"] += 1
+            else:
+                raise ValueError(
+                    f"Layer {name}: the base weight matches neither the original weight nor the FILA residual stored "
+                    f"in {directory} (distances {to_orig:.3g} / {to_res:.3g}, expected < {_MATCH_TOLERANCE * gap:.3g}); "
+                    "load the same base model the checkpoint was trained from."
+                )
+            set_init_state(
+                layer,
+                adapter,
+                lora_a0.to(layer.lora_A[adapter].weight.device),
+                lora_b0.to(layer.lora_B[adapter].weight.device),
+            )
+            clear_pending(layer, adapter)
+        configs[adapter].init_lora_weights = FILA_INIT_NAME
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# residual base model and the patched save_pretrained
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def save_residual_base(model: nn.Module, save_directory: str | os.PathLike, **kwargs: Any) -> Path:
+    """Save the residual base model (every FILA target holds ``W_res``) as a plain transformers model.
+
+    Together with the raw adapter (``save_pretrained(..., fila_portable=False)``) this is the compact
+    deployment: ``from_pretrained(residual_dir)`` + the rank-r adapter reproduces the trained model
+    (load the adapter with ``peft_unlearn`` imported, or after rewriting its config to ``true``).
+
+    Args:
+        model: The PeftModel (FILA adapter initialised).
+        save_directory: Target folder.
+        **kwargs: Passed to the base model's ``save_pretrained``.
+
+    Returns:
+        The folder written.
+    """
+    names = fila_adapters(model)
+    _require_initialized(model, names)
+    base = model.get_base_model()
+    state = {}
+    for key, value in base.state_dict().items():
+        if ".lora_" in key or "lora_magnitude_vector" in key:
+            continue
+        state[key.replace(".base_layer.", ".")] = value
+    base.save_pretrained(str(save_directory), state_dict=state, **kwargs)
+    return Path(save_directory)
+
+
+def fila_save_pretrained(
+    model: nn.Module,
+    original: Any,
+    save_directory: str | os.PathLike,
+    safe_serialization: bool = True,
+    selected_adapters: list[str] | None = None,
+    save_embedding_layers: str | bool = "auto",
+    is_main_process: bool = True,
+    path_initial_model_for_weight_conversion: str | None = None,
+    *,
+    fila_portable: bool = True,
+    **kwargs: Any,
+) -> None:
+    """``PeftModel.save_pretrained`` for models with a FILA adapter (installed by :func:`register_fila`).
+
+    * ``fila_portable=True`` (default): every selected FILA adapter is written as the portable rank-2r
+      plain LoRA (:func:`export_portable_adapter`); a stale ``_fila_init/`` in the folder is removed.
+    * ``fila_portable=False``: the raw rank-r adapter (config keeps ``"fila"``) plus ``_fila_init/``.
+    * ``selected_adapters=None`` selects the FILA adapters only: helper adapters (e.g. a frozen ``"ref"``
+      adapter of a trainer) were trained on the residual base and would be silently wrong on the
+      original base. Explicitly selected non-FILA adapters are saved by PEFT unchanged, with a warning.
+    * ``path_initial_model_for_weight_conversion`` given: PEFT's own conversion runs unchanged.
+    """
+    if not isinstance(fila_portable, bool):
+        raise TypeError(f"`fila_portable` must be a bool, got {fila_portable!r}.")
+    passthrough = {
+        "safe_serialization": safe_serialization,
+        "save_embedding_layers": save_embedding_layers,
+        "is_main_process": is_main_process,
+        **kwargs,
+    }
+    fila_names = fila_adapters(model)
+    if selected_adapters is None:
+        selected = list(fila_names)
+        skipped = [a for a in model.peft_config if a not in fila_names]
+        if skipped:
+            warnings.warn(
+                f"save_pretrained on a FILA model saves the FILA adapter(s) {fila_names} only; skipped {skipped} "
+                "(they act on the residual base). Pass `selected_adapters` to save them explicitly.",
+                stacklevel=3,
+            )
+    else:
+        selected = list(selected_adapters)
+        unknown = [a for a in selected if a not in model.peft_config]
+        if unknown:
+            raise ValueError(
+                f"`selected_adapters` contains unknown adapters {unknown}; the model has {sorted(model.peft_config)}."
+            )
+    fila_selected = [a for a in selected if a in fila_names]
+    plain_selected = [a for a in selected if a not in fila_names]
+    _require_initialized(model, fila_selected)
+
+    if path_initial_model_for_weight_conversion is not None:
+        original(
+            model,
+            save_directory,
+            selected_adapters=selected,
+            path_initial_model_for_weight_conversion=path_initial_model_for_weight_conversion,
+            **passthrough,
+        )
+        return
+    if plain_selected:
+        warnings.warn(
+            f"Saving the non-FILA adapter(s) {plain_selected} of a FILA model as they are: they were trained on the "
+            "residual base, so on the original base they are not equivalent.",
+            stacklevel=3,
+        )
+        original(model, save_directory, selected_adapters=plain_selected, **passthrough)
+    if not fila_selected:
+        return
+    if not fila_portable:
+        original(model, save_directory, selected_adapters=fila_selected, **passthrough)
+        if is_main_process:
+            save_fila_state(model, save_directory, fila_selected)
+        return
+    root = Path(save_directory)
+    if root.is_file():
+        raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
+    for adapter in fila_selected:
+        out = root if adapter == "default" else root / adapter
+        export_portable_adapter(
+            model,
+            out,
+            adapter,
+            safe_serialization=safe_serialization,
+            is_main_process=is_main_process,
+            state_dict=kwargs.get("state_dict"),
+            save_embedding_layers=save_embedding_layers,
+        )
+    if is_main_process:
+        stale = root / INIT_DIR
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        if hasattr(model, "create_or_update_model_card"):
+            model.create_or_update_model_card(str(root))

@@ -1,0 +1,144 @@
+"""Two CPU processes (gloo): Fisher statistics are all-reduced and every rank computes the same FILA init."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
+
+import peft_unlearn  # noqa: F401
+from peft_unlearn.fila import FisherStatistics, estimate_fisher, initialize_fila_weights
+from peft_unlearn.testing import tiny_causal_lm
+
+VOCAB = 320
+NUM_BATCHES = 4
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+WORKER = textwrap.dedent(
+    """
+    import os, sys
+    import torch
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+
+    def batches(n, seed, vocab=320):
+        gen = torch.Generator().manual_seed(seed)
+        out = []
+        for _ in range(n):
+            ids = torch.randint(3, vocab, (2, 10), generator=gen)
+            labels = ids.clone()
+            labels[:, :3] = -100
+            out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+        return out
+
+
+    def worker(rank, world_size, out_dir):
+        torch.set_num_threads(1)
+        dist.init_process_group(
+            "gloo", init_method="file://" + os.path.join(out_dir, "rendezvous"), rank=rank, world_size=world_size
+        )
+
+        forget = batches(NUM_BATCHES, 1)[rank::world_size]  # each rank sees its own shard
+        retain = batches(NUM_BATCHES, 2)[rank::world_size]
+        model = get_peft_model(
+            tiny_causal_lm("llama", vocab_size=320),
+            LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="fila"),
+        )
+        stats = estimate_fisher(model, forget, retain, show_progress=False)
+        stats.save(os.path.join(out_dir, f"fisher_rank{rank}.safetensors"))
+        info = initialize_fila_weights(model, forget, retain, show_progress=False)
+        assert info["num_batches"] == NUM_BATCHES, info
+        tensors = {}
+        for name, module in model.named_modules():
+            if hasattr(module, "lora_A") and "default" in module.lora_A:
+                tensors[name + ".A"] = module.lora_A["default"].weight.detach().contiguous()
+                tensors[name + ".B"] = module.lora_B["default"].weight.detach().contiguous()
+                tensors[name + ".W"] = module.get_base_layer().weight.detach().contiguous()
+        save_file(tensors, os.path.join(out_dir, f"init_rank{rank}.safetensors"))
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+    # imported once in the parent; the ranks are forked from it (much cheaper than re-importing per rank)
+    import peft_unlearn  # noqa: F401
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+    from peft_unlearn.fila import estimate_fisher, initialize_fila_weights
+    from peft_unlearn.testing import tiny_causal_lm
+
+    NUM_BATCHES = int(sys.argv[2])
+    TARGETS = sys.argv[3].split(",")
+
+    if __name__ == "__main__":
+        torch.set_num_threads(1)
+        mp.start_processes(worker, args=(2, sys.argv[1]), nprocs=2, join=True, start_method="fork")
+        print("DIST_OK")
+    """
+)
+
+
+def _batches(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, VOCAB, (2, 10), generator=gen)
+        labels = ids.clone()
+        labels[:, :3] = -100
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    return out
+
+
+@pytest.mark.distributed
+def test_two_gloo_ranks_get_identical_statistics_and_init(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), str(NUM_BATCHES), ",".join(TARGETS)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0 and "DIST_OK" in result.stdout, result.stderr[-3000:]
+
+    # single process over all the data (the same paired batches, in another order)
+    forget, retain = _batches(NUM_BATCHES, 1), _batches(NUM_BATCHES, 2)
+    model = get_peft_model(
+        tiny_causal_lm("llama", vocab_size=VOCAB),
+        LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="fila"),
+    )
+    single = estimate_fisher(model, forget, retain, show_progress=False)
+    initialize_fila_weights(model, fisher=single, show_progress=False)
+
+    ranks = [FisherStatistics.load(tmp_path / f"fisher_rank{r}.safetensors") for r in range(2)]
+    for stats in ranks:
+        assert (stats.f_count, stats.r_count, stats.num_batches) == (single.f_count, single.r_count, NUM_BATCHES)
+        assert sorted(stats.names) == sorted(single.names)
+        for name in single.names:
+            torch.testing.assert_close(stats.importance_f[name], single.importance_f[name], rtol=1e-5, atol=1e-12)
+            torch.testing.assert_close(stats.importance_r[name], single.importance_r[name], rtol=1e-5, atol=1e-12)
+    for name in single.names:  # bitwise identical on both ranks
+        assert torch.equal(ranks[0].importance_f[name], ranks[1].importance_f[name])
+        assert torch.equal(ranks[0].importance_r[name], ranks[1].importance_r[name])
+
+    inits = [load_file(str(tmp_path / f"init_rank{r}.safetensors")) for r in range(2)]
+    assert inits[0].keys() == inits[1].keys() and len(inits[0]) == 3 * 2 * len(TARGETS)
+    for key in inits[0]:
+        assert torch.equal(inits[0][key], inits[1][key]), key
+    modules = dict(model.named_modules())
+    for key in [k for k in inits[0] if k.endswith(".A")]:
+        name = key[: -len(".A")]
+        layer = modules[name]
+        product = inits[0][name + ".B"] @ inits[0][key]  # singular-vector signs may differ: compare products
+        expected = layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+        torch.testing.assert_close(product, expected, atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(inits[0][name + ".W"], layer.get_base_layer().weight, atol=1e-4, rtol=1e-3)

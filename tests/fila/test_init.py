@@ -1,0 +1,446 @@
+"""FILA per-layer math against independent SVDs, and initialize_fila_weights on tiny models."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora.layer import LoraLayer
+
+import peft_unlearn  # noqa: F401
+from peft_unlearn.fila import (
+    FilaConfig,
+    FilaLoraConfig,
+    add_fila_reference_adapter,
+    estimate_fisher,
+    fila_init_layer,
+    initialize_fila_weights,
+    pending_fila_adapters,
+    preprocess_fila,
+)
+from peft_unlearn.testing import tiny_causal_lm
+
+VOCAB = 320
+TARGETS = {"llama": "all-linear", "gpt2": ["c_attn", "c_fc", "c_proj"], "gemma3": "all-linear"}
+
+
+def _batches(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, VOCAB, (2, 10), generator=gen)
+        labels = ids.clone()
+        labels[:, :3] = -100
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    return out
+
+
+def _layers(model, adapter="default"):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A]
+
+
+def _reference(weight, importance, rank, eps):
+    """Independent float64 weighted rank-r approximation diag(1/(w+eps)) U_r S_r V_r^T of diag(w) W."""
+    w = importance.double().sum(1).sqrt()
+    u, s, vh = torch.linalg.svd(w[:, None] * weight.double(), full_matrices=False)
+    return (u[:, :rank] * s[:rank]) @ vh[:rank] / (w + eps)[:, None], w
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fila_init_layer
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(12, 8), (8, 12)])
+def test_product_matches_exact_weighted_svd(shape):
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(shape, generator=gen)
+    importance = torch.rand(shape, generator=gen) ** 2
+    rank, scaling = 3, 2.0
+    lora_a, lora_b, residual = fila_init_layer(weight, importance, rank, scaling, config=FilaConfig(exact_svd=True))
+    assert lora_a.shape == (rank, shape[1]) and lora_b.shape == (shape[0], rank)
+    expected, w = _reference(weight, importance, rank, eps=1e-5)
+    torch.testing.assert_close((scaling * lora_b @ lora_a).double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(residual + scaling * lora_b @ lora_a, weight, atol=1e-5, rtol=0)
+    assert (w >= 0).all()
+    # A0 = (V sqrt(S/s))^T has orthogonal rows with squared norms S/s
+    gram = lora_a @ lora_a.T
+    torch.testing.assert_close(gram, torch.diag(torch.diagonal(gram)), atol=1e-4, rtol=0)
+
+
+def test_product_is_the_weighted_best_rank_r_approximation():
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(10, 7, generator=gen, dtype=torch.float64)
+    importance = torch.rand(10, 7, generator=gen, dtype=torch.float64) * 4 + 0.5
+    rank = 2
+    lora_a, lora_b, _ = fila_init_layer(
+        weight, importance, rank, 1.0, config=FilaConfig(exact_svd=True, eps=1e-12), lora_dtype=torch.float64
+    )
+    w = importance.sum(1).sqrt()
+    product = lora_b @ lora_a
+
+    def weighted_error(m):
+        return torch.linalg.norm(w[:, None] * (weight - m))
+
+    singular = torch.linalg.svdvals(w[:, None] * weight)
+    torch.testing.assert_close(weighted_error(product), singular[rank:].pow(2).sum().sqrt())  # Eckart-Young
+    u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+    pissa = (u[:, :rank] * s[:rank]) @ vh[:rank]
+    assert weighted_error(product) < weighted_error(pissa)
+    for _ in range(5):
+        noisy = (lora_b + 1e-2 * torch.randn(lora_b.shape, generator=gen, dtype=torch.float64)) @ lora_a
+        assert weighted_error(product) <= weighted_error(noisy)
+
+
+def test_constant_importance_gives_scaled_pissa():
+    gen = torch.Generator().manual_seed(2)
+    weight = torch.randn(9, 6, generator=gen)
+    importance = torch.full((9, 6), 1e-11)  # w = sqrt(6e-11) ~ 7.7e-6, comparable to eps = 1e-5
+    rank, scaling, eps = 3, 2.0, 1e-5
+    lora_a, lora_b, _ = fila_init_layer(weight, importance, rank, scaling, config=FilaConfig(exact_svd=True))
+    w = (6e-11) ** 0.5
+    u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
+    pissa = (u[:, :rank] * s[:rank]) @ vh[:rank]
+    torch.testing.assert_close((scaling * lora_b @ lora_a).double(), pissa * (w / (w + eps)), atol=1e-5, rtol=1e-4)
+    assert w / (w + eps) < 0.5  # the factor is visible, the test can fail
+
+
+def test_randomized_svd_is_seeded_and_leaves_global_rng_alone():
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(40, 30, generator=gen)
+    importance = torch.rand(40, 30, generator=gen)
+    config = FilaConfig(exact_svd=False)
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    first = fila_init_layer(weight, importance, 4, 2.0, config=config)
+    assert torch.equal(torch.rand(3), expected_next)
+    second = fila_init_layer(weight, importance, 4, 2.0, config=config)
+    other_seed = fila_init_layer(weight, importance, 4, 2.0, config=FilaConfig(exact_svd=False, seed=0))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    assert not torch.equal(first[0], other_seed[0])
+    torch.testing.assert_close(first[2] + 2.0 * first[1] @ first[0], weight, atol=1e-5, rtol=0)
+
+
+def test_randomized_svd_close_to_exact_with_spectral_gap():
+    gen = torch.Generator().manual_seed(4)
+    left, _ = torch.linalg.qr(torch.randn(30, 30, generator=gen))
+    right, _ = torch.linalg.qr(torch.randn(20, 20, generator=gen))
+    spectrum = torch.tensor([50.0, 40.0, 30.0] + [0.01] * 17)
+    weight = (left[:, :20] * spectrum) @ right.T
+    importance = torch.ones(30, 20)
+    exact = fila_init_layer(weight, importance, 3, 1.0, config=FilaConfig(exact_svd=True))
+    approx = fila_init_layer(weight, importance, 3, 1.0, config=FilaConfig(exact_svd=False))
+    torch.testing.assert_close(approx[1] @ approx[0], exact[1] @ exact[0], atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("exact", [True, False, "auto"])
+def test_any_rank_up_to_min_dim(exact):
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(7, 5, generator=gen)
+    importance = torch.rand(7, 5, generator=gen)
+    for rank in range(1, 6):
+        lora_a, lora_b, residual = fila_init_layer(weight, importance, rank, 1.5, config=FilaConfig(exact_svd=exact))
+        assert lora_a.shape == (rank, 5) and lora_b.shape == (7, rank)
+        assert torch.isfinite(lora_a).all() and torch.isfinite(lora_b).all()
+        torch.testing.assert_close(residual + 1.5 * lora_b @ lora_a, weight, atol=1e-5, rtol=0)
+    # full rank reproduces the whole (weighted) matrix: the residual is ~0
+    assert residual.abs().max() < 1e-3
+    for bad in (0, 6, 2.0, True):
+        with pytest.raises(ValueError, match="`rank` of layer must be an integer in \\[1, min\\(out, in\\)\\]"):
+            fila_init_layer(weight, importance, bad, 1.0)
+
+
+def test_zero_fisher_rows_are_finite():
+    gen = torch.Generator().manual_seed(6)
+    weight = torch.randn(8, 6, generator=gen)
+    importance = torch.rand(8, 6, generator=gen)
+    importance[[1, 4]] = 0.0
+    for exact in (True, False):
+        lora_a, lora_b, residual = fila_init_layer(weight, importance, 3, 2.0, config=FilaConfig(exact_svd=exact))
+        assert torch.isfinite(lora_a).all() and torch.isfinite(lora_b).all() and torch.isfinite(residual).all()
+        assert torch.count_nonzero(lora_b[[1, 4]]) == 0  # rows without forget signal stay out of the adapter
+        torch.testing.assert_close(residual + 2.0 * lora_b @ lora_a, weight, atol=1e-5, rtol=0)
+
+
+def test_all_zero_fisher_falls_back_to_pissa_with_warning():
+    gen = torch.Generator().manual_seed(7)
+    weight = torch.randn(6, 5, generator=gen)
+    with pytest.warns(UserWarning, match="every Fisher row weight of L is zero"):
+        lora_a, lora_b, _ = fila_init_layer(
+            weight, torch.zeros(6, 5), 2, 1.0, config=FilaConfig(exact_svd=True), layer_name="L"
+        )
+    u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+    torch.testing.assert_close(lora_b @ lora_a, (u[:, :2] * s[:2]) @ vh[:2] / (1 + 1e-5), atol=1e-5, rtol=1e-5)
+
+
+def test_row_weight_floor():
+    gen = torch.Generator().manual_seed(8)
+    weight = torch.randn(6, 4, generator=gen)
+    importance = torch.rand(6, 4, generator=gen) + 0.1
+    importance[2] = 0.0
+    floor = 0.5
+    lora_a, lora_b, _ = fila_init_layer(
+        weight, importance, 2, 1.0, config=FilaConfig(exact_svd=True, row_weight_floor=floor)
+    )
+    w = importance.sum(1).sqrt()
+    w_floored = w.clamp_min(floor * w.max())
+    u, s, vh = torch.linalg.svd(w_floored[:, None] * weight, full_matrices=False)
+    expected = (u[:, :2] * s[:2]) @ vh[:2] / (w_floored + 1e-5)[:, None]
+    torch.testing.assert_close(lora_b @ lora_a, expected, atol=1e-5, rtol=1e-5)
+    assert lora_b[2].abs().max() > 1e-3  # the floored row now enters the adapter
+
+
+def test_dtypes_and_input_errors():
+    gen = torch.Generator().manual_seed(9)
+    weight = torch.randn(6, 4, generator=gen).to(torch.bfloat16)
+    importance = torch.rand(6, 4, generator=gen)
+    lora_a, lora_b, residual = fila_init_layer(weight, importance, 2, 2.0, lora_dtype=torch.bfloat16)
+    assert lora_a.dtype == lora_b.dtype == residual.dtype == torch.bfloat16
+    # the residual is computed from the cast factors: W_res + s*B0A0 == W up to the bf16 rounding of W_res
+    rebuilt = residual.float() + 2.0 * lora_b.float() @ lora_a.float()
+    assert (rebuilt - weight.float()).abs().max() <= 2**-7 * weight.float().abs().max() * 2
+    with pytest.raises(ValueError, match="`importance` of layer has shape"):
+        fila_init_layer(weight, importance.T, 2, 1.0)
+    with pytest.raises(ValueError, match="must be 2-D"):
+        fila_init_layer(weight[0], importance, 2, 1.0)
+    with pytest.raises(ValueError, match="float tensor"):
+        fila_init_layer(weight.to(torch.int32), importance, 2, 1.0)
+    with pytest.raises(ValueError, match="`scaling`"):
+        fila_init_layer(weight, importance, 2, 0.0)
+    bad = importance.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN/inf"):
+        fila_init_layer(weight, bad, 2, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# initialize_fila_weights on tiny models
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
+def test_outputs_preserved_fp32(arch):
+    model = tiny_causal_lm(arch, vocab_size=VOCAB)
+    ids = _batches(1, 10)[0]["input_ids"]
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[arch], init_lora_weights="fila")
+    )
+    info = initialize_fila_weights(peft_model, _batches(2, 11), _batches(2, 12), show_progress=False)
+    assert pending_fila_adapters(peft_model) == []
+    assert peft_model.peft_config["default"].init_lora_weights == "fila"
+    layers = _layers(peft_model)
+    assert info["num_layers"] == len(layers) > 0
+    assert set(info) >= {"fisher_seconds", "svd_seconds", "seconds", "peak_memory_bytes", "num_layers", "f_count"}
+    assert info["peak_memory_bytes"] > 0 and info["num_batches"] == 2
+    for _, layer in layers:
+        assert torch.count_nonzero(layer.lora_B["default"].weight) > 0  # the adapter is no longer a no-op
+    changed = [n for n, p in peft_model.get_base_model().named_parameters() if "base_layer.weight" in n]
+    assert changed and all(
+        not torch.equal(p, original[n.replace(".base_layer", "")])
+        for n, p in peft_model.get_base_model().named_parameters()
+        if "base_layer.weight" in n
+    )
+    with torch.no_grad():
+        logits = peft_model(input_ids=ids).logits
+        assert (logits - reference).abs().max() <= 1e-4
+        with peft_model.disable_adapter():  # the base now holds W_res, not W
+            assert (peft_model(input_ids=ids).logits - reference).abs().max() > 1e-3
+
+
+def test_outputs_preserved_bf16():
+    """bf16: W_res is rounded to bf16, so logits move by about bf16 epsilon times the logit scale."""
+    model = tiny_causal_lm("llama", vocab_size=VOCAB, dtype=torch.bfloat16)
+    ids = _batches(1, 13)[0]["input_ids"]
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits.float()
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights="fila")
+    )
+    layer = _layers(peft_model)[0][1]
+    assert layer.lora_A["default"].weight.dtype == torch.float32  # PEFT autocasts bf16 adapters to fp32
+    initialize_fila_weights(peft_model, _batches(2, 14), _batches(2, 15), show_progress=False)
+    with torch.no_grad():
+        logits = peft_model(input_ids=ids).logits.float()
+    tolerance = 0.02 * reference.abs().max().item()  # documented bf16 tolerance: 2% of the logit range (seen: 0.5%)
+    assert (logits - reference).abs().max().item() <= tolerance
+
+
+def test_layer_by_layer_equals_fila_init_layer_and_conv1d_layout():
+    model = tiny_causal_lm("gpt2", vocab_size=VOCAB)
+    originals = {n: m.weight.detach().clone() for n, m in model.named_modules() if n.endswith("attn.c_attn")}
+    forget, retain = _batches(2, 16), _batches(2, 17)
+    peft_model = get_peft_model(
+        model, LoraConfig(r=3, lora_alpha=6, target_modules=["c_attn"], init_lora_weights="fila")
+    )
+    stats = estimate_fisher(peft_model, forget, retain, show_progress=False)
+    config = FilaConfig()
+    initialize_fila_weights(peft_model, fisher=stats, show_progress=False)
+    for name, layer in _layers(peft_model):
+        short = name.removeprefix("base_model.model.")
+        expected = fila_init_layer(
+            originals[short].T, stats.layer_relative_importance(short, config.eps), 3, 2.0, config=config
+        )
+        assert torch.equal(layer.lora_A["default"].weight, expected[0])
+        assert torch.equal(layer.lora_B["default"].weight, expected[1])
+        assert torch.equal(layer.get_base_layer().weight, expected[2].T)  # Conv1D stores [in, out]
+
+
+def test_fisher_path_and_cache_give_the_same_init(tmp_path):
+    forget, retain = _batches(2, 18), _batches(2, 19)
+
+    def build():
+        return get_peft_model(
+            tiny_causal_lm("llama", vocab_size=VOCAB),
+            LoraConfig(r=2, target_modules=["q_proj", "up_proj"], init_lora_weights="fila"),
+        )
+
+    first = build()
+    cache = tmp_path / "fisher.safetensors"
+    initialize_fila_weights(first, forget, retain, cache_path=cache, show_progress=False)
+    second = build()
+    initialize_fila_weights(second, fisher=cache, show_progress=False)
+    for (_, a), (_, b) in zip(_layers(first), _layers(second)):
+        assert torch.equal(a.lora_A["default"].weight, b.lora_A["default"].weight)
+        assert torch.equal(a.get_base_layer().weight, b.get_base_layer().weight)
+
+
+def test_preprocess_fila_initialises_during_get_peft_model():
+    forget, retain = _batches(2, 20), _batches(2, 21)
+    config = FilaLoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"])
+    base = tiny_causal_lm("llama", vocab_size=VOCAB)
+    ids = forget[0]["input_ids"]
+    with torch.no_grad():
+        reference = base(input_ids=ids).logits
+    preprocess_fila(base, config, forget, retain, show_progress=False)
+    direct = get_peft_model(base, config)
+    assert pending_fila_adapters(direct) == []
+    assert not any(hasattr(m, "_fila_importance") for m in direct.modules())
+    with torch.no_grad():
+        assert (direct(input_ids=ids).logits - reference).abs().max() <= 1e-4
+    later = get_peft_model(tiny_causal_lm("llama", vocab_size=VOCAB), config)
+    initialize_fila_weights(later, forget, retain, show_progress=False)
+    for (_, a), (_, b) in zip(_layers(direct), _layers(later)):
+        torch.testing.assert_close(a.lora_B["default"].weight, b.lora_B["default"].weight)
+    with pytest.raises(ValueError, match="plain model before get_peft_model"):
+        preprocess_fila(direct, config, forget)
+    with pytest.raises(ValueError, match="must be 'fila'"):
+        preprocess_fila(tiny_causal_lm("llama", vocab_size=VOCAB), LoraConfig(target_modules=["q_proj"]), forget)
+
+
+def test_patch_free_path_with_default_init():
+    model = tiny_causal_lm("llama", vocab_size=VOCAB)
+    ids = _batches(1, 22)[0]["input_ids"]
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["v_proj"]))
+    initialize_fila_weights(peft_model, _batches(2, 23), show_progress=False)
+    assert peft_model.peft_config["default"].init_lora_weights == "fila"
+    with torch.no_grad():
+        assert (peft_model(input_ids=ids).logits - reference).abs().max() <= 1e-4
+
+
+def test_near_zero_rows_warn():
+    model = tiny_causal_lm("llama", vocab_size=VOCAB)
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="fila"))
+    stats = estimate_fisher(peft_model, _batches(1, 24), show_progress=False)
+    name = stats.names[0]
+    stats.importance_f[name][0] = 0.0
+    with pytest.warns(UserWarning, match="near-\\)zero Fisher weight"):
+        initialize_fila_weights(peft_model, fisher=stats, show_progress=False)
+    assert torch.count_nonzero(stats.importance_f[name]) > 0  # a user-provided object is not consumed
+
+
+def test_initialize_errors():
+    batches = _batches(1, 25)
+    model = tiny_causal_lm("llama", vocab_size=VOCAB)
+    with pytest.raises(TypeError, match="must be a PeftModel"):
+        initialize_fila_weights(model, batches)
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="fila"))
+    with pytest.raises(ValueError, match="`adapter_name`='other' is not an adapter"):
+        initialize_fila_weights(peft_model, batches, adapter_name="other")
+    with pytest.raises(ValueError, match="needs `forget_dataloader`"):
+        initialize_fila_weights(peft_model)
+    with pytest.raises(TypeError, match="`fisher` must be"):
+        initialize_fila_weights(peft_model, fisher={"a": 1})
+    partial = estimate_fisher(
+        tiny_causal_lm("llama", vocab_size=VOCAB),
+        batches,
+        target_modules=["model.layers.0.self_attn.q_proj"],
+        show_progress=False,
+    )
+    with pytest.raises(ValueError, match="lack 1 layer"):
+        initialize_fila_weights(peft_model, fisher=partial)
+    initialize_fila_weights(peft_model, batches, show_progress=False)
+    with pytest.raises(ValueError, match="already FILA-initialised"):
+        initialize_fila_weights(peft_model, batches, show_progress=False)
+    peft_model.add_adapter("second", LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="fila"))
+    with pytest.raises(ValueError, match="already carries the FILA adapter 'default'"):
+        initialize_fila_weights(peft_model, batches, adapter_name="second", show_progress=False)
+
+    gaussian = get_peft_model(
+        tiny_causal_lm("llama", vocab_size=VOCAB),
+        LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="gaussian"),
+    )
+    with pytest.raises(ValueError, match="init_lora_weights='gaussian'"):
+        initialize_fila_weights(gaussian, batches)
+    trained = get_peft_model(tiny_causal_lm("llama", vocab_size=VOCAB), LoraConfig(r=2, target_modules=["q_proj"]))
+    for _, layer in _layers(trained):
+        torch.nn.init.normal_(layer.lora_B["default"].weight)
+    with pytest.raises(ValueError, match="non-zero lora_B"):
+        initialize_fila_weights(trained, batches)
+    embedding = get_peft_model(
+        tiny_causal_lm("llama", vocab_size=VOCAB), LoraConfig(r=2, target_modules=["embed_tokens"])
+    )
+    with pytest.raises(ValueError, match="Embedding"):
+        initialize_fila_weights(embedding, batches)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rank_too_big = get_peft_model(
+            tiny_causal_lm("llama", vocab_size=VOCAB),
+            LoraConfig(r=40, target_modules=["q_proj"], init_lora_weights="fila"),
+        )
+    with pytest.raises(ValueError, match="`rank` of model.layers.0.self_attn.q_proj must be an integer in \\[1, min"):
+        initialize_fila_weights(rank_too_big, batches, show_progress=False)
+
+
+def test_reference_adapter_reproduces_the_original_model():
+    model = tiny_causal_lm("gpt2", vocab_size=VOCAB)
+    ids = _batches(1, 26)[0]["input_ids"]
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], rank_pattern={"c_proj": 2}, init_lora_weights="fila"
+    )
+    peft_model = get_peft_model(model, config)
+    with pytest.raises(ValueError, match="not initialised yet"):
+        add_fila_reference_adapter(peft_model)
+    initialize_fila_weights(peft_model, _batches(2, 27), show_progress=False)
+    optimizer = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.5)
+    for batch in _batches(2, 28):  # train so that the FILA adapter moves away from A0/B0
+        (-peft_model(**batch).loss).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert add_fila_reference_adapter(peft_model) == "ref"
+    assert peft_model.active_adapter == "default"
+    assert not any(p.requires_grad for n, p in peft_model.named_parameters() if ".ref." in n)
+    assert all(p.requires_grad for n, p in peft_model.named_parameters() if ".default." in n)
+    with torch.no_grad():
+        trained = peft_model(input_ids=ids).logits
+        with peft_model.disable_adapter():
+            residual_only = peft_model(input_ids=ids).logits
+        peft_model.set_adapter("ref", inference_mode=True)
+        via_ref = peft_model(input_ids=ids).logits
+        peft_model.set_adapter("default")
+    assert (via_ref - reference).abs().max() <= 1e-4
+    assert (trained - reference).abs().max() > 1e-3 and (residual_only - reference).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="already exists"):
+        add_fila_reference_adapter(peft_model)
+    with pytest.raises(ValueError, match="not a FILA adapter"):
+        add_fila_reference_adapter(peft_model, adapter_name="ref", reference_name="ref2")
