@@ -1,0 +1,3 @@
+from peft_unlearn.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,150 @@
+"""Model card (README.md) text for adapters trained with :class:`~peft_unlearn.UnlearningTrainer`.
+
+Example:
+    >>> card = build_model_card(base_model="google/gemma-3-270m", forget_loss="inverted_hinge", retain_loss="nll")
+    >>> card.startswith("---") and "peft-unlearn" in card
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = ["PAPER_CITATION", "build_model_card"]
+
+PAPER_CITATION = """@inproceedings{cha2025towards,
+  title     = {Towards Robust and Parameter-Efficient Knowledge Unlearning for {LLMs}},
+  author    = {Cha, Sungmin and Cho, Sungjun and Hwang, Dasol and Lee, Moontae},
+  booktitle = {The Thirteenth International Conference on Learning Representations (ICLR)},
+  year      = {2025},
+  url       = {https://arxiv.org/abs/2408.06621}
+}"""
+
+_LOSS_DESCRIPTIONS = {
+    "inverted_hinge": "Inverted Hinge Loss (IHL, Cha et al. 2025)",
+    "gradient_ascent": "gradient ascent (negated token NLL)",
+    "npo": "Negative Preference Optimization (NPO)",
+    "simnpo": "SimNPO (reference-free NPO)",
+    "idk": "NLL of 'I don't know' answers to the forget questions",
+    "nll": "token negative log-likelihood",
+    "kl": "KL divergence to the reference (initial) model",
+}
+
+
+def _yaml_list(key: str, values: Sequence[str]) -> list[str]:
+    if not values:
+        return []
+    return [f"{key}:"] + [f"- {v}" for v in values]
+
+
+def _table(rows: Mapping[str, Any]) -> list[str]:
+    lines = ["| Parameter | Value |", "|---|---|"]
+    lines += [f"| `{k}` | `{v}` |" for k, v in rows.items() if v is not None]
+    return lines
+
+
+def build_model_card(
+    *,
+    base_model: str | None = None,
+    model_name: str | None = None,
+    hub_model_id: str | None = None,
+    forget_loss: str = "inverted_hinge",
+    retain_loss: str | None = "nll",
+    forget_weight: float = 1.0,
+    retain_weight: float = 1.0,
+    beta: float | None = None,
+    datasets: Mapping[str, int] | None = None,
+    dataset_name: str | Sequence[str] | None = None,
+    hyperparameters: Mapping[str, Any] | None = None,
+    adapter: Mapping[str, Any] | None = None,
+    fila: bool = False,
+    tags: Sequence[str] = (),
+    library_name: str | None = "peft",
+) -> str:
+    """Render a model card (YAML front matter + markdown) for an unlearned model or adapter.
+
+    Args:
+        base_model: Hub id of the base model (omitted from the metadata when None or a local path).
+        model_name: Name shown as the title.
+        hub_model_id: Hub repository of the card, used in the usage snippet.
+        forget_loss: Forget loss name.
+        retain_loss: Retain loss name or None.
+        forget_weight: Weight of the forget loss.
+        retain_weight: Weight of the retain loss.
+        beta: NPO/SimNPO beta, if used.
+        datasets: Dataset role -> number of examples (e.g. ``{"forget": 40, "retain": 400}``).
+        dataset_name: Hub dataset id(s) for the metadata.
+        hyperparameters: Training hyper-parameters to list.
+        adapter: PEFT adapter settings to list (rank, alpha, target modules...).
+        fila: Whether the adapter was initialised with FILA.
+        tags: Extra tags; ``peft-unlearn``, ``unlearning`` (and ``peft``, ``lora``, ``fila``) are added.
+        library_name: Metadata ``library_name`` (``"peft"`` for adapters, ``"transformers"`` otherwise).
+
+    Returns:
+        The card text.
+
+    Example:
+        >>> "inverted" in build_model_card(forget_loss="inverted_hinge").lower()
+        True
+    """
+    all_tags = list(dict.fromkeys([*tags, "unlearning", "peft-unlearn"]))
+    if library_name == "peft":
+        all_tags = list(dict.fromkeys(["peft", "lora", *all_tags]))
+    if fila:
+        all_tags.append("fila")
+    meta = ["---"]
+    if base_model:
+        meta.append(f"base_model: {base_model}")
+    if library_name:
+        meta.append(f"library_name: {library_name}")
+    if dataset_name:
+        names = [dataset_name] if isinstance(dataset_name, str) else list(dataset_name)
+        meta += _yaml_list("datasets", names)
+    meta += _yaml_list("tags", all_tags)
+    meta.append("---")
+
+    title = model_name or hub_model_id or "Unlearned model"
+    forget_desc = _LOSS_DESCRIPTIONS.get(forget_loss, forget_loss)
+    retain_desc = _LOSS_DESCRIPTIONS.get(retain_loss, retain_loss) if retain_loss else "none"
+    body = [
+        f"# {title}",
+        "",
+        (
+            f"This {'adapter' if library_name == 'peft' else 'model'} was produced by knowledge unlearning"
+            + (f" of [{base_model}](https://huggingface.co/{base_model})" if base_model else "")
+            + " with [peft_unlearn](https://arxiv.org/abs/2408.06621)'s `UnlearningTrainer`."
+        ),
+        "",
+        "## Objective",
+        "",
+        f"- Forget loss: {forget_desc} (`{forget_loss}`), weight {forget_weight}",
+        f"- Retain loss: {retain_desc}" + (f" (`{retain_loss}`), weight {retain_weight}" if retain_loss else ""),
+    ]
+    if beta is not None:
+        body.append(f"- beta: {beta}")
+    if fila:
+        body.append(
+            "- LoRA initialisation: FILA (Fisher-weighted, from the forget/retain data); the published adapter is the "
+            "equivalent plain LoRA on the original base model"
+        )
+    if datasets:
+        body += ["", "## Data", ""] + [f"- {role}: {n} examples" for role, n in datasets.items()]
+    if adapter:
+        body += ["", "## Adapter", "", *_table(adapter)]
+    if hyperparameters:
+        body += ["", "## Training hyper-parameters", "", *_table(hyperparameters)]
+    if library_name == "peft":
+        repo = hub_model_id or "path/to/this/adapter"
+        body += [
+            "",
+            "## Usage",
+            "",
+            "```python",
+            "from peft import AutoPeftModelForCausalLM",
+            "",
+            f'model = AutoPeftModelForCausalLM.from_pretrained("{repo}")',
+            "```",
+        ]
+    body += ["", "## Citation", "", "```bibtex", PAPER_CITATION, "```", ""]
+    return "\n".join(meta + body)

@@ -1,0 +1,272 @@
+"""Configuration of :class:`~peft_unlearn.trainer.unlearning_trainer.UnlearningTrainer`.
+
+Example:
+    >>> from peft_unlearn import UnlearningConfig
+    >>> args = UnlearningConfig(output_dir="out", forget_loss="npo", report_to="none")
+    >>> args.beta
+    0.1
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainingArguments
+
+__all__ = [
+    "ASSISTANT_TURNS",
+    "DEFAULT_BETA",
+    "FORGET_LOSSES",
+    "KL_MASKS",
+    "RETAIN_LOSSES",
+    "RETAIN_PAIRINGS",
+    "UnlearningConfig",
+]
+
+# Kept in sync with `peft_unlearn.losses.FORGET_LOSSES` / `RETAIN_LOSSES` (checked by the tests); duplicated here so
+# that building a config does not import the losses module.
+FORGET_LOSSES: tuple[str, ...] = ("inverted_hinge", "gradient_ascent", "npo", "simnpo", "idk")
+RETAIN_LOSSES: tuple[str, ...] = ("nll", "kl")
+RETAIN_PAIRINGS: tuple[str, ...] = ("random", "cycle")
+KL_MASKS: tuple[str, ...] = ("labels", "none")
+ASSISTANT_TURNS: tuple[str, ...] = ("all", "last")
+DEFAULT_BETA: dict[str, float] = {"npo": 0.1, "simnpo": 4.5}
+
+
+def _check_choice(name: str, value: Any, choices: tuple, extra: str = "") -> None:
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {', '.join(repr(c) for c in choices)}{extra}, got {value!r}.")
+
+
+@dataclass
+class UnlearningConfig(TrainingArguments):
+    r"""Configuration for :class:`~peft_unlearn.UnlearningTrainer`.
+
+    Only the unlearning-specific parameters are listed; every
+    [`~transformers.TrainingArguments`] parameter is accepted too. Works with
+    [`~transformers.HfArgumentParser`] for command-line use.
+
+    Parameters:
+        > Objective
+
+        forget_loss (`str`, *optional*, defaults to `"inverted_hinge"`):
+            Loss on the forget set: `"inverted_hinge"` (IHL, Cha et al. 2025), `"gradient_ascent"` (negated token
+            NLL), `"npo"` (needs a reference: a PEFT adapter or `ref_model`), `"simnpo"` (reference free) or `"idk"`
+            (NLL of the forget question paired with a random "I don't know" answer; needs prompt/completion or
+            conversational data).
+        retain_loss (`str` or `None`, *optional*, defaults to `"nll"`):
+            Loss on the retain set: `"nll"` (token NLL, as in GD/IHL), `"kl"` (KL to the reference model) or `None`
+            (no retain term; a retain dataset is then only used for the FILA Fisher estimate).
+        forget_weight (`float`, *optional*, defaults to `1.0`):
+            Weight of the forget loss (the `gamma` of SimNPO).
+        retain_weight (`float`, *optional*, defaults to `1.0`):
+            Weight of the retain loss.
+        beta (`float` or `None`, *optional*):
+            Inverse temperature of NPO/SimNPO. `None` uses `0.1` for NPO and `4.5` for SimNPO.
+        simnpo_delta (`float`, *optional*, defaults to `0.0`):
+            Margin `delta` of SimNPO.
+        kl_mask (`str`, *optional*, defaults to `"labels"`):
+            Positions of the retain KL: `"labels"` (only positions predicting a supervised token) or `"none"`
+            (every position, padding included: parity with the official code; not exact under gradient
+            accumulation because padding depends on the micro-batch).
+
+        > Data
+
+        max_length (`int` or `None`, *optional*, defaults to `512`):
+            Maximum tokenized length; longer sequences are truncated on the right. `None`: no truncation.
+        completion_only_loss (`bool`, *optional*, defaults to `True`):
+            For prompt/completion and conversational data, supervise only the completion (assistant) tokens. `False`
+            supervises every token.
+        assistant_turns (`str`, *optional*, defaults to `"all"`):
+            For `messages` data with `completion_only_loss=True`: supervise `"all"` assistant turns or only the
+            `"last"` one.
+        retain_pairing (`str`, *optional*, defaults to `"random"`):
+            How each forget example gets its retain example: `"random"` (drawn per forget example, redrawn every
+            epoch, seeded by `data_seed` or `seed`; the paper's protocol) or `"cycle"` (deterministic round robin).
+        idk_answers (`list[str]` or `None`, *optional*):
+            Answers for `forget_loss="idk"`. `None` uses a built-in list of about 20 "I don't know" variants.
+
+        > Evaluation
+
+        eval_el_n (`list[int]`, *optional*, defaults to `[10]`):
+            `n` values of the extraction likelihood `EL_n` reported by `evaluate()` (`eval_{name}_el{n}`).
+        eval_el_prefix_stride (`int`, *optional*, defaults to `1`):
+            Stride between the prefixes of the extraction likelihood (1 = every prefix, as in the TDEC protocol).
+        eval_compute_el (`bool`, *optional*, defaults to `True`):
+            Whether `evaluate()` computes the (expensive) extraction likelihood.
+
+        > Model
+
+        model_init_kwargs (`dict[str, Any]` or `None`, *optional*):
+            Keyword arguments for `AutoModelForCausalLM.from_pretrained` when `model` is given as a string.
+
+        > FILA (`LoraConfig(init_lora_weights="fila")`)
+
+        fila_batch_size (`int`, *optional*, defaults to `4`):
+            Batch size of the Fisher-estimation pass over the forget and retain sets.
+        fila_max_batches (`int` or `None`, *optional*):
+            Cap on the number of Fisher batches per set (`None`: the whole set).
+        fila_cache (`str` or `None`, *optional*):
+            Path where the Fisher statistics are cached and reused.
+        fila_seed (`int`, *optional*, defaults to `42`):
+            Seed of the FILA initialisation (the global RNG state is restored afterwards).
+
+    > [!NOTE]
+    > Defaults that differ from [`~transformers.TrainingArguments`]: `logging_steps=10` (instead of 500),
+    > `remove_unused_columns=False` (the trainer feeds `forget_*`/`retain_*` columns), and
+    > `activation_checkpointing_kwargs={"use_reentrant": False}` when activation checkpointing is on.
+
+    Example:
+        >>> args = UnlearningConfig(output_dir="out", forget_loss="simnpo", retain_loss=None, report_to="none")
+        >>> (args.beta, args.retain_loss)
+        (4.5, None)
+    """
+
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs"]
+
+    # ---- overridden TrainingArguments defaults ----
+    logging_steps: float = field(
+        default=10,
+        metadata={
+            "help": "Log every X update steps. An integer, or a float in [0, 1) read as a ratio of the total steps."
+        },
+    )
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={
+            "help": "Kept False: the trainer feeds `forget_*`/`retain_*` columns that the model signature lacks."
+        },
+    )
+
+    # ---- objective ----
+    forget_loss: str = field(
+        default="inverted_hinge",
+        metadata={
+            "help": "Forget-set loss.",
+            "choices": list(FORGET_LOSSES),
+        },
+    )
+    retain_loss: str | None = field(
+        default="nll",
+        metadata={"help": "Retain-set loss: 'nll', 'kl' or None (no retain term)."},
+    )
+    forget_weight: float = field(default=1.0, metadata={"help": "Weight of the forget loss."})
+    retain_weight: float = field(default=1.0, metadata={"help": "Weight of the retain loss."})
+    beta: float | None = field(
+        default=None,
+        metadata={"help": "NPO/SimNPO inverse temperature; None uses 0.1 (NPO) or 4.5 (SimNPO)."},
+    )
+    simnpo_delta: float = field(default=0.0, metadata={"help": "SimNPO margin delta."})
+    kl_mask: str = field(
+        default="labels",
+        metadata={
+            "help": "Positions of the retain KL: 'labels' (supervised positions) or 'none' (all positions).",
+            "choices": list(KL_MASKS),
+        },
+    )
+
+    # ---- data ----
+    max_length: int | None = field(
+        default=512,
+        metadata={"help": "Maximum tokenized length (right truncation); None disables truncation."},
+    )
+    completion_only_loss: bool = field(
+        default=True,
+        metadata={"help": "Supervise only completion/assistant tokens of prompt-completion and conversational data."},
+    )
+    assistant_turns: str = field(
+        default="all",
+        metadata={
+            "help": "Supervised assistant turns of `messages` data: 'all' or 'last'.",
+            "choices": list(ASSISTANT_TURNS),
+        },
+    )
+    retain_pairing: str = field(
+        default="random",
+        metadata={
+            "help": "Retain example of each forget example: 'random' (redrawn each epoch, seeded) or 'cycle'.",
+            "choices": list(RETAIN_PAIRINGS),
+        },
+    )
+    idk_answers: list[str] | None = field(
+        default=None,
+        metadata={"help": "Answers for forget_loss='idk'; None uses a built-in list of 'I don't know' variants."},
+    )
+
+    # ---- evaluation ----
+    eval_el_n: list[int] = field(
+        default_factory=lambda: [10],
+        metadata={"help": "n values of the extraction likelihood EL_n reported by evaluate()."},
+    )
+    eval_el_prefix_stride: int = field(
+        default=1, metadata={"help": "Stride between the prefixes of the extraction likelihood."}
+    )
+    eval_compute_el: bool = field(
+        default=True, metadata={"help": "Whether evaluate() computes the extraction likelihood."}
+    )
+
+    # ---- model ----
+    model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments for AutoModelForCausalLM.from_pretrained when `model` is a string."},
+    )
+
+    # ---- FILA ----
+    fila_batch_size: int = field(default=4, metadata={"help": "Batch size of the FILA Fisher-estimation pass."})
+    fila_max_batches: int | None = field(
+        default=None, metadata={"help": "Maximum number of Fisher batches per set (None: whole set)."}
+    )
+    fila_cache: str | None = field(
+        default=None, metadata={"help": "Path where the FILA Fisher statistics are cached and reused."}
+    )
+    fila_seed: int = field(default=42, metadata={"help": "Seed of the FILA initialisation."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.retain_loss, str) and self.retain_loss.lower() == "none":  # command line
+            self.retain_loss = None
+        _check_choice("forget_loss", self.forget_loss, FORGET_LOSSES)
+        _check_choice("retain_loss", self.retain_loss, (*RETAIN_LOSSES, None))
+        _check_choice("kl_mask", self.kl_mask, KL_MASKS)
+        _check_choice("retain_pairing", self.retain_pairing, RETAIN_PAIRINGS)
+        _check_choice("assistant_turns", self.assistant_turns, ASSISTANT_TURNS)
+        for name in ("forget_weight", "retain_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"`{name}` must be a number >= 0, got {value!r}; use 0 to switch a term off.")
+        if self.beta is None:
+            self.beta = DEFAULT_BETA.get(self.forget_loss)
+        elif not isinstance(self.beta, (int, float)) or not self.beta > 0:
+            raise ValueError(f"`beta` must be > 0 (or None for the default of the forget loss), got {self.beta!r}.")
+        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 2):
+            raise ValueError(
+                f"`max_length` must be an integer >= 2 (a token must follow the first one to be supervised) or "
+                f"None, got {self.max_length!r}."
+            )
+        if self.idk_answers is not None:
+            if isinstance(self.idk_answers, str) or not all(isinstance(a, str) and a for a in self.idk_answers):
+                raise ValueError(
+                    f"`idk_answers` must be a list of non-empty strings or None, got {self.idk_answers!r}."
+                )
+            if len(self.idk_answers) == 0:
+                raise ValueError("`idk_answers` is empty; pass at least one answer or None for the built-in list.")
+            self.idk_answers = list(self.idk_answers)
+        if isinstance(self.eval_el_n, int):
+            self.eval_el_n = [self.eval_el_n]
+        self.eval_el_n = list(self.eval_el_n)
+        if not all(isinstance(n, int) and n >= 1 for n in self.eval_el_n):
+            raise ValueError(f"`eval_el_n` must be a list of integers >= 1, got {self.eval_el_n!r}.")
+        if not isinstance(self.eval_el_prefix_stride, int) or self.eval_el_prefix_stride < 1:
+            raise ValueError(f"`eval_el_prefix_stride` must be an integer >= 1, got {self.eval_el_prefix_stride!r}.")
+        if not isinstance(self.fila_batch_size, int) or self.fila_batch_size < 1:
+            raise ValueError(f"`fila_batch_size` must be an integer >= 1, got {self.fila_batch_size!r}.")
+        if self.fila_max_batches is not None and (
+            not isinstance(self.fila_max_batches, int) or self.fila_max_batches < 1
+        ):
+            raise ValueError(f"`fila_max_batches` must be an integer >= 1 or None, got {self.fila_max_batches!r}.")
+
+        super().__post_init__()
+
+        if self.activation_checkpointing and self.activation_checkpointing_kwargs is None:
+            self.activation_checkpointing_kwargs = {"use_reentrant": False}
+            self.gradient_checkpointing_kwargs = self.activation_checkpointing_kwargs
