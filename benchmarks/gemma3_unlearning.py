@@ -1,0 +1,566 @@
+"""Memorized-text unlearning on Gemma-3 270M: forget losses x {full fine-tuning, LoRA, FILA}.
+
+Reproduces the shape of the paper's memorized-text experiment (Cha et al. 2025, Jang et al. 2023)
+offline on CPU: the forget set is public text Gemma-3 270M has memorized (``examples/data``), the
+retain set is original encyclopedic prose, and the never-seen set gives the stopping thresholds.
+
+Every run stops as soon as forget MA **and** EL_n are at or below the never-seen level of the
+base model ("forgotten"), or at ``--max-steps``. Forget MA is checked after every optimizer step;
+EL_n only once MA is below its threshold; retain MA and never-seen perplexity only at the stop.
+Each run is a separate subprocess, so its peak memory (``VmHWM``) is its own.
+
+Results are appended to ``--results`` (JSON) after every run, and the markdown table and plot are
+rewritten from it; finished runs are skipped, so the script resumes where it stopped.
+
+Usage::
+
+    python benchmarks/gemma3_unlearning.py                 # grid (seed 0 first) + rank sweep
+    python benchmarks/gemma3_unlearning.py --phase lr-probe  # the learning-rate probe
+    python benchmarks/gemma3_unlearning.py --report-only     # rewrite .md/.png from the JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "examples" / "data"
+DEFAULT_RESULTS = ROOT / "benchmarks" / "results" / "gemma3_unlearning.json"
+
+LOSSES = {
+    # name: (forget_loss, retain_loss)
+    "GA": ("gradient_ascent", None),
+    "GD": ("gradient_ascent", "nll"),
+    "NPO+retain": ("npo", "nll"),
+    "IHL+retain": ("inverted_hinge", "nll"),
+}
+METHODS = ("full", "lora", "fila")
+
+
+# ----------------------------------------------------------------------------------------------
+# one run (child process)
+# ----------------------------------------------------------------------------------------------
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _read_jsonl(path: Path, limit: int | None = None) -> list[str]:
+    rows = [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
+    return rows[:limit] if limit else rows
+
+
+def _tokenize(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    return [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
+
+
+def run_one(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train one configuration until forgotten (or the step cap) and measure it."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import TrainerCallback
+
+    import peft_unlearn  # noqa: F401  (registers "fila")
+    from peft_unlearn import UnlearningConfig, UnlearningTrainer
+    from peft_unlearn.metrics import evaluate_memorization, extraction_likelihood, memorization_accuracy
+    from peft_unlearn.models import load_model_and_tokenizer
+
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(spec["seed"])
+    t_load = time.time()
+    model, tokenizer = load_model_and_tokenizer(spec["model"], dtype=spec["dtype"])
+    load_seconds = time.time() - t_load
+
+    forget_texts = _read_jsonl(DATA / "forget.jsonl", spec["n_forget"])
+    retain_texts = _read_jsonl(DATA / "retain.jsonl")
+    heldout_texts = _read_jsonl(DATA / "heldout.jsonl")
+    forget_ids = _tokenize(tokenizer, forget_texts, spec["max_length"])
+    retain_ids = _tokenize(tokenizer, retain_texts, spec["max_length"])
+    heldout_ids = _tokenize(tokenizer, heldout_texts, spec["max_length"])
+    pad_id = tokenizer.pad_token_id
+    el_n = spec["el_n"]
+    stride = spec["el_prefix_stride"]
+
+    if spec.get("baseline"):
+        out = {}
+        for name, ids in (("forget", forget_ids), ("retain", retain_ids), ("heldout", heldout_ids)):
+            out[name] = evaluate_memorization(  # EL (greedy generation) is costly: not needed on retain
+                model,
+                ids,
+                batch_size=8,
+                el_n=(el_n,),
+                el_prefix_stride=stride,
+                pad_token_id=pad_id,
+                compute_el=name != "retain",
+            )
+        out["load_seconds"] = load_seconds
+        return out
+
+    method, rank = spec["method"], spec["rank"]
+    if method != "full":
+        lora = LoraConfig(
+            r=rank,
+            lora_alpha=2 * rank,
+            lora_dropout=0.0,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            init_lora_weights="fila" if method == "fila" else True,
+        )
+        model = get_peft_model(model, lora)
+
+    forget_loss, retain_loss = LOSSES[spec["loss"]]
+    thresholds = spec["thresholds"]
+
+    class ForgetMonitor(TrainerCallback):
+        """Checks forget MA after every step; EL only once MA is low enough; stops when forgotten."""
+
+        def __init__(self):
+            self.eval_seconds = 0.0
+            self.history: list[dict[str, float]] = []
+            self.forgotten_at: int | None = None
+            self.train_start = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.train_start = time.time()
+
+        def on_step_end(self, args, state, control, model=None, **kw):
+            t0 = time.time()
+            ma = float(memorization_accuracy(model, forget_ids_t, attention_mask=forget_mask_t).mean())
+            row = {"step": state.global_step, "forget_ma": ma}
+            if ma <= thresholds["ma"]:
+                el = float(
+                    extraction_likelihood(
+                        model, forget_ids_t, attention_mask=forget_mask_t, n=el_n, prefix_stride=stride
+                    ).mean()
+                )
+                row[f"forget_el{el_n}"] = el
+                if el <= thresholds["el"]:
+                    self.forgotten_at = state.global_step
+                    control.should_training_stop = True
+            self.history.append(row)
+            self.eval_seconds += time.time() - t0
+            return control
+
+    forget_ids_t, forget_mask_t = _padded(forget_ids, pad_id)
+    monitor = ForgetMonitor()
+    args = UnlearningConfig(
+        output_dir=spec["output_dir"],
+        forget_loss=forget_loss,
+        retain_loss=retain_loss,
+        learning_rate=spec["lr"],
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        per_device_train_batch_size=spec["batch_size"],
+        gradient_accumulation_steps=1,
+        max_steps=spec["max_steps"],
+        max_length=spec["max_length"],
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=spec["seed"],
+        data_seed=spec["seed"],
+        use_cpu=True,
+        disable_tqdm=True,
+        fila_batch_size=spec["batch_size"],
+    )
+    trainer = UnlearningTrainer(
+        model=model,
+        args=args,
+        forget_dataset=Dataset.from_dict({"input_ids": forget_ids}),
+        retain_dataset=Dataset.from_dict({"input_ids": retain_ids}) if retain_loss else None,
+        processing_class=tokenizer,
+        callbacks=[monitor],
+    )
+    t0 = time.time()
+    trainer.train()
+    wall = time.time() - t0
+    fila_stats = (getattr(trainer, "fila_stats", None) or {}).get("default", {}) or {}
+    fila_seconds = float(fila_stats.get("seconds", 0.0))
+    final = {}
+    m = trainer.model
+    final["forget"] = evaluate_memorization(
+        m, forget_ids, batch_size=8, el_n=(el_n,), el_prefix_stride=stride, pad_token_id=pad_id
+    )
+    final["retain"] = evaluate_memorization(m, retain_ids, batch_size=8, compute_el=False, pad_token_id=pad_id)
+    final["heldout"] = evaluate_memorization(m, heldout_ids, batch_size=8, compute_el=False, pad_token_id=pad_id)
+    steps = trainer.state.global_step
+    return {
+        "forgotten": monitor.forgotten_at is not None,
+        "steps": monitor.forgotten_at if monitor.forgotten_at is not None else steps,
+        "steps_run": steps,
+        "train_seconds": wall - monitor.eval_seconds - fila_seconds,
+        "fila_init_seconds": fila_seconds,
+        "fila_stats": {k: v for k, v in fila_stats.items() if isinstance(v, (int, float, str))},
+        "monitor_seconds": monitor.eval_seconds,
+        "peak_rss_bytes": _peak_rss_bytes(),
+        "forget_ma": final["forget"]["ma"],
+        f"forget_el{el_n}": final["forget"][f"el{el_n}"],
+        "retain_ma": final["retain"]["ma"],
+        "retain_nll": final["retain"]["nll"],
+        "heldout_ppl": final["heldout"]["ppl"],
+        "history": monitor.history,
+        "trainable_params": sum(p.numel() for p in m.parameters() if p.requires_grad),
+    }
+
+
+def _padded(ids: list[list[int]], pad_id: int):
+    import torch
+
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, : len(x)] = torch.tensor(x)
+        mask[i, : len(x)] = 1
+    return input_ids, mask
+
+
+# ----------------------------------------------------------------------------------------------
+# orchestration (parent process)
+# ----------------------------------------------------------------------------------------------
+def run_key(spec: dict[str, Any]) -> str:
+    return (
+        f"{spec['loss']}|{spec['method']}|r{spec['rank']}|lr{spec['lr']:g}|s{spec['seed']}"
+        f"|bs{spec['batch_size']}|cap{spec['max_steps']}"
+    )
+
+
+def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
+    lr_for = {"full": args.lr_full, "lora": args.lr_adapter, "fila": args.lr_adapter}
+    runs: list[dict[str, Any]] = []
+    if args.phase in ("lr-probe",):
+        for method, lrs in (("fila", args.probe_lr_adapter), ("full", args.probe_lr_full)):
+            for lr in lrs:
+                runs.append(
+                    {"loss": "IHL+retain", "method": method, "rank": 8, "seed": 0, "lr": lr, "tag": "lr-probe"}
+                )
+        return runs
+    if args.phase in ("grid", "all"):
+        for seed in args.seeds:
+            for loss in args.losses:
+                for method in METHODS:
+                    runs.append(
+                        {"loss": loss, "method": method, "rank": 8, "seed": seed, "lr": lr_for[method], "tag": "grid"}
+                    )
+            if args.phase == "all" and seed == args.seeds[0]:
+                runs.extend(_rank_runs(args, lr_for))
+    if args.phase == "ranks":
+        runs.extend(_rank_runs(args, lr_for))
+    return runs
+
+
+def _rank_runs(args, lr_for) -> list[dict[str, Any]]:
+    return [
+        {
+            "loss": "IHL+retain",
+            "method": method,
+            "rank": rank,
+            "seed": args.seeds[0],
+            "lr": lr_for[method],
+            "tag": "ranks",
+        }
+        for rank in args.ranks
+        if rank != 8
+        for method in ("lora", "fila")
+    ]
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    if path.exists():
+        return json.loads(path.read_text())
+    return {"runs": {}}
+
+
+def save_results(path: Path, results: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+def child(spec: dict[str, Any], timeout: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = {**spec, "output_dir": tmp}
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, __file__, "--child", json.dumps(spec), "--child-out", str(out)]
+        t0 = time.time()
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0 or not out.exists():
+            return {"error": proc.stderr[-3000:], "returncode": proc.returncode, "wall_seconds": time.time() - t0}
+        result = json.loads(out.read_text())
+        result["wall_seconds"] = time.time() - t0
+        return result
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return float("nan"), float("nan")
+    m = sum(values) / len(values)
+    if len(values) < 2:
+        return m, 0.0
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+def _fmt(values: list[float], digits: int = 2) -> str:
+    if not values:
+        return "–"
+    m, s = _mean_std(values)
+    return f"{m:.{digits}f}" if len(values) == 1 else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def report(results: dict[str, Any], path: Path) -> None:
+    """Write the markdown table and the plot next to the JSON."""
+    runs = [r for r in results["runs"].values() if "error" not in r["result"]]
+    base = results.get("baseline", {})
+    lines = [
+        "# Memorized-text unlearning on Gemma-3 270M (CPU)",
+        "",
+        f"Command: `{results.get('command', '')}`",
+        "",
+        f"Machine: {results.get('machine', {})}",
+        "",
+        f"Settings: {json.dumps(results.get('settings', {}))}",
+        "",
+    ]
+    if base:
+        el_key = f"el{results['settings']['el_n']}"
+        lines += [
+            "Base model before unlearning (per-sequence means):",
+            "",
+            "| set | MA | EL | NLL | PPL |",
+            "|---|---|---|---|---|",
+        ]
+        for name in ("forget", "retain", "heldout"):
+            b = base[name]
+            lines.append(
+                f"| {name} | {b['ma']:.3f} | {b.get(el_key, float('nan')):.3f} | {b['nll']:.3f} | {b['ppl']:.2f} |"
+            )
+        lines += [
+            "",
+            f"Stopping thresholds (never-seen level): MA <= {results['thresholds']['ma']:.3f}, "
+            f"{el_key.upper()} <= {results['thresholds']['el']:.3f}",
+            "",
+        ]
+
+    def table(tag: str, group_keys: tuple[str, ...], title: str) -> None:
+        sel = [r for r in runs if r["spec"].get("tag") == tag]
+        if not sel:
+            return
+        groups: dict[tuple, list[dict]] = {}
+        for r in sel:
+            groups.setdefault(tuple(r["spec"][k] for k in group_keys), []).append(r["result"])
+        lines.extend(
+            [
+                f"## {title}",
+                "",
+                "| "
+                + " | ".join(group_keys)
+                + " | seeds | forgotten | steps | train s | FILA init s | retain MA | never-seen PPL | forget MA | peak RSS GiB |",
+                "|" + "---|" * (len(group_keys) + 9),
+            ]
+        )
+        for key in sorted(groups, key=str):
+            rs = groups[key]
+            lines.append(
+                "| " + " | ".join(str(k) for k in key) + f" | {len(rs)} | {sum(r['forgotten'] for r in rs)}/{len(rs)}"
+                f" | {_fmt([r['steps'] for r in rs], 1)} | {_fmt([r['train_seconds'] for r in rs], 0)}"
+                f" | {_fmt([r['fila_init_seconds'] for r in rs], 1)} | {_fmt([r['retain_ma'] for r in rs], 3)}"
+                f" | {_fmt([r['heldout_ppl'] for r in rs], 1)} | {_fmt([r['forget_ma'] for r in rs], 3)}"
+                f" | {_fmt([r['peak_rss_bytes'] / 2**30 for r in rs], 2)} |"
+            )
+        lines.append("")
+
+    table("grid", ("loss", "method", "rank", "lr"), "Forget losses x methods (r = 8)")
+    table("ranks", ("loss", "method", "rank", "lr"), "Rank sweep (IHL + retain NLL, seed 0; r = 8 is in the grid)")
+    table("lr-probe", ("loss", "method", "rank", "lr"), "Learning-rate probe (seed 0)")
+    lines += [
+        "Columns: `steps` = optimizer steps until forget MA and EL are both at or below the never-seen level "
+        "(the step cap when not forgotten); `train s` = training wall time excluding the per-step forget-MA checks "
+        "and the FILA initialisation; retain MA, never-seen perplexity and forget MA are measured at the stop. "
+        "Mean ± sample std over seeds.",
+        "",
+    ]
+    path.with_suffix(".md").write_text("\n".join(lines))
+    _plot(runs, path.with_suffix(".png"))
+
+
+def _plot(runs: list[dict[str, Any]], png: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    grid = [r for r in runs if r["spec"].get("tag") == "grid"]
+    ranks = [r for r in runs if r["spec"].get("tag") in ("ranks", "grid") and r["spec"]["loss"] == "IHL+retain"]
+    if not grid:
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    colors = {"full": "tab:gray", "lora": "tab:blue", "fila": "tab:orange"}
+    losses = [loss for loss in LOSSES if any(r["spec"]["loss"] == loss for r in grid)]
+    width = 0.27
+    for ax, metric, label in (
+        (axes[0], "steps", "steps until forgotten (cap if not)"),
+        (axes[1], "retain_ma", "retain MA at stop"),
+    ):
+        for j, method in enumerate(METHODS):
+            means, stds = [], []
+            for loss in losses:
+                vals = [
+                    r["result"][metric] for r in grid if r["spec"]["loss"] == loss and r["spec"]["method"] == method
+                ]
+                m, s = _mean_std(vals)
+                means.append(m)
+                stds.append(s)
+            xs = [i + (j - 1) * width for i in range(len(losses))]
+            ax.bar(xs, means, width, yerr=stds, label=method, color=colors[method], capsize=3)
+        ax.set_xticks(range(len(losses)), losses)
+        ax.set_ylabel(label)
+        ax.legend()
+    ax = axes[2]
+    for method in ("lora", "fila"):
+        pts = sorted(
+            (r["spec"]["rank"], r["result"]["steps"])
+            for r in ranks
+            if r["spec"]["method"] == method and r["spec"]["seed"] == 0
+        )
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=method, color=colors[method])
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("LoRA rank")
+    ax.set_ylabel("steps until forgotten (IHL)")
+    ax.legend()
+    fig.suptitle("Gemma-3 270M, memorized-text unlearning (CPU)")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="gemma3-270m")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+    p.add_argument("--phase", choices=["all", "grid", "ranks", "lr-probe"], default="all")
+    p.add_argument("--losses", nargs="+", default=list(LOSSES), choices=list(LOSSES))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--ranks", nargs="+", type=int, default=[4, 8, 16, 32])
+    p.add_argument("--lr-adapter", type=float, default=1e-4)
+    p.add_argument("--lr-full", type=float, default=1e-5)
+    p.add_argument("--probe-lr-adapter", nargs="+", type=float, default=[1e-4, 1e-3])
+    p.add_argument("--probe-lr-full", nargs="+", type=float, default=[1e-5, 1e-4])
+    p.add_argument("--n-forget", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--max-steps", type=int, default=30)
+    p.add_argument("--el-n", type=int, default=10)
+    p.add_argument("--el-prefix-stride", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--timeout", type=int, default=1800, help="per-run timeout in seconds")
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--child-out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.child:
+        result = run_one(json.loads(args.child))
+        Path(args.child_out).write_text(json.dumps(result))
+        return
+
+    results = load_results(args.results)
+    if args.report_only:
+        report(results, args.results)
+        return
+    import torch
+    import transformers
+
+    import peft_unlearn
+
+    settings = {
+        "model": args.model,
+        "dtype": args.dtype,
+        "n_forget": args.n_forget,
+        "batch_size": args.batch_size,
+        "max_length": args.max_length,
+        "max_steps": args.max_steps,
+        "el_n": args.el_n,
+        "el_prefix_stride": args.el_prefix_stride,
+        "threads": args.threads,
+        "optimizer": "adamw_torch, constant lr, no warmup, no weight decay",
+        "lora": "all attention+MLP projections, alpha = 2r, dropout 0",
+    }
+    eval_keys = ("model", "dtype", "n_forget", "max_length", "el_n", "el_prefix_stride")
+    old = results.get("settings")
+    if old and any(old.get(k) != settings[k] for k in eval_keys):
+        raise SystemExit(
+            f"--results {args.results} was measured with other evaluation settings {old}; use another file."
+        )
+    results["settings"] = settings
+    results["command"] = "python " + " ".join(
+        [os.path.relpath(__file__, ROOT), *(argv if argv is not None else sys.argv[1:])]
+    )
+    results["machine"] = {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft_unlearn": peft_unlearn.__version__,
+    }
+    common = {
+        k: settings[k]
+        for k in (
+            "model",
+            "dtype",
+            "n_forget",
+            "batch_size",
+            "max_length",
+            "max_steps",
+            "el_n",
+            "el_prefix_stride",
+            "threads",
+        )
+    }
+    if "baseline" not in results:
+        print("measuring the base model (thresholds) ...", flush=True)
+        base = child({**common, "baseline": True, "seed": 0}, args.timeout)
+        if "error" in base:
+            raise SystemExit(base["error"])
+        results["baseline"] = base
+        results["thresholds"] = {"ma": base["heldout"]["ma"], "el": base["heldout"][f"el{args.el_n}"]}
+        save_results(args.results, results)
+    for spec in plan(args):
+        spec = {**common, **spec, "thresholds": results["thresholds"]}
+        key = run_key(spec)
+        if key in results["runs"] and "error" not in results["runs"][key]["result"]:
+            continue
+        print(f"[{time.strftime('%H:%M:%S')}] {key} ...", flush=True)
+        result = child(spec, args.timeout)
+        kept = ("loss", "method", "rank", "seed", "lr", "tag", "batch_size", "max_steps")
+        results["runs"][key] = {"spec": {k: spec[k] for k in kept}, "result": result}
+        save_results(args.results, results)
+        report(results, args.results)
+        msg = result.get("error", "")[-500:] or (
+            f"forgotten={result['forgotten']} steps={result['steps']} train_s={result['train_seconds']:.0f} "
+            f"retain_ma={result['retain_ma']:.3f} forget_ma={result['forget_ma']:.3f}"
+        )
+        print(f"    {msg}", flush=True)
+    report(results, args.results)
+
+
+if __name__ == "__main__":
+    main()
