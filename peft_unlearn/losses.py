@@ -218,7 +218,7 @@ class _InvertedHingeFunction(torch.autograd.Function):
                 torch.sub(z, row_max, out=tmp)
             tmp.exp_()
             row_sum = tmp.sum(dim=-1)
-            if buf is not None and tmp.data_ptr() != buf[start:stop].data_ptr():
+            if buf is not None and scratch is not None:
                 buf[start:stop].copy_(tmp)
             inv_sum[start:stop] = row_sum.reciprocal()
             lse[start:stop] = row_sum.log_().add_(row_max.squeeze(1))
@@ -270,14 +270,18 @@ def inverted_hinge_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100
     ``[0, 2]`` (the hinge ``max(0, .)`` of the paper never clamps). Minimising it pushes the true token below the
     runner-up ``k``, which is re-chosen at every position and call without stop-gradient.
 
-    Memory: no ``[N, V]`` tensor is kept between forward and backward (only the logits, which autograd keeps
-    anyway, plus a few ``[N]`` vectors); backward allocates exactly one ``[N, V]`` gradient buffer in the
-    logits' dtype. Both passes use an fp32 scratch buffer of at most ~1M elements on CPU (32M elsewhere), so
-    bf16/fp16 logits are accumulated in fp32 without a full fp32 copy. ``torch.nn.functional.cross_entropy``
-    keeps a ``[N, V]`` log-softmax and allocates two more ``[N, V]`` tensors in backward. Only positions with a
-    supervised shifted label are computed. Extra small buffers: block maxima ``[N, V / 1024]``. Non-contiguous
-    logits are copied once by ``reshape``. The forward does one host synchronisation (to find the supervised
-    rows). Double backward is not supported.
+    Memory: exactly one ``[N, V]`` tensor in the logits' dtype, allocated in forward (it holds ``exp(z - max)``
+    of the supervised rows, zeros elsewhere), saved for backward and turned *in place* into the returned gradient;
+    backward allocates nothing of size ``[N, V]``. The logits are **not** saved, so a caller that drops them frees
+    them before backward. Both passes use an fp32 scratch buffer of at most ~1M elements on CPU (32M elsewhere)
+    for bf16/fp16 logits, which are never copied to fp32 as a whole; the sums run in fp32, and the gradient is
+    rounded twice to the logits' dtype (stored ``exp``, then scaled), i.e. within one ``eps``. Small buffers:
+    block maxima ``[N, V / 1024]`` and a few ``[N]`` vectors. For comparison ``torch.nn.functional.cross_entropy``
+    keeps a ``[N, V]`` log-softmax and allocates two more ``[N, V]`` tensors in backward. Without grad (``no_grad``
+    or logits not requiring grad) no ``[N, V]`` tensor is allocated. Only positions with a supervised shifted label
+    are computed. Non-contiguous logits are copied once by ``reshape``. The forward does one host synchronisation
+    (to find the supervised rows). Double backward, or backward twice through the same graph, is not supported
+    (the latter raises autograd's "modified by an inplace operation" error).
 
     Args:
         logits: Unshifted logits ``[B, T, V]`` of any floating dtype.

@@ -373,7 +373,9 @@ def add_fila_reference_adapter(
     With FILA the base holds ``W_res``, so ``disable_adapter()`` is *not* the starting model. Activating
     the returned adapter instead gives ``W_res + s * B0 A0 = W`` (e.g. for NPO/KL reference passes:
     ``model.set_adapter(ref, inference_mode=True)`` ... ``model.set_adapter(adapter_name)``). The adapter
-    has ``init_lora_weights=True`` and no dropout; ``save_pretrained`` skips it by default.
+    has ``init_lora_weights=True`` and no dropout; ``save_pretrained`` skips it by default. Every existing
+    parameter keeps its ``requires_grad`` flag. This is the reference that
+    :class:`~peft_unlearn.trainer.UnlearningTrainer` creates (adapter ``"ref"``) for NPO and KL.
 
     Args:
         peft_model: A PeftModel with an initialised FILA adapter.
@@ -414,6 +416,7 @@ def add_fila_reference_adapter(
             lora_dropout=0.0,
         )
     active = peft_model.active_adapter
+    flags = [(param, param.requires_grad) for param in peft_model.parameters()]
     peft_model.add_adapter(reference_name, reference)
     ref_layers = dict(iter_lora_layers(peft_model, reference_name))
     for name, (lora_a0, lora_b0) in states.items():
@@ -421,12 +424,15 @@ def add_fila_reference_adapter(
         if layer is None:
             raise ValueError(f"The reference adapter did not reach layer {name}; the target patterns differ.")
         a_param, b_param = layer.lora_A[reference_name].weight, layer.lora_B[reference_name].weight
-        a_param.data = lora_a0.to(device=a_param.device, dtype=a_param.dtype)
-        b_param.data = lora_b0.to(device=b_param.device, dtype=b_param.dtype)
+        # copies: the reference must not share storage with the stored initial state
+        a_param.data = lora_a0.to(device=a_param.device, dtype=a_param.dtype, copy=True)
+        b_param.data = lora_b0.to(device=b_param.device, dtype=b_param.dtype, copy=True)
         a_param.requires_grad_(False)
         b_param.requires_grad_(False)
     if peft_model.active_adapter != active:
         peft_model.set_adapter(active)
+    for param, flag in flags:  # adding an adapter must not change what is trained
+        param.requires_grad_(flag)
     return reference_name
 
 

@@ -59,6 +59,7 @@ def build_model_card(
     hyperparameters: Mapping[str, Any] | None = None,
     adapter: Mapping[str, Any] | None = None,
     fila: bool = False,
+    metrics: Mapping[str, float] | None = None,
     tags: Sequence[str] = (),
     library_name: str | None = "peft",
 ) -> str:
@@ -78,6 +79,7 @@ def build_model_card(
         hyperparameters: Training hyper-parameters to list.
         adapter: PEFT adapter settings to list (rank, alpha, target modules...).
         fila: Whether the adapter was initialised with FILA.
+        metrics: Final metrics to report (e.g. ``{"train_loss": 2.1, "eval_forget_ma": 0.12}``); omitted when empty.
         tags: Extra tags; ``peft-unlearn``, ``unlearning`` (and ``peft``, ``lora``, ``fila``) are added.
         library_name: Metadata ``library_name`` (``"peft"`` for adapters, ``"transformers"`` otherwise).
 
@@ -130,6 +132,9 @@ def build_model_card(
         )
     if datasets:
         body += ["", "## Data", ""] + [f"- {role}: {n} examples" for role, n in datasets.items()]
+    if metrics:
+        body += ["", "## Results", "", "| Metric | Value |", "|---|---|"]
+        body += [f"| `{k}` | {v:.4g} |" for k, v in metrics.items() if v is not None]
     if adapter:
         body += ["", "## Adapter", "", *_table(adapter)]
     if hyperparameters:

@@ -109,8 +109,9 @@ class UnlearningConfig(TrainingArguments):
             Cap on the number of Fisher batches per set (`None`: the whole set).
         fila_cache (`str` or `None`, *optional*):
             Path where the Fisher statistics are cached and reused.
-        fila_seed (`int`, *optional*, defaults to `42`):
-            Seed of the FILA initialisation (the global RNG state is restored afterwards).
+        fila_seed (`int` or `None`, *optional*, defaults to `None`):
+            Seed of FILA's randomized SVD; None keeps the adapter config's `fila_config.seed` (42 by default). The
+            global RNG state is restored afterwards.
 
     > [!NOTE]
     > Defaults that differ from [`~transformers.TrainingArguments`]: `logging_steps=10` (instead of 500),
@@ -220,7 +221,13 @@ class UnlearningConfig(TrainingArguments):
     fila_cache: str | None = field(
         default=None, metadata={"help": "Path where the FILA Fisher statistics are cached and reused."}
     )
-    fila_seed: int = field(default=42, metadata={"help": "Seed of the FILA initialisation."})
+    fila_seed: int | None = field(
+        default=None,
+        metadata={
+            "help": "Seed of FILA's randomized SVD. None keeps the adapter config's `fila_config.seed` "
+            "(42, the official value, unless a `FilaLoraConfig` sets another)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.retain_loss, str) and self.retain_loss.lower() == "none":  # command line

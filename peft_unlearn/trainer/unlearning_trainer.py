@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import math
 import os
-import warnings
+import tempfile
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -130,11 +131,15 @@ def _check_causal_lm(model: Any) -> None:
 
 
 def _is_fila_model(model: Any) -> bool:
-    try:
-        from peft_unlearn.fila.saving import is_fila_model
-    except ImportError:
-        return False
+    from peft_unlearn.fila.saving import is_fila_model
+
     return _is_peft_model(model) and is_fila_model(model)
+
+
+def _fila_adapter_names(model: Any) -> list[str]:
+    from peft_unlearn.fila.saving import fila_adapters
+
+    return fila_adapters(model)
 
 
 def _shifted_count(labels: torch.Tensor) -> torch.Tensor:
@@ -404,17 +409,18 @@ class UnlearningTrainer(Trainer):
     # ------------------------------------------------------------------------------------------------------------
 
     def _ensure_reference_adapter(self) -> None:
-        """Create the frozen ``"ref"`` adapter, a copy of the active adapter as it is now (the initial model).
+        """Create the frozen ``"ref"`` adapter that reproduces the initial model (NPO / KL reference passes).
 
-        Called at the start of :meth:`train` (after FILA). For FILA adapters the stored initial factors
-        ``(A0, B0)`` are copied when available, so the reference is exact even after a resume.
+        Called at the start of :meth:`train` (after FILA). For a FILA adapter the base holds ``W_res``, so the
+        reference is :func:`peft_unlearn.fila.add_fila_reference_adapter` (``A0``/``B0``: ``W_res + s B0 A0 = W``,
+        exact after a resume as well); any other adapter is copied as it is now.
         """
         if not self._needs_reference or self.ref_model is not None:
             return
         model = self.accelerator.unwrap_model(self.model)
         if REF_ADAPTER in model.peft_config:
             return
-        self._maybe_initialize_fila()  # the reference must copy the post-FILA initial adapter
+        self._maybe_initialize_fila()  # the reference must see the post-FILA initial adapter
         active = model.active_adapter
         config = copy.deepcopy(model.peft_config[active])
         if getattr(config, "is_prompt_learning", False):
@@ -422,6 +428,11 @@ class UnlearningTrainer(Trainer):
                 f"The reference for NPO/KL is a frozen copy of the adapter, which is not supported for prompt-learning "
                 f"methods ({config.peft_type}); pass `ref_model=` instead."
             )
+        if _is_fila_model(model) and active in _fila_adapter_names(model):
+            from peft_unlearn.fila import add_fila_reference_adapter
+
+            add_fila_reference_adapter(model, adapter_name=active, reference_name=REF_ADAPTER)
+            return
         if hasattr(config, "init_lora_weights"):
             config.init_lora_weights = True  # never re-run a data-driven or base-mutating init for the copy
         config.inference_mode = True
@@ -435,22 +446,9 @@ class UnlearningTrainer(Trainer):
             for name, param in params.items():
                 if source in name and name.replace(source, target) in params:
                     params[name.replace(source, target)].copy_(param)
-            self._copy_fila_initial_factors(model, active)
             for name, param in params.items():
                 if target in name:
                     param.requires_grad_(False)
-
-    @staticmethod
-    def _copy_fila_initial_factors(model: nn.Module, adapter_name: str) -> None:
-        try:
-            from peft_unlearn.fila.registration import get_init_state, iter_lora_layers
-        except ImportError:
-            return
-        for _, layer in iter_lora_layers(model, adapter_name):
-            state = get_init_state(layer, adapter_name)
-            if state is not None and REF_ADAPTER in layer.lora_A:
-                layer.lora_A[REF_ADAPTER].weight.copy_(state[0])
-                layer.lora_B[REF_ADAPTER].weight.copy_(state[1])
 
     @contextlib.contextmanager
     def reference_model(self, model: nn.Module | None = None) -> Iterator[nn.Module]:
@@ -691,7 +689,17 @@ class UnlearningTrainer(Trainer):
         trial: Any = None,
         ignore_keys_for_eval: list[str] | None = None,
     ):
-        """Initialise pending FILA adapters, create the reference adapter, then run ``Trainer.train``."""
+        """Initialise pending FILA adapters, create the reference adapter, then run ``Trainer.train``.
+
+        On resume the FILA residual base is rebuilt from the checkpoint's ``_fila_init/`` (FILA is not re-run), so a
+        fresh process (original base + ``get_peft_model(..., LoraConfig(init_lora_weights="fila"))``) continues
+        exactly where the checkpoint left off.
+        """
+        if isinstance(resume_from_checkpoint, bool) and resume_from_checkpoint:
+            last = get_last_checkpoint(self.args.output_dir)
+            if last is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+            resume_from_checkpoint = last
         self._maybe_initialize_fila(resume_from_checkpoint)
         self._ensure_reference_adapter()
         return super().train(
@@ -701,24 +709,41 @@ class UnlearningTrainer(Trainer):
     def _maybe_initialize_fila(self, resume_from_checkpoint: str | bool | None = None) -> dict[str, Any] | None:
         """Compute the FILA weights of pending adapters from the forget/retain data (or rebuild them on resume).
 
-        Runs before the reference adapter is created, so that the reference copies the post-FILA initial adapter.
+        Runs before the reference adapter is created, so that the reference holds the post-FILA initial factors.
+        When resuming, the residual base is rebuilt from ``<checkpoint>/_fila_init`` instead (a no-op if the base
+        already holds it); a pending FILA adapter with a checkpoint lacking that folder is an error, because
+        re-running FILA would not reproduce the checkpoint's residual base in general.
+
+        Args:
+            resume_from_checkpoint: The checkpoint folder being resumed (``True``: the last one in ``output_dir``).
 
         Returns:
-            The statistics of ``initialize_fila_weights`` per adapter, or None when nothing was pending.
+            The statistics of ``initialize_fila_weights`` per adapter, or None when nothing was computed.
+
+        Raises:
+            ValueError: If a pending FILA adapter is resumed from a checkpoint without ``_fila_init/``.
         """
-        try:
-            from peft_unlearn.fila import initialize_fila_weights, pending_fila_adapters
-            from peft_unlearn.fila.saving import is_fila_model, restore_fila_residual
-        except ImportError:
-            return None
+        from peft_unlearn.fila import initialize_fila_weights, pending_fila_adapters
+        from peft_unlearn.fila.config import get_fila_config
+        from peft_unlearn.fila.saving import INIT_DIR, is_fila_model, restore_fila_residual
+
         model = self.accelerator.unwrap_model(self.model)
         if not _is_peft_model(model) or not is_fila_model(model):
             return None
         checkpoint = resume_from_checkpoint
-        if checkpoint is True:
-            checkpoint = get_last_checkpoint(self.args.output_dir)
-        if isinstance(checkpoint, (str, os.PathLike)) and (Path(checkpoint) / "_fila_init").is_dir():
-            restore_fila_residual(model, checkpoint)
+        if isinstance(checkpoint, bool):
+            checkpoint = get_last_checkpoint(self.args.output_dir) if checkpoint else None
+        if checkpoint is not None:
+            if (Path(checkpoint) / INIT_DIR).is_dir():
+                restore_fila_residual(model, checkpoint)
+            elif pending_fila_adapters(model):
+                raise ValueError(
+                    f"Cannot resume the FILA adapter(s) {pending_fila_adapters(model)} from {str(checkpoint)!r}: the "
+                    f"checkpoint has no `{INIT_DIR}/` folder with the initial factors A0/B0, so the residual base "
+                    "W - s*B0@A0 cannot be rebuilt (re-running FILA would not reproduce it). Resume from a checkpoint "
+                    "written by UnlearningTrainer (or save_pretrained(..., fila_portable=False)), or start a new run "
+                    "without `resume_from_checkpoint`."
+                )
         pending = pending_fila_adapters(model)
         if not pending:
             return None
@@ -729,19 +754,20 @@ class UnlearningTrainer(Trainer):
             else None
         )
         stats: dict[str, Any] = {}
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.args.fila_seed)
-            for adapter_name in pending:
-                stats[adapter_name] = initialize_fila_weights(
-                    model,
-                    forget_dl,
-                    retain_dl,
-                    adapter_name=adapter_name,
-                    max_batches=self.args.fila_max_batches,
-                    cache_path=self.args.fila_cache,
-                    show_progress=not self.args.disable_tqdm and self.is_world_process_zero(),
-                )
+        for adapter_name in pending:
+            fila_config = get_fila_config(model.peft_config[adapter_name])
+            if self.args.fila_seed is not None:
+                fila_config = dataclasses.replace(fila_config, seed=self.args.fila_seed)
+            stats[adapter_name] = initialize_fila_weights(
+                model,
+                forget_dl,
+                retain_dl,
+                adapter_name=adapter_name,
+                max_batches=self.args.fila_max_batches,
+                cache_path=self.args.fila_cache,
+                show_progress=not self.args.disable_tqdm and self.is_world_process_zero(),
+                fila_config=fila_config,
+            )
         self.fila_stats = stats
         for adapter_name, adapter_stats in stats.items():
             logger.info("FILA initialisation of adapter %r: %s", adapter_name, adapter_stats)
@@ -810,11 +836,8 @@ class UnlearningTrainer(Trainer):
         return output
 
     def _memorization_metrics(self, examples: list, prefix: str) -> dict[str, float]:
-        try:
-            from peft_unlearn.metrics import evaluate_memorization
-        except ImportError:  # pragma: no cover - the metrics module ships with the package
-            warnings.warn("peft_unlearn.metrics is unavailable; skipping MA/EL metrics.", stacklevel=2)
-            return {}
+        from peft_unlearn.metrics import evaluate_memorization
+
         sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
         result = evaluate_memorization(
             self.model,
@@ -877,20 +900,45 @@ class UnlearningTrainer(Trainer):
         return None
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        """Push to the Hub; for FILA models the pushed model files are the portable adapter, not the raw checkpoint."""
+        """Push to the Hub; for FILA models the pushed model files are the portable adapter, not the raw checkpoint.
+
+        ``Trainer._push_from_checkpoint`` copies the adapter files of the folder it gets into ``output_dir`` and
+        uploads ``output_dir`` (without ``_*`` and ``checkpoint-*``); for a FILA model it gets a temporary folder
+        holding the portable rank-2r export instead of the raw rank-r checkpoint.
+        """
         model = self.accelerator.unwrap_model(self.model)
         if not _is_fila_model(model):
             return super()._push_from_checkpoint(checkpoint_folder)
-        # `Trainer._push_from_checkpoint` copies the model files of the folder it gets into output_dir and uploads
-        # output_dir; hand it a folder holding the portable export (leading "_": never uploaded itself).
-        portable = os.path.join(self.args.output_dir, "_portable_adapter")
-        if self.is_world_process_zero():
+        # the early exits of Trainer._push_from_checkpoint, checked before paying for the export
+        hub_strategy = str(getattr(self.args.hub_strategy, "value", self.args.hub_strategy))
+        if not self.is_world_process_zero() or hub_strategy == "end":
+            return None
+        if hub_strategy in ("checkpoint", "all_checkpoints"):
+            raise ValueError(
+                f"hub_strategy={hub_strategy!r} uploads raw FILA checkpoints as the model; use "
+                "hub_strategy='every_save' or 'end', which push the portable plain-LoRA adapter."
+            )
+        push_in_progress = getattr(self, "push_in_progress", None)
+        if not self.args.hub_always_push and push_in_progress is not None and not push_in_progress.is_done():
+            return None
+        with tempfile.TemporaryDirectory(prefix="fila_portable_") as portable:
             model.save_pretrained(
                 portable,
                 selected_adapters=[name for name in model.peft_config if name != REF_ADAPTER],
                 fila_portable=True,
             )
-        return super()._push_from_checkpoint(portable)
+            return super()._push_from_checkpoint(portable)
+
+    def _final_metrics(self) -> dict[str, float]:
+        """Latest logged train/forget/retain losses and NLLs, and every evaluation metric, for the model card."""
+        keep = ("train_loss", "forget_loss", "forget_nll", "retain_loss", "retain_nll")
+        latest: dict[str, float] = {}
+        for entry in self.state.log_history:
+            for key, value in entry.items():
+                wanted = key in keep or (key.startswith("eval_") and not key.endswith(("_runtime", "_per_second")))
+                if wanted and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    latest[key] = float(value)
+        return latest
 
     def create_model_card(
         self,
@@ -934,6 +982,12 @@ class UnlearningTrainer(Trainer):
                 "init_lora_weights": getattr(config, "init_lora_weights", None),
             }
             is_fila = str(getattr(config, "init_lora_weights", "")).lower() == "fila"
+            if is_fila:  # r / lora_alpha above are FILA's; the published plain LoRA has twice the rank
+                from peft_unlearn.fila.saving import portable_lora_config
+
+                portable = portable_lora_config(config)
+                adapter["published_r"] = portable.r
+                adapter["published_lora_alpha"] = portable.lora_alpha
         args = self.args
         hyper = {
             "learning_rate": args.learning_rate,
@@ -960,6 +1014,7 @@ class UnlearningTrainer(Trainer):
             hyperparameters=hyper,
             adapter=adapter,
             fila=is_fila,
+            metrics=self._final_metrics(),
             tags=extra_tags,
             library_name="peft" if is_peft else "transformers",
         )

@@ -27,7 +27,7 @@ def test_defaults():
     assert args.kl_mask == "labels"
     assert args.idk_answers is None
     assert args.eval_el_n == [10]
-    assert (args.fila_batch_size, args.fila_max_batches, args.fila_cache, args.fila_seed) == (4, None, None, 42)
+    assert (args.fila_batch_size, args.fila_max_batches, args.fila_cache, args.fila_seed) == (4, None, None, None)
     assert args.remove_unused_columns is False
     assert args.logging_steps == 10
 
