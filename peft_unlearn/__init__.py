@@ -7,7 +7,7 @@ initialisation, plus the usual unlearning baselines and metrics.
 Importing the package registers ``LoraConfig(init_lora_weights="fila")`` with stock PEFT (one
 idempotent patch, see :mod:`peft_unlearn.fila.registration`).
 
-Example:
+Examples:
     >>> import peft_unlearn
     >>> from peft_unlearn import UnlearningConfig, UnlearningTrainer  # doctest: +SKIP
 """

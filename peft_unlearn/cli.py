@@ -14,7 +14,7 @@ Exit codes: 0 success, 1 runtime failure, 2 usage error (bad flag or value, miss
 input, unsupported file type, dataset without a recognised column, adapter directory without
 ``adapter_config.json``), 130 interrupted.
 
-Example:
+Examples:
     >>> from peft_unlearn.cli import main
     >>> main(["version"])  # doctest: +SKIP
     peft-unlearn 0.1.0
@@ -94,7 +94,7 @@ class CLIError(Exception):
         message: The line to print (after ``peft-unlearn <command>: error:``).
         exit_code: Process exit status, :data:`EXIT_USAGE` by default.
 
-    Example:
+    Examples:
         >>> raise CLIError("--forget: file not found: 'x.jsonl'")  # doctest: +SKIP
     """
 
@@ -130,7 +130,7 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 class TrainArguments:
     """Model, data and LoRA options of ``peft-unlearn train`` (the rest comes from ``UnlearningConfig``).
 
-    Example:
+    Examples:
         >>> TrainArguments(model="gemma3-270m", forget="forget.jsonl").init
         'fila'
     """
@@ -168,7 +168,7 @@ class TrainArguments:
 class EvalArguments:
     """Options of ``peft-unlearn eval``.
 
-    Example:
+    Examples:
         >>> EvalArguments(model="gemma3-270m", forget="forget.jsonl").el_n
         [10]
     """
@@ -424,7 +424,7 @@ def load_data_file(path: str | os.PathLike[str], flag: str = "--forget", text_sp
         CLIError: (exit 2) the path does not exist, has an unsupported extension, cannot be parsed,
             or holds no example.
 
-    Example:
+    Examples:
         >>> ds = load_data_file("forget.jsonl", flag="--forget")  # doctest: +SKIP
         >>> ds.column_names  # doctest: +SKIP
         ['text']
@@ -689,7 +689,7 @@ def parse_train_args(argv: Sequence[str]) -> tuple[TrainArguments, Any]:
     Raises:
         CLIError: (exit 2) unknown flag, bad value, missing ``--output``.
 
-    Example:
+    Examples:
         >>> script_args, config = parse_train_args(  # doctest: +SKIP
         ...     ["--model", "m", "--forget", "f.jsonl", "--forget-loss", "npo", "--output", "out"]
         ... )
@@ -805,7 +805,7 @@ def check_columns(dataset: Any, flag: str, path: str | os.PathLike[str]) -> str:
     Raises:
         CLIError: (exit 2) no recognised column.
 
-    Example:
+    Examples:
         >>> from datasets import Dataset
         >>> check_columns(Dataset.from_dict({"text": ["a"]}), "--forget", "f.jsonl")
         'language_modeling'
@@ -969,7 +969,7 @@ def parse_eval_args(argv: Sequence[str]) -> EvalArguments:
     Raises:
         CLIError: (exit 2) unknown flag, bad value, adapter directory without ``adapter_config.json``.
 
-    Example:
+    Examples:
         >>> parse_eval_args(["--model", "m", "--forget", "f.jsonl", "--el-n", "5", "10"]).el_n  # doctest: +SKIP
         [5, 10]
     """
@@ -1064,7 +1064,7 @@ def format_results_table(results: dict[str, dict[str, float]]) -> str:
     Returns:
         The table, one line per set plus a header.
 
-    Example:
+    Examples:
         >>> print(format_results_table({"forget": {"ma": 0.5, "nll": 1.0}}))
         set         ma     nll
         forget  0.5000  1.0000
@@ -1131,7 +1131,7 @@ def environment_info() -> dict[str, str]:
     Returns:
         Ordered ``{label: value}``.
 
-    Example:
+    Examples:
         >>> "PyTorch version" in environment_info()
         True
     """
@@ -1222,7 +1222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         :data:`EXIT_FAILURE` (1) or :data:`EXIT_INTERRUPTED` (130) after printing one line to stderr
         (set ``PEFT_UNLEARN_TRACEBACK=1`` to get tracebacks of unexpected errors).
 
-    Example:
+    Examples:
         >>> main(["version"])  # doctest: +SKIP
         peft-unlearn 0.1.0
         0

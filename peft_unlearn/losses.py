@@ -292,7 +292,7 @@ def inverted_hinge_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100
     Returns:
         Scalar loss, fp32 for half-precision logits, otherwise in the logits' dtype.
 
-    Example:
+    Examples:
         >>> logits = torch.randn(2, 5, 11, requires_grad=True)
         >>> labels = torch.randint(0, 11, (2, 5))
         >>> loss = inverted_hinge_loss(logits, labels)
@@ -340,7 +340,7 @@ def nll_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100, reduction
     Returns:
         Scalar loss.
 
-    Example:
+    Examples:
         >>> logits = torch.zeros(1, 3, 4)
         >>> round(nll_loss(logits, torch.tensor([[1, 2, 3]])).item(), 4)  # log(4)
         1.3863
@@ -366,7 +366,7 @@ def gradient_ascent_loss(logits: Tensor, labels: Tensor, ignore_index: int = -10
     Returns:
         Scalar loss (``<= 0``).
 
-    Example:
+    Examples:
         >>> logits = torch.zeros(1, 3, 4)
         >>> round(gradient_ascent_loss(logits, torch.tensor([[1, 2, 3]])).item(), 4)
         -1.3863
@@ -405,7 +405,7 @@ def kl_loss(
     Returns:
         Scalar loss (``>= 0`` up to rounding).
 
-    Example:
+    Examples:
         >>> logits = torch.randn(2, 4, 7)
         >>> kl_loss(logits, logits.clone()).abs().item() < 1e-6
         True
@@ -459,7 +459,7 @@ def sequence_log_probs(logits: Tensor, labels: Tensor, ignore_index: int = -100)
         ``cross_entropy`` is PyTorch's), ``num_tokens`` is ``torch.long``. A sequence without supervised token
         has ``logps = 0`` and ``num_tokens = 0``.
 
-    Example:
+    Examples:
         >>> logps, n = sequence_log_probs(torch.zeros(1, 3, 4), torch.tensor([[1, 2, 3]]))
         >>> n.tolist(), round(logps.item(), 4)  # 2 * log(1/4)
         ([2], -2.7726)
@@ -494,7 +494,7 @@ def npo_loss(policy_logps: Tensor, reference_logps: Tensor, beta: float = 0.1, r
     Returns:
         Scalar loss.
 
-    Example:
+    Examples:
         >>> x = torch.tensor([-5.0, -7.0])
         >>> round(npo_loss(x, x, beta=0.1).item(), 4)  # 20 * log 2
         13.8629
@@ -531,7 +531,7 @@ def simnpo_loss(
     Returns:
         Scalar loss.
 
-    Example:
+    Examples:
         >>> round(simnpo_loss(torch.tensor([0.0]), torch.tensor([3])).item(), 4)  # (2/4.5) log 2
         0.3081
     """

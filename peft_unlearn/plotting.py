@@ -4,7 +4,7 @@ matplotlib is an optional dependency (``pip install peft-unlearn[plot]``) import
 called. Figures are built with the object-oriented API on an Agg canvas (no pyplot, no global backend change,
 works headless); each function returns the ``matplotlib.figure.Figure`` and optionally saves it.
 
-Example:
+Examples:
     >>> from peft_unlearn.plotting import plot_tradeoff
     >>> history = [{"step": 0, "forget_ma": 0.9, "retain_ma": 0.8}, {"step": 10, "forget_ma": 0.3, "retain_ma": 0.7}]
     >>> fig = plot_tradeoff(history)  # doctest: +SKIP
@@ -15,7 +15,10 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["plot_method_comparison", "plot_tradeoff"]
 
@@ -68,7 +71,7 @@ def plot_tradeoff(
     path: str | os.PathLike | None = None,
     figsize: tuple[float, float] = (6.0, 4.0),
     dpi: int = 120,
-):
+) -> Figure:
     """Plot the forget metric against the retain metric over training.
 
     Args:
@@ -88,7 +91,7 @@ def plot_tradeoff(
     Returns:
         The ``matplotlib.figure.Figure``.
 
-    Example:
+    Examples:
         >>> hist = [{"step": 0, "eval_forget_ma": 0.9, "eval_retain_ma": 0.8}]
         >>> plot_tradeoff(hist, path="tradeoff.png")  # doctest: +SKIP
     """
@@ -146,7 +149,7 @@ def plot_method_comparison(
     path: str | os.PathLike | None = None,
     figsize: tuple[float, float] | None = None,
     dpi: int = 120,
-):
+) -> Figure:
     """Grouped bar chart: one group per metric, one bar per method, error bars for ``(mean, std)`` values.
 
     Args:
@@ -161,7 +164,7 @@ def plot_method_comparison(
     Returns:
         The ``matplotlib.figure.Figure``.
 
-    Example:
+    Examples:
         >>> res = {"GA": {"forget_ma": (0.2, 0.05)}, "IHL": {"forget_ma": 0.1}}
         >>> plot_method_comparison(res, ["forget_ma"], path="methods.png")  # doctest: +SKIP
     """

@@ -3,7 +3,7 @@
 Nothing here touches the network: the tokenizer is a byte-level BPE trained in-process on a
 small built-in corpus, and the models are randomly initialised from configs.
 
-Example:
+Examples:
     >>> from peft_unlearn.testing import tiny_causal_lm, tiny_tokenizer
     >>> tok = tiny_tokenizer()
     >>> model = tiny_causal_lm("llama", vocab_size=len(tok))
@@ -14,8 +14,12 @@ Example:
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 __all__ = ["TINY_CORPUS", "tiny_causal_lm", "tiny_tokenizer", "TINY_CHAT_TEMPLATE"]
 
@@ -57,7 +61,7 @@ def _trained_tokenizer_json(vocab_size: int) -> str:
     return tokenizer.to_str()
 
 
-def tiny_tokenizer(vocab_size: int = 320, pad_token: bool = True):
+def tiny_tokenizer(vocab_size: int = 320, pad_token: bool = True) -> PreTrainedTokenizerFast:
     """Build a small byte-level BPE tokenizer offline.
 
     Args:
@@ -89,8 +93,8 @@ def tiny_causal_lm(
     num_layers: int = 2,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
-    **config_kwargs,
-):
+    **config_kwargs: Any,
+) -> PreTrainedModel:
     """Build a randomly initialised causal LM from a config (no download).
 
     Args:

@@ -11,7 +11,7 @@ Modules: :mod:`.config` (FilaConfig, FilaLoraConfig), :mod:`.fisher` (estimate_f
 :mod:`.init` (fila_init_layer, initialize_fila_weights, preprocess_fila), :mod:`.registration`
 (the PEFT hooks), :mod:`.saving` (portable export, raw checkpoints, residual rebuild).
 
-Example:
+Examples:
     >>> from peft_unlearn.fila import FilaConfig
     >>> FilaConfig().seed
     42

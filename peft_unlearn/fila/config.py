@@ -12,7 +12,7 @@ Two dataclasses live here:
 Plain ``LoraConfig(init_lora_weights="fila")`` works as well once :mod:`peft_unlearn` is imported;
 the same validation then runs when PEFT injects the adapter.
 
-Example:
+Examples:
     >>> from peft_unlearn.fila.config import FilaConfig, FilaLoraConfig
     >>> cfg = FilaLoraConfig(r=8, lora_alpha=16, target_modules=["q_proj"], fila_config=FilaConfig(seed=0))
     >>> cfg.init_lora_weights
@@ -53,7 +53,7 @@ class FilaConfig:
         fp32_accumulation: Accumulate the Fisher statistics in fp32 (default). ``False`` accumulates in the
             model's dtype, like the official bf16 code (parity mode, loses small squares).
 
-    Example:
+    Examples:
         >>> FilaConfig(niter=4).niter
         4
     """
@@ -190,11 +190,12 @@ class FilaLoraConfig(LoraConfig):
     any LoRA config; saved configs reload as plain ``LoraConfig`` (PEFT drops the unknown
     ``fila_config`` key with a warning), and the published portable adapter is a plain LoRA anyway.
 
+    Every :class:`peft.LoraConfig` argument is accepted too.
+
     Args:
         fila_config: FILA settings; ``None`` uses the defaults.
-        **kwargs: Every :class:`peft.LoraConfig` argument.
 
-    Example:
+    Examples:
         >>> cfg = FilaLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
         >>> cfg.fila_config.seed
         42

@@ -25,7 +25,7 @@ Memory: two fp32 accumulators of the size of every target weight (forget and ret
 temporary gradient per target weight during the backward pass. ``accumulator_device="cpu"`` keeps the
 accumulators off the accelerator.
 
-Example:
+Examples:
     >>> from peft_unlearn.fila.fisher import estimate_fisher
     >>> stats = estimate_fisher(peft_model, forget_loader, retain_loader)  # doctest: +SKIP
     >>> f_hat = stats.relative_importance()  # {name: [out, in] fp32}  # doctest: +SKIP
@@ -65,7 +65,7 @@ class FisherStatistics:
         r_count: ``N_r``, the same for retain data (0 without retain data).
         num_batches: Number of (paired) forget batches that were processed, summed over ranks.
 
-    Example:
+    Examples:
         >>> import torch
         >>> s = FisherStatistics({"fc": torch.ones(2, 3)}, {"fc": torch.ones(2, 3)}, f_count=2, r_count=4)
         >>> s.relative_importance(eps=0.0)["fc"][0, 0].item()
@@ -402,7 +402,7 @@ def estimate_fisher(
     Returns:
         :class:`FisherStatistics`; identical on every rank under ``torch.distributed``.
 
-    Example:
+    Examples:
         >>> stats = estimate_fisher(model, forget_loader, retain_loader, max_batches=8)  # doctest: +SKIP
         >>> stats.f_count, stats.num_batches  # doctest: +SKIP
         (1234, 8)

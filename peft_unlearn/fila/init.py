@@ -25,7 +25,7 @@ Entry points:
 * :func:`preprocess_fila`: the LoRA-GA-style alternative; attach statistics to a plain model so that
   ``get_peft_model`` initialises FILA layers directly.
 
-Example:
+Examples:
     >>> import peft_unlearn
     >>> from peft import LoraConfig, get_peft_model
     >>> model = get_peft_model(base, LoraConfig(r=8, target_modules="all-linear", init_lora_weights="fila"))  # doctest: +SKIP
@@ -131,7 +131,7 @@ def fila_init_layer(
         ``(A0 [r, in], B0 [out, r], W_res [out, in])``; the factors in ``lora_dtype``, ``W_res`` in
         ``weight.dtype``, all on ``weight``'s device.
 
-    Example:
+    Examples:
         >>> import torch
         >>> W, F = torch.randn(6, 4), torch.rand(6, 4)
         >>> A0, B0, W_res = fila_init_layer(W, F, rank=2, scaling=2.0)
@@ -203,7 +203,7 @@ def residual_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Te
     Returns:
         ``W_res`` in ``weight.dtype`` on ``weight``'s device.
 
-    Example:
+    Examples:
         >>> residual_weight(torch.ones(2, 2), torch.ones(1, 2), torch.ones(2, 1), 0.5)
         tensor([[0.5000, 0.5000],
                 [0.5000, 0.5000]])
@@ -300,7 +300,7 @@ def preprocess_fila(
     Returns:
         The Fisher statistics that were used.
 
-    Example:
+    Examples:
         >>> preprocess_fila(base, cfg, forget_loader, retain_loader)  # doctest: +SKIP
         >>> model = get_peft_model(base, cfg)  # FILA weights computed during injection  # doctest: +SKIP
     """
@@ -385,7 +385,7 @@ def add_fila_reference_adapter(
     Returns:
         ``reference_name``.
 
-    Example:
+    Examples:
         >>> ref = add_fila_reference_adapter(model)  # doctest: +SKIP
         >>> model.set_adapter(ref, inference_mode=True); ref_logits = model(**batch).logits  # doctest: +SKIP
         >>> model.set_adapter("default")  # doctest: +SKIP
@@ -535,7 +535,7 @@ def initialize_fila_weights(
         max allocated, or the process RSS high-water mark on CPU), ``num_layers``, ``f_count``,
         ``r_count``, ``num_batches``.
 
-    Example:
+    Examples:
         >>> info = initialize_fila_weights(model, forget_loader, retain_loader)  # doctest: +SKIP
         >>> info["num_layers"]  # doctest: +SKIP
         14

@@ -19,7 +19,7 @@ each keeping the original and delegating everything that is not FILA:
 
 A pending layer warns on a training forward pass and saving it raises.
 
-Example:
+Examples:
     >>> import peft_unlearn  # calls register_fila()
     >>> from peft_unlearn.fila.registration import register_fila
     >>> register_fila()  # already registered: nothing happens
@@ -178,7 +178,7 @@ def pending_fila_adapters(model: nn.Module) -> list[str]:
     Returns:
         Sorted list of adapter names (empty if nothing is pending or the model has no FILA adapter).
 
-    Example:
+    Examples:
         >>> pending_fila_adapters(peft_model)  # doctest: +SKIP
         ['default']
     """

@@ -19,7 +19,7 @@ rank-r adapter whose config keeps ``"fila"`` (stock PEFT refuses it loudly) plus
 
 ``merge_and_unload()`` needs nothing special: it gives ``W_res + s * B A``, the unlearned model.
 
-Example:
+Examples:
     >>> model.save_pretrained("out")                         # portable plain LoRA  # doctest: +SKIP
     >>> model.save_pretrained("ckpt", fila_portable=False)   # raw + _fila_init/    # doctest: +SKIP
     >>> restore_fila_residual(fresh_model, "ckpt")           # base -> W_res         # doctest: +SKIP
@@ -83,7 +83,7 @@ def fila_adapters(model: nn.Module) -> list[str]:
 def is_fila_model(model: nn.Module) -> bool:
     """Return True if the model has at least one FILA adapter (pending or initialised).
 
-    Example:
+    Examples:
         >>> is_fila_model(torch.nn.Linear(2, 2))
         False
     """
@@ -185,7 +185,7 @@ def export_portable_adapter(
     Returns:
         The directory written.
 
-    Example:
+    Examples:
         >>> export_portable_adapter(model, "portable")  # doctest: +SKIP
         >>> PeftModel.from_pretrained(original_base, "portable")  # stock PEFT, no peft_unlearn  # doctest: +SKIP
     """

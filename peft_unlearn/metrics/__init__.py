@@ -1,7 +1,7 @@
 """Unlearning metrics: memorization (MA, EL_n, NLL/perplexity), TOFU (truth ratio, forget quality, model
 utility) and membership inference (Min-k% Prob, AUC, PrivLeak).
 
-Example:
+Examples:
     >>> from peft_unlearn.metrics import evaluate_memorization
     >>> from peft_unlearn.testing import tiny_causal_lm
     >>> sorted(evaluate_memorization(tiny_causal_lm("llama"), [[5, 6, 7, 8]], el_n=(2,)))

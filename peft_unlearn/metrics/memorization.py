@@ -23,7 +23,7 @@ computed one sequence at a time on the supervised positions only (an extra ``[n_
 Greedy generation for EL asks the model for the last position's logits only (``logits_to_keep=1`` when
 supported) and reuses the KV cache when the model returns one.
 
-Example:
+Examples:
     >>> import torch
     >>> from peft_unlearn.metrics import evaluate_memorization
     >>> from peft_unlearn.testing import tiny_causal_lm
@@ -201,7 +201,7 @@ def pad_batch(
         ``(input_ids [B, T], attention_mask [B, T], labels [B, T] or None)``; labels are padded with -100 and
         are None when no item has labels (an item without labels in a labelled batch is fully supervised).
 
-    Example:
+    Examples:
         >>> ids, mask, labels = pad_batch([{"input_ids": [5, 6, 7]}, {"input_ids": [8]}])
         >>> ids.tolist(), mask.tolist(), labels
         ([[5, 6, 7], [8, 0, 0]], [[1, 1, 1], [1, 0, 0]], None)
@@ -333,7 +333,7 @@ def memorization_accuracy(
     Returns:
         Float tensor ``[B]`` on the CPU.
 
-    Example:
+    Examples:
         >>> from peft_unlearn.testing import tiny_causal_lm
         >>> memorization_accuracy(tiny_causal_lm("llama"), [[5, 6, 7, 8]]).shape
         torch.Size([1])
@@ -359,7 +359,7 @@ def token_log_probs(
     Returns:
         A list of ``B`` float32 CPU tensors ``[n_b]``: ``log p(x_t | x_<t)`` for every counted position t >= 1.
 
-    Example:
+    Examples:
         >>> from peft_unlearn.testing import tiny_causal_lm
         >>> [lp.shape for lp in token_log_probs(tiny_causal_lm("llama"), [[5, 6, 7]])]
         [torch.Size([2])]
@@ -382,7 +382,7 @@ def sequence_nll(
     Returns:
         ``(nll_sum [B], n_tokens [B])`` float32 / int64 CPU tensors; ``nll_sum / n_tokens`` is the per-token NLL.
 
-    Example:
+    Examples:
         >>> from peft_unlearn.testing import tiny_causal_lm
         >>> total, count = sequence_nll(tiny_causal_lm("llama"), [[5, 6, 7]])
         >>> int(count[0])
@@ -406,7 +406,7 @@ def perplexity(model: torch.nn.Module, input_ids: Any, attention_mask: Any = Non
     Returns:
         The perplexity (``inf`` on overflow, NaN when no token is counted).
 
-    Example:
+    Examples:
         >>> from peft_unlearn.testing import tiny_causal_lm
         >>> perplexity(tiny_causal_lm("llama"), [[5, 6, 7]]) > 1.0
         True
@@ -438,7 +438,7 @@ def preprocess_logits_for_ma(logits: Any, labels: Any) -> torch.Tensor:
     Returns:
         ``logits.argmax(-1)`` ``[B, T]``.
 
-    Example:
+    Examples:
         >>> preprocess_logits_for_ma(torch.zeros(1, 2, 3), None).shape
         torch.Size([1, 2])
     """
@@ -462,7 +462,7 @@ def compute_ma_metrics(eval_pred: Any) -> dict[str, float]:
     Returns:
         ``{"ma": float}``.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> compute_ma_metrics((np.array([[6, 7, 0]]), np.array([[5, 6, 9]])))
         {'ma': 0.5}
@@ -521,7 +521,7 @@ def greedy_generate(
     Returns:
         The generated ids (without the prompt), one list per prompt, in input order.
 
-    Example:
+    Examples:
         >>> from peft_unlearn.testing import tiny_causal_lm
         >>> out = greedy_generate(tiny_causal_lm("llama"), [[5, 6], [7]], max_new_tokens=3)
         >>> [len(o) for o in out]
@@ -724,7 +724,7 @@ def extraction_likelihood(
     Returns:
         Float tensor ``[B]`` on the CPU.
 
-    Example:
+    Examples:
         >>> from peft_unlearn.testing import tiny_causal_lm
         >>> extraction_likelihood(tiny_causal_lm("llama"), [[5, 6, 7, 8, 9]], n=2).shape
         torch.Size([1])
@@ -805,7 +805,7 @@ def evaluate_memorization(
     Returns:
         ``{"ma": ..., "el10": ..., "nll": ..., "ppl": ...}`` as Python floats.
 
-    Example:
+    Examples:
         >>> from peft_unlearn.testing import tiny_causal_lm
         >>> out = evaluate_memorization(tiny_causal_lm("llama"), [[5, 6, 7, 8]], compute_el=False)
         >>> sorted(out)

@@ -8,7 +8,7 @@
   retain-only model; ~0 is ideal, negative = over-unlearning, positive = leakage. Open-unlearning computes its
   AUC with the opposite orientation and flips it back (``1 - AUC``), so the numbers agree with this module.
 
-Example:
+Examples:
     >>> mia_auc([0.9, 0.8], [0.1, 0.8])
     0.875
 """
@@ -43,7 +43,7 @@ def min_k_prob_scores(
     Returns:
         Float tensor ``[N]`` (NaN for a sequence without counted tokens).
 
-    Example:
+    Examples:
         >>> from peft_unlearn.testing import tiny_causal_lm
         >>> min_k_prob_scores(tiny_causal_lm("llama"), [[5, 6, 7, 8]]).shape
         torch.Size([1])
@@ -88,7 +88,7 @@ def mia_auc(member_scores: Sequence[float] | Any, nonmember_scores: Sequence[flo
     Returns:
         AUC in [0, 1]; 0.5 = no separation.
 
-    Example:
+    Examples:
         >>> mia_auc([3.0, 2.0], [1.0, 0.0])
         1.0
     """
@@ -111,7 +111,7 @@ def privleak(auc: float, retain_auc: float) -> float:
     Returns:
         ``(auc - retain_auc) / retain_auc * 100``.
 
-    Example:
+    Examples:
         >>> round(privleak(0.6, 0.5), 6)
         20.0
     """

@@ -20,7 +20,7 @@ answer tokens + the EOS after the answer supervised, as in TOFU training):
 - **Model utility**: harmonic mean of the 9 numbers {probability, ROUGE-L, truth-ratio statistic} x
   {retain, real authors, world facts}; 0 if any is 0.
 
-Example:
+Examples:
     >>> import numpy as np
     >>> from peft_unlearn.metrics.tofu import truth_ratio, truth_ratio_forget_score
     >>> r = truth_ratio(np.array([1.0]), np.array([[1.0, 1.0]]))  # equal NLLs: R = 1
@@ -35,12 +35,15 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from .memorization import _eval_mode, _token_stats, greedy_generate, pad_batch
+
+if TYPE_CHECKING:
+    import datasets
 
 __all__ = [
     "DEFAULT_QA_TEMPLATE",
@@ -80,7 +83,7 @@ TOFU_HUB_ALIASES = {
 # --------------------------------------------------------------------------------------------------------------
 
 
-def load_tofu(split: str, source: str = "synthetic", *, max_items: int | None = None):
+def load_tofu(split: str, source: str = "synthetic", *, max_items: int | None = None) -> datasets.Dataset:
     """Load a TOFU split as a ``datasets.Dataset``.
 
     Rows have ``question``, ``answer``, ``paraphrased_answer`` and ``perturbed_answer`` (a list).
@@ -104,7 +107,7 @@ def load_tofu(split: str, source: str = "synthetic", *, max_items: int | None = 
     Returns:
         A ``datasets.Dataset``.
 
-    Example:
+    Examples:
         >>> ds = load_tofu("forget")
         >>> len(ds), sorted(ds.column_names)[:3]
         (12, ['answer', 'author', 'paraphrased_answer'])
@@ -155,7 +158,7 @@ def format_prompt(question: str, tokenizer: Any, template: str = DEFAULT_QA_TEMP
     Returns:
         A list of token ids.
 
-    Example:
+    Examples:
         >>> from peft_unlearn.testing import tiny_tokenizer
         >>> len(format_prompt("Who?", tiny_tokenizer())) > 0
         True
@@ -201,7 +204,7 @@ def format_qa(
     Returns:
         ``{"input_ids": [...], "labels": [...]}`` with -100 on the prompt.
 
-    Example:
+    Examples:
         >>> from peft_unlearn.testing import tiny_tokenizer
         >>> item = format_qa("Who?", "Jane.", tiny_tokenizer())
         >>> item["labels"][0], item["labels"][-1] == item["input_ids"][-1]
@@ -253,7 +256,7 @@ def answer_nll(
     Returns:
         ``np.ndarray [N]`` (float64).
 
-    Example:
+    Examples:
         >>> from peft_unlearn.testing import tiny_causal_lm, tiny_tokenizer
         >>> tok = tiny_tokenizer()
         >>> answer_nll(tiny_causal_lm("llama", vocab_size=len(tok)), tok, ["Who?"], ["Jane."]).shape
@@ -301,7 +304,7 @@ def answer_probability(
     Returns:
         ``np.ndarray [N]`` in (0, 1].
 
-    Example:
+    Examples:
         >>> from peft_unlearn.testing import tiny_causal_lm, tiny_tokenizer
         >>> tok = tiny_tokenizer()
         >>> p = answer_probability(tiny_causal_lm("llama", vocab_size=len(tok)), tok, ["Who?"], ["Jane."])
@@ -345,7 +348,7 @@ def truth_ratio(paraphrased_nll: Any, perturbed_nlls: Any) -> np.ndarray:
     Returns:
         ``np.ndarray [N]``.
 
-    Example:
+    Examples:
         >>> float(truth_ratio([2.0], [[1.0, 3.0]])[0])  # exp(2 - 2)
         1.0
     """
@@ -364,7 +367,7 @@ def truth_ratio_forget_score(ratios: Any) -> float:
     Returns:
         The mean as a float.
 
-    Example:
+    Examples:
         >>> truth_ratio_forget_score([0.5, 2.0, 1.0])
         0.6666666666666666
     """
@@ -382,7 +385,7 @@ def truth_ratio_utility_score(ratios: Any) -> float:
     Returns:
         The mean as a float.
 
-    Example:
+    Examples:
         >>> truth_ratio_utility_score([0.25, 2.0])
         0.375
     """
@@ -402,7 +405,7 @@ def relative_answer_probability(true_nll: Any, perturbed_nlls: Any) -> np.ndarra
     Returns:
         ``np.ndarray [N]`` in (0, 1).
 
-    Example:
+    Examples:
         >>> float(relative_answer_probability([1.0], [[1.0, 1.0, 1.0]])[0])
         0.25
     """
@@ -440,7 +443,7 @@ def generate_answers(
     Returns:
         One stripped string per question.
 
-    Example:
+    Examples:
         >>> from peft_unlearn.testing import tiny_causal_lm, tiny_tokenizer
         >>> tok = tiny_tokenizer()
         >>> out = generate_answers(tiny_causal_lm("llama", vocab_size=len(tok)), tok, ["Who?"], max_new_tokens=4)
@@ -470,7 +473,7 @@ def rouge_l_recall(predictions: Sequence[str], references: Sequence[str], *, use
     Returns:
         ``np.ndarray [N]`` in [0, 1].
 
-    Example:
+    Examples:
         >>> float(rouge_l_recall(["the cat sat"], ["the cat sat down"])[0])
         0.75
     """
@@ -504,7 +507,7 @@ def forget_quality(unlearned_truth_ratios: Any, retain_truth_ratios: Any) -> flo
     Returns:
         ``scipy.stats.ks_2samp(...).pvalue`` (1 = indistinguishable from the retain model).
 
-    Example:
+    Examples:
         >>> forget_quality([0.5, 1.0, 2.0], [0.5, 1.0, 2.0])
         1.0
     """
@@ -536,7 +539,7 @@ def model_utility(values: Mapping[str, float] | Sequence[float]) -> float:
     Returns:
         ``scipy.stats.hmean(values)``, or 0.0 if any value is 0.
 
-    Example:
+    Examples:
         >>> model_utility({"a": 0.5, "b": 0.25})
         0.3333333333333333
     """
@@ -662,7 +665,7 @@ def evaluate_tofu(
         real authors and world facts are all given and ROUGE is computed) and ``forget_quality`` (when
         ``retain_model_truth_ratios`` is given).
 
-    Example:
+    Examples:
         >>> from peft_unlearn.testing import tiny_causal_lm, tiny_tokenizer
         >>> tok = tiny_tokenizer()
         >>> model = tiny_causal_lm("llama", vocab_size=len(tok))

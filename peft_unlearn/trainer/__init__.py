@@ -1,6 +1,6 @@
 """Unlearning trainer, its configuration, data handling and model card.
 
-Example:
+Examples:
     >>> from peft_unlearn.trainer import UnlearningConfig
     >>> UnlearningConfig(output_dir="out", report_to="none").forget_loss
     'inverted_hinge'

@@ -8,7 +8,7 @@
   sets every N optimizer steps and logs ``{name}_ma``, ``{name}_el10``, ``{name}_nll``, ``{name}_ppl``; it works
   with a stock ``transformers.Trainer`` as well as ``UnlearningTrainer``.
 
-Example:
+Examples:
     >>> from peft_unlearn.trainer.callbacks import StopWhenForgottenCallback
     >>> cb = StopWhenForgottenCallback(ma_threshold=0.30, el_threshold=0.05)
 """
@@ -71,7 +71,7 @@ class StopWhenForgottenCallback(TrainerCallback):
         reference_set: None, or the name of the evaluation set whose scores become the thresholds.
         reference_mode: ``"first"`` or ``"current"`` (see above).
 
-    Example:
+    Examples:
         >>> cb = StopWhenForgottenCallback(reference_set="heldout")
         >>> # Trainer(..., eval_dataset={"forget": f, "heldout": h}, callbacks=[cb], args=...eval_on_start=True)
     """
@@ -231,7 +231,7 @@ class UnlearningEvalCallback(TrainerCallback):
         el_threshold: Optional stopping threshold on the forget set's EL_n.
         forget_name: Name of the set the thresholds apply to.
 
-    Example:
+    Examples:
         >>> cb = UnlearningEvalCallback({"forget": [[5, 6, 7, 8]]}, every_n_steps=10, el_n=(2,))
         >>> # trainer = Trainer(..., callbacks=[cb]); cb.set_trainer(trainer); trainer.train()
     """

@@ -16,7 +16,7 @@ does); chat-template output is used as the template renders it. Sequences are tr
 ``max_length``. Every tokenized example is a dict ``{"input_ids": list[int], "labels": list[int]}`` with -100 on
 unsupervised tokens.
 
-Example:
+Examples:
     >>> from peft_unlearn.testing import tiny_tokenizer
     >>> tok = tiny_tokenizer()
     >>> ex = tokenize_dataset([{"prompt": "Question: Where?", "completion": " Paris"}], tok, name="forget")[0]
@@ -102,7 +102,7 @@ def ensure_pad_token(tokenizer: Any) -> int:
     Raises:
         ValueError: If the tokenizer has neither a pad nor an EOS token.
 
-    Example:
+    Examples:
         >>> from peft_unlearn.testing import tiny_tokenizer
         >>> ensure_pad_token(tiny_tokenizer()) == 0
         True
@@ -162,7 +162,7 @@ def detect_format(column_names: Iterable[str], example: Mapping[str, Any] | None
     Returns:
         One of the keys of :data:`SUPPORTED_FORMATS`, or ``None`` when no format matches.
 
-    Example:
+    Examples:
         >>> detect_format(["prompt", "completion"], {"prompt": "Hi", "completion": " there"})
         'prompt_completion'
     """
@@ -393,7 +393,7 @@ def tokenize_dataset(
     Raises:
         ValueError: Empty dataset, no recognised columns, or an example without supervised token.
 
-    Example:
+    Examples:
         >>> from peft_unlearn.testing import tiny_tokenizer
         >>> tok = tiny_tokenizer()
         >>> out = tokenize_dataset([{"text": "The quick brown fox."}], tok, name="retain")
@@ -443,7 +443,7 @@ def tokenize_idk_dataset(
     Raises:
         ValueError: If the format has no question (``text`` or pre-tokenized data).
 
-    Example:
+    Examples:
         >>> from peft_unlearn.testing import tiny_tokenizer
         >>> v = tokenize_idk_dataset([{"prompt": "Q?", "completion": " A"}], tiny_tokenizer(), ["No idea."])
         >>> len(v), len(v[0])
@@ -508,7 +508,7 @@ class TokenizedDataset(Dataset):
     Args:
         examples: Output of :func:`tokenize_dataset`.
 
-    Example:
+    Examples:
         >>> ds = TokenizedDataset([{"input_ids": [1, 2], "labels": [1, 2]}])
         >>> len(ds), ds[0]["input_ids"]
         (1, [1, 2])
@@ -544,7 +544,7 @@ class PairedUnlearningDataset(Dataset):
         seed: Seed of the random pairing and of the IDK answer choice.
         idk: ``idk[i][j]``: forget question ``i`` with IDK answer ``j`` (from :func:`tokenize_idk_dataset`).
 
-    Example:
+    Examples:
         >>> f = [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}] * 4
         >>> r = [{"input_ids": [4, 5], "labels": [4, 5]}] * 3
         >>> ds = PairedUnlearningDataset(f, r, pairing="cycle")
@@ -667,7 +667,7 @@ def collate_causal_lm(
     Returns:
         A dict of ``[B, T]`` long tensors.
 
-    Example:
+    Examples:
         >>> b = collate_causal_lm([{"input_ids": [5, 6, 7]}, {"input_ids": [8]}], pad_token_id=0)
         >>> b["attention_mask"].tolist(), b["labels"][1].tolist()
         ([[1, 1, 1], [1, 0, 0]], [8, -100, -100])
@@ -682,7 +682,7 @@ class CausalLMCollator:
         pad_token_id: Token used to pad ``input_ids``.
         pad_to_multiple_of: Pad the length to a multiple of this value.
 
-    Example:
+    Examples:
         >>> CausalLMCollator(0)([{"input_ids": [1, 2]}])["labels"].tolist()
         [[1, 2]]
     """
@@ -706,7 +706,7 @@ class UnlearningDataCollator:
         pad_token_id: Token used to pad ``input_ids``.
         pad_to_multiple_of: Pad each part's length to a multiple of this value.
 
-    Example:
+    Examples:
         >>> c = UnlearningDataCollator(pad_token_id=0)
         >>> b = c([{"forget_input_ids": [1, 2, 3], "forget_labels": [-100, 2, 3]}, {"forget_input_ids": [4], "forget_labels": [4]}])
         >>> b["forget_input_ids"].tolist(), b["forget_labels"].tolist()

@@ -1,6 +1,6 @@
 """Model card (README.md) text for adapters trained with :class:`~peft_unlearn.UnlearningTrainer`.
 
-Example:
+Examples:
     >>> card = build_model_card(base_model="google/gemma-3-270m", forget_loss="inverted_hinge", retain_loss="nll")
     >>> card.startswith("---") and "peft-unlearn" in card
     True
@@ -86,7 +86,7 @@ def build_model_card(
     Returns:
         The card text.
 
-    Example:
+    Examples:
         >>> "inverted" in build_model_card(forget_loss="inverted_hinge").lower()
         True
     """

@@ -1,6 +1,6 @@
 """Configuration of :class:`~peft_unlearn.trainer.unlearning_trainer.UnlearningTrainer`.
 
-Example:
+Examples:
     >>> from peft_unlearn import UnlearningConfig
     >>> args = UnlearningConfig(output_dir="out", forget_loss="npo", report_to="none")
     >>> args.beta
@@ -47,9 +47,7 @@ class UnlearningConfig(TrainingArguments):
     [`~transformers.TrainingArguments`] parameter is accepted too. Works with
     [`~transformers.HfArgumentParser`] for command-line use.
 
-    Parameters:
-        > Objective
-
+    Parameters: Objective
         forget_loss (`str`, *optional*, defaults to `"inverted_hinge"`):
             Loss on the forget set: `"inverted_hinge"` (IHL, Cha et al. 2025), `"gradient_ascent"` (negated token
             NLL), `"npo"` (needs a reference: a PEFT adapter or `ref_model`), `"simnpo"` (reference free) or `"idk"`
@@ -71,8 +69,7 @@ class UnlearningConfig(TrainingArguments):
             (every position, padding included: parity with the official code; not exact under gradient
             accumulation because padding depends on the micro-batch).
 
-        > Data
-
+    Parameters: Data
         max_length (`int` or `None`, *optional*, defaults to `512`):
             Maximum tokenized length; longer sequences are truncated on the right. `None`: no truncation.
         completion_only_loss (`bool`, *optional*, defaults to `True`):
@@ -87,8 +84,7 @@ class UnlearningConfig(TrainingArguments):
         idk_answers (`list[str]` or `None`, *optional*):
             Answers for `forget_loss="idk"`. `None` uses a built-in list of about 20 "I don't know" variants.
 
-        > Evaluation
-
+    Parameters: Evaluation
         eval_el_n (`list[int]`, *optional*, defaults to `[10]`):
             `n` values of the extraction likelihood `EL_n` reported by `evaluate()` (`eval_{name}_el{n}`).
         eval_el_prefix_stride (`int`, *optional*, defaults to `1`):
@@ -96,13 +92,11 @@ class UnlearningConfig(TrainingArguments):
         eval_compute_el (`bool`, *optional*, defaults to `True`):
             Whether `evaluate()` computes the (expensive) extraction likelihood.
 
-        > Model
-
+    Parameters: Model
         model_init_kwargs (`dict[str, Any]` or `None`, *optional*):
             Keyword arguments for `AutoModelForCausalLM.from_pretrained` when `model` is given as a string.
 
-        > FILA (`LoraConfig(init_lora_weights="fila")`)
-
+    Parameters: FILA (LoraConfig(init_lora_weights="fila"))
         fila_batch_size (`int`, *optional*, defaults to `4`):
             Batch size of the Fisher-estimation pass over the forget and retain sets.
         fila_max_batches (`int` or `None`, *optional*):
@@ -118,7 +112,7 @@ class UnlearningConfig(TrainingArguments):
     > `remove_unused_columns=False` (the trainer feeds `forget_*`/`retain_*` columns), and
     > `activation_checkpointing_kwargs={"use_reentrant": False}` when activation checkpointing is on.
 
-    Example:
+    Examples:
         >>> args = UnlearningConfig(output_dir="out", forget_loss="simnpo", retain_loss=None, report_to="none")
         >>> (args.beta, args.retain_loss)
         (4.5, None)

@@ -9,7 +9,7 @@ with separate forward passes for the two parts. Under gradient accumulation the 
 taken over the whole accumulated batch, across processes, so ``batch 4 x accumulation 1`` and ``batch 2 x
 accumulation 2`` give the same update.
 
-Example:
+Examples:
     >>> from datasets import Dataset  # doctest: +SKIP
     >>> from peft import LoraConfig  # doctest: +SKIP
     >>> trainer = UnlearningTrainer(  # doctest: +SKIP
@@ -169,7 +169,7 @@ class UnlearningTrainer(Trainer):
         optimizers: ``(optimizer, scheduler)`` as for ``Trainer``.
         optimizer_cls_and_kwargs: As for ``Trainer``.
 
-    Example:
+    Examples:
         >>> trainer = UnlearningTrainer(model, args, forget_dataset=forget, retain_dataset=retain,  # doctest: +SKIP
         ...                             processing_class=tokenizer, peft_config=LoraConfig(r=8))
         >>> trainer.train()  # doctest: +SKIP
@@ -460,7 +460,7 @@ class UnlearningTrainer(Trainer):
         Args:
             model: The (possibly wrapped) trained model to run with the reference adapter.
 
-        Example:
+        Examples:
             >>> with trainer.reference_model() as ref:  # doctest: +SKIP
             ...     ref_logits = ref(input_ids=ids).logits
         """
