@@ -319,6 +319,46 @@ def _batched_lowrank_svd(matrices, rank: int, niter: int, seed: int):
     return s, (vh.mT if tall else q @ u)
 
 
+_MM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul")
+OP_CLASSES = (
+    "vocab-sized ops (LM head matmuls, logits, loss)",
+    "weight-gradient matmuls (contract over tokens)",
+    "activation matmuls (forward and input gradients)",
+    "weight-sized elementwise (squared-gradient accumulation)",
+    "other (norms, activations, attention, autograd glue)",
+)
+
+
+def _classify_ops(
+    ops: list[list[Any]], vocab: int, tokens: int, weight_shapes: list[list[int]] | list[tuple[int, ...]]
+) -> dict[str, float]:
+    """Split profiler self-CPU time (ms) into operator classes from the operators' input shapes.
+
+    Args:
+        ops: ``[name, input_shapes, self_ms]`` rows (``key_averages(group_by_input_shape=True)``).
+        vocab: Vocabulary size (any input with this dimension is a vocab-sized op).
+        tokens: Tokens in the batch (``B * T``): a 2-D matmul contracting over them is a weight gradient.
+        weight_shapes: Shapes of the target weights (2-D non-matmul ops on them are the accumulation).
+
+    Returns:
+        ``class -> ms`` over :data:`OP_CLASSES`.
+    """
+    shapes_set = {tuple(shape) for shape in weight_shapes}
+    classes = dict.fromkeys(OP_CLASSES, 0.0)
+    for name, shapes, self_ms in ops:
+        shapes = [list(shape) for shape in shapes if shape]
+        if any(vocab in shape for shape in shapes):
+            cls = OP_CLASSES[0]
+        elif name in _MM_OPS and len(shapes) >= 2 and len(shapes[0]) == 2 and len(shapes[1]) == 2:
+            cls = OP_CLASSES[1] if shapes[0][1] == tokens else OP_CLASSES[2]
+        elif shapes and all(tuple(shape) in shapes_set for shape in shapes):
+            cls = OP_CLASSES[3]
+        else:
+            cls = OP_CLASSES[4]
+        classes[cls] += self_ms
+    return classes
+
+
 def run_profile(spec: dict[str, Any]) -> dict[str, Any]:
     """Anatomy of one Fisher batch step and of the per-layer SVD (see the module docstring)."""
     import torch
@@ -358,7 +398,7 @@ def run_profile(spec: dict[str, Any]) -> dict[str, Any]:
     names = list(targets)
     weights = [targets[n].weight for n in names]
     target_numel = sum(w.numel() for w in weights)
-    weight_shapes = {str(list(w.shape)) for w in weights}
+    weight_shapes = {tuple(w.shape) for w in weights}
     out["num_target_layers"] = len(names)
     out["target_numel"] = target_numel
     out["model_numel"] = sum(p.numel() for p in base.parameters())
@@ -421,6 +461,9 @@ def run_profile(spec: dict[str, Any]) -> dict[str, Any]:
     with torch.enable_grad():
         train_step()  # warm-up (pages the weights in)
         out["train_step_forget_plus_retain_seconds"] = median_split(train_step, reps)
+        torch.set_num_threads(1)
+        out["train_step_forget_plus_retain_seconds_1_thread"] = median_split(train_step, reps)
+        torch.set_num_threads(threads)
 
     set_trainable(fisher=True)
     with model.disable_adapter(), torch.enable_grad():
@@ -441,27 +484,15 @@ def run_profile(spec: dict[str, Any]) -> dict[str, Any]:
         out["fisher_step_seconds_eval_mode_1_thread"] = median_split(fisher_step, reps)
         torch.set_num_threads(threads)
 
-        # operator-level split of one Fisher step by input shapes
+        # operator-level split of one Fisher step (classified by input shapes, see _classify_ops)
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             fisher_step()
-        classes = {"vocab-sized (LM head, logits, loss)": 0.0, "weight-sized mm (weight gradients)": 0.0}
-        classes.update({"weight-sized elementwise (accumulation)": 0.0, "other": 0.0})
-        ops: dict[str, float] = {}
-        for event in prof.key_averages(group_by_input_shape=True):
-            self_ms = float(event.self_cpu_time_total) / 1e3
-            shapes = str(event.input_shapes)
-            if str(vocab) in shapes:
-                cls = "vocab-sized (LM head, logits, loss)"
-            elif any(shape in shapes for shape in weight_shapes):
-                is_mm = event.key in ("aten::mm", "aten::addmm", "aten::bmm")
-                cls = "weight-sized mm (weight gradients)" if is_mm else "weight-sized elementwise (accumulation)"
-            else:
-                cls = "other"
-            classes[cls] += self_ms
-            key = f"{event.key} {shapes}"
-            ops[key] = ops.get(key, 0.0) + self_ms
-        out["profile_classes_self_cpu_ms"] = classes
-        out["profile_top_ops_ms"] = dict(sorted(ops.items(), key=lambda kv: -kv[1])[:15])
+        out["profile_ops"] = [
+            [event.key, [list(shape) for shape in event.input_shapes], float(event.self_cpu_time_total) / 1e3]
+            for event in prof.key_averages(group_by_input_shape=True)
+        ]
+        out["profile_context"] = {"vocab": vocab, "tokens": b * t, "weight_shapes": sorted(weight_shapes)}
+        out["profile_classes_self_cpu_ms"] = _classify_ops(out["profile_ops"], **out["profile_context"])
 
         # accumulation: current square/mul/add vs one fused addcmul_
         sample_grads = list(torch.autograd.grad(forward(), weights))
@@ -690,6 +721,14 @@ def report(results: dict[str, Any], path: Path) -> None:
         "",
         f"Machine: {json.dumps(results.get('machine', {}))}",
         "",
+        *(
+            [
+                f"Profile command: `{results['profile_command']}`; machine: {json.dumps(results.get('profile_machine'))}",
+                "",
+            ]
+            if results.get("profile_command")
+            else []
+        ),
         f"Settings: {json.dumps(s)}",
         "",
         "Each row is a fresh subprocess. `process peak` = `VmHWM` of the whole process (model loading included); "
@@ -762,6 +801,8 @@ def report(results: dict[str, Any], path: Path) -> None:
                 f"| peak anonymous RSS (sampled) | {ratios['anon_peak']:.2f} | – | |",
                 f"| anonymous-RSS increment over loading | {ratios['anon_increment']:.2f} | – | |",
             ]
+    if results.get("notes"):
+        lines += ["", "## Reading the numbers", "", results["notes"].strip()]
     prof = results.get("profile")
     if prof and "error" not in prof:
         lines += _profile_lines(prof, s)
@@ -776,42 +817,55 @@ def _profile_lines(prof: dict[str, Any], settings: dict[str, Any]) -> list[str]:
     tr = prof["fisher_step_seconds_train_mode"]
     one = prof["fisher_step_seconds_eval_mode_1_thread"]
     lora = prof["train_step_forget_plus_retain_seconds"]
-    classes = prof["profile_classes_self_cpu_ms"]
-    total_ms = sum(classes.values())
+    lora_one = prof.get("train_step_forget_plus_retain_seconds_1_thread", {})
+    if "profile_ops" in prof:
+        classes = _classify_ops(prof["profile_ops"], **prof["profile_context"])
+        top = sorted(prof["profile_ops"], key=lambda row: -row[2])[:8]
+        top_ops = [(f"{name} {shapes}", ms) for name, shapes, ms in top]
+    else:  # results of an older version of this script
+        classes = prof["profile_classes_self_cpu_ms"]
+        top_ops = sorted(prof["profile_top_ops_ms"].items(), key=lambda kv: -kv[1])[:8]
+    total_ms = sum(classes.values()) or float("nan")
     mem = prof["fisher_step_memory"]
     acc = prof["accumulate_seconds"]
     svd = prof["svd"]
     th = prof["threads"]
+    nan = float("nan")
     lines = [
         "",
-        "## Fisher pass and SVD anatomy (`--profile`, one batch of each, medians of the profile repeats)",
+        "## Fisher pass and SVD anatomy (`--profile`, medians of the profile repeats)",
         "",
-        f"Batch shape {prof['batch_shape']}; {prof['num_target_layers']} target layers, "
-        f"{prof['target_numel'] / 1e6:.1f} M target weights of {prof['model_numel'] / 1e6:.1f} M parameters. "
-        "A Fisher step is what `estimate_fisher` does per forget (or retain) batch: forward with labels, "
-        "`torch.autograd.grad` w.r.t. every target weight, `acc += n * g**2`.",
+        f"Batch shape {prof['batch_shape']} (the first forget batch; the retain batch has a similar length); "
+        f"{prof['num_target_layers']} target layers, {prof['target_numel'] / 1e6:.1f} M target weights of "
+        f"{prof['model_numel'] / 1e6:.1f} M parameters. A Fisher step is what `estimate_fisher` does per forget (or "
+        "retain) batch: forward with labels, `torch.autograd.grad` w.r.t. every target weight, `acc += n * g**2`; "
+        "the Fisher pass runs one per forget batch and one per retain batch. A LoRA step is one training step of "
+        "the epoch measurement (IHL on the forget batch + NLL on a retain batch, backward), without the optimizer.",
         "",
-        "| part | Fisher step, eval mode (default) s | Fisher step, train mode s "
-        f"| Fisher step, 1 thread s | LoRA IHL step (forget + retain batch, {th} threads) s |",
-        "|---|---|---|---|---|",
+        f"| part | Fisher step, eval mode (default), {th} thr. s | Fisher step, train mode, {th} thr. s "
+        f"| Fisher step, 1 thr. s | LoRA step (forget + retain), {th} thr. s | LoRA step (forget + retain), 1 thr. s |",
+        "|---|---|---|---|---|---|",
     ]
     for k in ("forward", "backward", "accumulate"):
-        lines.append(f"| {k} | {ev[k]:.2f} | {tr[k]:.2f} | {one[k]:.2f} | {lora.get(k, float('nan')):.2f} |")
+        lines.append(
+            f"| {k} | {ev[k]:.2f} | {tr[k]:.2f} | {one[k]:.2f} | {lora.get(k, nan):.2f} | {lora_one.get(k, nan):.2f} |"
+        )
     lines += [
         f"| total | {sum(ev.values()):.2f} | {sum(tr.values()):.2f} | {sum(one.values()):.2f} "
-        f"| {sum(lora.values()):.2f} |",
+        f"| {sum(lora.values()):.2f} | {sum(lora_one.values()) if lora_one else nan:.2f} |",
+        f"| x2 (forget + retain batch) | {2 * sum(ev.values()):.2f} | {2 * sum(tr.values()):.2f} "
+        f"| {2 * sum(one.values()):.2f} | | |",
         "",
         f"Forward without grad: {prof['forward_no_grad_seconds']:.2f} s, of which the decoder body (no LM head, "
         f"no loss) {prof['decoder_body_forward_no_grad_seconds']:.2f} s.",
         "",
-        "Profiler, one Fisher step, self CPU time by operator class (classified by input shapes):",
+        f"Profiler, one Fisher step ({th} threads), self CPU time by operator class (from the input shapes):",
         "",
         "| class | ms | share |",
         "|---|---|---|",
         *(f"| {k} | {v:.0f} | {100 * v / total_ms:.0f} % |" for k, v in classes.items()),
         "",
-        "Top operators: "
-        + "; ".join(f"`{k[:80]}` {v:.0f} ms" for k, v in list(prof["profile_top_ops_ms"].items())[:8]),
+        "Top operators: " + "; ".join(f"`{k[:70]}` {v:.0f} ms" for k, v in top_ops),
         "",
         "Memory anatomy (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in prof["memory_anatomy_mib"].items()),
         "",
@@ -952,6 +1006,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fresh", action="store_true", help="discard runs already in --results")
     p.add_argument("--timeout", type=int, default=3600, help="per-run timeout in seconds")
     p.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
+    p.add_argument("--notes-file", type=Path, help="markdown stored with the results and shown in the report")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -972,6 +1027,8 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, Any] = {"runs": {}}
     if args.results.exists() and not args.fresh:
         results = json.loads(args.results.read_text())
+    if args.notes_file is not None:
+        results["notes"] = args.notes_file.read_text()
     if args.report_only:
         report(results, args.results)
         _save(args.results, results)
@@ -1002,10 +1059,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"--results {args.results} holds other settings; starting over.", flush=True)
         results = {"runs": {}}
     results["settings"] = settings
-    results["command"] = "python " + " ".join(
-        [os.path.relpath(__file__, ROOT), *(argv if argv is not None else sys.argv[1:])]
-    )
-    results["machine"] = {
+    command = "python " + " ".join([os.path.relpath(__file__, ROOT), *(argv if argv is not None else sys.argv[1:])])
+    machine = {
         "platform": platform.platform(),
         "processor": platform.processor(),
         "cpus": os.cpu_count(),
@@ -1016,6 +1071,10 @@ def main(argv: list[str] | None = None) -> None:
         "loadavg_at_start": list(os.getloadavg()),
         "note": args.note,
     }
+    # a --profile-only call keeps the command and machine record of the measurement runs
+    prefix = "profile_" if args.profile_only else ""
+    results[prefix + "command"] = command
+    results[prefix + "machine"] = machine
     # interleave the phases so slow periods of the shared machine hit both
     thread_counts = [args.threads] + [t for t in args.control_threads if t != args.threads]
     plan = [(phase, rep, t) for rep in range(args.repeats) for t in thread_counts for phase in args.phases]
@@ -1043,7 +1102,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         if "error" in results["profile"]:
             print(results["profile"]["error"][-1500:], flush=True)
-    results["machine"]["loadavg_at_end"] = list(os.getloadavg())
+    machine["loadavg_at_end"] = list(os.getloadavg())
     report(results, args.results)
     _save(args.results, results)
 

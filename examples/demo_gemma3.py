@@ -214,6 +214,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             self.monitor_seconds = 0.0
             self.step_seconds: list[float] = []
             self.postfix: dict[str, str] = {}
+            self._pending = False
             self._t_step = 0.0
             self.bar = None
 
@@ -226,10 +227,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             return control
 
         def on_log(self, args_, state, control, logs=None, **kwargs):
-            # the Trainer logs a step's loss after on_step_end: add it to that step's progress-bar entry
-            if logs and "loss" in logs and self.bar is not None:
-                self.bar.set_postfix({**self.postfix, "loss": f"{float(logs['loss']):.3f}"})
+            # the Trainer logs a step's loss right after on_step_end: show it with that step's metrics
+            if logs and "loss" in logs and self._pending:
+                self.postfix["loss"] = f"{float(logs['loss']):.3f}"
+                self._advance()
             return control
+
+        def _advance(self) -> None:
+            self.bar.set_postfix(self.postfix, refresh=False)
+            self.bar.update(1)
+            self._pending = False
 
         def on_step_end(self, args_, state, control, model=None, **kwargs):
             t0 = time.perf_counter()
@@ -256,11 +263,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if f"forget_{el_key}" in row:
                 postfix[f"EL{EL_N}"] = f"{row[f'forget_{el_key}']:.3f}"
             self.postfix = postfix
-            self.bar.set_postfix(postfix, refresh=False)
-            self.bar.update(1)
+            self._pending = True
             return control
 
         def on_train_end(self, args_, state, control, **kwargs):
+            if self._pending:
+                self._advance()
             if self.bar is not None:
                 self.bar.close()
             return control
