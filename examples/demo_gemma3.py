@@ -37,7 +37,9 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -281,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         init_lora_weights="fila",
     )
     config = UnlearningConfig(
-        output_dir=str(args.output_dir / "trainer"),
+        output_dir=tempfile.mkdtemp(prefix="peft_unlearn_demo_"),  # nothing is saved there (save_strategy="no")
         forget_loss="inverted_hinge",
         retain_loss="nll",
         learning_rate=args.lr,
@@ -476,6 +478,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
     }
     (args.output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    shutil.rmtree(config.output_dir, ignore_errors=True)
     log(
         f"done in {timings['total']:.0f}s (load {timings['load_model']:.0f}s, before {timings['measure_before']:.0f}s, "
         f"FILA {timings['fila_init']:.0f}s, {steps_run} steps {timings['train_steps']:.0f}s + checks "
