@@ -30,10 +30,14 @@ logger = logging.getLogger(__name__)
 
 
 def _below(value: float | None, threshold: float | None) -> bool:
-    """True when no threshold is set, else ``value < threshold`` (False for a missing / NaN value)."""
+    """True when no threshold is set, else ``value <= threshold`` (False for a missing / NaN value).
+
+    "At or below" the never-seen level, as the memorized-text rule reads: a never-seen EL10 of exactly 0 must
+    be reachable.
+    """
     if threshold is None:
         return True
-    return value is not None and not math.isnan(value) and value < threshold
+    return value is not None and not math.isnan(value) and value <= threshold
 
 
 def _check_threshold(name: str, value: float | None) -> None:
@@ -178,9 +182,9 @@ class StopWhenForgottenCallback(TrainerCallback):
         if _below(ma, ma_thr) and _below(el, el_thr):
             parts = []
             if ma_thr is not None:
-                parts.append(f"{ma_key}={ma:.4f} < {ma_thr:.4f}")
+                parts.append(f"{ma_key}={ma:.4f} <= {ma_thr:.4f}")
             if el_thr is not None:
-                parts.append(f"{el_key}={el:.4f} < {el_thr:.4f}")
+                parts.append(f"{el_key}={el:.4f} <= {el_thr:.4f}")
             self.stop_reason = "forget set forgotten: " + " and ".join(parts)
             self.stopped_at_step = state.global_step
             logger.info("StopWhenForgottenCallback: stopping at step %d, %s.", state.global_step, self.stop_reason)
@@ -355,9 +359,9 @@ class UnlearningEvalCallback(TrainerCallback):
         if _below(ma, self.ma_threshold) and _below(el, self.el_threshold):
             parts = []
             if self.ma_threshold is not None:
-                parts.append(f"{base}ma={ma:.4f} < {self.ma_threshold:.4f}")
+                parts.append(f"{base}ma={ma:.4f} <= {self.ma_threshold:.4f}")
             if self.el_threshold is not None:
-                parts.append(f"{base}el{self.el_n[0]}={el:.4f} < {self.el_threshold:.4f}")
+                parts.append(f"{base}el{self.el_n[0]}={el:.4f} <= {self.el_threshold:.4f}")
             self.stop_reason = "forget set forgotten: " + " and ".join(parts)
             logger.info("UnlearningEvalCallback: stopping at step %d, %s.", state.global_step, self.stop_reason)
             control.should_training_stop = True

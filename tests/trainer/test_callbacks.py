@@ -78,11 +78,11 @@ def _evaluate(cb, metrics, step=1):
 def test_stop_rule_needs_both_thresholds():
     cb = StopWhenForgottenCallback(ma_threshold=0.3, el_threshold=0.05)
     assert not _evaluate(cb, {"eval_forget_ma": 0.2, "eval_forget_el10": 0.06})
-    assert not _evaluate(cb, {"eval_forget_ma": 0.3, "eval_forget_el10": 0.01})  # strict inequality
+    assert not _evaluate(cb, {"eval_forget_ma": 0.31, "eval_forget_el10": 0.01})  # MA above its threshold
     assert cb.stop_reason is None
     assert _evaluate(cb, {"eval_forget_ma": 0.29, "eval_forget_el10": 0.04}, step=7)
     assert cb.stopped_at_step == 7
-    assert "eval_forget_ma=0.2900 < 0.3000" in cb.stop_reason and "eval_forget_el10" in cb.stop_reason
+    assert "eval_forget_ma=0.2900 <= 0.3000" in cb.stop_reason and "eval_forget_el10" in cb.stop_reason
 
 
 def test_stop_rule_single_threshold_nan_and_missing(caplog):
@@ -251,3 +251,12 @@ def test_eval_callback_errors():
         UnlearningEvalCallback({"forget": [[1, 2]]}, el_threshold=0.1, compute_el=False)
     with pytest.raises(ValueError, match="el_n"):
         UnlearningEvalCallback({"forget": [[1, 2]]}, el_n=())
+
+
+def test_threshold_is_at_or_below():
+    from peft_unlearn.trainer.callbacks import _below
+
+    assert _below(0.0, 0.0)  # a never-seen EL10 of exactly 0 can be reached
+    assert _below(0.1, 0.2) and not _below(0.3, 0.2)
+    assert not _below(float("nan"), 0.2) and not _below(None, 0.2)
+    assert _below(0.9, None)
