@@ -13,17 +13,22 @@ Time is wall clock and process CPU time (all threads); memory is the process RSS
 (``VmHWM`` reset through ``/proc/self/clear_refs`` right before the phase). The RSS right after loading
 the model and right before the phase are recorded too, so the peak increments can be compared.
 
-``--profile`` adds an anatomy of the Fisher pass (forward / backward / accumulation split, share of
-the operators that touch the vocabulary-sized logits, train vs eval mode, per-layer SVD timings, and
-a memory comparison of the current ``torch.autograd.grad`` accumulation with a streaming alternative).
+``--profile`` adds an anatomy of the Fisher pass (forward / backward / accumulation split, operator
+classes from the profiler, train vs eval mode, 1 thread vs ``--threads``, a LoRA training step on the same
+batches, fused accumulation, a memory comparison of the current ``torch.autograd.grad`` accumulation with
+a streaming alternative) and of the SVD phase (per-layer vs a batched per-shape prototype).
+``--control-threads 1`` repeats every measurement with one thread (much less sensitive to a shared,
+oversubscribed machine).
 
 Results go to ``--results`` (JSON) after every run, and the markdown table and the plot are rewritten
 from it. Runs that are already in the file with the same settings are skipped (``--fresh`` redoes them).
 
 Usage::
 
-    PEFT_UNLEARN_CACHE=/work/cache python benchmarks/fila_init_cost.py --profile
-    python benchmarks/fila_init_cost.py --report-only
+    PEFT_UNLEARN_CACHE=/work/cache python benchmarks/fila_init_cost.py --repeats 2 --control-threads 1 \
+        --profile --profile-repeats 1
+    python benchmarks/fila_init_cost.py --profile-only                      # redo only the anatomy
+    python benchmarks/fila_init_cost.py --report-only --notes-file notes.md  # rewrite .md/.png
 """
 
 from __future__ import annotations
@@ -255,7 +260,12 @@ def run_phase(spec: dict[str, Any]) -> dict[str, Any]:
                     fila_init.estimate_fisher = original_estimate
                 if not stats or "default" not in stats:
                     raise RuntimeError("The FILA initialisation did not run (no pending FILA adapter).")
-                out["fila_stats"] = {k: v for k, v in stats["default"].items() if isinstance(v, (int, float, str))}
+                # peak_memory_bytes (ru_maxrss) is not kept: the instrumentation resets the peak after the Fisher pass
+                out["fila_stats"] = {
+                    k: v
+                    for k, v in stats["default"].items()
+                    if isinstance(v, (int, float, str)) and k != "peak_memory_bytes"
+                }
             elif phase == "epoch":
                 trainer.add_callback(StepTimer())
                 result = trainer.train()
@@ -327,6 +337,13 @@ OP_CLASSES = (
     "weight-sized elementwise (squared-gradient accumulation)",
     "other (norms, activations, attention, autograd glue)",
 )
+
+
+def _compact_ops(ops: list[list[Any]], min_ms: float = 5.0) -> list[list[Any]]:
+    """Keep the operator rows with at least ``min_ms`` self time; the rest becomes one ``(other ops)`` row."""
+    kept = [row for row in ops if row[2] >= min_ms]
+    rest = sum(row[2] for row in ops if row[2] < min_ms)
+    return kept + ([[f"(other ops < {min_ms:g} ms)", [], rest]] if rest else [])
 
 
 def _classify_ops(
@@ -487,10 +504,12 @@ def run_profile(spec: dict[str, Any]) -> dict[str, Any]:
         # operator-level split of one Fisher step (classified by input shapes, see _classify_ops)
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             fisher_step()
-        out["profile_ops"] = [
-            [event.key, [list(shape) for shape in event.input_shapes], float(event.self_cpu_time_total) / 1e3]
-            for event in prof.key_averages(group_by_input_shape=True)
-        ]
+        out["profile_ops"] = _compact_ops(
+            [
+                [event.key, [list(shape) for shape in event.input_shapes], float(event.self_cpu_time_total) / 1e3]
+                for event in prof.key_averages(group_by_input_shape=True)
+            ]
+        )
         out["profile_context"] = {"vocab": vocab, "tokens": b * t, "weight_shapes": sorted(weight_shapes)}
         out["profile_classes_self_cpu_ms"] = _classify_ops(out["profile_ops"], **out["profile_context"])
 
@@ -1027,6 +1046,10 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, Any] = {"runs": {}}
     if args.results.exists() and not args.fresh:
         results = json.loads(args.results.read_text())
+    for run in results.get("runs", {}).values():  # drop a value distorted by the peak reset (older files)
+        run["result"].get("fila_stats", {}).pop("peak_memory_bytes", None)
+    if isinstance(results.get("profile", {}).get("profile_ops"), list):
+        results["profile"]["profile_ops"] = _compact_ops(results["profile"]["profile_ops"])
     if args.notes_file is not None:
         results["notes"] = args.notes_file.read_text()
     if args.report_only:
