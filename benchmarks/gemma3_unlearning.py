@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -248,33 +249,50 @@ def run_key(spec: dict[str, Any]) -> str:
     )
 
 
-def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
-    lr_for = {"full": args.lr_full, "lora": args.lr_adapter, "fila": args.lr_adapter}
+def plan(args: argparse.Namespace, phase: str | None = None) -> list[dict[str, Any]]:
+    """The runs of ``phase`` (default ``args.phase``) in the order they are run."""
+    phase = phase or args.phase
+    lr_for = {"full": args.lr_full, "lora": args.lr_lora, "fila": args.lr_fila}
     runs: list[dict[str, Any]] = []
     probe = [
         {"loss": "IHL+retain", "method": method, "rank": 8, "seed": args.seeds[0], "lr": lr, "tag": "lr-probe"}
         for method, lrs in (
-            ("fila", args.probe_lr_adapter),
-            ("lora", args.probe_lr_adapter),
+            ("fila", args.probe_lr_fila),
+            ("lora", args.probe_lr_lora),
             ("full", args.probe_lr_full),
         )
         for lr in lrs
     ]
-    if args.phase == "lr-probe":
+    if phase == "lr-probe":
         return probe
-    if args.phase in ("grid", "all"):
+    if phase in ("grid", "all"):
         for seed in args.seeds:
             for loss in args.losses:
                 for method in METHODS:
                     runs.append(
                         {"loss": loss, "method": method, "rank": 8, "seed": seed, "lr": lr_for[method], "tag": "grid"}
                     )
-            if args.phase == "all" and seed == args.seeds[0]:  # one seed of everything before more seeds
+            if phase == "all" and seed == args.seeds[0]:  # one seed of everything before more seeds
                 runs.extend(probe)
                 runs.extend(_rank_runs(args, lr_for))
-    if args.phase == "ranks":
+    if phase == "ranks":
         runs.extend(_rank_runs(args, lr_for))
     return runs
+
+
+def tags_by_key(args: argparse.Namespace, common: dict[str, Any]) -> dict[str, list[str]]:
+    """Which tables each run belongs to under the current settings.
+
+    A run can serve two tables (the probe's FILA lr may be the grid's FILA lr), and a run measured
+    under an earlier choice of learning rates must leave the grid table, so membership is derived
+    from the full plan rather than stored with the run.
+    """
+    tags: dict[str, list[str]] = {}
+    for spec in plan(args, "all") + plan(args, "grid") + plan(args, "lr-probe"):
+        key = run_key({**common, **spec})
+        if spec["tag"] not in tags.setdefault(key, []):
+            tags[key].append(spec["tag"])
+    return tags
 
 
 def _rank_runs(args, lr_for) -> list[dict[str, Any]]:
@@ -320,6 +338,11 @@ def child(spec: dict[str, Any], timeout: int) -> dict[str, Any]:
         return result
 
 
+def _timed_child(key: str, spec: dict[str, Any], timeout: int) -> dict[str, Any]:
+    print(f"[{time.strftime('%H:%M:%S')}] start {key}", flush=True)
+    return child(spec, timeout)
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     if not values:
         return float("nan"), float("nan")
@@ -334,6 +357,11 @@ def _fmt(values: list[float], digits: int = 2) -> str:
         return "–"
     m, s = _mean_std(values)
     return f"{m:.{digits}f}" if len(values) == 1 else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def _tags(run: dict[str, Any]) -> list[str]:
+    spec = run["spec"]
+    return spec.get("tags") or [spec.get("tag", "other")]
 
 
 def report(results: dict[str, Any], path: Path) -> None:
@@ -371,7 +399,7 @@ def report(results: dict[str, Any], path: Path) -> None:
         ]
 
     def table(tag: str, group_keys: tuple[str, ...], title: str) -> None:
-        sel = [r for r in runs if r["spec"].get("tag") == tag]
+        sel = [r for r in runs if tag in _tags(r)]
         if not sel:
             return
         groups: dict[tuple, list[dict]] = {}
@@ -401,6 +429,7 @@ def report(results: dict[str, Any], path: Path) -> None:
     table("grid", ("loss", "method", "rank", "lr"), "Forget losses x methods (r = 8)")
     table("ranks", ("loss", "method", "rank", "lr"), "Rank sweep (IHL + retain NLL, seed 0; r = 8 is in the grid)")
     table("lr-probe", ("loss", "method", "rank", "lr"), "Learning-rate probe (seed 0)")
+    table("other", ("loss", "method", "rank", "lr", "seed"), "Other runs (not part of the current plan)")
     lines += [
         "Columns: `steps` = optimizer steps until forget MA and EL are both at or below the never-seen level "
         "(the step cap when not forgotten); `train s` = training wall time excluding the per-step forget-MA checks "
@@ -420,8 +449,8 @@ def _plot(runs: list[dict[str, Any]], png: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    grid = [r for r in runs if r["spec"].get("tag") == "grid"]
-    ranks = [r for r in runs if r["spec"].get("tag") in ("ranks", "grid") and r["spec"]["loss"] == "IHL+retain"]
+    grid = [r for r in runs if "grid" in _tags(r)]
+    ranks = [r for r in runs if {"ranks", "grid"} & set(_tags(r)) and r["spec"]["loss"] == "IHL+retain"]
     if not grid:
         return
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
@@ -474,10 +503,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--losses", nargs="+", default=list(LOSSES), choices=list(LOSSES))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--ranks", nargs="+", type=int, default=[4, 8, 16, 32])
-    p.add_argument("--lr-adapter", type=float, default=1e-3)
-    p.add_argument("--lr-full", type=float, default=1e-5)
-    p.add_argument("--probe-lr-adapter", nargs="+", type=float, default=[1e-4])
+    p.add_argument("--lr-lora", type=float, default=1e-3, help="learning rate of default-init LoRA in the grid")
+    p.add_argument("--lr-fila", type=float, default=1e-4, help="learning rate of FILA in the grid")
+    p.add_argument("--lr-full", type=float, default=1e-5, help="learning rate of full fine-tuning in the grid")
+    p.add_argument("--probe-lr-lora", nargs="+", type=float, default=[1e-4])
+    p.add_argument("--probe-lr-fila", nargs="+", type=float, default=[1e-3])
     p.add_argument("--probe-lr-full", nargs="+", type=float, default=[1e-4])
+    p.add_argument("--jobs", type=int, default=1, help="runs measured in parallel (each a subprocess)")
     p.add_argument("--n-forget", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-length", type=int, default=64)
@@ -502,14 +534,6 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     results = load_results(args.results)
-    if args.report_only:
-        report(results, args.results)
-        return
-    import torch
-    import transformers
-
-    import peft_unlearn
-
     settings = {
         "model": args.model,
         "dtype": args.dtype,
@@ -529,17 +553,6 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(
             f"--results {args.results} was measured with other evaluation settings {old}; use another file."
         )
-    results["settings"] = settings
-    results["command"] = "python " + " ".join(
-        [os.path.relpath(__file__, ROOT), *(argv if argv is not None else sys.argv[1:])]
-    )
-    results["machine"] = {
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft_unlearn": peft_unlearn.__version__,
-    }
     common = {
         k: settings[k]
         for k in (
@@ -554,6 +567,28 @@ def main(argv: list[str] | None = None) -> None:
             "threads",
         )
     }
+    tags = tags_by_key(args, common)
+    for key, run in results["runs"].items():
+        run["spec"]["tags"] = tags.get(key, ["other"])
+    if args.report_only:
+        report(results, args.results)
+        return
+    import torch
+    import transformers
+
+    import peft_unlearn
+
+    results["settings"] = settings
+    results["command"] = "python " + " ".join(
+        [os.path.relpath(__file__, ROOT), *(argv if argv is not None else sys.argv[1:])]
+    )
+    results["machine"] = {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft_unlearn": peft_unlearn.__version__,
+    }
     if "baseline" not in results:
         print("measuring the base model (thresholds) ...", flush=True)
         base = child({**common, "baseline": True, "seed": 0}, args.timeout)
@@ -562,22 +597,30 @@ def main(argv: list[str] | None = None) -> None:
         results["baseline"] = base
         results["thresholds"] = {"ma": base["heldout"]["ma"], "el": base["heldout"][f"el{args.el_n}"]}
         save_results(args.results, results)
+    todo = []
     for spec in plan(args):
         spec = {**common, **spec, "thresholds": results["thresholds"]}
         key = run_key(spec)
-        if key in results["runs"] and "error" not in results["runs"][key]["result"]:
-            continue
-        print(f"[{time.strftime('%H:%M:%S')}] {key} ...", flush=True)
-        result = child(spec, args.timeout)
-        kept = ("loss", "method", "rank", "seed", "lr", "tag", "batch_size", "max_steps")
-        results["runs"][key] = {"spec": {k: spec[k] for k in kept}, "result": result}
-        save_results(args.results, results)
-        report(results, args.results)
-        msg = result.get("error", "")[-500:] or (
-            f"forgotten={result['forgotten']} steps={result['steps']} train_s={result['train_seconds']:.0f} "
-            f"retain_ma={result['retain_ma']:.3f} forget_ma={result['forget_ma']:.3f}"
-        )
-        print(f"    {msg}", flush=True)
+        done = key in results["runs"] and "error" not in results["runs"][key]["result"]
+        if not done and key not in (k for k, _ in todo):
+            todo.append((key, spec))
+    kept = ("loss", "method", "rank", "seed", "lr", "batch_size", "max_steps")
+    # runs are independent subprocesses; this process alone writes the results file
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = {}
+        for key, spec in todo:
+            futures[pool.submit(_timed_child, key, spec, args.timeout)] = (key, spec)
+        for fut in as_completed(futures):
+            key, spec = futures[fut]
+            result = fut.result()
+            results["runs"][key] = {"spec": {**{k: spec[k] for k in kept}, "tags": tags[key]}, "result": result}
+            save_results(args.results, results)
+            report(results, args.results)
+            msg = result.get("error", "")[-500:] or (
+                f"forgotten={result['forgotten']} steps={result['steps']} train_s={result['train_seconds']:.0f} "
+                f"retain_ma={result['retain_ma']:.3f} ppl={result['heldout_ppl']:.1f} forget_ma={result['forget_ma']:.3f}"
+            )
+            print(f"[{time.strftime('%H:%M:%S')}] done {key}: {msg}", flush=True)
     report(results, args.results)
 
 
