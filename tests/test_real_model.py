@@ -11,8 +11,8 @@ to 32 tokens, a FILA LoRA (r=8 on ``q_proj``/``v_proj`` of every layer, one Fish
   never imports ``peft_unlearn``, reproduces the trained model's logits on the ORIGINAL base (<= 1e-3).
 
 The model is materialised once per machine into the default cache (``$PEFT_UNLEARN_CACHE`` or
-``~/.cache/peft_unlearn``; about 80 s the first time). These tests run by default (marker ``slow``); set
-``PEFT_UNLEARN_SKIP_SLOW=1`` to skip them.
+``~/.cache/peft_unlearn``; about 80 s the first time). These tests run by default (marker ``slow``); deselect
+them with ``pytest -m "not slow"``.
 """
 
 from __future__ import annotations
@@ -27,12 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        os.environ.get("PEFT_UNLEARN_SKIP_SLOW") == "1", reason="PEFT_UNLEARN_SKIP_SLOW=1 skips the real-model tests"
-    ),
-]
+pytestmark = pytest.mark.slow
 
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
 MAX_LENGTH = 32

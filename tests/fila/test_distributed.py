@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import peft_unlearn  # noqa: F401
 from peft_unlearn.fila import FisherStatistics, estimate_fisher, initialize_fila_weights
-from peft_unlearn.testing import tiny_causal_lm
+from peft_unlearn.testing import random_lm_batches, tiny_causal_lm
 
 VOCAB = 320
 NUM_BATCHES = 4
@@ -28,15 +28,7 @@ WORKER = textwrap.dedent(
     import torch.multiprocessing as mp
 
 
-    def batches(n, seed, vocab=320):
-        gen = torch.Generator().manual_seed(seed)
-        out = []
-        for _ in range(n):
-            ids = torch.randint(3, vocab, (2, 10), generator=gen)
-            labels = ids.clone()
-            labels[:, :3] = -100
-            out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
-        return out
+    from peft_unlearn.testing import random_lm_batches as batches
 
 
     def worker(rank, world_size, out_dir):
@@ -71,7 +63,7 @@ WORKER = textwrap.dedent(
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import save_file
     from peft_unlearn.fila import estimate_fisher, initialize_fila_weights
-    from peft_unlearn.testing import tiny_causal_lm
+    from peft_unlearn.testing import random_lm_batches, tiny_causal_lm
 
     NUM_BATCHES = int(sys.argv[2])
     TARGETS = sys.argv[3].split(",")
@@ -85,14 +77,7 @@ WORKER = textwrap.dedent(
 
 
 def _batches(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(3, VOCAB, (2, 10), generator=gen)
-        labels = ids.clone()
-        labels[:, :3] = -100
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
-    return out
+    return random_lm_batches(n, seed=seed, vocab_size=VOCAB)
 
 
 @pytest.mark.distributed

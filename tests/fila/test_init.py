@@ -20,21 +20,14 @@ from peft_unlearn.fila import (
     pending_fila_adapters,
     preprocess_fila,
 )
-from peft_unlearn.testing import tiny_causal_lm
+from peft_unlearn.testing import random_lm_batches, tiny_causal_lm
 
 VOCAB = 320
 TARGETS = {"llama": "all-linear", "gpt2": ["c_attn", "c_fc", "c_proj"], "gemma3": "all-linear"}
 
 
 def _batches(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(3, VOCAB, (2, 10), generator=gen)
-        labels = ids.clone()
-        labels[:, :3] = -100
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
-    return out
+    return random_lm_batches(n, seed=seed, vocab_size=VOCAB)
 
 
 def _layers(model, adapter="default"):

@@ -19,20 +19,13 @@ from peft_unlearn.fila import (
     pending_fila_adapters,
 )
 from peft_unlearn.fila.registration import is_registered, register_fila, unregister_fila
-from peft_unlearn.testing import tiny_causal_lm
+from peft_unlearn.testing import random_lm_batches, tiny_causal_lm
 
 TARGETS = {"llama": "all-linear", "gpt2": ["c_attn", "c_fc", "c_proj"], "gemma3": "all-linear"}
 
 
 def _batches(vocab: int, n: int = 2, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(3, vocab, (2, 10), generator=gen)
-        labels = ids.clone()
-        labels[:, :3] = -100
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
-    return out
+    return random_lm_batches(n, seed=seed, vocab_size=vocab)
 
 
 def _lora_layers(model):

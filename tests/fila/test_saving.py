@@ -27,20 +27,13 @@ from peft_unlearn.fila import (
     save_residual_base,
 )
 from peft_unlearn.fila.saving import INIT_DIR, load_fila_state
-from peft_unlearn.testing import tiny_causal_lm
+from peft_unlearn.testing import random_lm_batches, tiny_causal_lm
 
 VOCAB = 320
 
 
 def _batches(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(3, VOCAB, (2, 10), generator=gen)
-        labels = ids.clone()
-        labels[:, :3] = -100
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
-    return out
+    return random_lm_batches(n, seed=seed, vocab_size=VOCAB)
 
 
 def _train(peft_model, batches, steps: int = 3) -> None:

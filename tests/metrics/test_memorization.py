@@ -365,10 +365,6 @@ def _dist_worker(rank: int, world: int, port: int, data, queue) -> None:
 
 
 @pytest.mark.distributed
-@pytest.mark.skipif(
-    os.environ.get("PEFT_UNLEARN_DIST_TESTS") != "1",
-    reason="spawns 2 gloo processes (~15-50 s); run with PEFT_UNLEARN_DIST_TESTS=1",
-)
 def test_evaluate_memorization_gathers_across_ranks():
     import torch.multiprocessing as mp
 
