@@ -338,8 +338,13 @@ def child(spec: dict[str, Any], timeout: int) -> dict[str, Any]:
         return result
 
 
+def _say(msg: str) -> None:
+    sys.stdout.write(f"[{time.strftime('%H:%M:%S')}] {msg}\n")  # one write: threads do not interleave lines
+    sys.stdout.flush()
+
+
 def _timed_child(key: str, spec: dict[str, Any], timeout: int) -> dict[str, Any]:
-    print(f"[{time.strftime('%H:%M:%S')}] start {key}", flush=True)
+    _say(f"start {key}")
     return child(spec, timeout)
 
 
@@ -524,6 +529,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--timeout", type=int, default=1800, help="per-run timeout in seconds")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument(
+        "--redo",
+        nargs="+",
+        default=[],
+        metavar="KEY",
+        help="measure these finished runs again (keys as printed, e.g. 'IHL+retain|lora|r8|lr0.001|s0|bs4|cap20')",
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -597,8 +609,13 @@ def main(argv: list[str] | None = None) -> None:
         results["baseline"] = base
         results["thresholds"] = {"ma": base["heldout"]["ma"], "el": base["heldout"][f"el{args.el_n}"]}
         save_results(args.results, results)
+    unknown = [key for key in args.redo if key not in results["runs"]]
+    if unknown:
+        raise SystemExit(f"--redo: no run {unknown} in {args.results}; finished runs: {sorted(results['runs'])}")
+    for key in args.redo:
+        results["runs"][key]["result"] = {"error": "queued for --redo"}
     todo = []
-    for spec in plan(args):
+    for spec in [*plan(args), *(results["runs"][key]["spec"] for key in args.redo)]:
         spec = {**common, **spec, "thresholds": results["thresholds"]}
         key = run_key(spec)
         done = key in results["runs"] and "error" not in results["runs"][key]["result"]
@@ -613,14 +630,17 @@ def main(argv: list[str] | None = None) -> None:
         for fut in as_completed(futures):
             key, spec = futures[fut]
             result = fut.result()
-            results["runs"][key] = {"spec": {**{k: spec[k] for k in kept}, "tags": tags[key]}, "result": result}
+            results["runs"][key] = {
+                "spec": {**{k: spec[k] for k in kept}, "tags": tags.get(key, ["other"])},
+                "result": result,
+            }
             save_results(args.results, results)
             report(results, args.results)
             msg = result.get("error", "")[-500:] or (
                 f"forgotten={result['forgotten']} steps={result['steps']} train_s={result['train_seconds']:.0f} "
                 f"retain_ma={result['retain_ma']:.3f} ppl={result['heldout_ppl']:.1f} forget_ma={result['forget_ma']:.3f}"
             )
-            print(f"[{time.strftime('%H:%M:%S')}] done {key}: {msg}", flush=True)
+            _say(f"done {key}: {msg}")
     report(results, args.results)
 
 
