@@ -376,7 +376,9 @@ def report(results: dict[str, Any], path: Path) -> None:
     lines = [
         "# Memorized-text unlearning on Gemma-3 270M (CPU)",
         "",
-        f"Command: `{results.get('command', '')}`",
+        "Commands (each resumes the same results file; finished runs are skipped):",
+        "",
+        *[f"    {cmd}" for cmd in results.get("commands", [results.get("command", "")])],
         "",
         f"Machine: {results.get('machine', {})}",
         "",
@@ -594,6 +596,8 @@ def main(argv: list[str] | None = None) -> None:
     results["command"] = "python " + " ".join(
         [os.path.relpath(__file__, ROOT), *(argv if argv is not None else sys.argv[1:])]
     )
+    if results["command"] not in results.setdefault("commands", []):
+        results["commands"].append(results["command"])
     results["machine"] = {
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
