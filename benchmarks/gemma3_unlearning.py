@@ -593,10 +593,11 @@ def main(argv: list[str] | None = None) -> None:
     import peft_unlearn
 
     results["settings"] = settings
+    results.setdefault("commands", [results["command"]] if "command" in results else [])
     results["command"] = "python " + " ".join(
         [os.path.relpath(__file__, ROOT), *(argv if argv is not None else sys.argv[1:])]
     )
-    if results["command"] not in results.setdefault("commands", []):
+    if results["command"] not in results["commands"]:
         results["commands"].append(results["command"])
     results["machine"] = {
         "platform": platform.platform(),
