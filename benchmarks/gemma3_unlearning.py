@@ -178,12 +178,16 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         disable_tqdm=True,
         fila_batch_size=spec["batch_size"],
     )
+    ref_model = None
+    if method == "full" and forget_loss == "npo":  # adapters use their initial state; full FT needs a frozen copy
+        ref_model, _ = load_model_and_tokenizer(spec["model"], dtype=spec["dtype"])
     trainer = UnlearningTrainer(
         model=model,
         args=args,
         forget_dataset=Dataset.from_dict({"input_ids": forget_ids}),
         retain_dataset=Dataset.from_dict({"input_ids": retain_ids}) if retain_loss else None,
         processing_class=tokenizer,
+        ref_model=ref_model,
         callbacks=[monitor],
     )
     t0 = time.time()
