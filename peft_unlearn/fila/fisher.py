@@ -463,7 +463,8 @@ def estimate_fisher(
                 continue
             grad = grad.t() if is_t else grad
             target = acc[name]
-            target.add_(grad.to(device=target.device, dtype=target.dtype).square().mul_(n))
+            grad = grad.to(device=target.device, dtype=target.dtype)  # no copy for fp32 grads on the same device
+            target.addcmul_(grad, grad, value=n)  # fused: no [out, in] temporary for grad**2
         counts[role[0]] += n
 
     try:

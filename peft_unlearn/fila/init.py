@@ -532,8 +532,9 @@ def initialize_fila_weights(
 
     Returns:
         Statistics: ``fisher_seconds``, ``svd_seconds``, ``seconds`` (total), ``peak_memory_bytes`` (CUDA
-        max allocated, or the process RSS high-water mark on CPU), ``num_layers``, ``f_count``,
-        ``r_count``, ``num_batches``.
+        max allocated since the last ``torch.cuda.reset_peak_memory_stats``, or on CPU the RSS high-water
+        mark of the whole process so far, which includes anything that ran before the initialisation),
+        ``num_layers``, ``f_count``, ``r_count``, ``num_batches``.
 
     Examples:
         >>> info = initialize_fila_weights(model, forget_loader, retain_loader)  # doctest: +SKIP

@@ -506,8 +506,9 @@ def greedy_generate(
     re-run (O(L^2) per row; fine for toy models). Each row stops after its own ``max_new_tokens`` or, when
     ``eos_token_id`` is given, after emitting EOS (the EOS is included in the output).
 
-    Cost: about ``sum_rows max_new_tokens`` single-token forward passes (plus the padding of a chunk to its
-    longest row); memory is one KV cache for ``batch_size`` rows and ``[batch_size, V]`` logits per step.
+    Cost: about ``sum_rows max_new_tokens`` single-token row passes: rows that are done leave the batch (their
+    KV-cache rows are dropped with ``Cache.batch_select_indices``; caches without it keep them). Memory is one
+    KV cache for ``batch_size`` rows and ``[batch_size, V]`` logits per step.
 
     Args:
         model: A causal LM.
@@ -586,6 +587,7 @@ def _greedy_chunk(
         extra["use_cache"] = True
     cache = None
     step_ids = ids
+    alive = torch.arange(rows, device=device)  # original row of each row still in the batch
     for k in range(steps):
         if cache is not None:
             kwargs = {
@@ -600,8 +602,8 @@ def _greedy_chunk(
         else:
             out = _logits(model, ids, mask, **extra)
         next_tok = out.logits[:, -1].argmax(-1)
-        generated[:, k] = torch.where(done, torch.full_like(next_tok, int(pad_token_id)), next_tok)
-        finished_now = budget_t <= k + 1
+        generated[alive, k] = torch.where(done, torch.full_like(next_tok, int(pad_token_id)), next_tok)
+        finished_now = budget_t[alive] <= k + 1
         if eos_t is not None:
             finished_now = finished_now | torch.isin(next_tok, eos_t)
         done = done | finished_now
@@ -611,6 +613,12 @@ def _greedy_chunk(
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
         step_ids = next_tok.unsqueeze(-1)
         cache = _output_cache(out) if cache_name is not None else None
+        if bool(done.any()) and (cache is None or hasattr(cache, "batch_select_indices")):
+            # drop finished rows so that later steps only run the rows still generating
+            keep = (~done).nonzero().squeeze(-1)
+            ids, mask, step_ids, alive, done = ids[keep], mask[keep], step_ids[keep], alive[keep], done[keep]
+            if cache is not None:
+                cache.batch_select_indices(keep)
     results = []
     for r in range(rows):
         seq = generated[r, : budgets[r]].tolist()

@@ -209,13 +209,15 @@ def test_el_on_tiny_llama_matches_brute_force(tiny_llama):
 def test_greedy_generate_cached_matches_naive(tiny_model):
     prompts = [[5, 9, 17], [7], [100, 3, 11, 12]]
     budgets = [4, 6, 2]
-    lengths = []
+    shapes = []
     hook = tiny_model.register_forward_pre_hook(
-        lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+        lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
     )
     fast = greedy_generate(tiny_model, prompts, budgets, batch_size=3)  # left padding + KV cache
     hook.remove()
-    assert lengths[0] == 4 and set(lengths[1:]) == {1}  # the cache is used after the first step
+    assert shapes[0][1] == 4 and {s[1] for s in shapes[1:]} == {1}  # the cache is used after the first step
+    # rows leave the batch when their budget is spent (budgets 6, 4, 2 -> 3, 3, 2, 2, 1, 1 rows per step)
+    assert [s[0] for s in shapes] == [3, 3, 2, 2, 1, 1]
     assert [len(f) for f in fast] == budgets
     for prompt, budget, got in zip(prompts, budgets, fast):  # naive reference: no padding, no cache
         cur = list(prompt)
@@ -223,6 +225,16 @@ def test_greedy_generate_cached_matches_naive(tiny_model):
             with torch.no_grad():
                 cur.append(int(tiny_model(input_ids=torch.tensor([cur])).logits[0, -1].argmax()))
         assert got == cur[len(prompt) :]
+
+
+def test_greedy_generate_drops_rows_finished_by_eos_without_changing_the_rest(tiny_model):
+    prompts = [[5, 9, 17], [7], [100, 3, 11, 12], [40, 41]]
+    free = greedy_generate(tiny_model, prompts, 6, batch_size=4)
+    eos = free[1][1]  # row 1 emits it at its second step: with it as EOS, row 1 leaves the batch early
+    batched = greedy_generate(tiny_model, prompts, 6, batch_size=4, eos_token_id=eos)
+    one_by_one = [greedy_generate(tiny_model, [p], 6, batch_size=1, eos_token_id=eos)[0] for p in prompts]
+    assert batched == one_by_one
+    assert len(batched[1]) <= 2 and batched[1][-1] == eos
 
 
 def test_greedy_generate_stops_at_eos():
