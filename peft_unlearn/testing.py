@@ -186,8 +186,8 @@ def random_lm_batches(
         A list of dicts with `input_ids`, `attention_mask` and `labels`, each `[batch_size, seq_len]`.
 
     Example:
-        >>> batches = random_lm_batches(2, seed=0)
-        >>> batches[0]["input_ids"].shape, int((batches[0]["labels"] == -100).sum())
+        >>> first = random_lm_batches(2, seed=0)[0]
+        >>> first["input_ids"].shape, int((first["labels"] == -100).sum())
         (torch.Size([2, 10]), 6)
     """
     if vocab_size <= 3:
