@@ -621,13 +621,11 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [key for key in args.redo if key not in results["runs"]]
     if unknown:
         raise SystemExit(f"--redo: no run {unknown} in {args.results}; finished runs: {sorted(results['runs'])}")
-    for key in args.redo:
-        results["runs"][key]["result"] = {"error": "queued for --redo"}
-    todo = []
+    todo = []  # a run to redo keeps its old result until the new one replaces it
     for spec in [*plan(args), *(results["runs"][key]["spec"] for key in args.redo)]:
         spec = {**common, **spec, "thresholds": results["thresholds"]}
         key = run_key(spec)
-        done = key in results["runs"] and "error" not in results["runs"][key]["result"]
+        done = key in results["runs"] and "error" not in results["runs"][key]["result"] and key not in args.redo
         if not done and key not in (k for k, _ in todo):
             todo.append((key, spec))
     kept = ("loss", "method", "rank", "seed", "lr", "batch_size", "max_steps")
