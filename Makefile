@@ -27,8 +27,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check peft_unlearn tests examples benchmarks
-	$(VENV)/bin/ruff format --check peft_unlearn tests examples benchmarks
+	$(VENV)/bin/ruff check peft_unlearn tests examples benchmarks scripts
+	$(VENV)/bin/ruff format --check peft_unlearn tests examples benchmarks scripts
 
 docs: $(STAMP)
 	$(VENV)/bin/mkdocs build --strict
