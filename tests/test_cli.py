@@ -477,7 +477,7 @@ def test_eval_fila_adapter_portable_and_raw_checkpoint(tmp_path, tiny_model_dir,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from peft_unlearn.fila import initialize_fila_weights
-    from peft_unlearn.trainer.data import collate_causal_lm, tokenize_dataset
+    from peft_unlearn.trainer import collate_causal_lm, tokenize_dataset
 
     forget, retain = data_files
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
