@@ -8,13 +8,72 @@ the code before the corresponding fix.
 
 from __future__ import annotations
 
+import json
 import math
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
+from peft import LoraConfig, PeftModel
 
 from peft_unlearn.metrics import evaluate_memorization, extraction_likelihood, memorization_accuracy, privleak
 from peft_unlearn.metrics.mia import min_k_prob_scores
+from peft_unlearn.save_policy import MANIFEST_NAME, SaveConflictError, is_ours, remove_if_ours, staged_save
+from peft_unlearn.testing import TINY_CORPUS, tiny_causal_lm
+from peft_unlearn.trainer import UnlearningConfig, UnlearningTrainer
+from peft_unlearn.trainer.finite_guard import NonFiniteTrainingError
+from peft_unlearn.trainer.run_checks import CorruptCheckpointError
+from peft_unlearn.trainer.saving import HubConnectionError
+
+FORGET = [{"text": t} for t in TINY_CORPUS[:4]]
+RETAIN = [{"text": t} for t in TINY_CORPUS[4:]]
+
+
+def _args(output_dir, **kwargs) -> UnlearningConfig:
+    defaults = {
+        "output_dir": str(output_dir),
+        "report_to": "none",
+        "save_strategy": "no",
+        "use_cpu": True,
+        "max_steps": 2,
+        "per_device_train_batch_size": 2,
+        "learning_rate": 1e-3,
+        "logging_steps": 1,
+        "disable_tqdm": True,
+        "seed": 0,
+    }
+    defaults.update(kwargs)
+    return UnlearningConfig(**defaults)
+
+
+def _lora(**kwargs) -> LoraConfig:
+    return LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", **kwargs)
+
+
+def _trainer(tokenizer, output_dir, model=None, peft=True, **kwargs) -> UnlearningTrainer:
+    data = {"forget_dataset": kwargs.pop("forget_dataset", FORGET), "retain_dataset": kwargs.pop("retain_dataset", RETAIN)}
+    extra = {k: kwargs.pop(k) for k in ("ref_model", "eval_dataset") if k in kwargs}
+    return UnlearningTrainer(
+        model=model if model is not None else tiny_causal_lm("llama", vocab_size=len(tokenizer)),
+        args=_args(output_dir, **kwargs),
+        processing_class=tokenizer,
+        peft_config=_lora() if peft else None,
+        **data,
+        **extra,
+    )
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _user_files(folder: Path, files: dict[str, str]) -> dict[str, bytes]:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    return _snapshot(folder)
 
 # --------------------------------------------------------------------------------------------------
 # Metrics
@@ -54,3 +113,138 @@ def test_el_stop_at_eos_without_an_eos_id_is_a_clear_error(tiny_llama):
     with pytest.raises(ValueError, match="eos_token_id=tokenizer.eos_token_id"):
         extraction_likelihood(tiny_llama, [[5, 6, 7, 8]], n=2, stop_at_eos=True)
     assert not math.isnan(extraction_likelihood(tiny_llama, [[5, 6, 7, 8]], n=2, stop_at_eos=True, eos_token_id=3))
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration: non-finite settings, ignored options
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("retain_weight", float("inf")),
+        ("forget_weight", float("inf")),
+        ("forget_weight", float("nan")),
+        ("learning_rate", float("inf")),
+        ("learning_rate", float("nan")),
+        ("beta", float("inf")),
+        ("simnpo_delta", float("nan")),
+        ("max_grad_norm", float("nan")),
+        ("weight_decay", float("inf")),
+        ("adam_epsilon", float("nan")),
+        ("num_train_epochs", float("inf")),
+    ],
+)
+def test_config_rejects_non_finite_settings(tmp_path, field, value):
+    kwargs = {"forget_loss": "npo"} if field == "beta" else {"forget_loss": "simnpo"} if field == "simnpo_delta" else {}
+    with pytest.raises(ValueError, match=f"`{field}` must be a finite number, got {value!r}"):
+        UnlearningConfig(output_dir=str(tmp_path), report_to="none", **kwargs, **{field: value})
+
+
+def test_config_rejects_a_negative_learning_rate(tmp_path):
+    with pytest.raises(ValueError, match="`learning_rate` must be >= 0"):
+        UnlearningConfig(output_dir=str(tmp_path), report_to="none", learning_rate=-1e-4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"forget_loss": "inverted_hinge", "beta": 0.3}, "`beta`=0.3 is ignored"),
+        ({"forget_loss": "npo", "simnpo_delta": 0.5}, "`simnpo_delta`=0.5 is ignored"),
+        ({"retain_loss": "nll", "kl_mask": "none"}, "`kl_mask`='none' is ignored"),
+        ({"retain_loss": None, "retain_weight": 2.0}, "`retain_weight`=2.0 is ignored"),
+        ({"forget_loss": "npo", "idk_answers": ["No idea."]}, "`idk_answers` is ignored"),
+        ({"completion_only_loss": False, "assistant_turns": "last"}, "`assistant_turns`='last' is ignored"),
+        ({"eval_compute_el": False, "eval_el_n": [5]}, "eval_compute_el=False skips EL"),
+    ],
+)
+def test_config_warns_about_options_the_mode_ignores(tmp_path, kwargs, fragment):
+    with pytest.warns(UserWarning, match=fragment):
+        UnlearningConfig(output_dir=str(tmp_path), report_to="none", **kwargs)
+
+
+def test_config_used_options_do_not_warn(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        UnlearningConfig(output_dir=str(tmp_path), report_to="none", forget_loss="simnpo", beta=3.0, simnpo_delta=0.1)
+        UnlearningConfig(output_dir=str(tmp_path), report_to="none", retain_loss="kl", kl_mask="none")
+
+
+def test_trainer_warns_about_fila_and_retain_options_it_ignores(tokenizer, tmp_path):
+    with pytest.warns(UserWarning, match="`fila_seed` ignored: the model has no FILA adapter"):
+        _trainer(tokenizer, tmp_path / "out", fila_seed=3)
+    with pytest.warns(UserWarning, match="`retain_pairing` ignored: the run has no retain data"):
+        _trainer(tokenizer, tmp_path / "out", retain_loss=None, retain_dataset=None, retain_pairing="cycle")
+
+
+# --------------------------------------------------------------------------------------------------
+# Training to NaN
+# --------------------------------------------------------------------------------------------------
+
+
+def _nan_after(trainer, step: int):
+    """Make compute_loss return NaN from optimizer step `step` on (1-based)."""
+    original = trainer.compute_loss
+
+    def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = original(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if trainer.state.global_step + 1 >= step and model.training:
+            loss = loss * float("nan")
+        return loss
+
+    trainer.compute_loss = compute_loss
+
+
+def test_nan_loss_stops_training_and_nothing_is_saved(tokenizer, tmp_path):
+    out = tmp_path / "out"
+    trainer = _trainer(tokenizer, out, max_steps=4)
+    _nan_after(trainer, step=2)
+    with pytest.raises(NonFiniteTrainingError, match=r"Training stopped at step 2: the loss is nan") as info:
+        trainer.train()
+    assert info.value.step == 2 and "not saved or pushed" in str(info.value)
+    with pytest.raises(NonFiniteTrainingError, match="Refusing saving the model"):
+        trainer.save_model(str(out))
+    with pytest.raises(NonFiniteTrainingError, match="Refusing"):
+        trainer.create_model_card()
+    with pytest.raises(NonFiniteTrainingError, match="Refusing push_to_hub"):
+        trainer.push_to_hub()
+    assert not (out / "adapter_model.safetensors").exists() and not (out / "README.md").exists()
+
+
+def test_exploding_learning_rate_stops_at_the_first_non_finite_step(tokenizer, tmp_path):
+    # lr 1e12 with clipping off: the weights overflow; the run must stop instead of logging "loss 0.0"
+    trainer = _trainer(tokenizer, tmp_path / "out", max_steps=30, learning_rate=1e12, max_grad_norm=0.0,
+                       forget_loss="gradient_ascent", optim="sgd")
+    with pytest.raises(NonFiniteTrainingError, match=r"Training stopped at step \d+.*learning_rate=1e\+12 is large"):
+        trainer.train()
+    with pytest.raises(NonFiniteTrainingError):
+        trainer.save_model(str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_non_finite_gradient_stops_before_the_optimizer_applies_it(tokenizer, tmp_path):
+    trainer = _trainer(tokenizer, tmp_path / "out", max_steps=3)
+    model = trainer.model
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    hooked = next(p for p in model.parameters() if p.requires_grad)
+    hooked.register_hook(lambda grad: grad * float("inf"))
+    with pytest.raises(NonFiniteTrainingError, match="gradient norm is .* so it was not applied"):
+        trainer.train()
+    after = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    assert all(torch.equal(before[n], after[n]) for n in before)  # the optimizer never stepped
+
+
+def test_a_model_with_nan_weights_is_never_saved(tokenizer, tmp_path):
+    trainer = _trainer(tokenizer, tmp_path / "out")
+    with torch.no_grad():
+        next(p for p in trainer.model.parameters() if p.requires_grad).fill_(float("nan"))
+    with pytest.raises(NonFiniteTrainingError, match="holds NaN/inf values"):
+        trainer.save_model(str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "adapter_config.json").exists()
+
+
+def test_zero_training_steps_is_an_error_not_a_saved_adapter(tokenizer, tmp_path):
+    trainer = _trainer(tokenizer, tmp_path / "out", max_steps=-1, num_train_epochs=0)
+    with pytest.raises(ValueError, match="trains for zero steps"):
+        trainer.train()
