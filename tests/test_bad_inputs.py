@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel
+from peft import LoraConfig
 
 from peft_unlearn.metrics import evaluate_memorization, extraction_likelihood, memorization_accuracy, privleak
 from peft_unlearn.metrics.mia import min_k_prob_scores
@@ -52,7 +52,10 @@ def _lora(**kwargs) -> LoraConfig:
 
 
 def _trainer(tokenizer, output_dir, model=None, peft=True, **kwargs) -> UnlearningTrainer:
-    data = {"forget_dataset": kwargs.pop("forget_dataset", FORGET), "retain_dataset": kwargs.pop("retain_dataset", RETAIN)}
+    data = {
+        "forget_dataset": kwargs.pop("forget_dataset", FORGET),
+        "retain_dataset": kwargs.pop("retain_dataset", RETAIN),
+    }
     extra = {k: kwargs.pop(k) for k in ("ref_model", "eval_dataset") if k in kwargs}
     return UnlearningTrainer(
         model=model if model is not None else tiny_causal_lm("llama", vocab_size=len(tokenizer)),
@@ -74,6 +77,7 @@ def _user_files(folder: Path, files: dict[str, str]) -> dict[str, bytes]:
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text(text)
     return _snapshot(folder)
+
 
 # --------------------------------------------------------------------------------------------------
 # Metrics
@@ -137,7 +141,9 @@ def test_el_stop_at_eos_without_an_eos_id_is_a_clear_error(tiny_llama):
     ],
 )
 def test_config_rejects_non_finite_settings(tmp_path, field, value):
-    kwargs = {"forget_loss": "npo"} if field == "beta" else {"forget_loss": "simnpo"} if field == "simnpo_delta" else {}
+    kwargs = (
+        {"forget_loss": "npo"} if field == "beta" else {"forget_loss": "simnpo"} if field == "simnpo_delta" else {}
+    )
     with pytest.raises(ValueError, match=f"`{field}` must be a finite number, got {value!r}"):
         UnlearningConfig(output_dir=str(tmp_path), report_to="none", **kwargs, **{field: value})
 
@@ -214,8 +220,15 @@ def test_nan_loss_stops_training_and_nothing_is_saved(tokenizer, tmp_path):
 
 def test_exploding_learning_rate_stops_at_the_first_non_finite_step(tokenizer, tmp_path):
     # lr 1e12 with clipping off: the weights overflow; the run must stop instead of logging "loss 0.0"
-    trainer = _trainer(tokenizer, tmp_path / "out", max_steps=30, learning_rate=1e12, max_grad_norm=0.0,
-                       forget_loss="gradient_ascent", optim="sgd")
+    trainer = _trainer(
+        tokenizer,
+        tmp_path / "out",
+        max_steps=30,
+        learning_rate=1e12,
+        max_grad_norm=0.0,
+        forget_loss="gradient_ascent",
+        optim="sgd",
+    )
     with pytest.raises(NonFiniteTrainingError, match=r"Training stopped at step \d+.*learning_rate=1e\+12 is large"):
         trainer.train()
     with pytest.raises(NonFiniteTrainingError):
@@ -248,3 +261,248 @@ def test_zero_training_steps_is_an_error_not_a_saved_adapter(tokenizer, tmp_path
     trainer = _trainer(tokenizer, tmp_path / "out", max_steps=-1, num_train_epochs=0)
     with pytest.raises(ValueError, match="trains for zero steps"):
         trainer.train()
+
+
+# --------------------------------------------------------------------------------------------------
+# User files: nothing overwritten, hijacked or deleted that the library did not write
+# --------------------------------------------------------------------------------------------------
+
+
+def test_save_keeps_a_users_readme(tokenizer, tmp_path):
+    out = tmp_path / "out"
+    _user_files(out, {"README.md": "# my notes\n"})
+    trainer = _trainer(tokenizer, out)
+    trainer.save_model(str(out))
+    assert (out / "README.md").read_text() == "# my notes\n"
+    assert (out / "adapter_model.safetensors").is_file() and is_ours(out, "adapter_model.safetensors")
+    trainer.save_model(str(out))  # re-saving over our own files is fine
+    assert (out / "README.md").read_text() == "# my notes\n"
+
+
+def test_model_card_replaces_only_our_readme(tokenizer, tmp_path):
+    out = tmp_path / "out"
+    trainer = _trainer(tokenizer, out)
+    trainer.save_model(str(out))
+    assert "peft-unlearn" in (out / "README.md").read_text() and is_ours(out, "README.md")
+    (out / "README.md").write_text("# edited by hand\n")  # now it is the user's
+    trainer.create_model_card()
+    assert (out / "README.md").read_text() == "# edited by hand\n"
+
+
+def test_save_refuses_to_overwrite_a_users_adapter_and_loses_nothing(tokenizer, tmp_path):
+    out = tmp_path / "out"
+    before = _user_files(out, {"adapter_config.json": '{"mine": true}', "notes.txt": "x"})
+    trainer = _trainer(tokenizer, out)
+    with pytest.raises(SaveConflictError, match=r"'adapter_config.json'.*overwrite_output=True"):
+        trainer.save_model(str(out))
+    assert _snapshot(out) == before  # nothing written, nothing left behind (no staging folder)
+    with pytest.raises(SaveConflictError, match="adapter_config.json"):
+        trainer.train()  # refused before training, not after it
+    assert trainer.state.global_step == 0
+
+
+def test_overwrite_output_allows_it_but_still_keeps_the_readme(tokenizer, tmp_path):
+    out = tmp_path / "out"
+    _user_files(out, {"adapter_config.json": "{}", "README.md": "mine"})
+    trainer = _trainer(tokenizer, out, overwrite_output=True)
+    trainer.save_model(str(out))
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert (out / "README.md").read_text() == "mine"
+
+
+def test_adapter_is_never_saved_into_a_base_models_folder(tokenizer, tmp_path):
+    base_dir = tmp_path / "base"
+    tiny_causal_lm("llama", vocab_size=len(tokenizer)).save_pretrained(base_dir)
+    before = _snapshot(base_dir)
+    trainer = _trainer(tokenizer, tmp_path / "out")
+    with pytest.raises(SaveConflictError, match="from_pretrained\\(\\) on it would afterwards load the adapter"):
+        trainer.save_model(str(base_dir))
+    assert _snapshot(base_dir) == before
+    trainer = _trainer(tokenizer, base_dir)
+    with pytest.raises(SaveConflictError, match="holds a model"):
+        trainer.train()
+    assert _snapshot(base_dir) == before
+
+
+def test_full_model_save_refuses_a_foreign_config(tokenizer, tmp_path):
+    out = tmp_path / "out"
+    before = _user_files(out, {"config.json": "{}"})
+    trainer = _trainer(tokenizer, out, peft=False)
+    with pytest.raises(SaveConflictError, match="config.json"):
+        trainer.save_model(str(out))
+    assert _snapshot(out) == before
+
+
+def test_checkpoints_are_recorded_and_rotation_never_deletes_a_foreign_checkpoint(tokenizer, tmp_path):
+    out = tmp_path / "out"
+    trainer = _trainer(tokenizer, out, save_strategy="steps", save_steps=1, max_steps=2)
+    trainer.train()
+    assert is_ours(out / "checkpoint-2", "adapter_model.safetensors")
+    assert is_ours(out / "checkpoint-2", "optimizer.pt")
+    (out / "checkpoint-1").mkdir(exist_ok=True)
+    foreign = tmp_path / "other"
+    _user_files(foreign / "checkpoint-1", {"precious.bin": "data"})
+    trainer = _trainer(tokenizer, foreign, save_strategy="steps", save_steps=1, max_steps=2, save_total_limit=1)
+    with pytest.raises(SaveConflictError, match="save_total_limit=1 would delete 'checkpoint-1'"):
+        trainer.train()
+    assert (foreign / "checkpoint-1" / "precious.bin").read_text() == "data"
+
+
+def test_staged_save_unit_rules(tmp_path):
+    folder = tmp_path / "f"
+    _user_files(folder, {"user.json": "u", "README.md": "user"})
+    with pytest.raises(SaveConflictError, match="'user.json'"):
+        with staged_save(folder) as stage:
+            (stage / "user.json").write_text("ours")
+            (stage / "new.json").write_text("ours")
+    assert not (folder / "new.json").exists() and (folder / "user.json").read_text() == "u"
+    assert [p.name for p in folder.iterdir() if p.name.startswith("_peft_unlearn_staging")] == []
+    with staged_save(folder) as stage:
+        (stage / "README.md").write_text("card")
+        (stage / "sub").mkdir()
+        (stage / "sub" / "a.safetensors").write_text("x")
+    assert (folder / "README.md").read_text() == "user" and is_ours(folder, "sub/a.safetensors")
+    assert (folder / MANIFEST_NAME).is_file()
+
+
+def test_remove_if_ours_never_deletes_a_users_folder(tmp_path):
+    folder = tmp_path / "f"
+    _user_files(folder, {"_fila_init/fila_meta.json": "{}"})
+    with pytest.warns(UserWarning, match="Leaving .* did not write"):
+        assert remove_if_ours(folder, "_fila_init") is False
+    assert (folder / "_fila_init" / "fila_meta.json").is_file()
+    with staged_save(folder, overwrite=True) as stage:
+        (stage / "_fila_init").mkdir()
+        (stage / "_fila_init" / "fila_meta.json").write_text("{}")
+    assert remove_if_ours(folder, "_fila_init") is True and not (folder / "_fila_init").exists()
+
+
+def _fila_trainer(tokenizer, output_dir, **kwargs):
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", init_lora_weights="fila")
+    return UnlearningTrainer(
+        model=tiny_causal_lm("llama", vocab_size=len(tokenizer)),
+        args=_args(output_dir, **kwargs),
+        processing_class=tokenizer,
+        forget_dataset=FORGET,
+        retain_dataset=RETAIN,
+        peft_config=lora,
+    )
+
+
+def test_fila_portable_save_is_decided_by_the_trainer_not_the_folder_name(tokenizer, tmp_path):
+    trainer = _fila_trainer(tokenizer, tmp_path / "out", max_steps=1)
+    trainer.train()
+    named_like_a_checkpoint = tmp_path / "checkpoint-7"
+    trainer.save_model(str(named_like_a_checkpoint))
+    config = json.loads((named_like_a_checkpoint / "adapter_config.json").read_text())
+    assert config["init_lora_weights"] is True and config["r"] == 4  # the portable rank-2r LoRA
+    assert not (named_like_a_checkpoint / "_fila_init").exists()
+
+
+def test_fila_save_keeps_a_foreign_fila_init_folder(tokenizer, tmp_path):
+    out = tmp_path / "out"
+    _user_files(out, {"_fila_init/fila_meta.json": '{"user": 1}'})
+    trainer = _fila_trainer(tokenizer, out, max_steps=1)
+    trainer.train()
+    with pytest.warns(UserWarning, match="Leaving"):
+        trainer.save_model(str(out))
+    assert (out / "_fila_init" / "fila_meta.json").read_text() == '{"user": 1}'
+
+
+# --------------------------------------------------------------------------------------------------
+# Boundaries: vocabulary, lengths, paths, corrupt files, reference model, network, resume, eval sets
+# --------------------------------------------------------------------------------------------------
+
+
+def test_token_ids_outside_the_vocabulary_are_a_clear_error(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match=r"forget example 1 holds token id 5000, outside the model's vocabulary"):
+        _trainer(tokenizer, tmp_path / "out", forget_dataset=[{"input_ids": [1, 2, 3]}, {"input_ids": [4, 5000]}])
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_a_clear_error(tokenizer, tmp_path):
+    small = tiny_causal_lm("llama", vocab_size=len(tokenizer) - 20)
+    with pytest.raises(ValueError, match=r"`processing_class` has \d+ tokens but the model's embedding has \d+ rows"):
+        _trainer(tokenizer, tmp_path / "out", model=small)
+
+
+def test_sequences_longer_than_the_model_positions_are_refused(tokenizer, tmp_path):
+    short = tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    short.config.max_position_embeddings = 8
+    with pytest.raises(ValueError, match=r"more than the model's 8 positions .* Set max_length <= 8"):
+        _trainer(tokenizer, tmp_path / "out", model=short, max_length=64)
+    _trainer(tokenizer, tmp_path / "out", model=short, max_length=8)  # truncated to fit: accepted
+
+
+def test_a_missing_model_path_is_a_clear_error(tokenizer, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"`model`='.*missing' looks like a local path but does not exist"):
+        UnlearningTrainer(
+            model=str(tmp_path / "missing"),
+            args=_args(tmp_path / "o"),
+            processing_class=tokenizer,
+            forget_dataset=FORGET,
+            retain_dataset=RETAIN,
+        )
+
+
+def test_a_corrupt_model_file_is_named_on_load(tokenizer, tmp_path):
+    folder = tmp_path / "model"
+    tiny_causal_lm("llama", vocab_size=len(tokenizer)).save_pretrained(folder)
+    (folder / "model.safetensors").write_bytes(b"\x00\x01garbage")
+    with pytest.raises(CorruptCheckpointError, match=r"model.safetensors' is corrupt or truncated"):
+        UnlearningTrainer(
+            model=str(folder),
+            args=_args(tmp_path / "o"),
+            processing_class=tokenizer,
+            forget_dataset=FORGET,
+            retain_dataset=RETAIN,
+        )
+
+
+def test_resume_from_a_missing_or_corrupt_checkpoint(tokenizer, tmp_path):
+    out = tmp_path / "out"
+    trainer = _trainer(tokenizer, out, save_strategy="steps", save_steps=1, max_steps=1)
+    with pytest.raises(ValueError, match="resume_from_checkpoint=True but output_dir=.* holds no checkpoint"):
+        trainer.train(resume_from_checkpoint=True)
+    with pytest.raises(ValueError, match=r"resume_from_checkpoint='.*nope' does not exist"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "nope"))
+    trainer.train()
+    checkpoint = out / "checkpoint-1"
+    data = (checkpoint / "adapter_model.safetensors").read_bytes()
+    (checkpoint / "adapter_model.safetensors").write_bytes(data[: len(data) // 3])
+    trainer = _trainer(tokenizer, out, save_strategy="steps", save_steps=1, max_steps=2)
+    with pytest.raises(CorruptCheckpointError, match="checkpoint-1/adapter_model.safetensors' is corrupt"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+
+
+def test_reference_model_with_another_vocabulary_is_refused(tokenizer, tmp_path):
+    ref = tiny_causal_lm("llama", vocab_size=len(tokenizer) + 16)
+    with pytest.raises(ValueError, match=r"`ref_model` has a vocabulary of \d+ tokens but the trained model has"):
+        _trainer(tokenizer, tmp_path / "out", peft=False, forget_loss="npo", ref_model=ref)
+
+
+def test_hub_push_without_network_is_one_line(tokenizer, tmp_path, monkeypatch):
+    import requests
+    import transformers.trainer
+
+    class NoNetwork:
+        def create_repo(self, *args, **kwargs):
+            raise requests.exceptions.ConnectionError(
+                "HTTPSConnectionPool(host='huggingface.co', port=443): Max retries exceeded\n  ... long trace ..."
+            )
+
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: NoNetwork())
+    with pytest.raises(HubConnectionError) as info:
+        _trainer(tokenizer, tmp_path / "out", push_to_hub=True, hub_model_id="someone/tiny")
+    message = str(info.value)
+    assert "\n" not in message and "cannot reach the Hugging Face Hub" in message and "push_to_hub=False" in message
+    assert info.value.__suppress_context__
+
+
+def test_empty_evaluation_sets_raise(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="empty"):
+        _trainer(tokenizer, tmp_path / "out", eval_dataset={"forget": []})
+    trainer = _trainer(tokenizer, tmp_path / "out")
+    with pytest.raises(ValueError, match="empty"):
+        trainer.evaluate({"heldout": []})
+    with pytest.raises(ValueError, match="empty dict"):
+        trainer.evaluate({})

@@ -33,6 +33,7 @@ __all__ = [
     "check_trained_some_steps",
     "check_trains_some_steps",
     "embedding_size",
+    "load_causal_lm",
     "max_positions",
     "warn_ignored_run_options",
 ]
@@ -242,6 +243,45 @@ def check_resume_checkpoint(resume_from_checkpoint: str | bool | None, output_di
         )
     check_checkpoint_files(path)
     return str(path)
+
+
+def load_causal_lm(name_or_path: str, kwargs: dict[str, Any] | None, arg: str = "model") -> nn.Module:
+    """`AutoModelForCausalLM.from_pretrained` with errors that name the argument, the value and the fix.
+
+    Args:
+        name_or_path: A local model folder or a Hub id.
+        kwargs: Keyword arguments for `from_pretrained`.
+        arg: The argument that held the path (``"model"``, ``"ref_model"``), for the message.
+
+    Returns:
+        The loaded model.
+
+    Raises:
+        FileNotFoundError: If the value looks like a local path that does not exist.
+        CorruptCheckpointError: If a local folder holds an unreadable weights/config file (named).
+        OSError: If the model cannot be found or downloaded (the first line of the cause is kept).
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = Path(name_or_path).expanduser()
+    looks_local = path.is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1
+    if looks_local and not path.exists():
+        raise FileNotFoundError(
+            f"`{arg}`={name_or_path!r} looks like a local path but does not exist. Pass an existing model folder "
+            "(with config.json), a Hub id such as 'org/name', or a loaded model."
+        )
+    try:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, **(kwargs or {}))
+    except Exception as err:
+        if path.is_dir():
+            check_checkpoint_files(path)  # names a corrupt file if there is one
+        if isinstance(err, OSError):
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            raise OSError(
+                f"`{arg}`={name_or_path!r} could not be loaded: {first} Pass an existing model folder, or a Hub id "
+                "that is reachable (or cached, when offline)."
+            ) from err
+        raise
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -39,7 +39,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import (
-    AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedTokenizerBase,
     Trainer,
@@ -71,6 +70,7 @@ from .run_checks import (
     check_trained_some_steps,
     check_trains_some_steps,
     embedding_size,
+    load_causal_lm,
     max_positions,
     warn_ignored_run_options,
 )
@@ -226,7 +226,7 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
 
         # ---- model ----
         if isinstance(model, str):
-            model = AutoModelForCausalLM.from_pretrained(model, **(args.model_init_kwargs or {}))
+            model = load_causal_lm(model, args.model_init_kwargs, arg="model")
         elif args.model_init_kwargs:
             logger.warning("`model_init_kwargs` is ignored because `model` is already instantiated.")
         if not isinstance(model, nn.Module):
@@ -266,7 +266,7 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
         # ---- reference model ----
         self._needs_reference = args.forget_loss == "npo" or args.retain_loss == "kl"
         if isinstance(ref_model, str):
-            ref_model = AutoModelForCausalLM.from_pretrained(ref_model, **(args.model_init_kwargs or {}))
+            ref_model = load_causal_lm(ref_model, args.model_init_kwargs, arg="ref_model")
         if ref_model is not None and ref_model is model:
             raise ValueError(
                 "`ref_model` must not be the trained model itself; pass a separate (frozen) copy or None."
