@@ -4,7 +4,7 @@ The policy (applied by `UnlearningTrainer`'s save, checkpoint, push and model-ca
 and the CLI's `--output`):
 
 1. **Record what is written.** Every save lists the files it wrote in `_peft_unlearn_manifest.json` in the
-   save folder (size, modification time and, for files up to 8 MiB, a SHA-256). The leading underscore keeps it
+   save folder (size and SHA-256; above 8 MiB the hash covers the first and last MiB). The leading underscore keeps it
    out of `Trainer` Hub uploads. A file counts as *ours* only while it still matches its record, so a file the
    user edited afterwards is theirs again.
 2. **Refuse to overwrite a file that is not ours.** Saving stages the new files in a temporary folder inside
@@ -68,6 +68,7 @@ OVERWRITE_SWITCH = "UnlearningConfig(overwrite_output=True) (command line: --ove
 
 _FORMAT = "peft_unlearn.manifest/1"
 _HASH_LIMIT = 8 * 1024 * 1024
+_EDGE = 1024 * 1024
 _STAGE_PREFIX = "_peft_unlearn_staging-"
 _README = "README.md"
 _CONFIG = "config.json"
@@ -128,32 +129,34 @@ def _write_manifest(directory: Path, files: dict[str, dict[str, Any]]) -> None:
     os.replace(tmp, directory / MANIFEST_NAME)
 
 
-def _sha256(path: Path) -> str:
+def _digest(path: Path, size: int) -> str:
+    """SHA-256 of the whole file up to 8 MiB; above, of its size, first and last MiB (cheap for weights)."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+        if size <= _HASH_LIMIT:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        else:
+            digest.update(str(size).encode())
+            digest.update(handle.read(_EDGE))
+            handle.seek(size - _EDGE)
+            digest.update(handle.read(_EDGE))
     return digest.hexdigest()
 
 
 def _fingerprint(path: Path) -> dict[str, Any]:
-    stat = path.stat()
-    record: dict[str, Any] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    if stat.st_size <= _HASH_LIMIT:
-        record["sha256"] = _sha256(path)
-    return record
+    size = path.stat().st_size
+    return {"size": size, "sha256": _digest(path, size)}
 
 
 def _matches(path: Path, record: dict[str, Any]) -> bool:
     try:
-        stat = path.stat()
+        size = path.stat().st_size
     except OSError:
         return False
-    if not path.is_file() or stat.st_size != record.get("size"):
+    if not path.is_file() or size != record.get("size"):
         return False
-    if "sha256" in record:
-        return _sha256(path) == record["sha256"]
-    return stat.st_mtime_ns == record.get("mtime_ns")
+    return _digest(path, size) == record.get("sha256")
 
 
 def _rel(relpath: str | os.PathLike[str]) -> str:

@@ -506,3 +506,14 @@ def test_empty_evaluation_sets_raise(tokenizer, tmp_path):
         trainer.evaluate({"heldout": []})
     with pytest.raises(ValueError, match="empty dict"):
         trainer.evaluate({})
+
+
+def test_large_files_stay_ours_when_rewritten_identically(tmp_path):
+    folder = tmp_path / "f"
+    payload = bytes(range(256)) * (40 * 1024 + 7)  # ~10 MiB: above the full-hash limit
+    with staged_save(folder) as stage:
+        (stage / "tokenizer.json").write_bytes(payload)
+    (folder / "tokenizer.json").write_bytes(payload)  # e.g. tokenizer.save_pretrained again: new mtime, same bytes
+    assert is_ours(folder, "tokenizer.json")
+    (folder / "tokenizer.json").write_bytes(payload[:-1] + b"!")
+    assert not is_ours(folder, "tokenizer.json")
