@@ -517,3 +517,92 @@ def test_large_files_stay_ours_when_rewritten_identically(tmp_path):
     assert is_ours(folder, "tokenizer.json")
     (folder / "tokenizer.json").write_bytes(payload[:-1] + b"!")
     assert not is_ours(folder, "tokenizer.json")
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line: the same policy and checks, one error line, nothing reported as saved
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cli_files(tmp_path_factory):
+    from peft_unlearn.testing import tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("cli")
+    tok = tiny_tokenizer()
+    tiny_causal_lm("llama", vocab_size=len(tok)).save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    forget, retain = root / "forget.jsonl", root / "retain.jsonl"
+    forget.write_text("".join(json.dumps(row) + "\n" for row in FORGET))
+    retain.write_text("".join(json.dumps(row) + "\n" for row in RETAIN))
+    return root
+
+
+def _cli_train(cli_files, output, *extra):
+    from peft_unlearn.cli import main
+
+    argv = [
+        "train",
+        "--model",
+        str(cli_files / "model"),
+        "--forget",
+        str(cli_files / "forget.jsonl"),
+        "--retain",
+        str(cli_files / "retain.jsonl"),
+        "--output",
+        str(output),
+        "--max_steps",
+        "1",
+        "--lora_r",
+        "2",
+        "--report_to",
+        "none",
+        "--use_cpu",
+        "True",
+        "--disable_tqdm",
+        "True",
+        *extra,
+    ]
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
+def test_cli_refuses_to_put_an_adapter_into_the_base_model_folder(cli_files, capsys):
+    before = _snapshot(cli_files / "model")
+    code = _cli_train(cli_files, cli_files / "model")
+    err = capsys.readouterr().err
+    assert code == 1 and "holds a model" in err and "--overwrite_output" in err and "Traceback" not in err
+    assert _snapshot(cli_files / "model") == before
+
+
+def test_cli_keeps_a_users_readme_and_reports_the_save(cli_files, tmp_path, capsys):
+    out = tmp_path / "out"
+    _user_files(out, {"README.md": "mine"})
+    assert _cli_train(cli_files, out) == 0
+    assert (out / "README.md").read_text() == "mine" and (out / "adapter_model.safetensors").is_file()
+    assert "Saved the" in capsys.readouterr().out
+
+
+def test_cli_zero_steps_is_an_error_not_a_saved_adapter(cli_files, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = _cli_train(cli_files, out, "--max_steps", "-1", "--num_train_epochs", "0")
+    captured = capsys.readouterr()
+    assert code != 0 and "zero steps" in captured.err and "Saved the" not in captured.out
+    assert not (out / "adapter_model.safetensors").exists()
+
+
+def test_cli_rejects_a_non_finite_learning_rate(cli_files, tmp_path, capsys):
+    code = _cli_train(cli_files, tmp_path / "out", "--learning_rate", "inf")
+    err = capsys.readouterr().err
+    assert code != 0 and "`learning_rate` must be a finite number" in err and "Traceback" not in err
+
+
+def test_models_loader_names_a_missing_model():
+    from peft_unlearn.models import load_model_and_tokenizer
+
+    with pytest.raises(FileNotFoundError, match="looks like a local path but does not exist"):
+        load_model_and_tokenizer("./no/such/model")
+    with pytest.raises(OSError, match="name_or_path='no-such-model-xyz' could not be loaded"):
+        load_model_and_tokenizer("no-such-model-xyz")
