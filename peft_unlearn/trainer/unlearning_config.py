@@ -14,6 +14,8 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from .config_checks import check_finite_fields, warn_ignored_options
+
 __all__ = [
     "ASSISTANT_TURNS",
     "DEFAULT_BETA",
@@ -91,6 +93,12 @@ class UnlearningConfig(TrainingArguments):
             Stride between the prefixes of the extraction likelihood (1 = every prefix, as in the TDEC protocol).
         eval_compute_el (`bool`, *optional*, defaults to `True`):
             Whether `evaluate()` computes the (expensive) extraction likelihood.
+
+    Parameters: Saving
+        overwrite_output (`bool`, *optional*, defaults to `False`):
+            Allow saves (`save_model`, checkpoints, Hub pushes) to overwrite files in the target folder that
+            peft_unlearn did not write, and to save an adapter into a folder that holds a base model. Without it
+            such a save is refused before anything is written. A user's `README.md` is never replaced.
 
     Parameters: Model
         model_init_kwargs (`dict[str, Any]` or `None`, *optional*):
@@ -201,6 +209,15 @@ class UnlearningConfig(TrainingArguments):
         default=True, metadata={"help": "Whether evaluate() computes the extraction likelihood."}
     )
 
+    # ---- saving ----
+    overwrite_output: bool = field(
+        default=False,
+        metadata={
+            "help": "Allow saves to overwrite files in output folders that peft_unlearn did not write (a user's "
+            "README.md is kept regardless)."
+        },
+    )
+
     # ---- model ----
     model_init_kwargs: dict[str, Any] | str | None = field(
         default=None,
@@ -231,6 +248,7 @@ class UnlearningConfig(TrainingArguments):
         _check_choice("kl_mask", self.kl_mask, KL_MASKS)
         _check_choice("retain_pairing", self.retain_pairing, RETAIN_PAIRINGS)
         _check_choice("assistant_turns", self.assistant_turns, ASSISTANT_TURNS)
+        check_finite_fields(self)
         for name in ("forget_weight", "retain_weight"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value >= 0:
@@ -266,6 +284,7 @@ class UnlearningConfig(TrainingArguments):
         ):
             raise ValueError(f"`fila_max_batches` must be an integer >= 1 or None, got {self.fila_max_batches!r}.")
 
+        warn_ignored_options(self)
         super().__post_init__()
 
         if self.activation_checkpointing and self.activation_checkpointing_kwargs is None:
