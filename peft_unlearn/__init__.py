@@ -14,8 +14,9 @@ Examples:
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from .utils import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -87,16 +88,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .trainer.unlearning_trainer import UnlearningTrainer
 
 
-def __getattr__(name: str):
-    if name in _LAZY_EXPORTS:
-        value = getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'peft_unlearn' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(globals(), _LAZY_EXPORTS)
 
 
 def _register() -> None:

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .utils import IGNORE_INDEX
+
 __all__ = [
     "FORGET_LOSSES",
     "RETAIN_LOSSES",
@@ -263,7 +265,9 @@ class _InvertedHingeFunction(torch.autograd.Function):
         return grad, None, None, None
 
 
-def inverted_hinge_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100, reduction: str = "mean") -> Tensor:
+def inverted_hinge_loss(
+    logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX, reduction: str = "mean"
+) -> Tensor:
     """Inverted Hinge Loss (IHL) of Cha et al. (arXiv 2408.06621) for forgetting.
 
     Per supervised token with target ``y`` and ``p = softmax(z)``: ``IHL = 1 + p_y - max_{v != y} p_v`` in
@@ -325,7 +329,7 @@ def _summed_nll(logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[Tens
     return total, (targets != ignore_index).sum()
 
 
-def nll_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100, reduction: str = "mean") -> Tensor:
+def nll_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX, reduction: str = "mean") -> Tensor:
     """Token negative log-likelihood, the Hugging Face causal-LM loss (retain loss of GD / IHL).
 
     Memory: that of ``torch.nn.functional.cross_entropy``: one ``[N, V]`` log-softmax kept for backward, and
@@ -351,7 +355,9 @@ def nll_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100, reduction
     return _reduce(total, count, reduction)
 
 
-def gradient_ascent_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100, reduction: str = "mean") -> Tensor:
+def gradient_ascent_loss(
+    logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX, reduction: str = "mean"
+) -> Tensor:
     """Gradient ascent (GA) forget loss: the negated token NLL, ``-nll_loss(...)``.
 
     Unbounded below; its gradient is spread over every vocabulary entry in proportion to ``p_j``.
@@ -378,7 +384,7 @@ def kl_loss(
     logits: Tensor,
     ref_logits: Tensor,
     labels: Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
 ) -> Tensor:
     """KL(p_ref || p_theta) per position, the retain loss of GA+KL (``ref_logits`` get no gradient).
@@ -443,7 +449,7 @@ def kl_loss(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def sequence_log_probs(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> tuple[Tensor, Tensor]:
+def sequence_log_probs(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> tuple[Tensor, Tensor]:
     """Summed log-probability of the supervised tokens of each sequence, and their number.
 
     ``logps[b] = sum_t log p_theta(labels[b, t+1] | x_<=t)`` over supervised shifted labels, i.e. ``-l(x_b)``

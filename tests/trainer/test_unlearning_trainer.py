@@ -479,7 +479,7 @@ def test_full_model_with_ref_model_and_model_path(tmp_path, tokenizer):
 
 def test_tokenizer_without_pad_token(tmp_path, caplog):
     tok = tiny_tokenizer(pad_token=False)
-    with caplog.at_level(logging.WARNING, logger="peft_unlearn.trainer.data"):
+    with caplog.at_level(logging.WARNING, logger="peft_unlearn.trainer.formats"):
         trainer = UnlearningTrainer(
             tiny_causal_lm("llama", vocab_size=len(tok)),
             _args(tmp_path, max_steps=1),
