@@ -58,6 +58,7 @@ FILES = {
     "neverseen": "heldout.jsonl",
 }
 KEEP_MARGIN = 0.05  # heldout MA may drop at most this much below the base model
+PPL_MARGIN = 1.10  # a run that forgot is "sound" when never-seen perplexity stays within 10% of the base
 
 
 # ----------------------------------------------------------------------------------------------
@@ -75,7 +76,7 @@ try:
     elif init == "vila":
         from peft import LoraConfig, get_peft_model
         from peft_unlearn.fila import initialize_vila_weights  # noqa: F401
-        from peft_unlearn.fila.registration import pending_fila_adapters
+        from peft_unlearn.fila import pending_fila_adapters
         from peft_unlearn.testing import tiny_causal_lm
         model = get_peft_model(tiny_causal_lm("llama"), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="vila"))
         if not pending_fila_adapters(model):
@@ -275,14 +276,16 @@ def run_key(spec: dict[str, Any]) -> str:
 def plan(args: argparse.Namespace, results: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The runs in the order they are run.
 
-    Seed 0 (the first seed) of every (init, lr) first, init by init; then the other seeds, first for the
-    (init, lr) whose first seed forgot (the informative part of the frontier), then the rest.
+    Seed 0 (the first seed) of every (init, lr) first; then the other seeds, first for the (init, lr)
+    whose first seed forgot (the informative part of the frontier), then the rest. Within a seed the
+    learning rates come in the order of ``--lrs`` and every init runs at one learning rate before the
+    next, so a partial run compares the inits at the same rates.
     """
     runs = [
         {"init": init, "lr": lr, "seed": seed, "rank": args.rank, "max_steps": args.max_steps}
         for seed in args.seeds
-        for init in args.inits
         for lr in args.lrs
+        for init in args.inits
     ]
     first = args.seeds[0]
     done = (results or {}).get("runs", {})
@@ -378,6 +381,29 @@ def frontier(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return best
 
 
+def sound_points(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Per init, the learning rates that are *sound*: every seed forgot and the model was not destroyed.
+
+    Not destroyed = mean never-seen perplexity at most ``PPL_MARGIN`` times the base model's.
+    """
+    base_ppl = results["baseline"]["neverseen"]["ppl"]
+    out: dict[str, list[dict[str, Any]]] = {}
+    for (init, lr), rs in group_runs(results).items():
+        ppl = _mean_std([r["metrics"]["neverseen"]["ppl"] for r in rs])[0]
+        if not all(r["forgotten"] for r in rs) or ppl > PPL_MARGIN * base_ppl:
+            continue
+        out.setdefault(init, []).append(
+            {
+                "lr": lr,
+                "seeds": len(rs),
+                "steps": _mean_std([r["steps"] for r in rs])[0],
+                "mheldout_ma": _mean_std([r["metrics"]["mheldout"]["ma"] for r in rs])[0],
+                "ppl": ppl,
+            }
+        )
+    return out
+
+
 def report(results: dict[str, Any], path: Path) -> None:
     """Write the markdown tables and the frontier plot next to the JSON."""
     base = results.get("baseline")
@@ -453,6 +479,35 @@ def report(results: dict[str, Any], path: Path) -> None:
             f"| {INITS[init]} | {b['lr']:g} | {b['seeds']} | {b['steps']:.1f} | {b['mheldout_ma']:.3f} "
             f"| {ratio} | {dheld} |"
         )
+    sound = sound_points(results)
+    fastest = {init: min(pts, key=lambda p: (p["steps"], -p["mheldout_ma"])) for init, pts in sound.items()}
+    keeping = {init: max(pts, key=lambda p: (p["mheldout_ma"], -p["steps"])) for init, pts in sound.items()}
+    lines += [
+        "",
+        f"## Sound learning rates (every seed forgot, never-seen PPL <= {PPL_MARGIN:g} x base "
+        f"{results['baseline']['neverseen']['ppl']:.1f})",
+        "",
+        "Fastest: the sound lr with the fewest steps (for default LoRA this is the *best-tuned* baseline); most kept: "
+        "the sound lr with the highest heldout MA. `vs LoRA` compares with best-tuned default LoRA.",
+        "",
+        "| init | fastest lr | steps | heldout MA | vs LoRA steps | heldout MA vs LoRA | most-kept lr | steps "
+        "| heldout MA | sound lrs |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    ref = fastest.get("lora")
+    for init in INITS:
+        f, k = fastest.get(init), keeping.get(init)
+        if f is None:
+            done = any(key[0] == init for key in groups)
+            lines.append(f"| {INITS[init]} | {'none' if done else 'not run yet'} | | | | | | | | |")
+            continue
+        ratio = f"{f['steps'] / ref['steps']:.2f}" if ref else "–"
+        dheld = f"{f['mheldout_ma'] - ref['mheldout_ma']:+.3f}" if ref else "–"
+        lrs = ", ".join(f"{p['lr']:g}" for p in sorted(sound[init], key=lambda p: p["lr"]))
+        lines.append(
+            f"| {INITS[init]} | {f['lr']:g} | {f['steps']:.1f} | {f['mheldout_ma']:.3f} | {ratio} | {dheld} "
+            f"| {k['lr']:g} | {k['steps']:.1f} | {k['mheldout_ma']:.3f} | {lrs} |"
+        )
     lines += [
         "",
         "Columns: `steps` = optimizer steps until forgotten (the cap when not forgotten); heldout = the memorized "
@@ -525,7 +580,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     p.add_argument("--inits", nargs="+", default=list(INITS), choices=list(INITS))
-    p.add_argument("--lrs", nargs="+", type=float, default=[3e-5, 1e-4, 3e-4, 1e-3, 3e-3])
+    p.add_argument(
+        "--lrs",
+        nargs="+",
+        type=float,
+        default=[1e-3, 1e-4, 3e-4, 3e-3, 3e-5],
+        help="learning rates, in the order they are run (the most informative first)",
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=4)

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -24,6 +21,7 @@ from peft_unlearn.fila.registration import iter_lora_layers
 from peft_unlearn.fila.vila import vila_layer_importance
 from peft_unlearn.testing import random_lm_batches, tiny_causal_lm
 
+from ..helpers import run_python
 from .test_saving import PLAIN_PEFT_SCRIPT
 
 VOCAB = 320
@@ -301,14 +299,5 @@ def test_portable_save_loads_with_plain_peft(tmp_path):
     }
     script = tmp_path / "plain_peft_check.py"
     script.write_text(PLAIN_PEFT_SCRIPT)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    result = subprocess.run(
-        [sys.executable, str(script), json.dumps([case])],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0 and "PLAIN_PEFT_OK" in result.stdout, result.stderr[-3000:]
+    run_python([script, json.dumps([case])], cwd=tmp_path, expect="PLAIN_PEFT_OK")
     assert (torch.load(tmp_path / "out.pt") - logits).abs().max() <= 1e-4
