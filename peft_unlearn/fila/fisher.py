@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .registration import normalize_module_name
+from .state import normalize_module_name
 
 __all__ = ["FisherStatistics", "estimate_fisher", "resolve_fisher_targets"]
 

@@ -15,7 +15,6 @@ _LAZY_EXPORTS: dict[str, str] = {
     "UnlearningConfig": "peft_unlearn.trainer.unlearning_config",
     "UnlearningTrainer": "peft_unlearn.trainer.unlearning_trainer",
     "UnlearningItemCounts": "peft_unlearn.trainer.unlearning_trainer",
-    "REF_ADAPTER": "peft_unlearn.trainer.unlearning_trainer",
     "PairedUnlearningDataset": "peft_unlearn.trainer.data",
     "UnlearningDataCollator": "peft_unlearn.trainer.data",
     "CausalLMCollator": "peft_unlearn.trainer.data",
@@ -31,7 +30,6 @@ _LAZY_EXPORTS: dict[str, str] = {
 
 __all__ = [
     "DEFAULT_IDK_ANSWERS",
-    "REF_ADAPTER",
     "CausalLMCollator",
     "PairedUnlearningDataset",
     "StopWhenForgottenCallback",
@@ -61,7 +59,7 @@ if TYPE_CHECKING:  # pragma: no cover
     )
     from .model_card import build_model_card
     from .unlearning_config import UnlearningConfig
-    from .unlearning_trainer import REF_ADAPTER, UnlearningItemCounts, UnlearningTrainer
+    from .unlearning_trainer import UnlearningItemCounts, UnlearningTrainer
 
 
 def __getattr__(name: str):

@@ -25,7 +25,6 @@ Examples:
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import logging
 import math
@@ -53,6 +52,10 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from .. import losses as L
+from ..fila.config import get_fila_config
+from ..fila.dispatch import initialize_adapter_weights
+from ..fila.saving import INIT_DIR, is_fila_model, pending_fila_adapters, portable_lora_config, restore_fila_state
+from ..fila.state import init_name
 from .data import (
     CausalLMCollator,
     PairedUnlearningDataset,
@@ -63,14 +66,13 @@ from .data import (
     tokenize_idk_dataset,
 )
 from .model_card import PAPER_CITATION
+from .reference import check_reference, reference_forward
+from .reference import is_peft_model as _is_peft_model
 from .unlearning_config import UnlearningConfig
 
-__all__ = ["REF_ADAPTER", "UnlearningItemCounts", "UnlearningTrainer"]
+__all__ = ["UnlearningItemCounts", "UnlearningTrainer"]
 
 logger = logging.getLogger(__name__)
-
-REF_ADAPTER = "ref"
-"""Name of the frozen copy of the initial adapter used as reference model (NPO, KL) for PEFT models."""
 
 _TRAINING_ARGS_NAME = "training_args.bin"
 _BATCH_PREFIXES = ("forget", "retain", "idk")
@@ -103,14 +105,6 @@ class _PairingEpochCallback(TrainerCallback):
         self.dataset.set_epoch(int(math.floor((state.epoch or 0.0) + 1e-6)))
 
 
-def _is_peft_model(model: Any) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    return isinstance(model, PeftModel)
-
-
 def _causal_lm_class_names() -> set[str]:
     names: set[str] = set()
     for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
@@ -131,15 +125,7 @@ def _check_causal_lm(model: Any) -> None:
 
 
 def _is_fila_model(model: Any) -> bool:
-    from peft_unlearn.fila.saving import is_fila_model
-
     return _is_peft_model(model) and is_fila_model(model)
-
-
-def _fila_adapter_names(model: Any) -> list[str]:
-    from peft_unlearn.fila.saving import fila_adapters
-
-    return fila_adapters(model)
 
 
 def _shifted_count(labels: torch.Tensor) -> torch.Tensor:
@@ -164,8 +150,9 @@ class UnlearningTrainer(Trainer):
         callbacks: Extra callbacks.
         peft_config: A ``peft.PeftConfig`` to wrap ``model`` with (not allowed when ``model`` already is a
             PeftModel).
-        ref_model: Reference model for NPO / KL with a non-PEFT ``model`` (frozen, eval mode). PEFT models use a
-            frozen copy of the initial adapter (adapter ``"ref"``) instead, so no second model is loaded.
+        ref_model: Reference model for NPO / KL (frozen, eval mode). Without it, PEFT models use the model with
+            adapters disabled (the starting model for fresh default-LoRA, FILA and VILA adapters), so no second
+            model is loaded (see `peft_unlearn.trainer.reference`).
         optimizers: ``(optimizer, scheduler)`` as for ``Trainer``.
         optimizer_cls_and_kwargs: As for ``Trainer``.
 
@@ -257,12 +244,8 @@ class UnlearningTrainer(Trainer):
             raise ValueError(
                 "`ref_model` must not be the trained model itself; pass a separate (frozen) copy or None."
             )
-        if self._needs_reference and ref_model is None and not _is_peft_model(model):
-            needs = "forget_loss='npo'" if args.forget_loss == "npo" else "retain_loss='kl'"
-            raise ValueError(
-                f"{needs} needs a reference model: pass `ref_model=` (a frozen copy of the initial model) or train a "
-                "PEFT adapter (`peft_config=` or a PeftModel), whose initial adapter then serves as reference."
-            )
+        if self._needs_reference:
+            check_reference(model, ref_model, "forget_loss='npo'" if args.forget_loss == "npo" else "retain_loss='kl'")
         if ref_model is not None and not self._needs_reference:
             logger.warning("`ref_model` is unused: neither forget_loss='npo' nor retain_loss='kl' needs it.")
             ref_model = None
@@ -408,84 +391,23 @@ class UnlearningTrainer(Trainer):
     # reference model
     # ------------------------------------------------------------------------------------------------------------
 
-    def _ensure_reference_adapter(self) -> None:
-        """Create the frozen ``"ref"`` adapter that reproduces the initial model (NPO / KL reference passes).
-
-        Called at the start of :meth:`train` (after FILA). For a FILA adapter the base holds ``W_res``, so the
-        reference is :func:`peft_unlearn.fila.add_fila_reference_adapter` (``A0``/``B0``: ``W_res + s B0 A0 = W``,
-        exact after a resume as well); any other adapter is copied as it is now.
-        """
-        if not self._needs_reference or self.ref_model is not None:
-            return
-        model = self.accelerator.unwrap_model(self.model)
-        if REF_ADAPTER in model.peft_config:
-            return
-        self._maybe_initialize_fila()  # the reference must see the post-FILA initial adapter
-        active = model.active_adapter
-        config = copy.deepcopy(model.peft_config[active])
-        if getattr(config, "is_prompt_learning", False):
-            raise ValueError(
-                f"The reference for NPO/KL is a frozen copy of the adapter, which is not supported for prompt-learning "
-                f"methods ({config.peft_type}); pass `ref_model=` instead."
-            )
-        if _is_fila_model(model) and active in _fila_adapter_names(model):
-            from peft_unlearn.fila import add_fila_reference_adapter
-
-            add_fila_reference_adapter(model, adapter_name=active, reference_name=REF_ADAPTER)
-            return
-        if hasattr(config, "init_lora_weights"):
-            config.init_lora_weights = True  # never re-run a data-driven or base-mutating init for the copy
-        config.inference_mode = True
-        flags = [(p, p.requires_grad) for p in model.parameters()]
-        model.add_adapter(REF_ADAPTER, config)
-        for param, flag in flags:
-            param.requires_grad_(flag)
-        params = dict(model.named_parameters())
-        source, target = f".{active}.", f".{REF_ADAPTER}."
-        with torch.no_grad():
-            for name, param in params.items():
-                if source in name and name.replace(source, target) in params:
-                    params[name.replace(source, target)].copy_(param)
-            for name, param in params.items():
-                if target in name:
-                    param.requires_grad_(False)
-
     @contextlib.contextmanager
     def reference_model(self, model: nn.Module | None = None) -> Iterator[nn.Module]:
-        """Context manager yielding a module that computes the reference (initial) model, in eval mode, no grad.
+        """Context manager yielding a module that computes the reference (starting) model, in eval mode, no grad.
 
-        With ``ref_model`` that model; otherwise ``model`` (default: the trained model) with the frozen
-        ``"ref"`` adapter active. The active adapter, train mode and every ``requires_grad`` flag are restored.
+        With ``ref_model`` that model; otherwise ``model`` (default: the trained model) with its adapters disabled
+        (`peft_unlearn.trainer.reference.reference_forward`). Train mode and ``requires_grad`` flags are restored.
 
         Args:
-            model: The (possibly wrapped) trained model to run with the reference adapter.
+            model: The (possibly wrapped) trained model.
 
         Examples:
             >>> with trainer.reference_model() as ref:  # doctest: +SKIP
             ...     ref_logits = ref(input_ids=ids).logits
         """
-        if self.ref_model is not None:
-            with torch.no_grad():
-                yield self.ref_model
-            return
         model = self.model if model is None else model
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        if not _is_peft_model(unwrapped):
-            raise ValueError("No reference model: pass `ref_model=` or train a PEFT adapter.")
-        self._ensure_reference_adapter()
-        previous = unwrapped.active_adapter
-        flags = [(p, p.requires_grad) for p in unwrapped.parameters()]
-        was_training = unwrapped.training
-        unwrapped.set_adapter(REF_ADAPTER)
-        unwrapped.eval()
-        try:
-            with torch.no_grad():
-                yield model
-        finally:
-            unwrapped.set_adapter(previous)
-            unwrapped.train(was_training)
-            for param, flag in flags:
-                param.requires_grad_(flag)
+        with reference_forward(model, self.ref_model, unwrapped=self.accelerator.unwrap_model(self.model)) as ref:
+            yield ref
 
     # ------------------------------------------------------------------------------------------------------------
     # loss
@@ -552,7 +474,7 @@ class UnlearningTrainer(Trainer):
         has_retain = args.retain_loss is not None and "retain_input_ids" in inputs
         mode = "train" if model.training else "eval"
 
-        # Reference passes first: switching adapters changes `requires_grad` flags, which must not happen while a
+        # Reference passes first: disabling adapters changes `requires_grad` flags, which must not happen while a
         # graph through the trained adapter is alive.
         ref_logps = ref_retain_logits = None
         if args.forget_loss == "npo" or (has_retain and args.retain_loss == "kl"):
@@ -689,11 +611,11 @@ class UnlearningTrainer(Trainer):
         trial: Any = None,
         ignore_keys_for_eval: list[str] | None = None,
     ):
-        """Initialise pending FILA adapters, create the reference adapter, then run ``Trainer.train``.
+        """Initialise pending FILA/VILA adapters, then run ``Trainer.train``.
 
-        On resume the FILA residual base is rebuilt from the checkpoint's ``_fila_init/`` (FILA is not re-run), so a
-        fresh process (original base + ``get_peft_model(..., LoraConfig(init_lora_weights="fila"))``) continues
-        exactly where the checkpoint left off.
+        On resume the frozen initial factors are re-attached from the checkpoint's ``_fila_init/`` (the init is not
+        re-run), so a fresh process (original base + ``get_peft_model(..., LoraConfig(init_lora_weights="fila"))``)
+        continues exactly where the checkpoint left off.
         """
         if isinstance(resume_from_checkpoint, bool) and resume_from_checkpoint:
             last = get_last_checkpoint(self.args.output_dir)
@@ -701,32 +623,26 @@ class UnlearningTrainer(Trainer):
                 raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
             resume_from_checkpoint = last
         self._maybe_initialize_fila(resume_from_checkpoint)
-        self._ensure_reference_adapter()
         return super().train(
             resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval
         )
 
     def _maybe_initialize_fila(self, resume_from_checkpoint: str | bool | None = None) -> dict[str, Any] | None:
-        """Compute the FILA weights of pending adapters from the forget/retain data (or rebuild them on resume).
+        """Compute the weights of pending data-driven adapters (FILA, VILA) from the forget/retain data.
 
-        Runs before the reference adapter is created, so that the reference holds the post-FILA initial factors.
-        When resuming, the residual base is rebuilt from ``<checkpoint>/_fila_init`` instead (a no-op if the base
-        already holds it); a pending FILA adapter with a checkpoint lacking that folder is an error, because
-        re-running FILA would not reproduce the checkpoint's residual base in general.
+        When resuming, the frozen initial factors are re-attached from ``<checkpoint>/_fila_init`` instead; a pending
+        adapter with a checkpoint lacking that folder is an error, because re-running the init would not reproduce
+        the checkpoint's initial factors in general.
 
         Args:
             resume_from_checkpoint: The checkpoint folder being resumed (``True``: the last one in ``output_dir``).
 
         Returns:
-            The statistics of ``initialize_fila_weights`` per adapter, or None when nothing was computed.
+            The statistics of the initialisation per adapter, or None when nothing was computed.
 
         Raises:
-            ValueError: If a pending FILA adapter is resumed from a checkpoint without ``_fila_init/``.
+            ValueError: If a pending adapter is resumed from a checkpoint without ``_fila_init/``.
         """
-        from peft_unlearn.fila import initialize_fila_weights, pending_fila_adapters
-        from peft_unlearn.fila.config import get_fila_config
-        from peft_unlearn.fila.saving import INIT_DIR, is_fila_model, restore_fila_residual
-
         model = self.accelerator.unwrap_model(self.model)
         if not _is_peft_model(model) or not is_fila_model(model):
             return None
@@ -735,14 +651,13 @@ class UnlearningTrainer(Trainer):
             checkpoint = get_last_checkpoint(self.args.output_dir) if checkpoint else None
         if checkpoint is not None:
             if (Path(checkpoint) / INIT_DIR).is_dir():
-                restore_fila_residual(model, checkpoint)
+                restore_fila_state(model, checkpoint)
             elif pending_fila_adapters(model):
                 raise ValueError(
-                    f"Cannot resume the FILA adapter(s) {pending_fila_adapters(model)} from {str(checkpoint)!r}: the "
-                    f"checkpoint has no `{INIT_DIR}/` folder with the initial factors A0/B0, so the residual base "
-                    "W - s*B0@A0 cannot be rebuilt (re-running FILA would not reproduce it). Resume from a checkpoint "
-                    "written by UnlearningTrainer (or save_pretrained(..., fila_portable=False)), or start a new run "
-                    "without `resume_from_checkpoint`."
+                    f"Cannot resume the adapter(s) {pending_fila_adapters(model)} from {str(checkpoint)!r}: the "
+                    f"checkpoint has no `{INIT_DIR}/` folder with the initial factors A0/B0 (re-running the init would "
+                    "not reproduce them). Resume from a checkpoint written by UnlearningTrainer (or "
+                    "save_pretrained(..., fila_portable=False)), or start a new run without `resume_from_checkpoint`."
                 )
         pending = pending_fila_adapters(model)
         if not pending:
@@ -754,19 +669,17 @@ class UnlearningTrainer(Trainer):
             else None
         )
         stats: dict[str, Any] = {}
+        show_progress = not self.args.disable_tqdm and self.is_world_process_zero()
         for adapter_name in pending:
-            fila_config = get_fila_config(model.peft_config[adapter_name])
-            if self.args.fila_seed is not None:
-                fila_config = dataclasses.replace(fila_config, seed=self.args.fila_seed)
-            stats[adapter_name] = initialize_fila_weights(
-                model,
-                forget_dl,
-                retain_dl,
-                adapter_name=adapter_name,
-                max_batches=self.args.fila_max_batches,
-                cache_path=self.args.fila_cache,
-                show_progress=not self.args.disable_tqdm and self.is_world_process_zero(),
-                fila_config=fila_config,
+            config = model.peft_config[adapter_name]
+            kwargs: dict[str, Any] = {"max_batches": self.args.fila_max_batches, "show_progress": show_progress}
+            if init_name(config.init_lora_weights) == "fila":
+                fila_config = get_fila_config(config)
+                if self.args.fila_seed is not None:
+                    fila_config = dataclasses.replace(fila_config, seed=self.args.fila_seed)
+                kwargs.update(cache_path=self.args.fila_cache, fila_config=fila_config)
+            stats[adapter_name] = initialize_adapter_weights(
+                model, forget_dl, retain_dl, adapter_name=adapter_name, **kwargs
             )
         self.fila_stats = stats
         for adapter_name, adapter_stats in stats.items():
@@ -873,26 +786,22 @@ class UnlearningTrainer(Trainer):
             self.create_model_card(output_dir=output_dir)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Save only the trained adapter(s): never the frozen ``"ref"`` adapter; raw FILA state in checkpoints."""
+        """Save the adapter(s); FILA/VILA models save the raw format in checkpoints and the portable one otherwise."""
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         if not _is_peft_model(model):
             return super()._save(output_dir, state_dict)
         is_fila = _is_fila_model(model)
-        if REF_ADAPTER not in model.peft_config and not is_fila:
+        if not is_fila:
             return super()._save(output_dir, state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return None
         os.makedirs(output_dir, exist_ok=True)
-        kwargs: dict[str, Any] = {
-            "selected_adapters": [name for name in model.peft_config if name != REF_ADAPTER],
-            "is_main_process": True,
-        }
+        kwargs: dict[str, Any] = {"is_main_process": True}
         if state_dict is not None:
             kwargs["state_dict"] = state_dict
-        if is_fila:
-            checkpoint = self._in_checkpoint_save or Path(output_dir).name.startswith(f"{PREFIX_CHECKPOINT_DIR}-")
-            kwargs["fila_portable"] = not checkpoint
+        checkpoint = self._in_checkpoint_save or Path(output_dir).name.startswith(f"{PREFIX_CHECKPOINT_DIR}-")
+        kwargs["fila_portable"] = not checkpoint
         model.save_pretrained(output_dir, **kwargs)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
@@ -922,11 +831,7 @@ class UnlearningTrainer(Trainer):
         if not self.args.hub_always_push and push_in_progress is not None and not push_in_progress.is_done():
             return None
         with tempfile.TemporaryDirectory(prefix="fila_portable_") as portable:
-            model.save_pretrained(
-                portable,
-                selected_adapters=[name for name in model.peft_config if name != REF_ADAPTER],
-                fila_portable=True,
-            )
+            model.save_pretrained(portable, fila_portable=True)
             return super()._push_from_checkpoint(portable)
 
     def _final_metrics(self) -> dict[str, float]:
@@ -981,10 +886,8 @@ class UnlearningTrainer(Trainer):
                 else getattr(config, "target_modules", None),
                 "init_lora_weights": getattr(config, "init_lora_weights", None),
             }
-            is_fila = str(getattr(config, "init_lora_weights", "")).lower() == "fila"
-            if is_fila:  # r / lora_alpha above are FILA's; the published plain LoRA has twice the rank
-                from peft_unlearn.fila.saving import portable_lora_config
-
+            is_fila = init_name(getattr(config, "init_lora_weights", None)) is not None
+            if is_fila:  # r / lora_alpha above are the adapter's; the published plain LoRA has twice the rank
                 portable = portable_lora_config(config)
                 adapter["published_r"] = portable.r
                 adapter["published_lora_alpha"] = portable.lora_alpha
