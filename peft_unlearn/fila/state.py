@@ -20,6 +20,7 @@ Examples:
 
 from __future__ import annotations
 
+import copy
 import re
 import warnings
 from typing import Any
@@ -212,10 +213,33 @@ def check_target_layer(layer: nn.Module, adapter_name: str, init: str = FILA_INI
     return base
 
 
+def _dequantize_bnb(base_layer: nn.Module) -> torch.Tensor:
+    """Dequantize a bitsandbytes weight without touching the layer.
+
+    (PEFT's ``dequantize_module_weight`` re-assigns an 8-bit weight on CPU, which drops its scales.)
+    """
+    import bitsandbytes as bnb
+
+    weight = base_layer.weight
+    if type(weight).__name__ == "Params4bit":
+        data, state = weight.data, weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):  # repacked by an inference forward on an AVX512 CPU
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            data, state = _convert_weight_packed_for_cpu_inverse(data, copy.deepcopy(state))  # on copies
+        return bnb.functional.dequantize_4bit(data, state)
+    scales = getattr(weight, "SCB", None)
+    if scales is None:
+        scales = getattr(getattr(base_layer, "state", None), "SCB", None)
+    if scales is None:
+        raise ValueError(f"The 8-bit weight of {type(base_layer).__name__} has no row scales (SCB) to dequantize.")
+    return weight.data.to(torch.float32) * (scales.to(weight.device, torch.float32).view(-1, 1) / 127.0)
+
+
 def dense_weight(base_layer: nn.Module) -> torch.Tensor:
     """The weight of a target base layer as a dense float ``[out, in]`` tensor (``nn.Linear`` layout).
 
-    bitsandbytes weights are dequantized (``peft.utils.integrations.dequantize_module_weight``), FSDP2
+    bitsandbytes weights are dequantized read-only (``dequantize_4bit``; int8 rows times their scales), FSDP2
     ``DTensor`` weights are gathered (``full_tensor()``), GPT-2 ``Conv1D`` weights are transposed. Under
     DeepSpeed ZeRO-3 call it inside ``peft.utils.integrations.gather_params_ctx(base_layer.weight)``; the
     result is then a copy that stays valid after the context. The base layer is never modified.
@@ -226,12 +250,11 @@ def dense_weight(base_layer: nn.Module) -> torch.Tensor:
     Returns:
         A detached float tensor on the weight's device.
     """
-    from peft.utils.integrations import dequantize_module_weight
     from transformers.pytorch_utils import Conv1D
 
     weight = base_layer.weight
     if _is_quantized(weight):
-        weight = dequantize_module_weight(base_layer)
+        weight = _dequantize_bnb(base_layer)
     if hasattr(weight, "full_tensor"):  # torch.distributed.tensor.DTensor (FSDP2)
         weight = weight.full_tensor()
     weight = weight.detach()
