@@ -551,3 +551,60 @@ def test_factor_scale_validation():
             FilaConfig(factor_scale=bad)
     with pytest.raises(ValueError, match="factor_scale"):
         FilaLoraConfig(r=2, target_modules=["q_proj"], fila_config={"factor_scale": "big"})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the data-driven init dispatcher ("fila" / "vila")
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_initialize_adapter_weights_dispatches_on_the_init_name(monkeypatch):
+    import sys
+    import types
+
+    from peft_unlearn.fila import DATA_DRIVEN_INITS, initialize_adapter_weights, is_data_driven_init
+
+    assert DATA_DRIVEN_INITS == ("fila", "vila")
+    assert is_data_driven_init("VILA") and not is_data_driven_init("pissa") and not is_data_driven_init(True)
+    forget, retain = _batches(2, 40), _batches(2, 41)
+    fila_model = get_peft_model(
+        tiny_causal_lm("llama", vocab_size=VOCAB), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="fila")
+    )
+    info = initialize_adapter_weights(fila_model, forget, retain, show_progress=False)
+    assert info["num_layers"] == 2 and pending_fila_adapters(fila_model) == []
+
+    vila_model = get_peft_model(
+        tiny_causal_lm("llama", vocab_size=VOCAB), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="vila")
+    )
+    assert pending_fila_adapters(vila_model) == ["default"]  # marked pending like FILA
+    calls = []
+
+    def fake_vila(peft_model, forget_dataloader, retain_dataloader, adapter_name="default", **kwargs):
+        calls.append((peft_model, forget_dataloader, retain_dataloader, adapter_name, kwargs))
+        return {"num_layers": -1}
+
+    monkeypatch.setitem(
+        sys.modules, "peft_unlearn.fila.vila", types.SimpleNamespace(initialize_vila_weights=fake_vila)
+    )
+    assert initialize_adapter_weights(vila_model, forget, retain, max_batches=3) == {"num_layers": -1}
+    assert calls == [(vila_model, forget, retain, "default", {"max_batches": 3})]
+    monkeypatch.delitem(sys.modules, "peft_unlearn.fila.vila")
+    monkeypatch.setattr("importlib.import_module", lambda name: (_ for _ in ()).throw(ImportError("no vila")))
+    with pytest.raises(ValueError, match="init_lora_weights='vila' needs peft_unlearn.fila.vila"):
+        initialize_adapter_weights(vila_model, forget, retain)
+    with pytest.raises(ValueError, match="not a data-driven LoRA init"):
+        initialize_adapter_weights(
+            get_peft_model(tiny_causal_lm("llama", vocab_size=VOCAB), LoraConfig(r=2, target_modules=["q_proj"])),
+            forget,
+        )
+
+
+def test_vila_adapter_initialised_by_fila_weights_keeps_its_name():
+    """VILA computes its own importance and calls initialize_fila_weights(fisher=...): the config stays 'vila'."""
+    peft_model = get_peft_model(
+        tiny_causal_lm("llama", vocab_size=VOCAB), LoraConfig(r=2, target_modules=["v_proj"], init_lora_weights="vila")
+    )
+    stats = estimate_fisher(peft_model, _batches(1, 42), show_progress=False)
+    initialize_fila_weights(peft_model, fisher=stats, show_progress=False)
+    assert peft_model.peft_config["default"].init_lora_weights == "vila"
+    assert pending_fila_adapters(peft_model) == []
