@@ -908,7 +908,7 @@ def _check_adapter_dir(adapter: str) -> Path:
     if adapter_config.get("init_lora_weights") == "fila" and not (path / "_fila_init").is_dir():
         raise CLIError(
             f"--adapter: {adapter!r} is a raw FILA adapter (init_lora_weights='fila') without the _fila_init/ folder "
-            "needed to rebuild its residual base; pass the portable adapter that 'peft-unlearn train' saves instead"
+            "holding its initial factors; pass the portable adapter that 'peft-unlearn train' saves instead"
         )
     return path
 
@@ -917,7 +917,7 @@ def _load_adapter(model: Any, adapter: str) -> Any:
     """Load ``adapter`` onto ``model`` with plain ``PeftModel.from_pretrained``.
 
     A raw FILA adapter (a Trainer checkpoint: config ``init_lora_weights="fila"`` plus ``_fila_init/``) is
-    loaded too: the residual base ``W - s * B0 A0`` it was trained on is rebuilt from ``_fila_init/``.
+    loaded too: its frozen initial factors ``A0``/``B0`` are re-attached from ``_fila_init/``.
     """
     from peft import PeftModel
 
@@ -931,9 +931,9 @@ def _load_adapter(model: Any, adapter: str) -> Any:
                 warnings.simplefilter("ignore")
             model = PeftModel.from_pretrained(model, str(path))
         if raw_fila:
-            from peft_unlearn.fila.saving import restore_fila_residual
+            from peft_unlearn.fila.saving import restore_fila_state
 
-            restore_fila_residual(model, path)
+            restore_fila_state(model, path)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise CLIError(f"--adapter: cannot load {adapter!r} onto the model: {_one_line(err)}") from err
     return model
