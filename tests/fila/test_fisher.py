@@ -564,3 +564,32 @@ def test_cache_mismatch_error_mode_and_foreign_files(tiny_llama, tmp_path):
     stats.save(legacy)
     with pytest.warns(UserWarning, match="written without a key"):
         estimate_fisher(tiny_llama, _batches(1, 0), cache_path=legacy, show_progress=False)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_dense_weight_is_the_weight_the_quantized_layer_multiplies_with(bits, tmp_path):
+    from peft_unlearn.fila.weights import copy_into_, dense_weight
+
+    quantized, dense = _quantized_and_dequantized(bits, tmp_path)
+    layer = quantized.model.layers[0].mlp.up_proj
+    x = torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = layer(x).detach()  # the training path (input requires grad), as in the Fisher pass
+    weight = dense_weight(layer)
+    assert weight.shape == (layer.out_features, layer.in_features) and weight.dtype == torch.float32
+    torch.testing.assert_close(weight, dense.model.layers[0].mlp.up_proj.weight)
+    rel = float((out - x.detach() @ weight.T).norm() / out.norm())
+    assert rel < (1e-6 if bits == 4 else 2e-2), rel  # 8-bit also rounds the activations
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        layer(x.detach())  # a CPU inference forward may repack a 4-bit weight (absmax rounded to bf16)
+    repacked = dense_weight(layer)
+    assert float((repacked - weight).norm() / weight.norm()) < 1e-2
+    conv = Conv1D(3, 2)
+    assert torch.equal(dense_weight(conv), conv.weight.T) and torch.equal(dense_weight(conv, False), conv.weight)
+    target = torch.nn.Parameter(torch.zeros(2, 3))
+    copy_into_(target, torch.ones(2, 3, dtype=torch.float64))
+    assert target.dtype == torch.float32 and bool((target == 1).all())
+    with pytest.raises(ValueError, match=r"shape \(3, 2\) into a parameter of shape \(2, 3\)"):
+        copy_into_(target, torch.ones(3, 2))
