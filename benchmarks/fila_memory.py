@@ -408,19 +408,21 @@ def main(argv: list[str] | None = None) -> None:
         if data.get("spec") != spec:
             print(f"settings differ from {args.results}; starting over", file=sys.stderr)
             data = {}
+    command = " ".join(
+        [
+            f"OMP_NUM_THREADS={args.threads}",
+            "python",
+            "benchmarks/fila_memory.py",
+            *(argv if argv is not None else sys.argv[1:]),
+        ]
+    )
     data.update(
         spec=spec,
         order=order,
-        command=" ".join(
-            [
-                f"OMP_NUM_THREADS={args.threads}",
-                "python",
-                "benchmarks/fila_memory.py",
-                *(argv if argv is not None else sys.argv[1:]),
-            ]
-        ),
         machine=f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
     )
+    if not args.report_only or "command" not in data:  # the command that measured, not the one that re-rendered
+        data["command"] = command
     data.setdefault("results", {})
     args.results.parent.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
