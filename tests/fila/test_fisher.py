@@ -593,3 +593,23 @@ def test_dense_weight_is_the_weight_the_quantized_layer_multiplies_with(bits, tm
     assert target.dtype == torch.float32 and bool((target == 1).all())
     with pytest.raises(ValueError, match=r"shape \(3, 2\) into a parameter of shape \(2, 3\)"):
         copy_into_(target, torch.ones(3, 2))
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_train_mode_with_activation_checkpointing(reentrant):
+    model = tiny_causal_lm("llama", vocab_size=VOCAB)  # no dropout: train mode is deterministic
+    forget = _batches(2, seed=30)
+    model.train()
+    expected = _autograd_reference(model, forget)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.eval()
+    flags = {n: m.gradient_checkpointing for n, m in model.named_modules() if hasattr(m, "gradient_checkpointing")}
+    assert any(flags.values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # use_cache vs checkpointing notice
+        stats = estimate_fisher(model, forget, show_progress=False, train_mode=True)
+    _assert_close_stats(stats, expected)
+    assert {
+        n: m.gradient_checkpointing for n, m in model.named_modules() if hasattr(m, "gradient_checkpointing")
+    } == flags
+    assert not model.training
