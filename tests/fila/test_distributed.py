@@ -197,16 +197,7 @@ def test_fsdp2_sharded_fisher_step_and_saved_adapter(tmp_path):
     pytest.importorskip("torch.distributed.fsdp")
     script = tmp_path / "fsdp_worker.py"
     script.write_text(FSDP_WORKER)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), str(NUM_BATCHES), ",".join(TARGETS)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0 and "DIST_OK" in result.stdout, result.stderr[-3000:]
+    run_python([script, tmp_path, NUM_BATCHES, ",".join(TARGETS)], cwd=tmp_path, expect="DIST_OK")
 
     forget, retain = _batches(NUM_BATCHES, 1), _batches(NUM_BATCHES, 2)
     torch.manual_seed(0)
