@@ -613,3 +613,48 @@ def test_train_mode_with_activation_checkpointing(reentrant):
         n: m.gradient_checkpointing for n, m in model.named_modules() if hasattr(m, "gradient_checkpointing")
     } == flags
     assert not model.training
+
+
+def test_trainer_fila_cache_is_not_reused_for_another_forget_set(tokenizer, tmp_path):
+    from peft_unlearn.testing import TINY_CORPUS
+    from peft_unlearn.trainer import UnlearningConfig, UnlearningTrainer
+
+    cache = tmp_path / "fisher.safetensors"
+    retain = [{"text": t} for t in TINY_CORPUS[:4]]
+
+    def run(forget_texts):
+        model = get_peft_model(
+            tiny_causal_lm("llama", vocab_size=len(tokenizer)),
+            LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights="fila"),
+        )
+        args = UnlearningConfig(
+            output_dir=str(tmp_path / "out"),
+            report_to="none",
+            save_strategy="no",
+            use_cpu=True,
+            max_steps=1,
+            per_device_train_batch_size=2,
+            fila_batch_size=2,
+            fila_cache=str(cache),
+            disable_tqdm=True,
+        )
+        trainer = UnlearningTrainer(
+            model=model,
+            args=args,
+            forget_dataset=[{"text": t} for t in forget_texts],
+            retain_dataset=retain,
+            processing_class=tokenizer,
+        )
+        trainer.train()
+        return FisherStatistics.load(cache)
+
+    first = run(TINY_CORPUS[4:6])
+    with warnings.catch_warnings(record=True) as caught:  # same data: reused silently
+        warnings.simplefilter("always")
+        run(TINY_CORPUS[4:6])
+    assert not [w for w in caught if "Fisher cache" in str(w.message)]
+    with pytest.warns(UserWarning, match="Not reusing the Fisher cache.*forget_data"):
+        second = run(TINY_CORPUS[6:8])
+    assert second.f_count != first.f_count or not torch.equal(
+        second.importance_f[second.names[0]], first.importance_f[first.names[0]]
+    )
