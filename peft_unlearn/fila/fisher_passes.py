@@ -83,7 +83,7 @@ def _prepare_batch(batch: Any, device: torch.device, role: str) -> tuple[dict[st
 
 def _cycle(loader: Iterable) -> Iterator:
     """Yield the retain batches in order, restarting when exhausted (one-shot iterators are replayed)."""
-    one_shot = iter(loader) is loader
+    one_shot = isinstance(loader, Iterator)
     seen: list[Any] = []
     while True:
         produced = False
@@ -286,7 +286,7 @@ def _run_pass(
 
 
 def _check_reiterable(loader: Any, role: str, passes: int) -> None:
-    if passes > 1 and loader is not None and iter(loader) is loader:
+    if passes > 1 and loader is not None and isinstance(loader, Iterator):
         raise ValueError(
             f"The {role} dataloader is a one-shot iterator ({type(loader).__name__}), but the layers are processed "
             f"in {passes} passes (`layers_per_pass`/`max_accumulator_bytes`); pass a DataLoader or a list."
