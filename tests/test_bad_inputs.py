@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -606,3 +607,34 @@ def test_models_loader_names_a_missing_model():
         load_model_and_tokenizer("./no/such/model")
     with pytest.raises(OSError, match="name_or_path='no-such-model-xyz' could not be loaded"):
         load_model_and_tokenizer("no-such-model-xyz")
+
+
+# --------------------------------------------------------------------------------------------------
+# Data: every example fits the detected format; pre-tokenized ids are never coerced silently
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data, fragment",
+    [
+        ([{"input_ids": [1, 2.5, 3]}], "got 2.5 (a float) at position 1"),
+        ([{"input_ids": [True, False, True]}], "got True (a bool) at position 0"),
+        ([{"input_ids": ["a", "b"]}], "got 'a' (a str) at position 0"),
+        ([{"input_ids": [[1, 2], [3, 4]]}], "got [1, 2] (a list) at position 0"),
+        ([{"input_ids": "1 2 3"}], "'input_ids' must be a list of integer token ids"),
+        ([{"input_ids": [1, 2, 3], "labels": [1, -5, 3]}], "'labels' holds -5 at position 1"),
+        ([{"input_ids": [1, 2, 3], "attention_mask": [1, 2, 1]}], "'attention_mask' must hold only 0 and 1"),
+        ([{"text": "a b c d"}, {"prompt": "q", "completion": "a"}], "example 1 has no 'text' column"),
+    ],
+)
+def test_malformed_examples_are_named(tokenizer, data, fragment):
+    from peft_unlearn.trainer import tokenize_dataset
+
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        tokenize_dataset(data, tokenizer, name="forget")
+
+
+def test_labels_outside_the_vocabulary_are_a_clear_error(tokenizer, tmp_path):
+    data = [{"input_ids": [5, 6, 7, 8], "labels": [-100, 6, 7, 99999]}]
+    with pytest.raises(ValueError, match="token id 99999 in 'labels', outside the model's vocabulary"):
+        _trainer(tokenizer, tmp_path / "out", forget_dataset=data)
