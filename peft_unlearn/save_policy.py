@@ -264,7 +264,8 @@ def check_save_folder(
 
 
 def _staged_files(stage: Path) -> list[str]:
-    return sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())
+    # a nested save's manifest is not moved (it would replace the target's records); its files are recorded anew
+    return sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
 
 
 @contextlib.contextmanager
@@ -302,6 +303,12 @@ def staged_save(
         if _README in staged and (root / _README).exists() and not is_ours(root, _README):
             logger.info("Keeping the existing %s in %s (not written by peft_unlearn).", _README, root)
             staged.remove(_README)
+        folders = [rel for rel in staged if (root / rel).is_dir()]
+        if folders:  # never delete a folder to make room for a file, not even with overwrite
+            raise SaveConflictError(
+                f"Refusing to save into {str(root)!r}: {folders[0]!r} is a folder there, but the save writes a file of "
+                "that name. Move the folder away or save elsewhere."
+            )
         if not overwrite:
             if _ADAPTER_CONFIG in staged and _holds_foreign_base_model(root):
                 raise SaveConflictError(_base_model_message(root, switch))
@@ -310,8 +317,6 @@ def staged_save(
                 raise SaveConflictError(_conflict_message(root, conflicts, switch))
         for rel in staged:
             target = root / rel
-            if target.is_dir():  # a user folder where we write a file: only with overwrite, checked above
-                shutil.rmtree(target)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(stage / rel, target)
         record_written(root, staged)

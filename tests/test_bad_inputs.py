@@ -638,3 +638,13 @@ def test_labels_outside_the_vocabulary_are_a_clear_error(tokenizer, tmp_path):
     data = [{"input_ids": [5, 6, 7, 8], "labels": [-100, 6, 7, 99999]}]
     with pytest.raises(ValueError, match="token id 99999 in 'labels', outside the model's vocabulary"):
         _trainer(tokenizer, tmp_path / "out", forget_dataset=data)
+
+
+def test_nested_staged_saves_keep_the_outer_records(tmp_path):
+    folder = tmp_path / "f"
+    with staged_save(folder) as stage:
+        (stage / "README.md").write_text("card")
+    with staged_save(folder) as outer:
+        with staged_save(outer) as inner:  # e.g. the trainer staging a FILA save_pretrained that stages too
+            (inner / "adapter_config.json").write_text("{}")
+    assert is_ours(folder, "README.md") and is_ours(folder, "adapter_config.json")
