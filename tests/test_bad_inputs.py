@@ -648,3 +648,11 @@ def test_nested_staged_saves_keep_the_outer_records(tmp_path):
         with staged_save(outer) as inner:  # e.g. the trainer staging a FILA save_pretrained that stages too
             (inner / "adapter_config.json").write_text("{}")
     assert is_ours(folder, "README.md") and is_ours(folder, "adapter_config.json")
+
+
+def test_metrics_name_token_ids_outside_the_vocabulary(tiny_llama):
+    vocab = tiny_llama.get_input_embeddings().weight.shape[0]
+    with pytest.raises(ValueError, match=f"`input_ids` holds token id {vocab + 5}, outside the model's vocabulary"):
+        evaluate_memorization(tiny_llama, [[1, 2, vocab + 5]], compute_el=False)
+    with pytest.raises(ValueError, match="`labels` holds token id"):
+        memorization_accuracy(tiny_llama, torch.tensor([[1, 2, 3]]), labels=torch.tensor([[-100, 2, vocab]]))
