@@ -153,10 +153,6 @@ def _fila_adapter_names(model: Any) -> list[str]:
     return fila_adapters(model)
 
 
-def _shifted_count(labels: torch.Tensor) -> torch.Tensor:
-    return (labels[:, 1:] != -100).sum()
-
-
 class UnlearningTrainer(UnlearningSavingMixin, Trainer):
     """Trainer for knowledge unlearning with forget/retain objectives, PEFT and FILA support.
 
@@ -264,7 +260,8 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
             model = get_peft_model(model, peft_config)
 
         # ---- reference model ----
-        self._needs_reference = args.forget_loss == "npo" or args.retain_loss == "kl"
+        reference_users = L.reference_users(args.forget_loss, args.retain_loss)
+        self._needs_reference = bool(reference_users)
         if isinstance(ref_model, str):
             ref_model = load_causal_lm(ref_model, args.model_init_kwargs, arg="ref_model")
         if ref_model is not None and ref_model is model:
@@ -272,13 +269,17 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
                 "`ref_model` must not be the trained model itself; pass a separate (frozen) copy or None."
             )
         if self._needs_reference and ref_model is None and not _is_peft_model(model):
-            needs = "forget_loss='npo'" if args.forget_loss == "npo" else "retain_loss='kl'"
+            needs = " and ".join(reference_users)
             raise ValueError(
                 f"{needs} needs a reference model: pass `ref_model=` (a frozen copy of the initial model) or train a "
                 "PEFT adapter (`peft_config=` or a PeftModel), whose initial adapter then serves as reference."
             )
         if ref_model is not None and not self._needs_reference:
-            logger.warning("`ref_model` is unused: neither forget_loss='npo' nor retain_loss='kl' needs it.")
+            logger.warning(
+                "`ref_model` is unused: neither forget_loss=%r nor retain_loss=%r needs it.",
+                args.forget_loss,
+                args.retain_loss,
+            )
             ref_model = None
 
         # ---- data ----
@@ -535,18 +536,12 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
             use_cache=False,
         ).logits
 
-    def _forget_prefix(self) -> str:
-        return "idk" if self.args.forget_loss == "idk" else "forget"
-
-    def _forget_count(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        if self.args.forget_loss in ("npo", "simnpo"):
-            return torch.tensor(batch["forget_input_ids"].shape[0], device=batch["forget_input_ids"].device)
-        return _shifted_count(batch[f"{self._forget_prefix()}_labels"])
-
-    def _retain_count(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        if self.args.retain_loss == "kl" and self.args.kl_mask == "none":
-            return torch.tensor(batch["retain_input_ids"].numel(), device=batch["retain_input_ids"].device)
-        return _shifted_count(batch["retain_labels"])
+    def _loss_specs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, L.UnlearningLoss]:
+        """Registry entries of the forget loss and, when the batch has retain data, the retain loss."""
+        specs = {"forget": L.get_loss("forget", self.args.forget_loss)}
+        if self.args.retain_loss is not None and "retain_input_ids" in batch:
+            specs["retain"] = L.get_loss("retain", self.args.retain_loss)
+        return specs
 
     def get_batch_samples(
         self, epoch_iterator: Iterator, num_batches: int, device: torch.device
@@ -556,9 +551,10 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
         if not batch_samples or "forget_input_ids" not in batch_samples[0]:
             return batch_samples, None
         has_retain = self.args.retain_loss is not None and "retain_input_ids" in batch_samples[0]
-        forget = sum(self._forget_count(b).to(device) for b in batch_samples)
+        specs = self._loss_specs(batch_samples[0])
+        forget = sum(specs["forget"].count(b, self.args).to(device) for b in batch_samples)
         retain = (
-            sum(self._retain_count(b).to(device) for b in batch_samples)
+            sum(specs["retain"].count(b, self.args).to(device) for b in batch_samples)
             if has_retain
             else torch.zeros((), device=device)
         )
@@ -585,85 +581,34 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
         """
         args = self.args
         counts = num_items_in_batch if isinstance(num_items_in_batch, UnlearningItemCounts) else None
-        has_retain = args.retain_loss is not None and "retain_input_ids" in inputs
         mode = "train" if model.training else "eval"
+        batch = L.LossBatch(inputs, args)
+        specs = self._loss_specs(inputs)
 
         # Reference passes first: switching adapters changes `requires_grad` flags, which must not happen while a
         # graph through the trained adapter is alive.
-        ref_logps = ref_retain_logits = None
-        if args.forget_loss == "npo" or (has_retain and args.retain_loss == "kl"):
+        references: dict[str, Any] = {}
+        if any(spec.reference is not None for spec in specs.values()):
             with self.reference_model(model) as ref:
-                if args.forget_loss == "npo":
-                    ref_logps, _ = L.sequence_log_probs(self._logits(ref, inputs, "forget"), inputs["forget_labels"])
-                if has_retain and args.retain_loss == "kl":
-                    ref_retain_logits = self._logits(ref, inputs, "retain")
+                references = {
+                    role: spec.reference(batch, ref) for role, spec in specs.items() if spec.reference is not None
+                }
 
-        # ---- forget ----
-        forget_prefix = self._forget_prefix()
-        logits = self._logits(model, inputs, forget_prefix)
-        labels = inputs[f"{forget_prefix}_labels"]
-        forget_nll = None
-        if args.forget_loss in ("npo", "simnpo"):
-            logps, num_tokens = L.sequence_log_probs(logits, labels)
-            if args.forget_loss == "npo":
-                forget_sum = L.npo_loss(logps, ref_logps, beta=args.beta, reduction="sum")
-            else:
-                forget_sum = L.simnpo_loss(logps, num_tokens, beta=args.beta, delta=args.simnpo_delta, reduction="sum")
-            local_forget = torch.tensor(labels.shape[0], device=logits.device)
-            forget_nll = -logps.detach().sum() / num_tokens.sum().clamp_min(1)
-        else:
-            loss_fn = {
-                "inverted_hinge": L.inverted_hinge_loss,
-                "gradient_ascent": L.gradient_ascent_loss,
-                "idk": L.nll_loss,
-            }[args.forget_loss]
-            forget_sum = loss_fn(logits, labels, reduction="sum")
-            local_forget = _shifted_count(labels)
-            if args.forget_loss == "gradient_ascent":
-                forget_nll = -forget_sum.detach() / local_forget.clamp_min(1)
-            elif args.forget_loss == "inverted_hinge":
-                forget_nll = L.nll_loss(logits.detach(), labels)
-        if forget_nll is None:  # IDK: the likelihood of the original forget answers
-            with torch.no_grad():
-                forget_nll = L.nll_loss(self._logits(model, inputs, "forget"), inputs["forget_labels"])
-        del logits
+        # One forward pass (or two, for IDK's logged NLL) per part, in order, so only one part's logits are alive.
+        terms = {role: spec.term(batch, model, references.get(role)) for role, spec in specs.items()}
 
-        # ---- retain ----
-        retain_sum = local_retain = retain_nll = None
-        if has_retain:
-            retain_logits = self._logits(model, inputs, "retain")
-            retain_labels = inputs["retain_labels"]
-            if args.retain_loss == "nll":
-                retain_sum = L.nll_loss(retain_logits, retain_labels, reduction="sum")
-                local_retain = _shifted_count(retain_labels)
-                retain_nll = retain_sum.detach() / local_retain.clamp_min(1)
-            else:
-                kl_labels = retain_labels if args.kl_mask == "labels" else None
-                retain_sum = L.kl_loss(retain_logits, ref_retain_logits, labels=kl_labels, reduction="sum")
-                local_retain = (
-                    _shifted_count(retain_labels) if kl_labels is not None else torch.tensor(retain_labels.numel())
-                ).to(retain_sum.device)
-                retain_nll = L.nll_loss(retain_logits.detach(), retain_labels)
-            del retain_logits
-
-        # ---- normalise and combine ----
-        forget_den = counts.forget if counts is not None else local_forget
-        forget_term = forget_sum / forget_den.clamp_min(1).to(forget_sum.dtype)
-        loss = args.forget_weight * forget_term
-        if retain_sum is not None:
-            retain_den = counts.retain if counts is not None and counts.retain is not None else local_retain
-            loss = loss + args.retain_weight * (retain_sum / retain_den.clamp_min(1).to(retain_sum.dtype))
+        # ---- normalise and combine; metrics are per micro-batch means ----
+        loss = 0.0
+        values: dict[str, torch.Tensor] = {}
+        weights = {"forget": args.forget_weight, "retain": args.retain_weight}
+        for role, term in terms.items():
+            global_count = getattr(counts, role, None) if counts is not None else None
+            denominator = term.count if global_count is None else global_count
+            loss = loss + weights[role] * (term.total / denominator.clamp_min(1).to(term.total.dtype))
+            values[f"{role}_loss"] = term.total.detach() / term.count.clamp_min(1)
+            values[f"{role}_nll"] = term.nll.detach()
         if counts is not None:
             loss = loss * counts.loss_scale
-
-        # ---- metrics (per micro-batch means) ----
-        values = {
-            "forget_loss": forget_sum.detach() / local_forget.clamp_min(1),
-            "forget_nll": forget_nll.detach(),
-        }
-        if retain_sum is not None:
-            values["retain_loss"] = retain_sum.detach() / local_retain.clamp_min(1)
-            values["retain_nll"] = retain_nll.detach()
         self._record_metrics(mode, values)
 
         if return_outputs:
