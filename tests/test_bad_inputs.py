@@ -164,6 +164,8 @@ def test_config_rejects_a_negative_learning_rate(tmp_path):
         ({"forget_loss": "npo", "idk_answers": ["No idea."]}, "`idk_answers` is ignored"),
         ({"completion_only_loss": False, "assistant_turns": "last"}, "`assistant_turns`='last' is ignored"),
         ({"eval_compute_el": False, "eval_el_n": [5]}, "eval_compute_el=False skips EL"),
+        ({"forget_loss": "npo", "rmu_layer": 1}, "`rmu_layer`=1 is ignored"),
+        ({"rmu_steering_coeff": 3.0}, "`rmu_steering_coeff`=3.0 is ignored"),
     ],
 )
 def test_config_warns_about_options_the_mode_ignores(tmp_path, kwargs, fragment):
