@@ -42,16 +42,18 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "FILA_OVERWRITE_SWITCH",
     "MANIFEST_NAME",
     "OVERWRITE_SWITCH",
     "SaveConflictError",
     "check_save_folder",
     "is_ours",
+    "policy_write",
     "record_written",
     "remove_if_ours",
     "staged_save",
@@ -65,6 +67,9 @@ MANIFEST_NAME = "_peft_unlearn_manifest.json"
 
 OVERWRITE_SWITCH = "UnlearningConfig(overwrite_output=True) (command line: --overwrite_output True)"
 """How the trainer and the CLI allow overwriting files peft_unlearn did not write."""
+
+FILA_OVERWRITE_SWITCH = "save_pretrained(..., overwrite_output=True)"
+"""How a FILA model's `save_pretrained` allows overwriting files peft_unlearn did not write."""
 
 _FORMAT = "peft_unlearn.manifest/1"
 _HASH_LIMIT = 8 * 1024 * 1024
@@ -322,6 +327,37 @@ def staged_save(
         record_written(root, staged)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def policy_write(
+    directory: str | os.PathLike[str],
+    write: Callable[[Path], Any],
+    *,
+    is_main_process: bool = True,
+    overwrite: bool = False,
+    switch: str = OVERWRITE_SWITCH,
+) -> None:
+    """Run ``write(folder)`` under the policy: staged and checked on the main process, as is elsewhere.
+
+    The hook for save functions that write several files (e.g. FILA's `save_pretrained`): the main process
+    writes into a staging folder that [`staged_save`][peft_unlearn.save_policy.staged_save] checks and moves
+    into `directory`; other processes (which write nothing in a DDP save) call ``write(directory)`` directly.
+
+    Args:
+        directory: The save folder.
+        write: Writes the save into the folder it is given.
+        is_main_process: Whether this process writes files.
+        overwrite: Allow replacing files peft_unlearn did not write (never a user's README.md).
+        switch: How the caller allows overwriting, quoted in the error.
+
+    Raises:
+        SaveConflictError: As `staged_save`.
+    """
+    if not is_main_process:
+        write(Path(directory))
+        return
+    with staged_save(directory, overwrite=overwrite, switch=switch) as stage:
+        write(stage)
 
 
 def write_model_card(directory: str | os.PathLike[str], text: str) -> bool:

@@ -658,3 +658,20 @@ def test_metrics_name_token_ids_outside_the_vocabulary(tiny_llama):
         evaluate_memorization(tiny_llama, [[1, 2, vocab + 5]], compute_el=False)
     with pytest.raises(ValueError, match="`labels` holds token id"):
         memorization_accuracy(tiny_llama, torch.tensor([[1, 2, 3]]), labels=torch.tensor([[-100, 2, vocab]]))
+
+
+def test_policy_write_stages_on_the_main_process_only(tmp_path):
+    from peft_unlearn.save_policy import policy_write
+
+    folder = tmp_path / "f"
+    _user_files(folder, {"adapter_config.json": "user"})
+    with pytest.raises(SaveConflictError, match="save_pretrained\\(\\.\\.\\., overwrite_output=True\\)"):
+        policy_write(
+            folder,
+            lambda d: (d / "adapter_config.json").write_text("ours"),
+            switch="save_pretrained(..., overwrite_output=True)",
+        )
+    assert (folder / "adapter_config.json").read_text() == "user"
+    seen = []
+    policy_write(folder, seen.append, is_main_process=False)  # other ranks write nothing: no staging
+    assert seen == [folder]
