@@ -153,7 +153,10 @@ class UnlearningConfig(TrainingArguments):
     )
     retain_loss: str | None = field(
         default="nll",
-        metadata={"help": f"Retain-set loss: {', '.join(map(repr, RETAIN_LOSSES))} or None (no retain term)."},
+        metadata={
+            "help": f"Retain-set loss: {', '.join(map(repr, RETAIN_LOSSES))} or None / 'none' (no retain term).",
+            "choices": [*RETAIN_LOSSES, "none"],
+        },
     )
     forget_weight: float = field(default=1.0, metadata={"help": "Weight of the forget loss."})
     retain_weight: float = field(default=1.0, metadata={"help": "Weight of the retain loss."})
