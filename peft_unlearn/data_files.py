@@ -18,7 +18,10 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 __all__ = ["DATA_BUILDERS", "DataFileError", "check_columns", "load_data_file"]
 
@@ -64,7 +67,7 @@ def _root_cause(err: BaseException) -> BaseException:
     return err
 
 
-def load_data_file(path: str | os.PathLike[str], flag: str = "forget", text_split: str = "line"):
+def load_data_file(path: str | os.PathLike[str], flag: str = "forget", text_split: str = "line") -> Dataset:
     """Read a data file (with `datasets.load_dataset`) or a saved `datasets` directory into a `datasets.Dataset`.
 
     The extension picks the builder (`DATA_BUILDERS`): `.json` (records, a dict of equally long columns or

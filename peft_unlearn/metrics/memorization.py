@@ -361,10 +361,10 @@ def preprocess_logits_for_ma(logits: Any, labels: Any) -> torch.Tensor:
 def compute_ma_metrics(eval_pred: Any) -> dict[str, float]:
     """``Trainer(compute_metrics=...)`` function returning the per-sequence-averaged MA as ``{"ma": ...}``.
 
-    Use together with :func:`preprocess_logits_for_ma`. With a stock ``Trainer`` and
-    ``eval_dataset={"forget": ...}`` this yields ``eval_forget_ma`` (what :class:`StopWhenForgottenCallback`
+    Use together with `preprocess_logits_for_ma`. With a stock ``Trainer`` and
+    ``eval_dataset={"forget": ...}`` this yields ``eval_forget_ma`` (what `StopWhenForgottenCallback`
     reads). Labels must be the unshifted causal-LM labels (-100 ignored); EL needs generation and is not
-    available this way (use :func:`evaluate_memorization`).
+    available this way (use `evaluate_memorization`).
 
     Args:
         eval_pred: A ``transformers.EvalPrediction`` (or a ``(predictions, label_ids)`` tuple) where the
@@ -490,7 +490,7 @@ def extraction_likelihood(
         batch_size: Prefixes per generation batch.
         labels: Optional unshifted labels; only used to find the first supervised position t0.
         pad_token_id: Padding id for the internal left-padded generation batches.
-        use_cache: Passed to :func:`greedy_generate`.
+        use_cache: Passed to `greedy_generate`.
 
     Returns:
         Float tensor ``[B]`` on the CPU.
@@ -545,8 +545,8 @@ def evaluate_memorization(
 
     ``ma`` and ``el{n}`` are means over sequences (sequences where the metric is undefined, NaN, are skipped;
     all undefined gives NaN); ``nll`` is the mean NLL over all counted tokens of the data set (token-pooled) and
-    ``ppl = exp(nll)``. With ``labels`` only the supervised tokens count (see :func:`memorization_accuracy`,
-    :func:`extraction_likelihood`).
+    ``ppl = exp(nll)``. With ``labels`` only the supervised tokens count (see `memorization_accuracy`,
+    `extraction_likelihood`).
 
     Distributed: when ``torch.distributed`` is initialized with several processes,
 

@@ -99,7 +99,7 @@ def load_tofu(split: str, source: str = "synthetic", *, max_items: int | None = 
       local HF cache). ``split`` is any TOFU config name (``forget01``, ``forget05_perturbed``, ``retain90``,
       ``full``, ...) or an alias: ``forget`` -> ``forget10_perturbed``, ``retain`` -> ``retain_perturbed``,
       ``real_authors`` -> ``real_authors_perturbed``, ``world_facts`` -> ``world_facts_perturbed``.
-      :func:`evaluate_tofu` needs the ``*_perturbed`` configs (they carry ``paraphrased_answer`` and
+      `evaluate_tofu` needs the ``*_perturbed`` configs (they carry ``paraphrased_answer`` and
       ``perturbed_answer``); plain configs such as ``forget10`` / ``retain90`` are for training.
 
     Args:
@@ -190,7 +190,7 @@ def format_qa(
 ) -> dict[str, list[int]]:
     """Tokenize a question/answer pair with the question masked in the labels.
 
-    The prompt (:func:`format_prompt`) and the answer are tokenized separately and concatenated, so the
+    The prompt (`format_prompt`) and the answer are tokenized separately and concatenated, so the
     answer tokens are exactly those scored. With a format-string template the answer is prefixed by a space
     (``"...Answer:" + " " + answer``); with ``"chat"`` it follows the generation prompt directly. The EOS
     token after the answer is supervised when ``add_eos`` (TOFU convention).
@@ -251,10 +251,10 @@ def answer_nll(
         tokenizer: Its tokenizer (``pad_token_id`` or ``eos_token_id`` is used for padding).
         questions: N questions.
         answers: N answers.
-        template: See :func:`format_qa`.
+        template: See `format_qa`.
         batch_size: Sequences per forward pass.
-        max_length: See :func:`format_qa`.
-        add_eos: See :func:`format_qa`.
+        max_length: See `format_qa`.
+        add_eos: See `format_qa`.
 
     Returns:
         ``np.ndarray [N]`` (float64).
@@ -300,9 +300,9 @@ def answer_probability(
         tokenizer: Its tokenizer.
         questions: N questions.
         answers: N answers.
-        template: See :func:`format_qa`.
+        template: See `format_qa`.
         batch_size: Sequences per forward pass.
-        max_length: See :func:`format_qa`.
+        max_length: See `format_qa`.
 
     Returns:
         ``np.ndarray [N]`` in (0, 1].
@@ -365,7 +365,7 @@ def truth_ratio_forget_score(ratios: Any) -> float:
     """Forget-side truth-ratio statistic ``mean(min(R, 1/R))`` in [0, 1] (1 = cannot tell true from false).
 
     Args:
-        ratios: Per-item R from :func:`truth_ratio`.
+        ratios: Per-item R from `truth_ratio`.
 
     Returns:
         The mean as a float.
@@ -383,7 +383,7 @@ def truth_ratio_utility_score(ratios: Any) -> float:
     """Utility-side truth-ratio statistic ``mean(max(0, 1 - R))`` in [0, 1] (higher: prefers the truth).
 
     Args:
-        ratios: Per-item R from :func:`truth_ratio`.
+        ratios: Per-item R from `truth_ratio`.
 
     Returns:
         The mean as a float.
@@ -439,7 +439,7 @@ def generate_answers(
         model: A causal LM.
         tokenizer: Its tokenizer.
         questions: The questions.
-        template: See :func:`format_prompt`.
+        template: See `format_prompt`.
         max_new_tokens: Generation budget per answer.
         batch_size: Prompts per batch (left-padded, KV cache when the model provides one).
 
@@ -500,7 +500,7 @@ def rouge_l_recall(predictions: Sequence[str], references: Sequence[str], *, use
 def forget_quality(unlearned_truth_ratios: Any, retain_truth_ratios: Any) -> float:
     """KS-test p-value between the forget-set truth ratios of the unlearned and the retain-only model.
 
-    Both inputs must be the same per-item quantity (e.g. R from :func:`truth_ratio`, or both 1/R; the KS test
+    Both inputs must be the same per-item quantity (e.g. R from `truth_ratio`, or both 1/R; the KS test
     is invariant to applying the same monotone map to both).
 
     Args:
@@ -536,7 +536,7 @@ def model_utility(values: Mapping[str, float] | Sequence[float]) -> float:
     """Harmonic mean of the utility numbers (TOFU: 9 values); 0 when any value is 0.
 
     Args:
-        values: A dict name -> value (e.g. the 9 ``UTILITY_KEYS`` of :func:`evaluate_tofu`) or a sequence.
+        values: A dict name -> value (e.g. the 9 ``UTILITY_KEYS`` of `evaluate_tofu`) or a sequence.
             Values must be finite and >= 0.
 
     Returns:
@@ -640,7 +640,7 @@ def evaluate_tofu(
 ) -> dict[str, Any]:
     """All TOFU numbers for one model: probability, ROUGE-L, truth ratio per split, model utility, forget quality.
 
-    Splits (``datasets.Dataset`` or lists of dicts in TOFU format, see :func:`load_tofu`) may be None to skip
+    Splits (``datasets.Dataset`` or lists of dicts in TOFU format, see `load_tofu`) may be None to skip
     them. Truth ratios use ``paraphrased_answer`` as the base on forget/retain and ``answer`` on real authors /
     world facts; probability is ``P(a|q)^{1/|a|}`` on forget/retain and the relative probability against the
     perturbed options on real authors / world facts.
@@ -654,7 +654,7 @@ def evaluate_tofu(
         world_facts: World-facts split (same fields).
         retain_model_truth_ratios: ``evaluate_tofu(retain_model, ...)["forget_truth_ratios"]``; when given,
             ``forget_quality`` is computed.
-        template: Prompt template (see :func:`format_qa`).
+        template: Prompt template (see `format_qa`).
         max_new_tokens: Generation budget for ROUGE (TOFU: max length 200).
         batch_size: Sequences per forward pass / generation batch.
         max_items: Evaluate the first ``max_items`` rows of each split (TOFU protocol: 300; None = all).
@@ -664,7 +664,7 @@ def evaluate_tofu(
     Returns:
         A dict with, for each given split ``s``: ``s_prob``, ``s_truth_ratio`` (forget: ``mean(min(R, 1/R))``;
         others: ``mean(max(0, 1 - R))``), ``s_rougeL``; plus ``forget_truth_ratios`` (list of per-item R, the
-        input of :func:`forget_quality`), ``forget_generations`` (list of str), ``model_utility`` (when retain,
+        input of `forget_quality`), ``forget_generations`` (list of str), ``model_utility`` (when retain,
         real authors and world facts are all given and ROUGE is computed) and ``forget_quality`` (when
         ``retain_model_truth_ratios`` is given).
 
