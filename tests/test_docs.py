@@ -15,17 +15,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 MKDOCS_YML = REPO / "mkdocs.yml"
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("mkdocstrings") is None,
-    reason="mkdocs / mkdocstrings not installed (pip install mkdocs mkdocs-material 'mkdocstrings[python]')",
-)
-
 
 RAW_MARKUP = (":class:", ":func:", ":meth:", ":mod:", ":data:", ":attr:", "[~", "[!NOTE]", "*optional*")
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
+    if importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("mkdocstrings") is None:
+        pytest.skip("mkdocs / mkdocstrings not installed (pip install mkdocs mkdocs-material 'mkdocstrings[python]')")
     """The site built once with `mkdocs build --strict`."""
     return _build(tmp_path_factory.mktemp("docs"))
 
@@ -97,3 +94,28 @@ def test_api_headings_are_short_and_public(site):
 def test_math_is_rendered_by_mathjax(site):
     text = (site / "concepts" / "ihl" / "index.html").read_text(encoding="utf-8")
     assert 'class="arithmatex"' in text and "mathjax" in text.lower()
+
+
+def test_home_page_example_runs(tmp_path, monkeypatch):
+    """The home page starts with an install line and its Python example runs as written."""
+    text = (REPO / "docs" / "index.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```(\w+)\n(.*?)```", text, flags=re.S)
+    assert blocks[0][0] == "bash" and blocks[0][1].startswith("pip install")
+    code = next(body for lang, body in blocks if lang == "python")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "docs/index.md", "exec"), namespace)
+    assert namespace["trainer"].state.global_step == 10
+    assert (tmp_path / "out" / "adapter_config.json").is_file()
+
+
+def test_drop_in_guide_changes_exactly_two_lines():
+    text = (REPO / "docs" / "guides" / "drop-in.md").read_text(encoding="utf-8")
+    diff = re.search(r"```diff\n(.*?)```", text, flags=re.S).group(1).splitlines()
+    removed = [line[1:] for line in diff if line.startswith("-")]
+    added = [line[1:] for line in diff if line.startswith("+")]
+    assert len(removed) == len(added) == 2
+    # the new script is valid Python and uses the unlearning classes under the familiar names
+    new = "\n".join(line[1:] for line in diff if not line.startswith("-"))
+    compile(new, "drop-in.md", "exec")
+    assert "UnlearningTrainer as Trainer" in added[0] and "forget_dataset=forget" in added[1]
