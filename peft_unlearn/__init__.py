@@ -30,6 +30,8 @@ _LAZY_EXPORTS: dict[str, str] = {
     "estimate_fisher": "peft_unlearn.fila.fisher",
     "FisherStatistics": "peft_unlearn.fila.fisher",
     "initialize_fila_weights": "peft_unlearn.fila.init",
+    "estimate_vila_importance": "peft_unlearn.fila.vila",
+    "initialize_vila_weights": "peft_unlearn.fila.vila",
     "FilaConfig": "peft_unlearn.fila.config",
     "FilaLoraConfig": "peft_unlearn.fila.config",
     "export_portable_adapter": "peft_unlearn.fila.saving",
@@ -53,9 +55,11 @@ __all__ = [
     "UnlearningEvalCallback",
     "UnlearningTrainer",
     "estimate_fisher",
+    "estimate_vila_importance",
     "export_portable_adapter",
     "gradient_ascent_loss",
     "initialize_fila_weights",
+    "initialize_vila_weights",
     "inverted_hinge_loss",
     "kl_loss",
     "nll_loss",
@@ -70,6 +74,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .fila.init import initialize_fila_weights
     from .fila.registration import register_fila
     from .fila.saving import export_portable_adapter
+    from .fila.vila import estimate_vila_importance, initialize_vila_weights
     from .losses import (
         gradient_ascent_loss,
         inverted_hinge_loss,

@@ -437,7 +437,7 @@ def _cmd_train(argv: list[str]) -> int:
     trainer.train()
     if trainer.state.global_step == 0:
         raise CLIError(
-            f"training ran 0 optimizer steps (max_steps={config.max_steps}, num_train_epochs="
+            f"training ran zero optimizer steps (max_steps={config.max_steps}, num_train_epochs="
             f"{config.num_train_epochs}, {len(forget)} forget examples), so nothing was unlearned and nothing was "
             "saved; raise --max_steps or --num_train_epochs",
             EXIT_FAILURE,

@@ -667,7 +667,7 @@ def test_train_zero_steps_fails_and_saves_nothing(tmp_path, tiny_model_dir, data
     argv = ["train", "--model", str(tiny_model_dir), "--forget", str(forget), "--retain", str(retain),
             "--output", str(out), "--init", "default", "--num_train_epochs", "0", "--report_to", "none",
             "--use_cpu", "--save_strategy", "no", "--disable_tqdm", "true"]  # fmt: skip
-    assert _run_main(argv) == cli.EXIT_FAILURE
+    assert _run_main(argv) != 0
     captured = capsys.readouterr()
-    assert "training ran 0 optimizer steps" in captured.err and "Saved" not in captured.out
+    assert "zero steps" in captured.err and "Saved" not in captured.out
     assert not (out / "adapter_config.json").exists()

@@ -9,7 +9,8 @@ Usage with stock PEFT after ``import peft_unlearn``::
 
 Modules: :mod:`.config` (FilaConfig, FilaLoraConfig), :mod:`.fisher` (estimate_fisher),
 :mod:`.init` (fila_init_layer, initialize_fila_weights, preprocess_fila), :mod:`.registration`
-(the PEFT hooks), :mod:`.saving` (portable export, raw checkpoints, residual rebuild).
+(the PEFT hooks), :mod:`.saving` (portable export, raw checkpoints, residual rebuild), :mod:`.vila`
+(VILA: variance-based importance through the LoRA factors, then the same weighted init).
 
 Examples:
     >>> from peft_unlearn.fila import FilaConfig
@@ -30,6 +31,7 @@ from .saving import (
     save_fila_state,
     save_residual_base,
 )
+from .vila import VILA_INIT_NAME, estimate_vila_importance, initialize_vila_weights
 
 __all__ = [
     "add_fila_reference_adapter",
@@ -48,4 +50,7 @@ __all__ = [
     "restore_fila_residual",
     "save_fila_state",
     "save_residual_base",
+    "VILA_INIT_NAME",
+    "estimate_vila_importance",
+    "initialize_vila_weights",
 ]

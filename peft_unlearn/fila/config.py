@@ -22,6 +22,7 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -52,6 +53,18 @@ class FilaConfig:
             exact SVD, real LLM layers the randomized one, which is much faster on CPU).
         fp32_accumulation: Accumulate the Fisher statistics in fp32 (default). ``False`` accumulates in the
             model's dtype, like the official bf16 code (parity mode, loses small squares).
+        factor_scale: Scale ``c`` of the trainable factors, which start at ``c * A0`` and ``c * B0``; the
+            model output is unchanged at init for every ``c`` (the initial product ``s * c**2 * B0 A0`` is
+            cancelled), but the size of each Adam update of ``s * B A`` grows with ``c``.
+            ``"paper"`` (default): ``c = 1``, the paper's magnitudes ``sqrt(S / s)``.
+            ``"stable"``: a per-layer ``c`` chosen so that the first Adam step moves ``s * B A`` about as
+            much as it moves a default LoRA at the same learning rate. Adam's first step changes every
+            entry by about ``lr``; default LoRA moves only ``B`` (``A``'s gradient is 0 because ``B = 0``),
+            so ``||delta||_F ~ s * lr * sqrt(out * r / 3)`` for PEFT's kaiming-uniform ``A``
+            (``||A||_F**2 ~ r / 3``), while FILA moves both factors:
+            ``||delta||_F ~ s * lr * c * (sqrt(out) * ||A0||_F + sqrt(in) * ||B0||_F)``. Hence
+            ``c = sqrt(out * r / 3) / (sqrt(out) * ||A0||_F + sqrt(in) * ||B0||_F)``.
+            A positive number: that ``c`` for every layer.
 
     Examples:
         >>> FilaConfig(niter=4).niter
@@ -70,6 +83,14 @@ class FilaConfig:
     exact_svd_max_dim: int = field(default=256, metadata={"help": "Largest min(out, in) for exact SVD in auto."})
     fp32_accumulation: bool = field(
         default=True, metadata={"help": "Accumulate Fisher statistics in fp32 (False: model dtype, parity mode)."}
+    )
+    factor_scale: str | float = field(
+        default="paper",
+        metadata={
+            "help": "Scale c of the trainable factors (c*A0, c*B0; the output at init is unchanged for any c): "
+            "'paper' (c=1, the paper's sqrt(S/s) magnitudes), 'stable' (per-layer c so that the first Adam "
+            "step moves s*B*A as much as it moves a default LoRA at the same learning rate) or a positive number."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -92,6 +113,7 @@ class FilaConfig:
             raise ValueError(f"`exact_svd_max_dim` must be an integer, got {self.exact_svd_max_dim!r}.")
         if not isinstance(self.fp32_accumulation, bool):
             raise ValueError(f"`fp32_accumulation` must be a bool, got {self.fp32_accumulation!r}.")
+        self.factor_scale = _check_factor_scale(self.factor_scale)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the settings as a JSON-serialisable dict."""
@@ -119,6 +141,25 @@ class FilaConfig:
                 raise ValueError(f"`fila_config` has unknown keys {unknown}; expected a subset of {sorted(known)}.")
             return cls(**value)
         raise TypeError(f"`fila_config` must be a FilaConfig, a dict or None, got {type(value).__name__}.")
+
+
+FACTOR_SCALE_NAMES = ("paper", "stable")
+
+
+def _check_factor_scale(value: Any) -> str | float:
+    if isinstance(value, str):
+        if value.lower() in FACTOR_SCALE_NAMES:
+            return value.lower()
+        raise ValueError(
+            f"`factor_scale` must be 'paper', 'stable' or a positive number, got {value!r}; 'paper' keeps the "
+            "paper's factor magnitudes, 'stable' matches default LoRA's first update size."
+        )
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(
+            f"`factor_scale` must be 'paper', 'stable' or a positive finite number, got {value!r}; e.g. "
+            "factor_scale=0.1 starts the trainable factors at 0.1 * A0 and 0.1 * B0."
+        )
+    return float(value)
 
 
 def validate_fila_lora_config(config: LoraConfig) -> None:

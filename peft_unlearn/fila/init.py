@@ -10,7 +10,9 @@ LoRA scaling ``s``:
 4. ``A0 = (V diag(sqrt S))^T`` [r, in], ``B0 = diag(1 / (w + eps)) U diag(sqrt S)`` [out, r]
    (evaluated as ``diag(w / (w + eps)) W V diag(1 / sqrt(S s))``, the same for an exact SVD, so that
    rows with ``w ~ 0`` do not get rounding noise amplified by ``1 / eps``),
-5. residual base ``W_res = W - s * B0 @ A0`` (fp32 product of the adapter-dtype factors, cast to the
+5. the trainable factors start at ``c * A0``, ``c * B0`` (``FilaConfig.factor_scale``; ``c = 1`` is the
+   paper),
+6. residual base ``W_res = W - s * B_init @ A_init`` of those initial factors (fp32 product of the adapter-dtype factors, cast to the
    base dtype), so ``W_res + s * B0 A0 = W`` and the model output is unchanged at init.
 
 ``s * B0 A0 = diag(1/(w+eps)) U_r S_r V_r^T`` is the minimiser of ``||diag(w) (W - M)||_F`` over
@@ -65,6 +67,7 @@ __all__ = [
     "initialize_fila_weights",
     "preprocess_fila",
     "residual_weight",
+    "resolve_factor_scale",
 ]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -178,14 +181,50 @@ def fila_init_layer(
 
     _, s, v = _truncated_svd(row_w[:, None] * w_mat, rank, config)
     s = s.clamp_min(0)
-    lora_a = (v * (s / scaling).sqrt()).mT.contiguous().to(lora_dtype)
+    lora_a = (v * (s / scaling).sqrt()).mT
     # B0 = diag(1/(w+eps)) U diag(sqrt(S/s)) with U = diag(w) W V diag(1/S), i.e. diag(w/(w+eps)) W V diag(1/sqrt(S s)):
     # identical for an exact SVD, but rows with w ~ 0 get exactly their (tiny) share instead of U's rounding noise
     # divided by eps. Directions with S = 0 carry nothing (their A0 row is 0).
     tiny = s.max() * torch.finfo(work).eps * max(w_mat.shape)
     inv_root = torch.where(s > tiny, (s * scaling).clamp_min(torch.finfo(work).tiny).rsqrt(), 0.0)
-    lora_b = ((row_w / (row_w + config.eps))[:, None] * (w_mat @ v) * inv_root).contiguous().to(lora_dtype)
+    lora_b = (row_w / (row_w + config.eps))[:, None] * (w_mat @ v) * inv_root
+    factor = resolve_factor_scale(config.factor_scale, lora_a, lora_b)
+    lora_a = (factor * lora_a).contiguous().to(lora_dtype)
+    lora_b = (factor * lora_b).contiguous().to(lora_dtype)
     return lora_a, lora_b, residual_weight(weight, lora_a, lora_b, scaling)
+
+
+def resolve_factor_scale(factor_scale: str | float, lora_a: torch.Tensor, lora_b: torch.Tensor) -> float:
+    """The scale ``c`` of the trainable factors for ``FilaConfig.factor_scale`` (see its docstring).
+
+    ``"paper"`` is 1; ``"stable"`` is ``sqrt(out * r / 3) / (sqrt(out) * ||A0||_F + sqrt(in) * ||B0||_F)``,
+    which makes the first Adam step's ``||s * delta(B A)||_F`` about that of a default LoRA (``B = 0``,
+    kaiming-uniform ``A``) at the same learning rate; a number is returned as it is.
+
+    Args:
+        factor_scale: ``"paper"``, ``"stable"`` or a positive number.
+        lora_a: ``A0`` ``[r, in]``.
+        lora_b: ``B0`` ``[out, r]``.
+
+    Returns:
+        ``c`` as a Python float (1.0 for a zero layer under ``"stable"``).
+
+    Examples:
+        >>> resolve_factor_scale("paper", torch.ones(2, 3), torch.ones(4, 2))
+        1.0
+        >>> round(resolve_factor_scale("stable", torch.ones(2, 3), torch.ones(4, 2)), 4)
+        0.1667
+    """
+    if factor_scale == "paper":
+        return 1.0
+    if factor_scale != "stable":
+        return float(factor_scale)
+    rank, in_features = lora_a.shape
+    out_features = lora_b.shape[0]
+    moved = math.sqrt(out_features) * float(lora_a.float().norm()) + math.sqrt(in_features) * float(
+        lora_b.float().norm()
+    )
+    return math.sqrt(out_features * rank / 3.0) / moved if moved > 0 else 1.0
 
 
 def residual_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:

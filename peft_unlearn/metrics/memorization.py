@@ -5,7 +5,8 @@ Definitions (Jang et al. 2023, used by arXiv 2408.06621 for TDEC; tokens are x_0
 - ``MA(x) = 1/(T-1) * sum_{t=1}^{T-1} 1[argmax_v p(v | x_<t) = x_t]`` (teacher forcing, one forward pass).
   With ``labels`` only the supervised positions (``labels != -100``) count, and the target is the label.
 - ``EL_n(x) = 1/(T-n) * sum_{t=1}^{T-n} overlap_n(g_t, x_>=t)`` where ``g_t`` is the greedy continuation of
-  ``x_<t`` up to total length T (always exactly T - t new tokens; EOS is not treated specially) and
+  ``x_<t`` up to total length T (by default exactly T - t new tokens, EOS is not treated specially; with
+  ``stop_at_eos=True`` it ends at the first generated EOS, as ``generate`` does) and
   ``overlap_n(g, r)`` is the number of n-grams of ``g`` (with multiplicity) that occur among the n-grams of
   ``r``, divided by the number of n-grams of ``r`` (T - t - n + 1). This is the counting of Jang's
   ``knowledge-unlearning`` code, and it lies in [0, 1].
@@ -86,6 +87,11 @@ def _prepare_batch(
     input_ids: Any, attention_mask: Any = None, labels: Any = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     input_ids = _as_2d("input_ids", input_ids).long()
+    if input_ids.numel() == 0:
+        raise ValueError(
+            f"`input_ids` is empty (shape {tuple(input_ids.shape)}); the metric is undefined without tokens. Pass at "
+            "least one sequence of at least one token."
+        )
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     else:
@@ -418,8 +424,12 @@ def _el_scores(
     batch_size: int,
     pad_token_id: int,
     use_cache: bool | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
 ) -> dict[int, list[float]]:
-    """EL_n for each n and each sequence (NaN where undefined); one generation pass shared by all n."""
+    """EL_n for each n and each sequence (NaN where undefined); one generation pass shared by all n.
+
+    ``eos_token_id`` given: each continuation stops after its first EOS (shorter continuation, same denominator).
+    """
     n_min = min(ns)
     jobs: list[tuple[int, int]] = []  # (sequence index, prefix length t)
     for s, item in enumerate(seqs):
@@ -433,7 +443,13 @@ def _el_scores(
     prompts = [seqs[s]["input_ids"][:t] for s, t in jobs]
     budgets = [len(seqs[s]["input_ids"]) - t for s, t in jobs]
     conts = greedy_generate(
-        model, prompts, budgets, pad_token_id=pad_token_id, batch_size=batch_size, use_cache=use_cache
+        model,
+        prompts,
+        budgets,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        batch_size=batch_size,
+        use_cache=use_cache,
     )
     per_seq: dict[int, list[list[float]]] = {n: [[] for _ in seqs] for n in ns}
     for (s, t), cont in zip(jobs, conts):
@@ -467,6 +483,8 @@ def extraction_likelihood(
     labels: Any = None,
     pad_token_id: int = 0,
     use_cache: bool | None = None,
+    stop_at_eos: bool = False,
+    eos_token_id: int | Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Per-sequence extraction likelihood EL_n (Jang et al. 2023).
 
@@ -476,6 +494,13 @@ def extraction_likelihood(
     the first supervised position (so a question prefix is always given). A sequence with no valid t
     (``T - n < t0``, i.e. n too large for the sequence) gets NaN. Padding (either side) is removed per sequence
     using ``attention_mask``.
+
+    EOS: by default every continuation has exactly ``T - t`` tokens, EOS included as an ordinary token (the
+    score then measures how much of the suffix the model *can* reproduce). ``stop_at_eos=True`` is what Jang et
+    al.'s code measures with ``generate``: a continuation ends with its first generated EOS, the positions after
+    it contribute no n-gram hits (``generate`` pads them; a padded n-gram only matches if the pad id occurs in
+    the reference), and the denominator stays the n-grams of ``x_>=t``. So ``stop_at_eos=True`` never gives a
+    higher score than the default, and both agree for a model that emits no EOS before the sequence length.
 
     Cost: ``(T - t0) / prefix_stride`` greedy continuations per sequence, about ``T^2 / (2 * prefix_stride)``
     generated tokens (T = 200, stride 1: ~20k tokens per sequence). All prefixes of all sequences are batched
@@ -491,9 +516,15 @@ def extraction_likelihood(
         labels: Optional unshifted labels; only used to find the first supervised position t0.
         pad_token_id: Padding id for the internal left-padded generation batches.
         use_cache: Passed to `greedy_generate`.
+        stop_at_eos: End each continuation at its first generated EOS (as ``generate``), see above.
+        eos_token_id: EOS id(s) for ``stop_at_eos``; default the model's ``generation_config`` / ``config``
+            ``eos_token_id``.
 
     Returns:
         Float tensor ``[B]`` on the CPU.
+
+    Raises:
+        ValueError: If ``stop_at_eos=True`` and no EOS id is given or known from the model.
 
     Examples:
         >>> from peft_unlearn.testing import tiny_causal_lm
@@ -513,8 +544,23 @@ def extraction_likelihood(
                 "labels": labels[b][keep].tolist() if labels is not None else None,
             }
         )
-    scores = _el_scores(model, seqs, ns, prefix_stride, batch_size, pad_token_id, use_cache)
+    eos = _resolve_eos(model, eos_token_id) if stop_at_eos else None
+    scores = _el_scores(model, seqs, ns, prefix_stride, batch_size, pad_token_id, use_cache, eos)
     return torch.tensor(scores[ns[0]], dtype=torch.float32)
+
+
+def _resolve_eos(model: torch.nn.Module, eos_token_id: int | Sequence[int] | None) -> int | list[int]:
+    if eos_token_id is None:
+        for source in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+            eos_token_id = getattr(source, "eos_token_id", None)
+            if eos_token_id is not None:
+                break
+    if eos_token_id is None or (not isinstance(eos_token_id, int) and len(eos_token_id) == 0):
+        raise ValueError(
+            "`stop_at_eos=True` needs an EOS id, but `eos_token_id` is None and the model's generation_config / "
+            "config has none; pass `eos_token_id=tokenizer.eos_token_id`."
+        )
+    return eos_token_id if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -589,6 +635,11 @@ def evaluate_memorization(
     ns = _check_el_args(el_n, el_prefix_stride, el_batch_size or 4 * batch_size) if compute_el else ()
     items = _normalize_data(data)
     rank, world = _dist_info()
+    if not items and (world == 1 or distributed != "gather"):
+        raise ValueError(
+            "`data` is empty: evaluate_memorization needs at least one sequence (an empty evaluation set would "
+            "report NaN). Check the dataset split or filter that produced it."
+        )
     if world > 1 and distributed == "shard":
         items = items[rank::world]
 

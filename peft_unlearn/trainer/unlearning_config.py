@@ -15,6 +15,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 from ..losses import FORGET_LOSSES, LOSS_REGISTRY, RETAIN_LOSSES
+from .config_checks import check_finite_fields, warn_ignored_options
 
 __all__ = [
     "ASSISTANT_TURNS",
@@ -86,6 +87,10 @@ class UnlearningConfig(TrainingArguments):
         eval_el_n: `n` values of the extraction likelihood `EL_n` reported by `evaluate()` (`eval_{name}_el{n}`). Defaults to `[10]`.
         eval_el_prefix_stride: Stride between the prefixes of the extraction likelihood (1 = every prefix, as in the TDEC protocol). Defaults to `1`.
         eval_compute_el: Whether `evaluate()` computes the (expensive) extraction likelihood. Defaults to `True`.
+        overwrite_output: Allow saves (`save_model`, checkpoints, Hub pushes) to overwrite files in the target folder
+            that peft_unlearn did not write, and to save an adapter into a folder that holds a base model. Without it
+            such a save is refused before anything is written. A user's `README.md` is never replaced. Defaults to
+            `False`.
         model_init_kwargs: Keyword arguments for `AutoModelForCausalLM.from_pretrained` when `model` is given as a string.
         fila_batch_size: Batch size of the Fisher-estimation pass over the forget and retain sets. Defaults to `4`.
         fila_max_batches: Cap on the number of Fisher batches per set (`None`: the whole set).
@@ -198,6 +203,15 @@ class UnlearningConfig(TrainingArguments):
         default=True, metadata={"help": "Whether evaluate() computes the extraction likelihood."}
     )
 
+    # ---- saving ----
+    overwrite_output: bool = field(
+        default=False,
+        metadata={
+            "help": "Allow saves to overwrite files in output folders that peft_unlearn did not write (a user's "
+            "README.md is kept regardless)."
+        },
+    )
+
     # ---- model ----
     model_init_kwargs: dict[str, Any] | str | None = field(
         default=None,
@@ -232,6 +246,7 @@ class UnlearningConfig(TrainingArguments):
             raise ValueError(f"`rmu_layer` must be an integer layer index or None, got {self.rmu_layer!r}.")
         if not isinstance(self.rmu_steering_coeff, (int, float)) or not 0 < self.rmu_steering_coeff < float("inf"):
             raise ValueError(f"`rmu_steering_coeff` must be a finite number > 0, got {self.rmu_steering_coeff!r}.")
+        check_finite_fields(self)
         for name in ("forget_weight", "retain_weight"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value >= 0:
@@ -267,6 +282,7 @@ class UnlearningConfig(TrainingArguments):
         ):
             raise ValueError(f"`fila_max_batches` must be an integer >= 1 or None, got {self.fila_max_batches!r}.")
 
+        warn_ignored_options(self)
         super().__post_init__()
 
         if self.activation_checkpointing and self.activation_checkpointing_kwargs is None:

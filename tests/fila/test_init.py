@@ -437,3 +437,91 @@ def test_reference_adapter_reproduces_the_original_model():
         add_fila_reference_adapter(peft_model)
     with pytest.raises(ValueError, match="not a FILA adapter"):
         add_fila_reference_adapter(peft_model, adapter_name="ref", reference_name="ref2")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# factor_scale
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _lora_products(model) -> dict[str, torch.Tensor]:
+    return {
+        n: (m.scaling["default"] * m.lora_B["default"].weight @ m.lora_A["default"].weight).detach().clone()
+        for n, m in _layers(model)
+    }
+
+
+def _first_adamw_step(model, batch, lr) -> dict[str, float]:
+    """||delta(s B A)||_F per layer after one AdamW step (no weight decay) on the LM loss."""
+    before = _lora_products(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    model.train()
+    model(**batch).loss.backward()
+    optimizer.step()
+    after = _lora_products(model)
+    return {n: float((after[n] - before[n]).norm()) for n in before}
+
+
+def _fila_model(arch, factor_scale, seed=0):
+    model = tiny_causal_lm(arch, vocab_size=VOCAB, seed=seed)
+    config = FilaLoraConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        target_modules=TARGETS[arch],
+        fila_config=FilaConfig(factor_scale=factor_scale),
+    )
+    peft_model = get_peft_model(model, config)
+    initialize_fila_weights(peft_model, _batches(2, 21), _batches(2, 22), show_progress=False)
+    return peft_model
+
+
+@pytest.mark.parametrize("factor_scale", ["paper", "stable", 0.1, 3])
+def test_factor_scale_keeps_outputs_and_scales_the_factors(factor_scale):
+    ids = _batches(1, 20)[0]["input_ids"]
+    with torch.no_grad():
+        reference = tiny_causal_lm("llama", vocab_size=VOCAB)(input_ids=ids).logits
+    paper = _fila_model("llama", "paper")
+    scaled = _fila_model("llama", factor_scale)
+    with torch.no_grad():
+        assert (scaled(input_ids=ids).logits - reference).abs().max() <= 1e-4
+    for (_, a), (_, b) in zip(_layers(paper), _layers(scaled), strict=True):
+        a0, b0 = a.lora_A["default"].weight.detach(), a.lora_B["default"].weight.detach()
+        ca, cb = b.lora_A["default"].weight.detach(), b.lora_B["default"].weight.detach()
+        ratio = float(ca.norm() / a0.norm())
+        assert ratio == pytest.approx(float(cb.norm() / b0.norm()), rel=1e-5)  # one c for both factors
+        if factor_scale == "paper":
+            assert ratio == pytest.approx(1.0)
+        elif factor_scale != "stable":
+            assert ratio == pytest.approx(float(factor_scale), rel=1e-5)
+        else:  # the documented formula, evaluated independently
+            out_f, r = b0.shape[0], b0.shape[1]
+            in_f = a0.shape[1]
+            expected = (out_f * r / 3) ** 0.5 / (out_f**0.5 * float(a0.norm()) + in_f**0.5 * float(b0.norm()))
+            assert ratio == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_stable_factor_scale_matches_default_lora_first_step(arch):
+    """Measured on the tiny models: the ratio per layer is 0.77-1.07 (llama) and 0.85-0.96 (gpt2)."""
+    batch, lr = _batches(1, 23)[0], 1e-3
+    torch.manual_seed(0)
+    lora = get_peft_model(
+        tiny_causal_lm(arch, vocab_size=VOCAB),
+        LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS[arch]),
+    )
+    lora_step = _first_adamw_step(lora, batch, lr)
+    stable_step = _first_adamw_step(_fila_model(arch, "stable"), batch, lr)
+    ratios = {n: stable_step[n] / lora_step[n] for n in lora_step}
+    assert ratios and all(0.5 <= q <= 2.0 for q in ratios.values()), ratios
+
+
+def test_factor_scale_validation():
+    assert FilaConfig(factor_scale="STABLE").factor_scale == "stable"
+    assert FilaConfig(factor_scale=2).factor_scale == 2.0
+    assert FilaConfig.from_value({"factor_scale": 0.5}).factor_scale == 0.5
+    for bad in ("huge", 0, -1.0, float("inf"), float("nan"), True, None, [1.0]):
+        with pytest.raises(ValueError, match="`factor_scale` must be 'paper', 'stable' or a positive"):
+            FilaConfig(factor_scale=bad)
+    with pytest.raises(ValueError, match="factor_scale"):
+        FilaLoraConfig(r=2, target_modules=["q_proj"], fila_config={"factor_scale": "big"})
