@@ -138,7 +138,7 @@ class UnlearningConfig(TrainingArguments):
         default="nll",
         metadata={
             "help": f"Retain-set loss: {', '.join(map(repr, RETAIN_LOSSES))} or None / 'none' (no retain term).",
-            "choices": [*RETAIN_LOSSES, "none"],
+            "choices": [*RETAIN_LOSSES, "none", "None"],
         },
     )
     forget_weight: float = field(default=1.0, metadata={"help": "Weight of the forget loss."})
