@@ -85,7 +85,14 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(spec["seed"])
     t_load = time.time()
-    model, tokenizer = load_model_and_tokenizer(spec["model"], dtype=spec["dtype"])
+    quant = {}
+    if spec.get("load_in_4bit"):  # QLoRA: nf4 base, fp32 compute (bitsandbytes runs it on CPU)
+        from transformers import BitsAndBytesConfig
+
+        quant["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+        )
+    model, tokenizer = load_model_and_tokenizer(spec["model"], dtype=spec["dtype"], **quant)
     load_seconds = time.time() - t_load
 
     forget_texts = _read_jsonl(DATA / "forget.jsonl", spec["n_forget"])
@@ -261,7 +268,7 @@ def _padded(ids: list[list[int]], pad_id: int):
 def run_key(spec: dict[str, Any]) -> str:
     return (
         f"{spec['loss']}|{spec['method']}|r{spec['rank']}|lr{spec['lr']:g}|s{spec['seed']}"
-        f"|bs{spec['batch_size']}|cap{spec['max_steps']}"
+        f"|bs{spec['batch_size']}|cap{spec['max_steps']}" + ("|4bit" if spec.get("load_in_4bit") else "")
     )
 
 
@@ -281,6 +288,12 @@ def plan(args: argparse.Namespace, phase: str | None = None) -> list[dict[str, A
     ]
     if phase == "lr-probe":
         return probe
+    if phase == "qlora":  # LoRA vs FILA on a 4-bit (nf4) base, seed 0
+        return [
+            {"loss": "IHL+retain", "method": m, "rank": 8, "seed": args.seeds[0], "lr": lr_for[m], "tag": "qlora"}
+            | {"load_in_4bit": True}
+            for m in ("lora", "fila")
+        ]
     if phase in ("grid", "all"):
         for seed in args.seeds:
             for loss in args.losses:
@@ -304,7 +317,7 @@ def tags_by_key(args: argparse.Namespace, common: dict[str, Any]) -> dict[str, l
     from the full plan rather than stored with the run.
     """
     tags: dict[str, list[str]] = {}
-    for spec in plan(args, "all") + plan(args, "grid") + plan(args, "lr-probe"):
+    for spec in plan(args, "all") + plan(args, "grid") + plan(args, "lr-probe") + plan(args, "qlora"):
         key = run_key({**common, **spec})
         if spec["tag"] not in tags.setdefault(key, []):
             tags[key].append(spec["tag"])
@@ -457,6 +470,7 @@ def report(results: dict[str, Any], path: Path) -> None:
     table("grid", ("loss", "method", "rank", "lr"), "Forget losses x methods (r = 8)")
     table("ranks", ("loss", "method", "rank", "lr"), "Rank sweep (IHL + retain NLL, seed 0; r = 8 is in the grid)")
     table("lr-probe", ("loss", "method", "rank", "lr"), "Learning-rate probe (seed 0)")
+    table("qlora", ("loss", "method", "rank", "lr"), "QLoRA: 4-bit nf4 base (IHL + retain NLL, seed 0)")
     table("other", ("loss", "method", "rank", "lr", "seed"), "Other runs (not part of the current plan)")
     lines += [
         "Columns: `steps` = optimizer steps until forget MA and EL are both at or below the never-seen level "
@@ -529,7 +543,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="gemma3-270m")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
-    p.add_argument("--phase", choices=["all", "grid", "ranks", "lr-probe"], default="all")
+    p.add_argument("--phase", choices=["all", "grid", "ranks", "lr-probe", "qlora"], default="all")
     p.add_argument("--losses", nargs="+", default=list(LOSSES), choices=list(LOSSES))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--ranks", nargs="+", type=int, default=[4, 8, 16, 32])

@@ -84,6 +84,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--cache-dir", type=Path, default=None, help="model cache (default $PEFT_UNLEARN_CACHE or ~/.cache)"
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--load-in-4bit",
+        action="store_true",
+        help="QLoRA: load the base in 4-bit nf4 with bitsandbytes (fp32 compute; runs on CPU with bitsandbytes>=0.49)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-verify", action="store_true", help="skip reloading the saved adapter with plain PEFT")
     args = p.parse_args(argv)
@@ -153,7 +158,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cache_dir = args.cache_dir if args.cache_dir is not None else default_cache_dir()
     log(f"loading Gemma-3 270M (cache: {cache_dir}; the first run materialises it, ~80 s) ...")
     t0 = time.perf_counter()
-    model, tokenizer = load_model_and_tokenizer("gemma3-270m", cache_dir=args.cache_dir, device=device)
+    quant = {}
+    if args.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        quant = {
+            "quantization_config": BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+            ),
+            "device_map": {"": device},
+        }
+    model, tokenizer = load_model_and_tokenizer(
+        "gemma3-270m", cache_dir=args.cache_dir, device=None if quant else device, **quant
+    )
     timings["load_model"] = time.perf_counter() - t0
     model_path = model.config._name_or_path
     pad_id = tokenizer.pad_token_id
@@ -418,7 +435,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from transformers import AutoModelForCausalLM
 
         log("checking that stock PEFT reloads it on the original model ...")
-        fresh = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device)
+        fresh = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, **quant)  # same base
+        fresh = fresh if quant else fresh.to(device)
         reloaded = PeftModel.from_pretrained(fresh, str(adapter_dir)).eval()
         with torch.no_grad():
             dev_ids, dev_mask = forget_t.to(device), forget_mask.to(device)

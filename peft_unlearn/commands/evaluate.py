@@ -159,13 +159,13 @@ def _check_adapter_dir(adapter: str) -> Path:
     if adapter_config.get("init_lora_weights") == "fila" and not (path / "_fila_init").is_dir():
         raise CLIError(
             f"--adapter: {adapter!r} is a raw FILA adapter (init_lora_weights='fila') without the _fila_init/ folder "
-            "needed to rebuild its residual base; pass the portable adapter that 'peft-unlearn train' saves instead"
+            "holding its initial factors; pass the portable adapter that 'peft-unlearn train' saves instead"
         )
     return path
 
 
 def _load_adapter(model: Any, adapter: str) -> Any:
-    """`PeftModel.from_pretrained`; a raw FILA checkpoint gets its residual base rebuilt from `_fila_init/`."""
+    """`PeftModel.from_pretrained`; a raw FILA checkpoint gets its frozen initial factors from `_fila_init/`."""
     from peft import PeftModel
 
     path = _check_adapter_dir(adapter)
@@ -178,9 +178,9 @@ def _load_adapter(model: Any, adapter: str) -> Any:
                 warnings.simplefilter("ignore")
             model = PeftModel.from_pretrained(model, str(path))
         if raw_fila:
-            from peft_unlearn.fila.saving import restore_fila_residual
+            from peft_unlearn.fila.saving import restore_fila_state
 
-            restore_fila_residual(model, path)
+            restore_fila_state(model, path)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise CLIError(f"--adapter: cannot load {adapter!r} onto the model: {_one_line(err)}") from err
     return model

@@ -1,16 +1,22 @@
-"""FILA: Fisher-weighted LoRA initialisation for unlearning (paper-notes section 3).
+"""FILA: Fisher-weighted LoRA initialisation for unlearning (Cha et al., ICLR 2025).
 
-Usage with stock PEFT after ``import peft_unlearn``::
+Usage with stock PEFT after ``import peft_unlearn``:
 
     model = get_peft_model(base, LoraConfig(r=8, target_modules="all-linear", init_lora_weights="fila"))
     initialize_fila_weights(model, forget_loader, retain_loader)   # Fisher pass + weighted SVD per layer
     ...train...
     model.save_pretrained("out")   # portable rank-2r plain LoRA, loads with stock PEFT on the original base
 
-Modules: :mod:`.config` (FilaConfig, FilaLoraConfig), :mod:`.fisher` (estimate_fisher),
-:mod:`.init` (fila_init_layer, initialize_fila_weights, preprocess_fila), :mod:`.registration`
-(the PEFT hooks), :mod:`.saving` (portable export, raw checkpoints, residual rebuild), :mod:`.vila`
-(VILA: variance-based importance through the LoRA factors, then the same weighted init).
+The base model is never modified: the initial product is cancelled by a frozen copy of the initial
+factors (`peft_unlearn.fila.offset`), so ``unload()`` / ``disable_adapter()`` give back the original
+model, and 4-bit/8-bit and sharded bases work.
+
+Modules, in import order (each imports only the ones before it): `config` (FilaConfig,
+FilaLoraConfig), `state` (names, pending flags, dense weights), `fisher` (estimate_fisher),
+`offset` (the frozen initial factors), `init` (fila_init_layer, initialize_fila_weights),
+`preprocess` (preprocess_fila), `dispatch` (initialize_adapter_weights for "fila"/"vila"),
+`saving` (portable export, raw checkpoints), `registration` (the PEFT hooks), `vila` (VILA:
+variance-based importance through the LoRA factors, then the same weighted init).
 
 Examples:
     >>> from peft_unlearn.fila import FilaConfig
@@ -21,35 +27,42 @@ Examples:
 from __future__ import annotations
 
 from .config import FilaConfig, FilaLoraConfig
+from .dispatch import initialize_adapter_weights
 from .fisher import FisherStatistics, estimate_fisher
-from .init import add_fila_reference_adapter, fila_init_layer, initialize_fila_weights, preprocess_fila
-from .registration import FilaNotInitializedWarning, pending_fila_adapters, register_fila
+from .init import fila_init_layer, initialize_fila_weights
+from .preprocess import preprocess_fila
+from .registration import FilaUnavailableWarning, register_fila
 from .saving import (
     export_portable_adapter,
     is_fila_model,
+    pending_fila_adapters,
     restore_fila_residual,
+    restore_fila_state,
     save_fila_state,
-    save_residual_base,
 )
+from .state import DATA_DRIVEN_INITS, FilaNotInitializedWarning, is_data_driven_init
 from .vila import VILA_INIT_NAME, estimate_vila_importance, initialize_vila_weights
 
 __all__ = [
-    "add_fila_reference_adapter",
+    "DATA_DRIVEN_INITS",
     "FilaConfig",
     "FilaLoraConfig",
     "FilaNotInitializedWarning",
+    "FilaUnavailableWarning",
     "FisherStatistics",
     "estimate_fisher",
     "export_portable_adapter",
     "fila_init_layer",
+    "initialize_adapter_weights",
     "initialize_fila_weights",
+    "is_data_driven_init",
     "is_fila_model",
     "pending_fila_adapters",
     "preprocess_fila",
     "register_fila",
     "restore_fila_residual",
+    "restore_fila_state",
     "save_fila_state",
-    "save_residual_base",
     "VILA_INIT_NAME",
     "estimate_vila_importance",
     "initialize_vila_weights",

@@ -2,14 +2,14 @@
 
 Two dataclasses live here:
 
-* :class:`FilaConfig` holds the knobs of the initialisation itself (SVD iterations, seed, the
+* `FilaConfig` holds the knobs of the initialisation itself (SVD iterations, seed, the
   epsilon of the relative importance, an optional floor on the row weights, exact or randomized
   SVD, fp32 or bf16 Fisher accumulation).
-* :class:`FilaLoraConfig` is a :class:`peft.LoraConfig` that sets ``init_lora_weights="fila"``,
+* `FilaLoraConfig` is a `peft.LoraConfig` that sets ``init_lora_weights="fila"``,
   carries a ``fila_config`` and rejects the LoRA options that FILA cannot support (see
-  :func:`validate_fila_lora_config`).
+  `validate_fila_lora_config`).
 
-Plain ``LoraConfig(init_lora_weights="fila")`` works as well once :mod:`peft_unlearn` is imported;
+Plain ``LoraConfig(init_lora_weights="fila")`` works as well once `peft_unlearn` is imported;
 the same validation then runs when PEFT injects the adapter.
 
 Examples:
@@ -124,11 +124,11 @@ class FilaConfig:
         """Build a config from an instance, a dict (e.g. read from ``adapter_config.json``) or ``None``.
 
         Args:
-            value: A :class:`FilaConfig`, a dict of its fields (unknown keys are an error) or ``None``
+            value: A `FilaConfig`, a dict of its fields (unknown keys are an error) or ``None``
                 (defaults).
 
         Returns:
-            A :class:`FilaConfig`.
+            A `FilaConfig`.
         """
         if value is None:
             return cls()
@@ -167,7 +167,8 @@ def validate_fila_lora_config(config: LoraConfig) -> None:
 
     FILA moves a rank-r part of every target weight into the adapter and publishes a rank-2r plain LoRA
     built from ``lora_A``/``lora_B`` only, so everything else the adapter might carry would be lost or
-    wrong: DoRA magnitudes, ``modules_to_save``, ``trainable_token_indices``, ``lora_bias``,
+    wrong: DoRA magnitudes, ``modules_to_save``, ``trainable_token_indices``, ``lora_bias``, trained
+    base biases (``bias="all"``/``"lora_only"``),
     ``target_parameters``, and rslora combined with ``rank_pattern``/``alpha_pattern`` (whose scaling
     cannot be kept when the rank doubles).
 
@@ -177,7 +178,8 @@ def validate_fila_lora_config(config: LoraConfig) -> None:
     Raises:
         ValueError: Naming the offending option, its value and how to fix it.
     """
-    prefix = "init_lora_weights='fila' does not support"
+    init = str(getattr(config, "init_lora_weights", "fila")).lower()
+    prefix = f"init_lora_weights={init!r} does not support"
     if getattr(config, "use_dora", False):
         raise ValueError(f"{prefix} use_dora=True (DoRA magnitudes cannot be converted); set use_dora=False.")
     if getattr(config, "modules_to_save", None):
@@ -188,6 +190,12 @@ def validate_fila_lora_config(config: LoraConfig) -> None:
     if getattr(config, "trainable_token_indices", None):
         raise ValueError(
             f"{prefix} trainable_token_indices={config.trainable_token_indices!r}; set trainable_token_indices=None."
+        )
+    bias = getattr(config, "bias", "none")
+    if bias not in (None, "none"):
+        raise ValueError(
+            f"{prefix} bias={bias!r} (trained base biases are not part of the portable rank-2r adapter, so saving "
+            "would fail after training); set bias='none'."
         )
     if getattr(config, "lora_bias", False):
         raise ValueError(f"{prefix} lora_bias=True (the bias would be lost on conversion); set lora_bias=False.")
@@ -207,10 +215,10 @@ def validate_fila_lora_config(config: LoraConfig) -> None:
 
 
 def get_fila_config(config: Any) -> FilaConfig:
-    """Return the :class:`FilaConfig` carried by a LoRA config (defaults when it has none).
+    """Return the `FilaConfig` carried by a LoRA config (defaults when it has none).
 
     Args:
-        config: A :class:`FilaLoraConfig`, a plain ``LoraConfig`` or any object.
+        config: A `FilaLoraConfig`, a plain ``LoraConfig`` or any object.
 
     Returns:
         The FILA settings.
@@ -223,15 +231,15 @@ _INIT_FIELD = LoraConfig.__dataclass_fields__["init_lora_weights"]
 
 @dataclass
 class FilaLoraConfig(LoraConfig):
-    """A :class:`peft.LoraConfig` preset for FILA.
+    """A `peft.LoraConfig` preset for FILA.
 
     ``init_lora_weights`` defaults to (and must be) ``"fila"``; ``fila_config`` holds the
-    :class:`FilaConfig` (a dict is converted, which is how it comes back from JSON). Unsupported LoRA
-    options raise at construction (:func:`validate_fila_lora_config`). ``get_peft_model`` accepts it as
+    `FilaConfig` (a dict is converted, which is how it comes back from JSON). Unsupported LoRA
+    options raise at construction (`validate_fila_lora_config`). ``get_peft_model`` accepts it as
     any LoRA config; saved configs reload as plain ``LoraConfig`` (PEFT drops the unknown
     ``fila_config`` key with a warning), and the published portable adapter is a plain LoRA anyway.
 
-    Every :class:`peft.LoraConfig` argument is accepted too.
+    Every `peft.LoraConfig` argument is accepted too.
 
     Args:
         fila_config: FILA settings; ``None`` uses the defaults.

@@ -53,7 +53,7 @@ from torch import nn
 
 from .fisher_cache import FisherCacheKey, architecture, combine_over_ranks, settings_json, targets_digest
 from .fisher_passes import DataDigest, compute_statistics, is_peft_model, plan_passes, rank
-from .registration import normalize_module_name
+from .state import normalize_module_name
 
 __all__ = ["FisherStatistics", "estimate_fisher", "resolve_fisher_targets"]
 

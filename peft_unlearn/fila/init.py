@@ -1,4 +1,4 @@
-"""FILA: Fisher-weighted initialisation of LoRA layers (paper-notes section 3.2-3.3).
+"""FILA: Fisher-weighted initialisation of LoRA layers (Cha et al., ICLR 2025, section 3).
 
 For one layer with weight ``W`` [out, in], relative importance ``F_hat`` [out, in], rank ``r`` and
 LoRA scaling ``s``:
@@ -10,10 +10,13 @@ LoRA scaling ``s``:
 4. ``A0 = (V diag(sqrt S))^T`` [r, in], ``B0 = diag(1 / (w + eps)) U diag(sqrt S)`` [out, r]
    (evaluated as ``diag(w / (w + eps)) W V diag(1 / sqrt(S s))``, the same for an exact SVD, so that
    rows with ``w ~ 0`` do not get rounding noise amplified by ``1 / eps``),
-5. the trainable factors start at ``c * A0``, ``c * B0`` (``FilaConfig.factor_scale``; ``c = 1`` is the
-   paper),
-6. residual base ``W_res = W - s * B_init @ A_init`` of those initial factors (fp32 product of the adapter-dtype factors, cast to the
-   base dtype), so ``W_res + s * B0 A0 = W`` and the model output is unchanged at init.
+5. the trainable factors start at ``A_init = c * A0``, ``B_init = c * B0`` (``FilaConfig.factor_scale``;
+   ``c = 1`` is the paper),
+6. the initial product ``s * B_init A_init`` is cancelled by a frozen copy of the initial factors
+   (`peft_unlearn.fila.offset`): the base weight is never modified and the model output is
+   unchanged at init. The paper instead rewrites the base to ``W_res = W - s * B0 A0``; that is
+   the same function with the same gradients, but it mutates the user's model and does not work
+   on quantized or sharded bases.
 
 ``s * B0 A0 = diag(1/(w+eps)) U_r S_r V_r^T`` is the minimiser of ``||diag(w) (W - M)||_F`` over
 rank-r ``M`` (when eps is negligible): the forget-important principal directions start inside the
@@ -21,11 +24,10 @@ adapter.
 
 Entry points:
 
-* :func:`fila_init_layer`: the pure per-layer computation (testable alone).
-* :func:`initialize_fila_weights`: estimate the Fisher information of a PeftModel (or take given
-  statistics) and initialise every layer of a FILA adapter, one layer at a time.
-* :func:`preprocess_fila`: the LoRA-GA-style alternative; attach statistics to a plain model so that
-  ``get_peft_model`` initialises FILA layers directly.
+* `fila_init_layer`: the pure per-layer computation (testable alone).
+* `initialize_fila_weights`: estimate the Fisher information of a PeftModel (or take given
+  statistics) and initialise every layer of the adapter, one layer at a time.
+* `peft_unlearn.fila.preprocess.preprocess_fila`: the LoRA-GA-style alternative.
 
 Examples:
     >>> import peft_unlearn
@@ -36,7 +38,6 @@ Examples:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import time
@@ -49,28 +50,20 @@ import torch
 from torch import nn
 
 from .config import FILA_INIT_NAME, FilaConfig, get_fila_config, validate_fila_lora_config
-from .fisher import FisherStatistics, estimate_fisher, resolve_fisher_targets
-from .registration import (
+from .fisher import FisherStatistics, estimate_fisher
+from .offset import get_offset, set_offset
+from .state import (
+    FLOAT_DTYPES,
     IMPORTANCE_ATTR,
-    _check_fila_target,
+    check_target_layer,
     clear_pending,
-    get_init_state,
-    is_fila_init,
+    dense_weight,
+    init_name,
     is_pending,
     iter_lora_layers,
-    set_init_state,
 )
 
-__all__ = [
-    "add_fila_reference_adapter",
-    "fila_init_layer",
-    "initialize_fila_weights",
-    "preprocess_fila",
-    "residual_weight",
-    "resolve_factor_scale",
-]
-
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+__all__ = ["fila_init_layer", "initialize_fila_weights", "resolve_factor_scale"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -116,8 +109,8 @@ def fila_init_layer(
     config: FilaConfig | None = None,
     lora_dtype: torch.dtype | None = None,
     layer_name: str = "layer",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Compute the FILA factors and the residual weight of one layer.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compute the initial FILA factors of one layer.
 
     Args:
         weight: Base weight ``W`` in ``nn.Linear`` layout ``[out, in]`` (transpose Conv1D weights first),
@@ -125,26 +118,25 @@ def fila_init_layer(
         importance: Relative Fisher importance ``F_hat`` ``[out, in]`` (non-negative).
         rank: LoRA rank ``r``, ``1 <= r <= min(out, in)``.
         scaling: LoRA scaling ``s`` (``lora_alpha / r``, or ``/ sqrt(r)`` with rslora).
-        config: :class:`FilaConfig` (seed, niter, eps, floor, SVD choice); defaults if None.
-        lora_dtype: dtype of the returned factors (the adapter dtype); default fp32. The residual is
-            computed from the factors *after* this cast, so ``W_res + s * B0 @ A0`` reproduces ``W``.
+        config: `FilaConfig` (seed, niter, eps, floor, SVD choice, factor scale); defaults if None.
+        lora_dtype: dtype of the returned factors (the adapter dtype); default fp32.
         layer_name: Used in warnings and errors.
 
     Returns:
-        ``(A0 [r, in], B0 [out, r], W_res [out, in])``; the factors in ``lora_dtype``, ``W_res`` in
-        ``weight.dtype``, all on ``weight``'s device.
+        ``(A_init [r, in], B_init [out, r])`` = ``(c * A0, c * B0)`` with ``c`` from
+        ``config.factor_scale``, in ``lora_dtype`` on ``weight``'s device.
 
     Examples:
         >>> import torch
-        >>> W, F = torch.randn(6, 4), torch.rand(6, 4)
-        >>> A0, B0, W_res = fila_init_layer(W, F, rank=2, scaling=2.0)
-        >>> torch.allclose(W_res + 2.0 * B0 @ A0, W, atol=1e-5)
+        >>> W, F = torch.randn(6, 4), torch.ones(6, 4)
+        >>> A, B = fila_init_layer(W, F, rank=4, scaling=2.0)  # full rank, uniform importance
+        >>> torch.allclose(2.0 * B @ A, W, atol=1e-4)
         True
     """
     config = config or FilaConfig()
     if weight.dim() != 2:
         raise ValueError(f"`weight` of {layer_name} must be 2-D [out, in], got shape {tuple(weight.shape)}.")
-    if weight.dtype not in _FLOAT_DTYPES:
+    if weight.dtype not in FLOAT_DTYPES:
         raise ValueError(f"`weight` of {layer_name} must be a float tensor, got dtype {weight.dtype}.")
     out_features, in_features = weight.shape
     if tuple(importance.shape) != (out_features, in_features):
@@ -191,7 +183,7 @@ def fila_init_layer(
     factor = resolve_factor_scale(config.factor_scale, lora_a, lora_b)
     lora_a = (factor * lora_a).contiguous().to(lora_dtype)
     lora_b = (factor * lora_b).contiguous().to(lora_dtype)
-    return lora_a, lora_b, residual_weight(weight, lora_a, lora_b, scaling)
+    return lora_a, lora_b
 
 
 def resolve_factor_scale(factor_scale: str | float, lora_a: torch.Tensor, lora_b: torch.Tensor) -> float:
@@ -227,31 +219,6 @@ def resolve_factor_scale(factor_scale: str | float, lora_a: torch.Tensor, lora_b
     return math.sqrt(out_features * rank / 3.0) / moved if moved > 0 else 1.0
 
 
-def residual_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``W_res = W - s * B0 @ A0`` with FILA's arithmetic (used by the init and by the resume rebuild).
-
-    The product of the (adapter-dtype) factors and the subtraction run in fp32 (fp64 for fp64 weights);
-    the result is cast to ``weight.dtype``.
-
-    Args:
-        weight: ``W`` in ``[out, in]`` layout.
-        lora_a: ``A0`` ``[r, in]``.
-        lora_b: ``B0`` ``[out, r]``.
-        scaling: LoRA scaling ``s``.
-
-    Returns:
-        ``W_res`` in ``weight.dtype`` on ``weight``'s device.
-
-    Examples:
-        >>> residual_weight(torch.ones(2, 2), torch.ones(1, 2), torch.ones(2, 1), 0.5)
-        tensor([[0.5000, 0.5000],
-                [0.5000, 0.5000]])
-    """
-    work = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    product = lora_b.to(weight.device, work) @ lora_a.to(weight.device, work)
-    return (weight.detach().to(work) - scaling * product).to(weight.dtype)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # applying the init to PEFT layers
 # ----------------------------------------------------------------------------------------------------------------
@@ -265,14 +232,14 @@ def _apply_to_layer(
     lora_dtype: torch.dtype,
     layer_name: str,
 ) -> None:
+    """Set ``lora_A``/``lora_B`` of one layer to the FILA factors and attach the cancelling offset."""
     from peft.utils.integrations import gather_params_ctx
-    from transformers.pytorch_utils import Conv1D
 
     base = layer.get_base_layer()
-    transposed = isinstance(base, Conv1D)
-    with gather_params_ctx(base.weight), torch.no_grad():
-        weight = base.weight.mT if transposed else base.weight
-        lora_a, lora_b, residual = fila_init_layer(
+    with gather_params_ctx(base.weight, modifier_rank=None), torch.no_grad():  # read-only gather under ZeRO-3
+        weight = dense_weight(base)
+    with torch.no_grad():
+        lora_a, lora_b = fila_init_layer(
             weight,
             importance,
             layer.r[adapter_name],
@@ -281,18 +248,18 @@ def _apply_to_layer(
             lora_dtype=lora_dtype,
             layer_name=layer_name,
         )
+        del weight
         a_param = layer.lora_A[adapter_name].weight
         b_param = layer.lora_B[adapter_name].weight
         a_param.data = lora_a.to(a_param.device)
         b_param.data = lora_b.to(b_param.device)
-        base.weight.data = (residual.mT if transposed else residual).contiguous()
-    set_init_state(layer, adapter_name, lora_a, lora_b)
+    set_offset(layer, adapter_name, lora_a, lora_b)
     clear_pending(layer, adapter_name)
 
 
 @dataclass
 class _AttachedImportance:
-    """Relative importance attached to a base layer by :func:`preprocess_fila`."""
+    """Relative importance attached to a base layer by `preprocess_fila`."""
 
     importance: torch.Tensor
     config: FilaConfig
@@ -300,179 +267,17 @@ class _AttachedImportance:
 
 
 def init_layer_from_attached_importance(layer: nn.Module, adapter_name: str, attached: Any) -> None:
-    """Initialise a layer during ``get_peft_model`` from statistics attached by :func:`preprocess_fila`.
+    """Initialise a layer during ``get_peft_model`` from statistics attached by `preprocess_fila`.
 
-    The factors are cast to the base weight dtype first (PEFT moves the adapter to that dtype right after
-    the init and may upcast it later, which is exact), and the residual is computed from the cast factors.
+    The factors are cast to the base weight dtype first for float bases (PEFT moves the adapter to that
+    dtype right after the init and may upcast it later, which is exact), fp32 for quantized bases; the
+    offset computes in the adapter's dtype at every forward, so it cancels the initial product.
     """
     if not isinstance(attached, _AttachedImportance):
         raise TypeError(f"Unexpected object in `{IMPORTANCE_ATTR}`: {type(attached).__name__}.")
     dtype = layer.get_base_layer().weight.dtype
+    dtype = dtype if dtype in FLOAT_DTYPES else torch.float32
     _apply_to_layer(layer, adapter_name, attached.importance, attached.config, dtype, attached.name)
-
-
-def preprocess_fila(
-    model: nn.Module,
-    lora_config: Any,
-    forget_dataloader: Iterable[Mapping[str, Any]],
-    retain_dataloader: Iterable[Mapping[str, Any]] | None = None,
-    *,
-    max_batches: int | None = None,
-    cache_path: str | os.PathLike | None = None,
-    show_progress: bool = True,
-) -> FisherStatistics:
-    """Attach FILA statistics to a plain model so that ``get_peft_model`` initialises FILA directly.
-
-    Mirrors PEFT's ``preprocess_loraga``: call it on the plain model with the LoRA config you will pass to
-    ``get_peft_model``; every target layer gets its relative importance attached, which the FILA init
-    consumes (and deletes) during injection. Layers without attached statistics stay pending.
-
-    Args:
-        model: The plain (not yet PEFT-wrapped) model.
-        lora_config: The ``LoraConfig`` (``init_lora_weights="fila"``) that selects the targets.
-        forget_dataloader: Forget batches (``input_ids``, ``attention_mask``, ``labels``).
-        retain_dataloader: Retain batches or None.
-        max_batches: Limit on forget batches.
-        cache_path: Fisher cache file (see :func:`estimate_fisher`).
-        show_progress: Show a progress bar.
-
-    Returns:
-        The Fisher statistics that were used.
-
-    Examples:
-        >>> preprocess_fila(base, cfg, forget_loader, retain_loader)  # doctest: +SKIP
-        >>> model = get_peft_model(base, cfg)  # FILA weights computed during injection  # doctest: +SKIP
-    """
-    if hasattr(model, "peft_config"):
-        raise ValueError(
-            "`preprocess_fila` expects the plain model before get_peft_model; for a PeftModel call "
-            "initialize_fila_weights(model, forget_dataloader, retain_dataloader) instead."
-        )
-    if not is_fila_init(getattr(lora_config, "init_lora_weights", None)):
-        raise ValueError(
-            f"`lora_config.init_lora_weights` must be 'fila', got {getattr(lora_config, 'init_lora_weights', None)!r}."
-        )
-    validate_fila_lora_config(lora_config)
-    fila_config = get_fila_config(lora_config)
-    names = _config_target_names(model, lora_config)
-    stats = estimate_fisher(
-        model,
-        forget_dataloader,
-        retain_dataloader,
-        target_modules=names,
-        max_batches=max_batches,
-        show_progress=show_progress,
-        cache_path=cache_path,
-        fp32_accumulation=fila_config.fp32_accumulation,
-    )
-    modules = resolve_fisher_targets(model, names)
-    for name, module in modules.items():
-        setattr(
-            module,
-            IMPORTANCE_ATTR,
-            _AttachedImportance(stats.layer_relative_importance(name, fila_config.eps), fila_config, name),
-        )
-    return stats
-
-
-def _config_target_names(model: nn.Module, lora_config: Any) -> list[str]:
-    from peft.tuners.lora.model import LoraModel
-    from transformers.pytorch_utils import Conv1D
-
-    targets = lora_config.target_modules
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    linear = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
-    if targets is None:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        defaults = LoraModel.target_module_mapping.get(model_type)
-        if defaults is None:
-            raise ValueError("`lora_config.target_modules` is None and PEFT has no default for this model; set it.")
-        probe = lora_config.__class__(**{**lora_config.to_dict(), "target_modules": list(defaults)})
-        names = [n for n, _ in linear if LoraModel._check_target_module_exists(probe, n)]
-    elif isinstance(targets, str) and targets.lower() == "all-linear":
-        names = [n for n, m in linear if m is not output]
-    else:
-        names = [n for n, _ in linear if LoraModel._check_target_module_exists(lora_config, n)]
-    if not names:
-        raise ValueError(f"`lora_config.target_modules`={targets!r} matches no nn.Linear/Conv1D module of the model.")
-    return names
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# reference adapter (hf-integration.md section 5, option 1)
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def add_fila_reference_adapter(
-    peft_model: nn.Module, adapter_name: str = "default", reference_name: str = "ref"
-) -> str:
-    """Add a frozen plain-LoRA adapter holding ``A0``/``B0``, so that it reproduces the original model.
-
-    With FILA the base holds ``W_res``, so ``disable_adapter()`` is *not* the starting model. Activating
-    the returned adapter instead gives ``W_res + s * B0 A0 = W`` (e.g. for NPO/KL reference passes:
-    ``model.set_adapter(ref, inference_mode=True)`` ... ``model.set_adapter(adapter_name)``). The adapter
-    has ``init_lora_weights=True`` and no dropout; ``save_pretrained`` skips it by default. Every existing
-    parameter keeps its ``requires_grad`` flag. This is the reference that
-    :class:`~peft_unlearn.trainer.UnlearningTrainer` creates (adapter ``"ref"``) for NPO and KL.
-
-    Args:
-        peft_model: A PeftModel with an initialised FILA adapter.
-        adapter_name: The FILA adapter.
-        reference_name: Name of the new adapter.
-
-    Returns:
-        ``reference_name``.
-
-    Examples:
-        >>> ref = add_fila_reference_adapter(model)  # doctest: +SKIP
-        >>> model.set_adapter(ref, inference_mode=True); ref_logits = model(**batch).logits  # doctest: +SKIP
-        >>> model.set_adapter("default")  # doctest: +SKIP
-    """
-    from .saving import portable_lora_config
-
-    configs = getattr(peft_model, "peft_config", None) or {}
-    if adapter_name not in configs or not is_fila_init(configs[adapter_name].init_lora_weights):
-        raise ValueError(
-            f"`adapter_name`={adapter_name!r} is not a FILA adapter of the model (have {sorted(configs)})."
-        )
-    if reference_name in configs:
-        raise ValueError(f"`reference_name`={reference_name!r} already exists; pick another name or delete it first.")
-    layers = iter_lora_layers(peft_model, adapter_name)
-    states = {name: get_init_state(layer, adapter_name) for name, layer in layers}
-    if any(is_pending(layer, adapter_name) for _, layer in layers) or any(s is None for s in states.values()):
-        raise ValueError(f"FILA adapter {adapter_name!r} is not initialised yet: call initialize_fila_weights first.")
-    source = configs[adapter_name]
-    # a plain LoraConfig copy of the FILA config (portable_lora_config doubles the rank; undo that)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        reference = dataclasses.replace(
-            portable_lora_config(source),
-            r=source.r,
-            lora_alpha=source.lora_alpha,
-            rank_pattern=dict(source.rank_pattern or {}),
-            alpha_pattern=dict(source.alpha_pattern or {}),
-            lora_dropout=0.0,
-        )
-    active = peft_model.active_adapter
-    flags = [(param, param.requires_grad) for param in peft_model.parameters()]
-    peft_model.add_adapter(reference_name, reference)
-    ref_layers = dict(iter_lora_layers(peft_model, reference_name))
-    for name, (lora_a0, lora_b0) in states.items():
-        layer = ref_layers.get(name)
-        if layer is None:
-            raise ValueError(f"The reference adapter did not reach layer {name}; the target patterns differ.")
-        a_param, b_param = layer.lora_A[reference_name].weight, layer.lora_B[reference_name].weight
-        # copies: the reference must not share storage with the stored initial state
-        a_param.data = lora_a0.to(device=a_param.device, dtype=a_param.dtype, copy=True)
-        b_param.data = lora_b0.to(device=b_param.device, dtype=b_param.dtype, copy=True)
-        a_param.requires_grad_(False)
-        b_param.requires_grad_(False)
-    if peft_model.active_adapter != active:
-        peft_model.set_adapter(active)
-    for param, flag in flags:  # adding an adapter must not change what is trained
-        param.requires_grad_(flag)
-    return reference_name
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -491,30 +296,23 @@ def _check_adapter(peft_model: nn.Module, adapter_name: str) -> list[tuple[str, 
         raise ValueError(f"`adapter_name`={adapter_name!r} is not an adapter of the model; have {sorted(configs)}.")
     config = configs[adapter_name]
     init = getattr(config, "init_lora_weights", None)
-    if not (is_fila_init(init) or init is True):
+    if not (init_name(init) is not None or init is True):
         raise ValueError(
-            f"Adapter {adapter_name!r} has init_lora_weights={init!r}; FILA needs 'fila' (or True for the patch-free "
-            "path on a fresh adapter)."
+            f"Adapter {adapter_name!r} has init_lora_weights={init!r}; FILA needs 'fila' (or 'vila', or True for the "
+            "patch-free path on a fresh adapter)."
         )
     validate_fila_lora_config(config)
     layers = iter_lora_layers(peft_model, adapter_name)
     if not layers:
         raise ValueError(f"Adapter {adapter_name!r} has no LoRA layer.")
     for name, layer in layers:
-        _check_fila_target(layer, adapter_name)
-        state = layer.__dict__.get("_fila_init_state", {})
-        others = [a for a in state if a != adapter_name]
-        if others:
+        check_target_layer(layer, adapter_name, init_name(init) or FILA_INIT_NAME)
+        if get_offset(layer, adapter_name) is not None and not is_pending(layer, adapter_name):
             raise ValueError(
-                f"Layer {name} already carries the FILA adapter {others[0]!r}: its base holds that adapter's residual, "
-                "and two FILA adapters on one layer are not supported. Delete the other adapter first."
+                f"Adapter {adapter_name!r} is already initialised (layer {name}); initialising it again would discard "
+                "its trained weights. Create a fresh adapter to start over."
             )
-        if get_init_state(layer, adapter_name) is not None and not is_pending(layer, adapter_name):
-            raise ValueError(
-                f"Adapter {adapter_name!r} is already FILA-initialised (layer {name}); running FILA again would "
-                "subtract the residual twice. Create a fresh adapter to start over."
-            )
-        if not is_fila_init(init) and bool(layer.lora_B[adapter_name].weight.detach().ne(0).any()):
+        if init is True and bool(layer.lora_B[adapter_name].weight.detach().ne(0).any()):
             raise ValueError(
                 f"Adapter {adapter_name!r} (init_lora_weights=True) has a non-zero lora_B in layer {name}: it was "
                 "trained or loaded. initialize_fila_weights needs a fresh adapter."
@@ -551,23 +349,27 @@ def initialize_fila_weights(
     """Compute the FILA weights of one adapter of a PeftModel (modelled on ``initialize_lora_eva_weights``).
 
     The Fisher information is estimated on the base weights (adapters disabled) unless ``fisher`` is
-    given; then every LoRA layer of the adapter gets ``A0``, ``B0`` and its base weight becomes
-    ``W_res``, one layer at a time (each layer's statistics are dropped after use). The model output
-    is unchanged. The adapter's config is set to ``init_lora_weights="fila"`` (so saving converts it)
-    and the pending flags are cleared. Under ``torch.distributed`` every rank computes the same init.
+    given; then every LoRA layer of the adapter gets its initial factors and a frozen copy of them that
+    cancels their product, one layer at a time (each layer's statistics are dropped after use). The
+    base weights are never modified and the model output is unchanged. An adapter created with
+    ``init_lora_weights=True`` gets ``"fila"`` in its config (so saving converts it; ``"vila"`` stays
+    as it is) and the pending flags are cleared. Under ``torch.distributed`` every rank computes the
+    same init. bitsandbytes 4-bit/8-bit bases work (the SVD runs on the dequantized weight).
 
     Args:
-        peft_model: A PeftModel whose adapter was created with ``init_lora_weights="fila"`` (pending), or
-            with ``init_lora_weights=True`` and not trained yet (patch-free path).
+        peft_model: A PeftModel whose adapter was created with ``init_lora_weights="fila"`` (pending; also
+            ``"vila"``, whose init calls this with its own importance), or with ``init_lora_weights=True``
+            and not trained yet (patch-free path).
         forget_dataloader: Forget batches (``input_ids``, ``attention_mask``, ``labels``); required
             unless ``fisher`` is given.
         retain_dataloader: Retain batches or None (then ``F_hat = F_f / N_f``).
         adapter_name: The adapter to initialise.
-        fisher: Precomputed :class:`FisherStatistics` (or the path of a saved file).
+        fisher: Precomputed `FisherStatistics` (or the path of a saved file); its ``importance_f`` /
+            ``importance_r`` hold full-shape ``[out, in]`` tensors per layer (normalised names).
         max_batches: Limit on forget batches for the Fisher pass.
-        cache_path: Fisher cache file (see :func:`estimate_fisher`).
+        cache_path: Fisher cache file (see `estimate_fisher`).
         show_progress: Show a progress bar.
-        fila_config: FILA settings; default: the adapter config's ``fila_config`` or :class:`FilaConfig`.
+        fila_config: FILA settings; default: the adapter config's ``fila_config`` or `FilaConfig`.
 
     Returns:
         Statistics: ``fisher_seconds``, ``svd_seconds``, ``seconds`` (total), ``peak_memory_bytes`` (CUDA
@@ -643,7 +445,8 @@ def initialize_fila_weights(
             "floor them, or use more forget data.",
             stacklevel=2,
         )
-    config.init_lora_weights = FILA_INIT_NAME
+    if config.init_lora_weights is True:
+        config.init_lora_weights = FILA_INIT_NAME
     return {
         "fisher_seconds": fisher_seconds,
         "svd_seconds": svd_seconds,

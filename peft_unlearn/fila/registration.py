@@ -1,23 +1,26 @@
-"""The idempotent hook that teaches stock PEFT ``LoraConfig(init_lora_weights="fila")``.
+"""The idempotent, never-fatal hook that teaches stock PEFT ``init_lora_weights="fila"`` (and ``"vila"``).
 
 PEFT has no registry for LoRA initialisations: ``LoraLayer.update_layer`` dispatches the strings it
 knows and sends every other truthy value to ``LoraLayer.reset_lora_parameters``, which raises for
-unknown names (hf-integration.md section 1). :func:`register_fila` installs three small wrappers,
-each keeping the original and delegating everything that is not FILA:
+unknown names. `register_fila` (called by ``import peft_unlearn``) installs small wrappers, each
+keeping the original and delegating everything that is not a data-driven init:
 
-* ``LoraLayer.reset_lora_parameters``: for ``"fila"`` on an ``nn.Linear`` / GPT-2 ``Conv1D`` target
-  it applies PEFT's default init (``B = 0``, so the model output is unchanged) and marks the layer
-  *pending* until :func:`peft_unlearn.fila.initialize_fila_weights` computes the real weights. When
-  :func:`peft_unlearn.fila.init.preprocess_fila` attached Fisher statistics to the base layer
-  beforehand, the layer is initialised right away instead (like PEFT's LoRA-GA). Embedding and
-  convolution targets are rejected.
-* ``LoraModel._check_new_adapter_config``: validates FILA configs when PEFT injects an adapter
-  (``get_peft_model``, ``add_adapter``, ``load_adapter``), see
-  :func:`peft_unlearn.fila.config.validate_fila_lora_config`.
-* ``PeftModel.save_pretrained``: FILA models save the portable rank-2r plain LoRA by default and
-  accept ``fila_portable=False`` for the raw format (:mod:`peft_unlearn.fila.saving`).
+* ``LoraLayer.reset_lora_parameters``: for ``"fila"``/``"vila"`` on an ``nn.Linear`` (bitsandbytes
+  4-bit/8-bit included) or GPT-2 ``Conv1D`` target it applies PEFT's default init (``B = 0``, so the
+  model output is unchanged) and marks the layer *pending* until
+  `peft_unlearn.fila.initialize_adapter_weights` computes the real weights. When
+  `peft_unlearn.fila.preprocess.preprocess_fila` attached Fisher statistics to the base layer, the
+  layer is initialised right away instead (like PEFT's LoRA-GA).
+* ``LoraModel._check_new_adapter_config`` and, for ``get_peft_model(..., mixed=True)``,
+  ``MixedModel._check_new_adapter_config``: validate data-driven configs when PEFT injects an
+  adapter (`peft_unlearn.fila.config.validate_fila_lora_config`), reject AdaLoRA, and check every
+  matched target module **before any layer is swapped** (embeddings and convolutions are refused
+  with the model left as it was).
+* ``PeftModel.save_pretrained``: data-driven adapters save the portable rank-2r plain LoRA by
+  default and accept ``fila_portable=False`` for the raw format (`peft_unlearn.fila.saving`).
 
-A pending layer warns on a training forward pass and saving it raises.
+If this PEFT version lacks one of these methods, nothing is installed: a `FilaUnavailableWarning`
+is issued once and FILA/VILA are disabled, while losses, metrics and the trainer keep working.
 
 Examples:
     >>> import peft_unlearn  # calls register_fila()
@@ -32,167 +35,42 @@ import functools
 import warnings
 from typing import Any
 
-import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .config import validate_fila_lora_config
+from .init import init_layer_from_attached_importance
+from .offset import remove_offset, unwrap_delta_weights
+from .saving import fila_save_pretrained, is_fila_model
+from .state import (
+    FLOAT_DTYPES,
+    IMPORTANCE_ATTR,
+    FilaNotInitializedWarning,
+    check_target_layer,
+    config_targets,
+    init_name,
+    mark_pending,
+    normalize_module_name,
+)
 
 __all__ = [
+    "SUPPORTED_PEFT",
     "FilaNotInitializedWarning",
-    "clear_pending",
-    "get_init_state",
-    "is_fila_init",
+    "FilaUnavailableWarning",
     "is_registered",
-    "iter_lora_layers",
-    "mark_pending",
     "normalize_module_name",
-    "pending_fila_adapters",
     "register_fila",
-    "set_init_state",
     "unregister_fila",
 ]
 
+#: The PEFT versions this hook is tested with (``>=`` first, ``<`` second); pyproject.toml pins the same range.
+SUPPORTED_PEFT = ("0.21", "0.23")
 _GUARD = "_peft_unlearn_fila_wrapper"
-_PENDING_ATTR = "_fila_pending"
-_HOOK_ATTR = "_fila_pending_hook"
-_STATE_ATTR = "_fila_init_state"
-#: Attribute that :func:`peft_unlearn.fila.init.preprocess_fila` attaches to a base layer.
-IMPORTANCE_ATTR = "_fila_importance"
-_WARNED_ADAPTERS: set[str] = set()
+_WARNED: set[str] = set()
 
 
-class FilaNotInitializedWarning(UserWarning):
-    """A FILA adapter is used for training before :func:`initialize_fila_weights` ran."""
-
-
-def is_fila_init(value: Any) -> bool:
-    """Return True if an ``init_lora_weights`` value selects FILA (case-insensitive ``"fila"``)."""
-    return isinstance(value, str) and value.lower() == "fila"
-
-
-def normalize_module_name(name: str) -> str:
-    """Map a module name inside a PeftModel to the name of the same module in the plain base model.
-
-    ``base_model.model.model.layers.0.mlp.up_proj.base_layer`` -> ``model.layers.0.mlp.up_proj``. Fisher
-    statistics and saved FILA state use these names so that they work before and after ``get_peft_model``.
-    """
-    prefix = "base_model.model."
-    if name.startswith(prefix):
-        name = name[len(prefix) :]
-    parts = [p for p in name.split(".") if p != "base_layer"]
-    return ".".join(parts)
-
-
-def iter_lora_layers(model: nn.Module, adapter_name: str) -> list[tuple[str, nn.Module]]:
-    """List the LoRA layers of ``model`` that hold ``adapter_name`` (normalised names, model order).
-
-    Args:
-        model: A PeftModel (or any module containing PEFT LoRA layers).
-        adapter_name: The adapter to look for.
-
-    Returns:
-        ``(normalized_name, lora_layer)`` pairs.
-    """
-    from peft.tuners.lora.layer import LoraLayer
-
-    found = []
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer) and (
-            adapter_name in module.lora_A or adapter_name in getattr(module, "lora_embedding_A", {})
-        ):
-            found.append((normalize_module_name(name), module))
-    return found
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# per-layer state: pending flags and the initial A0/B0
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _pending_forward_pre_hook(module: nn.Module, args: Any) -> None:
-    if not (module.training and torch.is_grad_enabled()) or getattr(module, "disable_adapters", False):
-        return
-    pending = getattr(module, _PENDING_ATTR, {})
-    names = [a for a in module.active_adapters if pending.get(a)]
-    fresh = [a for a in names if a not in _WARNED_ADAPTERS]
-    if fresh:
-        _WARNED_ADAPTERS.update(fresh)
-        warnings.warn(
-            f"FILA adapter(s) {fresh} are used for training before their weights were computed: they still hold "
-            "PEFT's default init, so this trains a plain LoRA. Call "
-            "peft_unlearn.fila.initialize_fila_weights(model, forget_dataloader, retain_dataloader) first "
-            "(UnlearningTrainer does this automatically).",
-            FilaNotInitializedWarning,
-            stacklevel=2,
-        )
-
-
-def mark_pending(layer: nn.Module, adapter_name: str) -> None:
-    """Flag ``adapter_name`` of a LoRA layer as waiting for its FILA weights and arm the training warning."""
-    pending = layer.__dict__.setdefault(_PENDING_ATTR, {})
-    pending[adapter_name] = True
-    _WARNED_ADAPTERS.discard(adapter_name)
-    if getattr(layer, _HOOK_ATTR, None) is None:
-        layer.__dict__[_HOOK_ATTR] = layer.register_forward_pre_hook(_pending_forward_pre_hook)
-
-
-def clear_pending(layer: nn.Module, adapter_name: str) -> None:
-    """Remove the pending flag of ``adapter_name``; drop the forward hook when nothing is pending any more."""
-    pending = layer.__dict__.get(_PENDING_ATTR, {})
-    pending.pop(adapter_name, None)
-    if not any(pending.values()):
-        handle = layer.__dict__.pop(_HOOK_ATTR, None)
-        if handle is not None:
-            handle.remove()
-
-
-def is_pending(layer: nn.Module, adapter_name: str) -> bool:
-    """Return True if ``adapter_name`` of this layer still waits for its FILA weights."""
-    return bool(layer.__dict__.get(_PENDING_ATTR, {}).get(adapter_name, False))
-
-
-def set_init_state(layer: nn.Module, adapter_name: str, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
-    """Remember the initial FILA factors ``A0`` [r, in] and ``B0`` [out, r] of a layer (not in the state dict)."""
-    state = layer.__dict__.setdefault(_STATE_ATTR, {})
-    state[adapter_name] = (lora_A.detach().clone(), lora_B.detach().clone())
-
-
-def get_init_state(layer: nn.Module, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Return the stored ``(A0, B0)`` of ``adapter_name`` or None."""
-    return layer.__dict__.get(_STATE_ATTR, {}).get(adapter_name)
-
-
-def pop_init_state(layer: nn.Module, adapter_name: str) -> None:
-    """Forget the stored ``(A0, B0)`` of ``adapter_name``."""
-    layer.__dict__.get(_STATE_ATTR, {}).pop(adapter_name, None)
-
-
-def pending_fila_adapters(model: nn.Module) -> list[str]:
-    """Adapter names whose config says ``"fila"`` and whose FILA weights are not computed yet.
-
-    An adapter counts as pending if any of its layers is flagged pending (fresh ``get_peft_model``, or
-    a raw FILA checkpoint loaded without :func:`peft_unlearn.fila.saving.restore_fila_residual`), or if
-    none of its layers carries an initial state.
-
-    Args:
-        model: A PeftModel.
-
-    Returns:
-        Sorted list of adapter names (empty if nothing is pending or the model has no FILA adapter).
-
-    Examples:
-        >>> pending_fila_adapters(peft_model)  # doctest: +SKIP
-        ['default']
-    """
-    configs = getattr(model, "peft_config", None) or {}
-    result = []
-    for adapter_name, config in configs.items():
-        if not is_fila_init(getattr(config, "init_lora_weights", None)):
-            continue
-        layers = iter_lora_layers(model, adapter_name)
-        if any(is_pending(layer, adapter_name) for _, layer in layers) or not any(
-            get_init_state(layer, adapter_name) is not None for _, layer in layers
-        ):
-            result.append(adapter_name)
-    return sorted(result)
+class FilaUnavailableWarning(UserWarning):
+    """The installed PEFT lacks a method the FILA hook wraps; FILA/VILA are disabled."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -200,42 +78,12 @@ def pending_fila_adapters(model: nn.Module) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _check_fila_target(layer: nn.Module, adapter_name: str) -> nn.Module:
-    """Return the base layer if FILA supports this target, else raise a ValueError."""
-    from peft.tuners.lora.layer import _ConvNd
-    from transformers.pytorch_utils import Conv1D
-
-    base = layer.get_base_layer()
-    kind = type(base).__name__
-    if adapter_name in getattr(layer, "lora_embedding_A", {}) or isinstance(layer, _ConvNd):
-        raise ValueError(
-            f"init_lora_weights='fila' supports nn.Linear and transformers Conv1D targets only, got a {kind} "
-            f"target (LoRA layer {type(layer).__name__}). Remove it from `target_modules` (e.g. use "
-            "target_modules='all-linear')."
-        )
-    if adapter_name not in layer.lora_A or not isinstance(base, (nn.Linear, Conv1D)):
-        raise ValueError(
-            f"init_lora_weights='fila' supports nn.Linear and transformers Conv1D targets only, got {kind}; "
-            "restrict `target_modules` to linear layers."
-        )
-    weight = getattr(base, "weight", None)
-    if weight is None or weight.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        dtype = None if weight is None else weight.dtype
-        raise ValueError(
-            f"init_lora_weights='fila' needs a float base weight (fp32/fp16/bf16) to subtract the residual, got "
-            f"dtype {dtype} on a {kind} target. Load the model unquantized (for GGUF use "
-            "GgufConfig(dequantize=True)) and quantize the residual model afterwards if needed."
-        )
-    return base
-
-
-def _fila_reset(layer: nn.Module, adapter_name: str, original: Any) -> None:
-    base = _check_fila_target(layer, adapter_name)
-    original(layer, adapter_name, True)  # kaiming A, zero B: the adapter is a no-op until FILA runs
+def _data_driven_reset(layer: nn.Module, adapter_name: str, init: str, original: Any) -> None:
+    base = check_target_layer(layer, adapter_name, init)
+    original(layer, adapter_name, True)  # kaiming A, zero B: the adapter is a no-op until the init runs
+    remove_offset(layer, adapter_name)  # a stale offset of a deleted adapter with the same name
     attached = getattr(base, IMPORTANCE_ATTR, None)
-    if attached is not None and layer.lora_A[adapter_name].weight.device.type != "meta":
-        from .init import init_layer_from_attached_importance
-
+    if init == "fila" and attached is not None and layer.lora_A[adapter_name].weight.device.type != "meta":
         init_layer_from_attached_importance(layer, adapter_name, attached)
         try:
             delattr(base, IMPORTANCE_ATTR)
@@ -248,23 +96,70 @@ def _fila_reset(layer: nn.Module, adapter_name: str, original: Any) -> None:
 def _wrap_reset_lora_parameters(original: Any) -> Any:
     @functools.wraps(original)
     def reset_lora_parameters(self, adapter_name, init_lora_weights, *args, **kwargs):
-        if is_fila_init(init_lora_weights):
-            return _fila_reset(self, adapter_name, original)
+        init = init_name(init_lora_weights)
+        if init is not None:
+            return _data_driven_reset(self, adapter_name, init, original)
         return original(self, adapter_name, init_lora_weights, *args, **kwargs)
 
     setattr(reset_lora_parameters, _GUARD, original)
     return reset_lora_parameters
 
 
+def validate_targets(model: nn.Module, config: Any) -> None:
+    """Reject targets a data-driven init cannot handle, before PEFT swaps any layer.
+
+    Args:
+        model: The model the adapter is injected into.
+        config: A ``LoraConfig`` whose ``init_lora_weights`` is ``"fila"`` or ``"vila"``.
+
+    Raises:
+        ValueError: Naming the first unsupported target module, its type and the fix.
+    """
+    from peft.tuners.lora.layer import LoraLayer, _ConvNd
+
+    init = init_name(config.init_lora_weights)
+    try:
+        targets = config_targets(model, config)
+    except ValueError:  # no default targets for this model: PEFT raises its own error next
+        return
+    for name, module in targets:
+        base = module.get_base_layer() if isinstance(module, LoraLayer) else module
+        if isinstance(module, _ConvNd) or not isinstance(base, (nn.Linear, Conv1D)):
+            raise ValueError(
+                f"init_lora_weights={init!r} supports nn.Linear and transformers Conv1D targets only, but "
+                f"`target_modules`={config.target_modules!r} matches {name} ({type(base).__name__}). Restrict "
+                "target_modules to linear layers (e.g. 'all-linear'); the model was left unchanged."
+            )
+        weight = getattr(base, "weight", None)
+        quantized = type(weight).__name__ in ("Params4bit", "Int8Params")
+        if weight is None or not (weight.dtype in FLOAT_DTYPES or quantized):
+            raise ValueError(
+                f"init_lora_weights={init!r} needs a float or bitsandbytes 4-bit/8-bit weight, but target {name} has "
+                f"dtype {None if weight is None else weight.dtype}; for GGUF use GgufConfig(dequantize=True)."
+            )
+
+
+def _check_data_driven_config(tuner: Any, config: Any) -> None:
+    init = init_name(getattr(config, "init_lora_weights", None))
+    if init is None:
+        return
+    peft_type = str(getattr(getattr(config, "peft_type", None), "value", getattr(config, "peft_type", "")))
+    if peft_type.upper() != "LORA":
+        raise ValueError(
+            f"init_lora_weights={init!r} is a LoRA initialisation; it is not supported by {peft_type} "
+            f"({type(config).__name__}), which would silently use its default init. Use peft.LoraConfig."
+        )
+    validate_fila_lora_config(config)
+    model = getattr(tuner, "model", None)
+    if isinstance(model, nn.Module):
+        validate_targets(model, config)
+
+
 def _wrap_check_new_adapter_config(original: Any) -> Any:
     @functools.wraps(original)
     def _check_new_adapter_config(self, config, *args, **kwargs):
-        result = original(self, config, *args, **kwargs)
-        if is_fila_init(getattr(config, "init_lora_weights", None)):
-            from .config import validate_fila_lora_config
-
-            validate_fila_lora_config(config)
-        return result
+        _check_data_driven_config(self, config)
+        return original(self, config, *args, **kwargs)
 
     setattr(_check_new_adapter_config, _GUARD, original)
     return _check_new_adapter_config
@@ -273,54 +168,97 @@ def _wrap_check_new_adapter_config(original: Any) -> Any:
 def _wrap_save_pretrained(original: Any) -> Any:
     @functools.wraps(original)
     def save_pretrained(self, save_directory, *args, fila_portable: bool = True, **kwargs):
-        from .saving import fila_save_pretrained, is_fila_model
-
         if not is_fila_model(self):
             return original(self, save_directory, *args, **kwargs)
         return fila_save_pretrained(self, original, save_directory, *args, fila_portable=fila_portable, **kwargs)
 
     setattr(save_pretrained, _GUARD, original)
     save_pretrained.__doc__ = (original.__doc__ or "") + (
-        "\n        peft_unlearn: for models with a FILA adapter (init_lora_weights='fila') this writes the portable "
-        "rank-2r plain LoRA by default; pass `fila_portable=False` for the raw rank-r adapter plus `_fila_init/`.\n"
+        "\n        peft_unlearn: for models with a FILA/VILA adapter this writes the portable rank-2r plain LoRA by "
+        "default; pass `fila_portable=False` for the raw rank-r adapter plus `_fila_init/`.\n"
     )
     return save_pretrained
 
 
-def _targets() -> list[tuple[type, str, Any]]:
+# ----------------------------------------------------------------------------------------------------------------
+# install / remove
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _targets() -> list[tuple[Any, str, Any]]:
     from peft import PeftModel
     from peft.tuners.lora.layer import LoraLayer
     from peft.tuners.lora.model import LoraModel
+    from peft.tuners.mixed.model import MixedModel
 
     return [
         (LoraLayer, "reset_lora_parameters", _wrap_reset_lora_parameters),
         (LoraModel, "_check_new_adapter_config", _wrap_check_new_adapter_config),
+        (MixedModel, "_check_new_adapter_config", _wrap_check_new_adapter_config),
         (PeftModel, "save_pretrained", _wrap_save_pretrained),
     ]
 
 
+def _warn_once(key: str, message: str, category: type[Warning] = FilaUnavailableWarning) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, category, stacklevel=3)
+
+
+def _peft_version_supported() -> bool:
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    low, high = SUPPORTED_PEFT
+    return Version(low) <= Version(version("peft")) < Version(high)
+
+
 def is_registered() -> bool:
     """Return True if every FILA wrapper is installed."""
-    return all(hasattr(cls.__dict__.get(attr), _GUARD) for cls, attr, _ in _targets())
+    try:
+        return all(hasattr(cls.__dict__.get(attr), _GUARD) for cls, attr, _ in _targets())
+    except ImportError:
+        return False
 
 
 def register_fila() -> bool:
-    """Install the FILA hooks into PEFT (idempotent; called by ``import peft_unlearn``).
+    """Install the FILA hooks into PEFT (idempotent, never raises; called by ``import peft_unlearn``).
+
+    All wrappers are installed or none: if this PEFT version lacks one of the wrapped methods, a
+    `FilaUnavailableWarning` is issued once and FILA/VILA stay disabled (``init_lora_weights="fila"``
+    then fails in PEFT as an unknown init). A PEFT version outside `SUPPORTED_PEFT` only warns.
 
     Returns:
-        True if at least one wrapper was installed by this call, False if everything was in place.
-
-    Raises:
-        RuntimeError: If this PEFT version lacks one of the patched methods (unsupported version).
+        True if at least one wrapper was installed by this call, False otherwise.
     """
-    installed = False
-    for cls, attr, wrap in _targets():
-        current = cls.__dict__.get(attr)
-        if current is None:
-            raise RuntimeError(
-                f"peft_unlearn cannot register FILA: {cls.__module__}.{cls.__name__}.{attr} does not exist in this "
-                "PEFT version (tested with peft>=0.21,<0.23)."
+    try:
+        targets = _targets()
+    except (ImportError, AttributeError) as error:
+        _warn_once("import", f"peft_unlearn: FILA is disabled, PEFT's LoRA internals could not be imported ({error}).")
+        return False
+    missing = [f"{cls.__module__}.{cls.__name__}.{attr}" for cls, attr, _ in targets if attr not in cls.__dict__]
+    if missing:
+        _warn_once(
+            "missing",
+            f"peft_unlearn: FILA/VILA are disabled because this PEFT version lacks {missing} (tested with "
+            f"peft>={SUPPORTED_PEFT[0]},<{SUPPORTED_PEFT[1]}); losses, metrics and UnlearningTrainer work as usual. "
+            "Install a supported peft to use init_lora_weights='fila'.",
+        )
+        return False
+    try:
+        if not _peft_version_supported():
+            _warn_once(
+                "version",
+                f"peft_unlearn: FILA is tested with peft>={SUPPORTED_PEFT[0]},<{SUPPORTED_PEFT[1]}; the installed "
+                "version may behave differently.",
+                UserWarning,
             )
+    except Exception:  # noqa: BLE001 - metadata missing (e.g. a source checkout): not a reason to fail
+        pass
+    installed = False
+    for cls, attr, wrap in targets:
+        current = cls.__dict__[attr]
         if hasattr(current, _GUARD):
             continue
         setattr(cls, attr, wrap(current))
@@ -334,7 +272,7 @@ def unregister_fila() -> bool:
     Returns:
         True if anything was removed.
     """
-    removed = False
+    removed = unwrap_delta_weights() > 0
     for cls, attr, _ in _targets():
         current = cls.__dict__.get(attr)
         original = getattr(current, _GUARD, None)

@@ -1,28 +1,29 @@
-"""Saving FILA adapters: the portable rank-2r plain LoRA, the raw format and the residual rebuild.
+"""Saving data-driven adapters (FILA, VILA): the portable rank-2r plain LoRA and the raw format.
 
-A FILA-trained model is ``W_res + s * B A`` with ``W_res = W - s * B0 A0``. On the **original**
-base ``W`` that equals the plain LoRA
+A trained adapter acts as ``W + s * B A - s * B0 A0`` (``A0``, ``B0``: the frozen initial factors,
+`peft_unlearn.fila.offset`). On the original base ``W`` that is the plain LoRA
 
     A' = [A ; A0]   (2r x in)        B' = [B | -B0]   (out x 2r)
     r' = 2r,  lora_alpha' = 2 * alpha  (sqrt(2) * alpha with rslora),  rank/alpha patterns doubled
 
-with the same scaling (PEFT's PiSSA conversion, hf-integration.md section 3). This is what
-``PeftModel.save_pretrained`` / ``push_to_hub`` write for FILA models after ``import peft_unlearn``
-(:func:`export_portable_adapter`); stock PEFT loads it with ``init_lora_weights=true``.
+with the same scaling (the conversion PEFT itself applies to PiSSA adapters). This is what
+``PeftModel.save_pretrained`` / ``push_to_hub`` write for such models after ``import peft_unlearn``
+(`export_portable_adapter`); stock PEFT loads it with ``init_lora_weights=true``, on any base it
+supports (also a quantized copy of the same base).
 
 The raw format (``save_pretrained(..., fila_portable=False)``, used for Trainer checkpoints) is the
 rank-r adapter whose config keeps ``"fila"`` (stock PEFT refuses it loudly) plus ``_fila_init/``
-(:func:`save_fila_state`): ``A0``/``B0`` per layer in ``fila_init.safetensors`` and ``fila_meta.json``
-(adapter, rank, scaling, dtypes). A fresh process rebuilds ``W_res`` from it with
-:func:`restore_fila_residual`; :func:`save_residual_base` writes the residual base model itself
-(the compact deployment option: residual base + raw rank-r adapter).
+(`save_fila_state`): ``A0``/``B0`` per layer in ``fila_init.safetensors`` and ``fila_meta.json``
+(adapter, rank, scaling, dtypes). A fresh process re-attaches the offset with `restore_fila_state`;
+the base model is never involved.
 
-``merge_and_unload()`` needs nothing special: it gives ``W_res + s * B A``, the unlearned model.
+``merge_and_unload()`` gives ``W + s * B A - s * B0 A0``, the unlearned model; ``unload()`` gives the
+original model.
 
 Examples:
     >>> model.save_pretrained("out")                         # portable plain LoRA  # doctest: +SKIP
     >>> model.save_pretrained("ckpt", fila_portable=False)   # raw + _fila_init/    # doctest: +SKIP
-    >>> restore_fila_residual(fresh_model, "ckpt")           # base -> W_res         # doctest: +SKIP
+    >>> restore_fila_state(fresh_model, "ckpt")              # re-attach A0/B0       # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -39,16 +40,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import FILA_INIT_NAME
-from .init import residual_weight
-from .registration import (
+from .config import get_fila_config
+from .offset import get_offset, set_offset
+from .state import (
     clear_pending,
-    get_init_state,
-    is_fila_init,
+    data_driven_adapters,
+    init_name,
+    is_data_driven_init,
+    is_pending,
     iter_lora_layers,
     normalize_module_name,
-    pending_fila_adapters,
-    set_init_state,
 )
 
 __all__ = [
@@ -57,57 +58,81 @@ __all__ = [
     "fila_adapters",
     "is_fila_model",
     "load_fila_state",
+    "pending_fila_adapters",
     "portable_lora_config",
     "restore_fila_residual",
+    "restore_fila_state",
     "save_fila_state",
-    "save_residual_base",
 ]
 
 #: Folder (inside a save directory) holding A0/B0; the leading underscore keeps it out of Hub pushes.
 INIT_DIR = "_fila_init"
 _TENSORS_FILE = "fila_init.safetensors"
 _META_FILE = "fila_meta.json"
-_FORMAT_VERSION = 1
-_PROBE_SEED = 20240813
-# A layer's base weight counts as "residual" (or "original") if its probe fingerprint is within this
-# fraction of the distance between the two fingerprints.
-_MATCH_TOLERANCE = 0.05
+_FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)  # version 1 also stored base-weight fingerprints, which are no longer needed
 
 
 def fila_adapters(model: nn.Module) -> list[str]:
-    """Names of the adapters whose config says ``init_lora_weights="fila"``."""
-    configs = getattr(model, "peft_config", None) or {}
-    return [name for name, cfg in configs.items() if is_fila_init(getattr(cfg, "init_lora_weights", None))]
+    """Names of the adapters whose config selects a data-driven init (``"fila"`` or ``"vila"``)."""
+    return data_driven_adapters(model)
 
 
 def is_fila_model(model: nn.Module) -> bool:
-    """Return True if the model has at least one FILA adapter (pending or initialised).
+    """Return True if the model has at least one data-driven adapter (pending or initialised).
 
     Examples:
         >>> is_fila_model(torch.nn.Linear(2, 2))
         False
     """
-    return bool(fila_adapters(model))
+    return bool(data_driven_adapters(model))
+
+
+def pending_fila_adapters(model: nn.Module) -> list[str]:
+    """Data-driven adapters (``"fila"``, ``"vila"``) whose weights are not computed yet.
+
+    An adapter counts as pending if any of its layers is flagged pending (fresh ``get_peft_model``, or
+    a raw checkpoint loaded without `restore_fila_state`), or if none of its layers carries the
+    frozen initial factors.
+
+    Args:
+        model: A PeftModel.
+
+    Returns:
+        Sorted list of adapter names (empty if nothing is pending or the model has no such adapter).
+
+    Examples:
+        >>> pending_fila_adapters(torch.nn.Linear(2, 2))
+        []
+    """
+    result = []
+    for adapter_name in data_driven_adapters(model):
+        layers = iter_lora_layers(model, adapter_name)
+        if any(is_pending(layer, adapter_name) for _, layer in layers) or not any(
+            get_offset(layer, adapter_name) is not None for _, layer in layers
+        ):
+            result.append(adapter_name)
+    return sorted(result)
 
 
 def _require_initialized(model: nn.Module, adapter_names: Sequence[str]) -> None:
     pending = [a for a in pending_fila_adapters(model) if a in adapter_names]
     if pending:
         raise ValueError(
-            f"FILA adapter(s) {pending} are not initialised yet (their base weights are not the residual), so saving "
-            "them would publish a wrong adapter: call peft_unlearn.fila.initialize_fila_weights(model, "
-            "forget_dataloader, retain_dataloader) first, or restore_fila_residual() after loading a raw checkpoint."
+            f"Data-driven adapter(s) {pending} are not initialised yet (they still hold PEFT's default init), so "
+            "saving them would publish a wrong adapter: call peft_unlearn.fila.initialize_adapter_weights(model, "
+            "forget_dataloader, retain_dataloader) first, or restore_fila_state() after loading a raw checkpoint."
         )
 
 
 def _init_states(model: nn.Module, adapter_name: str) -> dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor]]:
     states = {}
     for name, layer in iter_lora_layers(model, adapter_name):
-        state = get_init_state(layer, adapter_name)
+        state = get_offset(layer, adapter_name)
         if state is None:
             raise ValueError(
-                f"Layer {name} of FILA adapter {adapter_name!r} has no stored initial factors A0/B0; it was not "
-                "initialised by initialize_fila_weights/restore_fila_residual."
+                f"Layer {name} of adapter {adapter_name!r} has no stored initial factors A0/B0; it was not "
+                "initialised by initialize_adapter_weights/restore_fila_state."
             )
         states[name] = (layer, state[0], state[1])
     return states
@@ -119,7 +144,7 @@ def _init_states(model: nn.Module, adapter_name: str) -> dict[str, tuple[nn.Modu
 
 
 def portable_lora_config(config: Any) -> Any:
-    """Return the plain ``LoraConfig`` of the portable rank-2r adapter for a FILA adapter config.
+    """Return the plain ``LoraConfig`` of the portable rank-2r adapter for a data-driven adapter config.
 
     ``init_lora_weights=True``, ``r`` and ``lora_alpha`` doubled (``sqrt(2) * alpha`` with rslora), rank and
     alpha patterns doubled, ``fila_config`` dropped, ``inference_mode=True``.
@@ -168,9 +193,9 @@ def export_portable_adapter(
     state_dict: dict[str, torch.Tensor] | None = None,
     save_embedding_layers: str | bool = "auto",
 ) -> Path:
-    """Write a FILA adapter as a plain rank-2r LoRA that stock PEFT loads onto the original base.
+    """Write a FILA/VILA adapter as a plain rank-2r LoRA that stock PEFT loads onto the original base.
 
-    ``W + s * [B | -B0] [A ; A0] = W_res + s * B A``: the trained model, without the residual base.
+    ``W + s * [B | -B0] [A ; A0] = W + s * B A - s * B0 A0``: the trained model.
 
     Args:
         peft_model: A PeftModel with an initialised FILA adapter.
@@ -196,9 +221,9 @@ def export_portable_adapter(
     if adapter_name not in configs:
         raise ValueError(f"`adapter_name`={adapter_name!r} is not an adapter of the model; have {sorted(configs)}.")
     config = configs[adapter_name]
-    if not is_fila_init(config.init_lora_weights):
+    if not is_data_driven_init(config.init_lora_weights):
         raise ValueError(
-            f"Adapter {adapter_name!r} is not a FILA adapter (init_lora_weights={config.init_lora_weights!r}); save it "
+            f"Adapter {adapter_name!r} is not a FILA/VILA adapter (init_lora_weights={config.init_lora_weights!r}); save it "
             "with save_pretrained."
         )
     _require_initialized(peft_model, [adapter_name])
@@ -254,72 +279,45 @@ def export_portable_adapter(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _probe(in_features: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(_PROBE_SEED)
-    return torch.randn(in_features, generator=generator, dtype=torch.float64)
-
-
-def _linear_weight(layer: nn.Module) -> torch.Tensor:
-    from transformers.pytorch_utils import Conv1D
-
-    base = layer.get_base_layer()
-    return base.weight.mT if isinstance(base, Conv1D) else base.weight
-
-
-def _fingerprint(weight: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
-    return weight.detach().to("cpu", torch.float64) @ probe
-
-
 def save_fila_state(
     model: nn.Module, directory: str | os.PathLike, adapter_names: Sequence[str] | None = None
 ) -> Path:
-    """Write ``directory/_fila_init/`` with the initial factors of the FILA adapters.
+    """Write ``directory/_fila_init/`` with the frozen initial factors of the data-driven adapters.
 
-    Holds, per adapter and layer, ``A0``/``B0`` (exactly the values the adapter was initialised with) and
-    two probe fingerprints (of ``W`` and ``W_res``) that let :func:`restore_fila_residual` tell whether a
-    base weight is original or residual; ``fila_meta.json`` records rank, scaling and dtypes.
+    Holds, per adapter and layer, ``A0``/``B0`` (exactly the values the adapter was initialised with);
+    ``fila_meta.json`` records the init, rank, scaling, shapes and dtypes.
 
     Args:
-        model: A PeftModel with initialised FILA adapter(s).
+        model: A PeftModel with initialised FILA/VILA adapter(s).
         directory: The checkpoint / save folder.
-        adapter_names: Adapters to store (default: every FILA adapter).
+        adapter_names: Adapters to store (default: every data-driven adapter).
 
     Returns:
         The ``_fila_init`` folder.
     """
     from safetensors.torch import save_file
 
-    names = list(adapter_names) if adapter_names is not None else fila_adapters(model)
+    names = list(adapter_names) if adapter_names is not None else data_driven_adapters(model)
     if not names:
-        raise ValueError("The model has no FILA adapter (init_lora_weights='fila'); nothing to store.")
+        raise ValueError("The model has no FILA/VILA adapter (init_lora_weights='fila'/'vila'); nothing to store.")
     _require_initialized(model, names)
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, Any] = {"format_version": _FORMAT_VERSION, "adapters": {}}
-    from .config import get_fila_config
-
     for adapter in names:
         config = model.peft_config[adapter]
         layers_meta = {}
         for name, (layer, lora_a0, lora_b0) in _init_states(model, adapter).items():
-            weight = _linear_weight(layer)
-            scaling = float(layer.scaling[adapter])
-            probe = _probe(weight.shape[1])
-            residual_fp = _fingerprint(weight, probe)
-            delta_fp = scaling * (lora_b0.to("cpu", torch.float64) @ (lora_a0.to("cpu", torch.float64) @ probe))
             key = f"{adapter}::{name}"
             tensors[f"{key}::A0"] = lora_a0.detach().to("cpu").contiguous()
             tensors[f"{key}::B0"] = lora_b0.detach().to("cpu").contiguous()
-            tensors[f"{key}::fp_res"] = residual_fp
-            tensors[f"{key}::fp_orig"] = residual_fp + delta_fp
             layers_meta[name] = {
                 "r": int(layer.r[adapter]),
-                "scaling": scaling,
-                "shape": list(weight.shape),
-                "base_dtype": str(weight.dtype).removeprefix("torch."),
+                "scaling": float(layer.scaling[adapter]),
+                "shape": [int(lora_b0.shape[0]), int(lora_a0.shape[1])],
                 "lora_dtype": str(lora_a0.dtype).removeprefix("torch."),
             }
         meta["adapters"][adapter] = {
-            "init_lora_weights": FILA_INIT_NAME,
+            "init_lora_weights": init_name(config.init_lora_weights),
             "r": int(config.r),
             "lora_alpha": config.lora_alpha,
             "use_rslora": bool(config.use_rslora),
@@ -328,7 +326,7 @@ def save_fila_state(
         }
     folder = Path(directory) / INIT_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / _TENSORS_FILE), metadata={"format": "peft_unlearn.fila_init/1"})
+    save_file(tensors, str(folder / _TENSORS_FILE), metadata={"format": f"peft_unlearn.fila_init/{_FORMAT_VERSION}"})
     (folder / _META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
     return folder
 
@@ -337,7 +335,11 @@ def load_fila_state(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[
     """Read ``directory/_fila_init`` (or the ``_fila_init`` folder itself).
 
     Returns:
-        ``(meta, tensors)`` as written by :func:`save_fila_state`.
+        ``(meta, tensors)`` as written by `save_fila_state`.
+
+    Raises:
+        FileNotFoundError: If the folder holds no FILA state.
+        ValueError: For an unknown format version.
     """
     from safetensors.torch import load_file
 
@@ -350,24 +352,26 @@ def load_fila_state(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[
             "save_pretrained(..., fila_portable=False) / save_fila_state()."
         )
     meta = json.loads((folder / _META_FILE).read_text())
-    if meta.get("format_version") != _FORMAT_VERSION:
-        raise ValueError(f"Unsupported FILA state format {meta.get('format_version')!r} in {folder}.")
+    if meta.get("format_version") not in _READABLE_VERSIONS:
+        raise ValueError(
+            f"Unsupported FILA state format {meta.get('format_version')!r} in {folder}; this version of "
+            f"peft_unlearn reads {list(_READABLE_VERSIONS)}."
+        )
     return meta, load_file(str(folder / _TENSORS_FILE))
 
 
 @torch.no_grad()
-def restore_fila_residual(
+def restore_fila_state(
     model: nn.Module, directory: str | os.PathLike, adapter_names: Sequence[str] | None = None
 ) -> dict[str, int]:
-    """Rebuild the residual base ``W_res = W - s * B0 A0`` from ``directory/_fila_init`` (resume).
+    """Re-attach the frozen initial factors stored in ``directory/_fila_init`` (resume in a new process).
 
-    Given a PeftModel whose base holds the **original** weights (a fresh process: load the base, wrap
-    it with the same LoRA config, or ``PeftModel.from_pretrained`` the raw checkpoint), subtract each
-    layer's stored ``s * B0 A0`` with the init's arithmetic (fp32 product of the stored factors, cast to
-    the base dtype). Layers whose base already holds ``W_res`` are left alone (detected with probe
-    fingerprints), so calling it twice is harmless. The adapter weights themselves are not touched
-    (load the checkpoint with ``load_adapter`` before or after); the initial factors are registered for
-    saving, the adapter config is set to ``"fila"`` and pending flags are cleared.
+    Given a PeftModel on the original base with the checkpoint's LoRA config (a fresh
+    ``get_peft_model(base, LoraConfig(init_lora_weights="fila", ...))``, or ``PeftModel.from_pretrained``
+    of the raw checkpoint), attach each layer's ``A0``/``B0`` so that the adapter acts as
+    ``s * B A - s * B0 A0`` again. Neither the base nor the adapter weights are touched (load the
+    checkpoint with ``load_adapter`` before or after); calling it twice is harmless. The pending flags
+    are cleared.
 
     Args:
         model: The PeftModel.
@@ -375,19 +379,16 @@ def restore_fila_residual(
         adapter_names: Restore only these adapters (default: all stored ones).
 
     Returns:
-        ``{"restored": layers rebuilt, "already_residual": layers left unchanged}``.
+        ``{"restored": layers whose initial factors were attached}``.
 
     Raises:
-        ValueError: If an adapter/layer is missing, ranks or shapes differ, or a base weight matches
-            neither the original nor the residual weight.
+        ValueError: If an adapter/layer is missing, or ranks, scalings or shapes differ.
     """
-    from transformers.pytorch_utils import Conv1D
-
     meta, tensors = load_fila_state(directory)
     stored = meta["adapters"]
     names = list(adapter_names) if adapter_names is not None else list(stored)
     configs = getattr(model, "peft_config", None) or {}
-    summary = {"restored": 0, "already_residual": 0}
+    restored = 0
     for adapter in names:
         if adapter not in stored:
             raise ValueError(f"Adapter {adapter!r} is not stored in {directory}; stored: {sorted(stored)}.")
@@ -407,7 +408,6 @@ def restore_fila_residual(
             )
         for name, info in layer_meta.items():
             layer = layers[name]
-            key = f"{adapter}::{name}"
             if int(layer.r[adapter]) != info["r"] or not torch.isclose(
                 torch.tensor(float(layer.scaling[adapter])), torch.tensor(info["scaling"])
             ):
@@ -415,70 +415,30 @@ def restore_fila_residual(
                     f"Layer {name}: rank/scaling ({layer.r[adapter]}, {layer.scaling[adapter]}) differ from the stored "
                     f"({info['r']}, {info['scaling']}); use the checkpoint's r/lora_alpha."
                 )
-            base = layer.get_base_layer()
-            transposed = isinstance(base, Conv1D)
-            weight = base.weight.mT if transposed else base.weight
-            if list(weight.shape) != info["shape"]:
-                raise ValueError(f"Layer {name}: weight shape {list(weight.shape)} != stored {info['shape']}.")
-            lora_a0, lora_b0 = tensors[f"{key}::A0"], tensors[f"{key}::B0"]
-            probe = _probe(weight.shape[1])
-            current = _fingerprint(weight, probe)
-            fp_res, fp_orig = tensors[f"{key}::fp_res"], tensors[f"{key}::fp_orig"]
-            gap = float((fp_orig - fp_res).norm())
-            to_res, to_orig = float((current - fp_res).norm()), float((current - fp_orig).norm())
-            if gap <= 1e-12 * (1.0 + float(fp_res.norm())) or to_res <= _MATCH_TOLERANCE * gap:
-                summary["already_residual"] += 1
-            elif to_orig <= _MATCH_TOLERANCE * gap:
-                residual = residual_weight(weight, lora_a0, lora_b0, float(layer.scaling[adapter]))
-                base.weight.data = (residual.mT if transposed else residual).contiguous()
-                summary["restored"] += 1
-            else:
-                raise ValueError(
-                    f"Layer {name}: the base weight matches neither the original weight nor the FILA residual stored "
-                    f"in {directory} (distances {to_orig:.3g} / {to_res:.3g}, expected < {_MATCH_TOLERANCE * gap:.3g}); "
-                    "load the same base model the checkpoint was trained from."
-                )
-            set_init_state(
-                layer,
-                adapter,
-                lora_a0.to(layer.lora_A[adapter].weight.device),
-                lora_b0.to(layer.lora_B[adapter].weight.device),
-            )
+            key = f"{adapter}::{name}"
+            set_offset(layer, adapter, tensors[f"{key}::A0"], tensors[f"{key}::B0"])  # checks the shapes
             clear_pending(layer, adapter)
-        configs[adapter].init_lora_weights = FILA_INIT_NAME
-    return summary
+            restored += 1
+        if configs[adapter].init_lora_weights is True:
+            configs[adapter].init_lora_weights = stored[adapter].get("init_lora_weights") or "fila"
+    return {"restored": restored}
+
+
+def restore_fila_residual(
+    model: nn.Module, directory: str | os.PathLike, adapter_names: Sequence[str] | None = None
+) -> dict[str, int]:
+    """Deprecated alias of `restore_fila_state` (the base is no longer rewritten to a residual)."""
+    warnings.warn(
+        "restore_fila_residual is deprecated: FILA no longer rewrites the base weights; use restore_fila_state.",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return restore_fila_state(model, directory, adapter_names)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# residual base model and the patched save_pretrained
+# the patched save_pretrained
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def save_residual_base(model: nn.Module, save_directory: str | os.PathLike, **kwargs: Any) -> Path:
-    """Save the residual base model (every FILA target holds ``W_res``) as a plain transformers model.
-
-    Together with the raw adapter (``save_pretrained(..., fila_portable=False)``) this is the compact
-    deployment: ``from_pretrained(residual_dir)`` + the rank-r adapter reproduces the trained model
-    (load the adapter with ``peft_unlearn`` imported, or after rewriting its config to ``true``).
-
-    Args:
-        model: The PeftModel (FILA adapter initialised).
-        save_directory: Target folder.
-        **kwargs: Passed to the base model's ``save_pretrained``.
-
-    Returns:
-        The folder written.
-    """
-    names = fila_adapters(model)
-    _require_initialized(model, names)
-    base = model.get_base_model()
-    state = {}
-    for key, value in base.state_dict().items():
-        if ".lora_" in key or "lora_magnitude_vector" in key:
-            continue
-        state[key.replace(".base_layer.", ".")] = value
-    base.save_pretrained(str(save_directory), state_dict=state, **kwargs)
-    return Path(save_directory)
 
 
 def fila_save_pretrained(
@@ -494,14 +454,13 @@ def fila_save_pretrained(
     fila_portable: bool = True,
     **kwargs: Any,
 ) -> None:
-    """``PeftModel.save_pretrained`` for models with a FILA adapter (installed by :func:`register_fila`).
+    """``PeftModel.save_pretrained`` for models with a FILA/VILA adapter (installed by `register_fila`).
 
-    * ``fila_portable=True`` (default): every selected FILA adapter is written as the portable rank-2r
-      plain LoRA (:func:`export_portable_adapter`); a stale ``_fila_init/`` in the folder is removed.
+    * ``fila_portable=True`` (default): every selected data-driven adapter is written as the portable
+      rank-2r plain LoRA (`export_portable_adapter`); a stale ``_fila_init/`` in the folder is removed.
     * ``fila_portable=False``: the raw rank-r adapter (config keeps ``"fila"``) plus ``_fila_init/``.
-    * ``selected_adapters=None`` selects the FILA adapters only: helper adapters (e.g. a frozen ``"ref"``
-      adapter of a trainer) were trained on the residual base and would be silently wrong on the
-      original base. Explicitly selected non-FILA adapters are saved by PEFT unchanged, with a warning.
+    * Other selected adapters (all adapters when ``selected_adapters=None``) are saved by PEFT as they
+      are: they act on the unmodified base, so they are valid on the original model.
     * ``path_initial_model_for_weight_conversion`` given: PEFT's own conversion runs unchanged.
     """
     if not isinstance(fila_portable, bool):
@@ -513,22 +472,12 @@ def fila_save_pretrained(
         **kwargs,
     }
     fila_names = fila_adapters(model)
-    if selected_adapters is None:
-        selected = list(fila_names)
-        skipped = [a for a in model.peft_config if a not in fila_names]
-        if skipped:
-            warnings.warn(
-                f"save_pretrained on a FILA model saves the FILA adapter(s) {fila_names} only; skipped {skipped} "
-                "(they act on the residual base). Pass `selected_adapters` to save them explicitly.",
-                stacklevel=3,
-            )
-    else:
-        selected = list(selected_adapters)
-        unknown = [a for a in selected if a not in model.peft_config]
-        if unknown:
-            raise ValueError(
-                f"`selected_adapters` contains unknown adapters {unknown}; the model has {sorted(model.peft_config)}."
-            )
+    selected = list(model.peft_config) if selected_adapters is None else list(selected_adapters)
+    unknown = [a for a in selected if a not in model.peft_config]
+    if unknown:
+        raise ValueError(
+            f"`selected_adapters` contains unknown adapters {unknown}; the model has {sorted(model.peft_config)}."
+        )
     fila_selected = [a for a in selected if a in fila_names]
     plain_selected = [a for a in selected if a not in fila_names]
     _require_initialized(model, fila_selected)
@@ -543,11 +492,6 @@ def fila_save_pretrained(
         )
         return
     if plain_selected:
-        warnings.warn(
-            f"Saving the non-FILA adapter(s) {plain_selected} of a FILA model as they are: they were trained on the "
-            "residual base, so on the original base they are not equivalent.",
-            stacklevel=3,
-        )
         original(model, save_directory, selected_adapters=plain_selected, **passthrough)
     if not fila_selected:
         return

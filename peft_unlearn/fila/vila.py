@@ -64,12 +64,11 @@ from .fisher_passes import all_reduce_ as _all_reduce_
 from .fisher_passes import distributed as _distributed
 from .fisher_passes import model_device as _model_device
 from .fisher_passes import rank as _rank
-from .registration import iter_lora_layers
+from .init import initialize_fila_weights
+from .state import VILA_INIT_NAME as VILA_INIT_NAME
+from .state import iter_lora_layers
 
 __all__ = ["VILA_INIT_NAME", "estimate_vila_importance", "initialize_vila_weights", "vila_layer_importance"]
-
-#: The value of ``LoraConfig.init_lora_weights`` that selects VILA.
-VILA_INIT_NAME = "vila"
 
 
 def vila_layer_importance(
@@ -356,7 +355,6 @@ def initialize_vila_weights(
         >>> info["importance_seconds"] < info["seconds"]  # doctest: +SKIP
         True
     """
-    from .init import initialize_fila_weights
 
     start = time.perf_counter()
     if importance is None:

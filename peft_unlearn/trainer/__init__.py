@@ -16,7 +16,6 @@ _LAZY_EXPORTS: dict[str, str] = {
     "UnlearningConfig": "peft_unlearn.trainer.unlearning_config",
     "UnlearningTrainer": "peft_unlearn.trainer.unlearning_trainer",
     "UnlearningItemCounts": "peft_unlearn.trainer.unlearning_trainer",
-    "REF_ADAPTER": "peft_unlearn.trainer.unlearning_trainer",
     "PairedUnlearningDataset": "peft_unlearn.trainer.pairing",
     "UnlearningDataCollator": "peft_unlearn.trainer.collators",
     "CausalLMCollator": "peft_unlearn.trainer.collators",
@@ -32,7 +31,6 @@ _LAZY_EXPORTS: dict[str, str] = {
 
 __all__ = [
     "DEFAULT_IDK_ANSWERS",
-    "REF_ADAPTER",
     "CausalLMCollator",
     "PairedUnlearningDataset",
     "StopWhenForgottenCallback",
@@ -55,7 +53,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .model_card import build_model_card
     from .pairing import PairedUnlearningDataset, TokenizedDataset
     from .unlearning_config import UnlearningConfig
-    from .unlearning_trainer import REF_ADAPTER, UnlearningItemCounts, UnlearningTrainer
+    from .unlearning_trainer import UnlearningItemCounts, UnlearningTrainer
 
 
 __getattr__, __dir__ = lazy_exports(globals(), _LAZY_EXPORTS)

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..fila.state import init_name
 from ..save_policy import (
     OVERWRITE_SWITCH,
     SaveConflictError,
@@ -348,8 +349,8 @@ class UnlearningSavingMixin:
                 else getattr(config, "target_modules", None),
                 "init_lora_weights": getattr(config, "init_lora_weights", None),
             }
-            is_fila = str(getattr(config, "init_lora_weights", "")).lower() == "fila"
-            if is_fila:  # r / lora_alpha above are FILA's; the published plain LoRA has twice the rank
+            is_fila = init_name(getattr(config, "init_lora_weights", None)) is not None
+            if is_fila:  # r / lora_alpha above are the adapter's; the published plain LoRA has twice the rank
                 from peft_unlearn.fila.saving import portable_lora_config
 
                 portable = portable_lora_config(config)

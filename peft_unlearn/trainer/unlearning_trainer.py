@@ -25,7 +25,6 @@ Examples:
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import logging
 import math
@@ -50,6 +49,10 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.trainer_utils import get_last_checkpoint
 
 from .. import losses as L
+from ..fila.config import get_fila_config
+from ..fila.dispatch import initialize_adapter_weights
+from ..fila.saving import INIT_DIR, is_fila_model, pending_fila_adapters, restore_fila_state
+from ..fila.state import init_name
 from .data import (
     CausalLMCollator,
     PairedUnlearningDataset,
@@ -61,6 +64,8 @@ from .data import (
 )
 from .finite_guard import FiniteGuard
 from .model_card import PAPER_CITATION
+from .reference import check_reference, reference_forward
+from .reference import is_peft_model as _is_peft_model
 from .run_checks import (
     check_reference_vocab,
     check_resume_checkpoint,
@@ -77,12 +82,9 @@ from .run_checks import (
 from .saving import UnlearningSavingMixin
 from .unlearning_config import UnlearningConfig
 
-__all__ = ["REF_ADAPTER", "UnlearningItemCounts", "UnlearningTrainer"]
+__all__ = ["UnlearningItemCounts", "UnlearningTrainer"]
 
 logger = logging.getLogger(__name__)
-
-REF_ADAPTER = "ref"
-"""Name of the frozen copy of the initial adapter used as reference model (NPO, KL) for PEFT models."""
 
 _BATCH_PREFIXES = ("forget", "retain", "idk")
 
@@ -114,14 +116,6 @@ class _PairingEpochCallback(TrainerCallback):
         self.dataset.set_epoch(int(math.floor((state.epoch or 0.0) + 1e-6)))
 
 
-def _is_peft_model(model: Any) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    return isinstance(model, PeftModel)
-
-
 def _causal_lm_class_names() -> set[str]:
     names: set[str] = set()
     for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
@@ -142,15 +136,7 @@ def _check_causal_lm(model: Any) -> None:
 
 
 def _is_fila_model(model: Any) -> bool:
-    from peft_unlearn.fila.saving import is_fila_model
-
     return _is_peft_model(model) and is_fila_model(model)
-
-
-def _fila_adapter_names(model: Any) -> list[str]:
-    from peft_unlearn.fila.saving import fila_adapters
-
-    return fila_adapters(model)
 
 
 class UnlearningTrainer(UnlearningSavingMixin, Trainer):
@@ -171,8 +157,9 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
         callbacks: Extra callbacks.
         peft_config: A ``peft.PeftConfig`` to wrap ``model`` with (not allowed when ``model`` already is a
             PeftModel).
-        ref_model: Reference model for NPO / KL with a non-PEFT ``model`` (frozen, eval mode). PEFT models use a
-            frozen copy of the initial adapter (adapter ``"ref"``) instead, so no second model is loaded.
+        ref_model: Reference model for NPO / KL (frozen, eval mode). Without it, PEFT models use the model with
+            adapters disabled (the starting model for fresh default-LoRA, FILA and VILA adapters), so no second
+            model is loaded (see `peft_unlearn.trainer.reference`).
         optimizers: ``(optimizer, scheduler)`` as for ``Trainer``.
         optimizer_cls_and_kwargs: As for ``Trainer``.
 
@@ -192,7 +179,6 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
     # compute_loss divides by the token/sequence counts of the whole accumulated batch (see get_batch_samples)
     loss_is_scaled_for_ga = True
     # adapters the save paths never write (UnlearningSavingMixin)
-    _helper_adapters = (REF_ADAPTER,)
 
     def __init__(
         self,
@@ -268,12 +254,8 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
             raise ValueError(
                 "`ref_model` must not be the trained model itself; pass a separate (frozen) copy or None."
             )
-        if self._needs_reference and ref_model is None and not _is_peft_model(model):
-            needs = " and ".join(reference_users)
-            raise ValueError(
-                f"{needs} needs a reference model: pass `ref_model=` (a frozen copy of the initial model) or train a "
-                "PEFT adapter (`peft_config=` or a PeftModel), whose initial adapter then serves as reference."
-            )
+        if self._needs_reference:
+            check_reference(model, ref_model, " and ".join(reference_users))
         if ref_model is not None and not self._needs_reference:
             logger.warning(
                 "`ref_model` is unused: neither forget_loss=%r nor retain_loss=%r needs it.",
@@ -445,84 +427,23 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
     # reference model
     # ------------------------------------------------------------------------------------------------------------
 
-    def _ensure_reference_adapter(self) -> None:
-        """Create the frozen ``"ref"`` adapter that reproduces the initial model (NPO / KL reference passes).
-
-        Called at the start of :meth:`train` (after FILA). For a FILA adapter the base holds ``W_res``, so the
-        reference is :func:`peft_unlearn.fila.add_fila_reference_adapter` (``A0``/``B0``: ``W_res + s B0 A0 = W``,
-        exact after a resume as well); any other adapter is copied as it is now.
-        """
-        if not self._needs_reference or self.ref_model is not None:
-            return
-        model = self.accelerator.unwrap_model(self.model)
-        if REF_ADAPTER in model.peft_config:
-            return
-        self._maybe_initialize_fila()  # the reference must see the post-FILA initial adapter
-        active = model.active_adapter
-        config = copy.deepcopy(model.peft_config[active])
-        if getattr(config, "is_prompt_learning", False):
-            raise ValueError(
-                f"The reference for NPO/KL is a frozen copy of the adapter, which is not supported for prompt-learning "
-                f"methods ({config.peft_type}); pass `ref_model=` instead."
-            )
-        if _is_fila_model(model) and active in _fila_adapter_names(model):
-            from peft_unlearn.fila import add_fila_reference_adapter
-
-            add_fila_reference_adapter(model, adapter_name=active, reference_name=REF_ADAPTER)
-            return
-        if hasattr(config, "init_lora_weights"):
-            config.init_lora_weights = True  # never re-run a data-driven or base-mutating init for the copy
-        config.inference_mode = True
-        flags = [(p, p.requires_grad) for p in model.parameters()]
-        model.add_adapter(REF_ADAPTER, config)
-        for param, flag in flags:
-            param.requires_grad_(flag)
-        params = dict(model.named_parameters())
-        source, target = f".{active}.", f".{REF_ADAPTER}."
-        with torch.no_grad():
-            for name, param in params.items():
-                if source in name and name.replace(source, target) in params:
-                    params[name.replace(source, target)].copy_(param)
-            for name, param in params.items():
-                if target in name:
-                    param.requires_grad_(False)
-
     @contextlib.contextmanager
     def reference_model(self, model: nn.Module | None = None) -> Iterator[nn.Module]:
-        """Context manager yielding a module that computes the reference (initial) model, in eval mode, no grad.
+        """Context manager yielding a module that computes the reference (starting) model, in eval mode, no grad.
 
-        With ``ref_model`` that model; otherwise ``model`` (default: the trained model) with the frozen
-        ``"ref"`` adapter active. The active adapter, train mode and every ``requires_grad`` flag are restored.
+        With ``ref_model`` that model; otherwise ``model`` (default: the trained model) with its adapters disabled
+        (`peft_unlearn.trainer.reference.reference_forward`). Train mode and ``requires_grad`` flags are restored.
 
         Args:
-            model: The (possibly wrapped) trained model to run with the reference adapter.
+            model: The (possibly wrapped) trained model.
 
         Examples:
             >>> with trainer.reference_model() as ref:  # doctest: +SKIP
             ...     ref_logits = ref(input_ids=ids).logits
         """
-        if self.ref_model is not None:
-            with torch.no_grad():
-                yield self.ref_model
-            return
         model = self.model if model is None else model
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        if not _is_peft_model(unwrapped):
-            raise ValueError("No reference model: pass `ref_model=` or train a PEFT adapter.")
-        self._ensure_reference_adapter()
-        previous = unwrapped.active_adapter
-        flags = [(p, p.requires_grad) for p in unwrapped.parameters()]
-        was_training = unwrapped.training
-        unwrapped.set_adapter(REF_ADAPTER)
-        unwrapped.eval()
-        try:
-            with torch.no_grad():
-                yield model
-        finally:
-            unwrapped.set_adapter(previous)
-            unwrapped.train(was_training)
-            for param, flag in flags:
-                param.requires_grad_(flag)
+        with reference_forward(model, self.ref_model, unwrapped=self.accelerator.unwrap_model(self.model)) as ref:
+            yield ref
 
     # ------------------------------------------------------------------------------------------------------------
     # loss
@@ -585,7 +506,7 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
         batch = L.LossBatch(inputs, args)
         specs = self._loss_specs(inputs)
 
-        # Reference passes first: switching adapters changes `requires_grad` flags, which must not happen while a
+        # Reference passes first: disabling adapters changes `requires_grad` flags, which must not happen while a
         # graph through the trained adapter is alive.
         references: dict[str, Any] = {}
         if any(spec.reference is not None for spec in specs.values()):
@@ -686,17 +607,16 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
         trial: Any = None,
         ignore_keys_for_eval: list[str] | None = None,
     ):
-        """Initialise pending FILA adapters, create the reference adapter, then run ``Trainer.train``.
+        """Initialise pending FILA/VILA adapters, then run ``Trainer.train``.
 
-        On resume the FILA residual base is rebuilt from the checkpoint's ``_fila_init/`` (FILA is not re-run), so a
-        fresh process (original base + ``get_peft_model(..., LoraConfig(init_lora_weights="fila"))``) continues
-        exactly where the checkpoint left off.
+        On resume the frozen initial factors are re-attached from the checkpoint's ``_fila_init/`` (the init is not
+        re-run), so a fresh process (original base + ``get_peft_model(..., LoraConfig(init_lora_weights="fila"))``)
+        continues exactly where the checkpoint left off.
         """
         resume_from_checkpoint = check_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
         check_trains_some_steps(self.args)
         self.check_output_dir()
         self._maybe_initialize_fila(resume_from_checkpoint)
-        self._ensure_reference_adapter()
         output = super().train(
             resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval
         )
@@ -704,26 +624,21 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
         return output
 
     def _maybe_initialize_fila(self, resume_from_checkpoint: str | bool | None = None) -> dict[str, Any] | None:
-        """Compute the FILA weights of pending adapters from the forget/retain data (or rebuild them on resume).
+        """Compute the weights of pending data-driven adapters (FILA, VILA) from the forget/retain data.
 
-        Runs before the reference adapter is created, so that the reference holds the post-FILA initial factors.
-        When resuming, the residual base is rebuilt from ``<checkpoint>/_fila_init`` instead (a no-op if the base
-        already holds it); a pending FILA adapter with a checkpoint lacking that folder is an error, because
-        re-running FILA would not reproduce the checkpoint's residual base in general.
+        When resuming, the frozen initial factors are re-attached from ``<checkpoint>/_fila_init`` instead; a pending
+        adapter with a checkpoint lacking that folder is an error, because re-running the init would not reproduce
+        the checkpoint's initial factors in general.
 
         Args:
             resume_from_checkpoint: The checkpoint folder being resumed (``True``: the last one in ``output_dir``).
 
         Returns:
-            The statistics of ``initialize_fila_weights`` per adapter, or None when nothing was computed.
+            The statistics of the initialisation per adapter, or None when nothing was computed.
 
         Raises:
-            ValueError: If a pending FILA adapter is resumed from a checkpoint without ``_fila_init/``.
+            ValueError: If a pending adapter is resumed from a checkpoint without ``_fila_init/``.
         """
-        from peft_unlearn.fila import initialize_fila_weights, pending_fila_adapters
-        from peft_unlearn.fila.config import get_fila_config
-        from peft_unlearn.fila.saving import INIT_DIR, is_fila_model, restore_fila_residual
-
         model = self.accelerator.unwrap_model(self.model)
         if not _is_peft_model(model) or not is_fila_model(model):
             return None
@@ -732,14 +647,13 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
             checkpoint = get_last_checkpoint(self.args.output_dir) if checkpoint else None
         if checkpoint is not None:
             if (Path(checkpoint) / INIT_DIR).is_dir():
-                restore_fila_residual(model, checkpoint)
+                restore_fila_state(model, checkpoint)
             elif pending_fila_adapters(model):
                 raise ValueError(
-                    f"Cannot resume the FILA adapter(s) {pending_fila_adapters(model)} from {str(checkpoint)!r}: the "
-                    f"checkpoint has no `{INIT_DIR}/` folder with the initial factors A0/B0, so the residual base "
-                    "W - s*B0@A0 cannot be rebuilt (re-running FILA would not reproduce it). Resume from a checkpoint "
-                    "written by UnlearningTrainer (or save_pretrained(..., fila_portable=False)), or start a new run "
-                    "without `resume_from_checkpoint`."
+                    f"Cannot resume the adapter(s) {pending_fila_adapters(model)} from {str(checkpoint)!r}: the "
+                    f"checkpoint has no `{INIT_DIR}/` folder with the initial factors A0/B0 (re-running the init would "
+                    "not reproduce them). Resume from a checkpoint written by UnlearningTrainer (or "
+                    "save_pretrained(..., fila_portable=False)), or start a new run without `resume_from_checkpoint`."
                 )
         pending = pending_fila_adapters(model)
         if not pending:
@@ -751,19 +665,17 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
             else None
         )
         stats: dict[str, Any] = {}
+        show_progress = not self.args.disable_tqdm and self.is_world_process_zero()
         for adapter_name in pending:
-            fila_config = get_fila_config(model.peft_config[adapter_name])
-            if self.args.fila_seed is not None:
-                fila_config = dataclasses.replace(fila_config, seed=self.args.fila_seed)
-            stats[adapter_name] = initialize_fila_weights(
-                model,
-                forget_dl,
-                retain_dl,
-                adapter_name=adapter_name,
-                max_batches=self.args.fila_max_batches,
-                cache_path=self.args.fila_cache,
-                show_progress=not self.args.disable_tqdm and self.is_world_process_zero(),
-                fila_config=fila_config,
+            config = model.peft_config[adapter_name]
+            kwargs: dict[str, Any] = {"max_batches": self.args.fila_max_batches, "show_progress": show_progress}
+            if init_name(config.init_lora_weights) == "fila":
+                fila_config = get_fila_config(config)
+                if self.args.fila_seed is not None:
+                    fila_config = dataclasses.replace(fila_config, seed=self.args.fila_seed)
+                kwargs.update(cache_path=self.args.fila_cache, fila_config=fila_config)
+            stats[adapter_name] = initialize_adapter_weights(
+                model, forget_dl, retain_dl, adapter_name=adapter_name, **kwargs
             )
         self.fila_stats = stats
         for adapter_name, adapter_stats in stats.items():

@@ -110,7 +110,7 @@ def test_conv_target_rejected():
 def test_integer_base_weight_rejected():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
     model[0].weight = torch.nn.Parameter(torch.ones(4, 4, dtype=torch.int8), requires_grad=False)
-    with pytest.raises(ValueError, match="float base weight"):
+    with pytest.raises(ValueError, match="needs a float or bitsandbytes 4-bit/8-bit weight"):
         get_peft_model(model, LoraConfig(r=2, target_modules=["0"], init_lora_weights="fila"))
 
 
@@ -123,6 +123,8 @@ def test_integer_base_weight_rejected():
         ({"trainable_token_indices": [3, 4]}, "trainable_token_indices"),
         ({"use_rslora": True, "rank_pattern": {"q_proj": 4}}, "use_rslora"),
         ({"use_rslora": True, "alpha_pattern": {"q_proj": 4}}, "use_rslora"),
+        ({"bias": "all"}, "bias='all'"),
+        ({"bias": "lora_only"}, "bias='lora_only'"),
     ],
 )
 def test_unsupported_options_rejected_at_get_peft_model(tiny_llama, kwargs, match):
@@ -201,7 +203,7 @@ def test_pending_forward_warns_in_training_only(tokenizer):
             peft_model(**batch)  # no grad: no warning
         with peft_model.disable_adapter():
             peft_model(**batch)  # adapters disabled: no warning
-    with pytest.warns(FilaNotInitializedWarning, match="initialize_fila_weights"):
+    with pytest.warns(FilaNotInitializedWarning, match="initialize_adapter_weights"):
         peft_model(**batch)
     with warnings.catch_warnings():  # once per adapter
         warnings.simplefilter("error", FilaNotInitializedWarning)
@@ -221,3 +223,87 @@ def test_add_adapter_with_fila_is_validated(tiny_llama):
         )
     peft_model.add_adapter("f", LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="fila"))
     assert pending_fila_adapters(peft_model) == ["f"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# gaps closed: targets checked before any swap, mixed models, AdaLoRA, tied lm_head, a PEFT without the hooks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_unsupported_target_rejected_before_any_layer_is_swapped(tiny_llama):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    config = LoraConfig(r=2, target_modules=["q_proj", "embed_tokens"], init_lora_weights="fila")
+    with pytest.raises(ValueError, match="matches model.embed_tokens \\(Embedding\\).*left unchanged"):
+        get_peft_model(tiny_llama, config)
+    assert not any(isinstance(m, BaseTunerLayer) for m in tiny_llama.modules())  # q_proj was not swapped first
+
+
+def test_mixed_model_validates_fila_configs(tiny_llama):
+    with pytest.raises(ValueError, match="use_dora"):
+        get_peft_model(
+            tiny_llama, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="fila", use_dora=True), mixed=True
+        )
+    mixed = get_peft_model(
+        tiny_llama, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="fila"), mixed=True
+    )
+    assert all(layer._fila_pending == {"default": True} for layer in _lora_layers(mixed))
+
+
+def test_adalora_with_fila_is_an_error(tiny_llama):
+    from peft import AdaLoraConfig
+
+    config = AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["q_proj"], init_lora_weights="fila")
+    with pytest.raises(ValueError, match="not supported by ADALORA"):
+        get_peft_model(tiny_llama, config)
+
+
+def test_fila_on_tied_lm_head_keeps_outputs(tokenizer):
+    model = tiny_causal_lm("gpt2", vocab_size=len(tokenizer))  # GPT-2 ties lm_head to the token embedding
+    assert model.lm_head.weight is model.transformer.wte.weight
+    embedding = model.transformer.wte.weight.detach().clone()
+    batch = _batches(len(tokenizer), n=1, seed=3)[0]
+    with torch.no_grad():
+        reference = model(input_ids=batch["input_ids"]).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT warns about targeting a tied module
+        peft_model = get_peft_model(
+            model, LoraConfig(r=2, target_modules=["c_attn", "lm_head"], init_lora_weights="fila")
+        )
+    initialize_fila_weights(peft_model, [batch], show_progress=False)
+    with torch.no_grad():
+        assert (peft_model(input_ids=batch["input_ids"]).logits - reference).abs().max() <= 1e-5
+    assert torch.equal(peft_model.get_base_model().transformer.wte.weight, embedding)
+
+
+_MISSING_METHOD = """
+import warnings
+from peft.tuners.lora.model import LoraModel
+del LoraModel._check_new_adapter_config  # simulate a PEFT that moved a private method
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import peft_unlearn
+    from peft_unlearn import UnlearningConfig, UnlearningTrainer, inverted_hinge_loss
+    from peft_unlearn.fila.registration import is_registered, register_fila
+    assert register_fila() is False
+messages = [str(w.message) for w in caught if w.category.__name__ == "FilaUnavailableWarning"]
+assert len(messages) == 1 and "FILA/VILA are disabled" in messages[0], messages
+assert not is_registered()
+from peft.tuners.lora.layer import LoraLayer
+assert not hasattr(LoraLayer.__dict__["reset_lora_parameters"], "_peft_unlearn_fila_wrapper")  # all or nothing
+import torch
+print(float(inverted_hinge_loss(torch.zeros(1, 3, 5), torch.tensor([[0, 1, 2]]))))
+"""
+
+
+def test_import_never_fails_when_peft_lacks_a_hooked_method(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _MISSING_METHOD], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip()  # the losses still work

@@ -20,8 +20,8 @@ from peft_unlearn.fila import (
     is_fila_model,
     pending_fila_adapters,
     restore_fila_residual,
+    restore_fila_state,
     save_fila_state,
-    save_residual_base,
 )
 from peft_unlearn.fila.saving import INIT_DIR, load_fila_state
 from peft_unlearn.testing import random_lm_batches, tiny_causal_lm
@@ -167,10 +167,19 @@ def test_trained_adapter_is_not_the_base_model(tmp_path):
     assert (_logits(original, ids) - logits).abs().max() > 1e-3
 
 
-def test_merge_and_unload_gives_the_unlearned_model(tmp_path):
-    peft_model, _, ids, logits = _make(tmp_path, "gpt2", "merge")
-    merged = peft_model.merge_and_unload()
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_merge_and_unload_is_the_trained_model_and_unload_the_original(tmp_path, arch):
+    import copy
+
+    peft_model, base_dir, ids, logits = _make(tmp_path, arch, "merge")
+    original = AutoModelForCausalLM.from_pretrained(base_dir)
+    merged = copy.deepcopy(peft_model).merge_and_unload()  # W + s*B*A - s*B0*A0
     assert (_logits(merged, ids) - logits).abs().max() <= 1e-4
+    unloaded = peft_model.unload()
+    state = original.state_dict()
+    assert unloaded.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in unloaded.state_dict().items())  # the base was never touched
+    assert torch.equal(_logits(unloaded, ids), _logits(original, ids))
 
 
 def test_raw_save_restore_and_resume(tmp_path):
@@ -182,11 +191,11 @@ def test_raw_save_restore_and_resume(tmp_path):
     meta, tensors = load_fila_state(raw_dir)
     assert set(meta["adapters"]) == {"default"}
     layers = meta["adapters"]["default"]["layers"]
+    assert meta["format_version"] == 2 and meta["adapters"]["default"]["init_lora_weights"] == "fila"
     assert layers["model.layers.0.self_attn.q_proj"] == {
         "r": 4,
         "scaling": 2.0,
         "shape": [32, 32],
-        "base_dtype": "float32",
         "lora_dtype": "float32",
     }
     assert tensors["default::model.layers.0.self_attn.q_proj::A0"].shape == (4, 32)
@@ -197,16 +206,15 @@ def test_raw_save_restore_and_resume(tmp_path):
         LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights="fila"),
     )
     assert pending_fila_adapters(fresh) == ["default"]
-    assert restore_fila_residual(fresh, raw_dir) == {"restored": len(layers), "already_residual": 0}
-    assert restore_fila_residual(fresh, raw_dir) == {"restored": 0, "already_residual": len(layers)}
+    assert restore_fila_state(fresh, raw_dir) == {"restored": len(layers)}
+    assert restore_fila_state(fresh, raw_dir) == {"restored": len(layers)}  # idempotent: re-attaching is harmless
     assert pending_fila_adapters(fresh) == []
     fresh.load_adapter(raw_dir, "default", is_trainable=True)
     assert (_logits(fresh, ids) - logits).abs().max() <= 1e-5
-    for (_, a), (_, b) in zip(
-        [(n, m) for n, m in peft_model.named_modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A")],
-        [(n, m) for n, m in fresh.named_modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A")],
-    ):
-        assert torch.equal(a.get_base_layer().weight, b.get_base_layer().weight)  # same arithmetic as the init
+    original = AutoModelForCausalLM.from_pretrained(base_dir).state_dict()
+    for name, param in fresh.get_base_model().named_parameters():  # the base stays the original
+        if "lora_" not in name:
+            assert torch.equal(param, original[name.replace(".base_layer", "")])
     # the resumed model publishes the same portable adapter
     peft_model.save_pretrained(tmp_path / "p1")
     fresh.save_pretrained(tmp_path / "p2")
@@ -219,7 +227,8 @@ def test_raw_save_restore_and_resume(tmp_path):
     assert pending_fila_adapters(loaded) == ["default"]
     with pytest.raises(ValueError, match="not initialised yet"):
         loaded.save_pretrained(tmp_path / "nope")
-    restore_fila_residual(loaded, raw_dir)
+    with pytest.warns(DeprecationWarning, match="use restore_fila_state"):
+        restore_fila_residual(loaded, raw_dir)
     assert (_logits(loaded, ids) - logits).abs().max() <= 1e-5
 
 
@@ -233,8 +242,6 @@ def test_restore_errors(tmp_path):
         settings = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"], **kwargs}
         return get_peft_model(model, LoraConfig(init_lora_weights="fila", **settings))
 
-    with pytest.raises(ValueError, match="matches neither the original weight nor the FILA residual"):
-        restore_fila_residual(fresh(seed=99), raw_dir)
     with pytest.raises(ValueError, match="rank/scaling"):
         restore_fila_residual(fresh(r=2, lora_alpha=4), raw_dir)
     with pytest.raises(ValueError, match="rank/scaling"):
@@ -251,7 +258,7 @@ def test_restore_errors(tmp_path):
     with pytest.raises(ValueError, match="has no adapter 'default'"):
         restore_fila_residual(other_name, raw_dir)
     with pytest.raises(FileNotFoundError, match="No FILA initial state"):
-        restore_fila_residual(fresh(), tmp_path / "missing")
+        restore_fila_state(fresh(), tmp_path / "missing")
 
 
 def test_pending_adapters_cannot_be_saved(tmp_path, tiny_llama):
@@ -262,29 +269,26 @@ def test_pending_adapters_cannot_be_saved(tmp_path, tiny_llama):
         lambda: peft_model.save_pretrained(tmp_path / "b", fila_portable=False),
         lambda: export_portable_adapter(peft_model, tmp_path / "c"),
         lambda: save_fila_state(peft_model, tmp_path / "d"),
-        lambda: save_residual_base(peft_model, tmp_path / "e"),
     ):
-        with pytest.raises(ValueError, match="call peft_unlearn.fila.initialize_fila_weights"):
+        with pytest.raises(ValueError, match="call peft_unlearn.fila.initialize_adapter_weights"):
             call()
     assert not any((tmp_path / d / "adapter_model.safetensors").exists() for d in "abc")
 
 
-def test_helper_adapters_are_skipped_by_default(tmp_path):
+def test_other_adapters_are_saved_as_they_are(tmp_path):
     peft_model, _, _, _ = _make(tmp_path, "llama", "ref")
     peft_model.add_adapter("ref", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
-    with pytest.warns(UserWarning, match="skipped \\['ref'\\]"):
-        peft_model.save_pretrained(tmp_path / "out")
-    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
-    assert not (tmp_path / "out" / "ref").exists()
-    with pytest.warns(UserWarning, match="non-FILA adapter\\(s\\) \\['ref'\\]"):
-        peft_model.save_pretrained(tmp_path / "both", selected_adapters=["default", "ref"])
+    peft_model.save_pretrained(tmp_path / "out")  # all adapters: they act on the unmodified base
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["r"] == 8
+    assert json.loads((tmp_path / "out" / "ref" / "adapter_config.json").read_text())["r"] == 4
+    peft_model.save_pretrained(tmp_path / "both", selected_adapters=["default", "ref"])
     assert json.loads((tmp_path / "both" / "ref" / "adapter_config.json").read_text())["r"] == 4
     assert json.loads((tmp_path / "both" / "adapter_config.json").read_text())["r"] == 8
     with pytest.raises(ValueError, match="unknown adapters \\['nope'\\]"):
         peft_model.save_pretrained(tmp_path / "x", selected_adapters=["nope"])
     with pytest.raises(TypeError, match="fila_portable"):
         peft_model.save_pretrained(tmp_path / "x", fila_portable="yes")
-    with pytest.raises(ValueError, match="not a FILA adapter"):
+    with pytest.raises(ValueError, match="not a FILA/VILA adapter"):
         export_portable_adapter(peft_model, tmp_path / "y", adapter_name="ref")
     with pytest.raises(ValueError, match="is not an adapter of the model"):
         export_portable_adapter(peft_model, tmp_path / "y", adapter_name="nope")
@@ -320,16 +324,22 @@ def test_portable_save_removes_stale_init_folder(tmp_path):
     assert json.loads((out / "adapter_config.json").read_text())["init_lora_weights"] is True
 
 
-def test_compact_residual_base_plus_raw_adapter(tmp_path):
-    peft_model, _, ids, logits = _make(tmp_path, "gpt2", "compact")
-    raw_dir, residual_dir = tmp_path / "raw", tmp_path / "residual"
+def test_version_1_state_without_fingerprints_is_read(tmp_path):
+    """Checkpoints written by the residual-form version (format 1, with fingerprints) still resume."""
+    peft_model, base_dir, ids, logits = _make(tmp_path, "gpt2", "v1")
+    raw_dir = tmp_path / "raw"
     peft_model.save_pretrained(raw_dir, fila_portable=False)
-    save_residual_base(peft_model, residual_dir)
-    residual_base = AutoModelForCausalLM.from_pretrained(residual_dir)
-    model = PeftModel.from_pretrained(residual_base, raw_dir)
-    summary = restore_fila_residual(model, raw_dir)  # detects the residual base: nothing to subtract
-    assert summary["restored"] == 0 and summary["already_residual"] > 0
+    meta_file = raw_dir / INIT_DIR / "fila_meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta["format_version"] = 1
+    meta_file.write_text(json.dumps(meta))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), raw_dir)
+    restore_fila_state(model, raw_dir)
     assert (_logits(model, ids) - logits).abs().max() <= 1e-5
+    meta["format_version"] = 7
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="Unsupported FILA state format 7"):
+        restore_fila_state(model, raw_dir)
 
 
 def test_push_to_hub_uploads_the_portable_adapter(tmp_path, monkeypatch):

@@ -1,8 +1,8 @@
 """FILA x UnlearningTrainer integration on tiny models.
 
 Covers what tests/trainer/test_unlearning_trainer.py does not: the model at step 0 is the original model, the
-FILA cost metrics, the "ref" adapter built by :func:`peft_unlearn.fila.add_fila_reference_adapter`, resuming in a
-"fresh process" (new base + new PeftModel + new trainer) from a checkpoint's ``_fila_init/``, the portable adapter
+FILA cost metrics, the base weights untouched by init and training, the reference model (adapters disabled), resuming
+in a "fresh process" (new base + new PeftModel + new trainer) from a checkpoint's ``_fila_init/``, the portable adapter
 checked by stock PEFT in a subprocess that never imports peft_unlearn, ``Trainer.push_to_hub`` end to end (upload
 stand-in), ``merge_and_unload`` and a plain ``transformers.Trainer`` on a pending FILA model.
 """
@@ -22,10 +22,11 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import peft_unlearn.fila
+import peft_unlearn.trainer.unlearning_trainer
 from peft_unlearn.fila import FilaNotInitializedWarning, pending_fila_adapters
 from peft_unlearn.fila.saving import INIT_DIR
 from peft_unlearn.testing import TINY_CORPUS, tiny_causal_lm
-from peft_unlearn.trainer import REF_ADAPTER, UnlearningConfig, UnlearningTrainer
+from peft_unlearn.trainer import UnlearningConfig, UnlearningTrainer
 from tests.helpers import run_python
 
 FORGET = [
@@ -169,8 +170,9 @@ def test_trainer_fila_end_to_end(tmp_path, tokenizer, monkeypatch):
     base = _base(tokenizer)
     base.config._name_or_path = HUB_BASE
     base_dir = tmp_path / "original_base"
-    base.save_pretrained(base_dir)  # before FILA turns the targets into W_res in place
+    base.save_pretrained(base_dir)
     original = _logits(base, ids)
+    original_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
 
     model = _fila_model(base)
     assert pending_fila_adapters(model) == ["default"]
@@ -193,16 +195,16 @@ def test_trainer_fila_end_to_end(tmp_path, tokenizer, monkeypatch):
     assert trainer.fila_stats["default"]["num_layers"] == NUM_TARGETS
     assert not any(k.startswith("fila_") for h in trainer.state.log_history[1:] for k in h)
 
-    # 2. the reference is the ORIGINAL model, which disable_adapter() is not (the base holds W_res)
+    # 2. the base weights are the original ones after init and training; the reference (adapters disabled) is
+    # exactly the original model, and no helper adapter exists
     trained = _logits(model, ids)
     assert _max_diff(trained, original) > 1e-3  # the adapter was trained
+    for name, param in model.get_base_model().named_parameters():
+        if "lora_" not in name:
+            assert torch.equal(param, original_state[name.replace(".base_layer", "")]), name
     with trainer.reference_model() as ref:
-        assert _max_diff(ref(input_ids=ids).logits, original) <= 1e-4
-    with torch.no_grad(), model.disable_adapter():
-        assert _max_diff(model(input_ids=ids).logits, original) > 1e-3
-    ref_config = model.peft_config[REF_ADAPTER]
-    assert ref_config.init_lora_weights is True and ref_config.r == RANK and ref_config.lora_dropout == 0.0
-    assert model.active_adapter == "default"
+        assert torch.equal(ref(input_ids=ids).logits, original)
+    assert list(model.peft_config) == ["default"] and model.active_adapter == "default"
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_" in n and ".default." in n for n in trainable)
     assert len(trainable) == 2 * NUM_TARGETS
@@ -212,17 +214,16 @@ def test_trainer_fila_end_to_end(tmp_path, tokenizer, monkeypatch):
     raw_config = json.loads((checkpoint / "adapter_config.json").read_text())
     assert raw_config["init_lora_weights"] == "fila" and raw_config["r"] == RANK
     assert (checkpoint / INIT_DIR / "fila_init.safetensors").is_file()
-    assert not (checkpoint / REF_ADAPTER).exists()
-    assert not any(f".{REF_ADAPTER}." in k for k in load_file(str(checkpoint / "adapter_model.safetensors")))
+    assert len(load_file(str(checkpoint / "adapter_model.safetensors"))) == 2 * NUM_TARGETS
 
     # 4. save_model writes the portable plain LoRA; stock PEFT reproduces the trained model on the original base
     final = tmp_path / "final"
     trainer.save_model(str(final))
     config = json.loads((final / "adapter_config.json").read_text())
     assert config["init_lora_weights"] is True and config["r"] == 2 * RANK and config["lora_alpha"] == 2 * ALPHA
-    assert not (final / INIT_DIR).exists() and not (final / REF_ADAPTER).exists()
+    assert not (final / INIT_DIR).exists()
     tensors = load_file(str(final / "adapter_model.safetensors"))
-    assert len(tensors) == 2 * NUM_TARGETS and not any(f".{REF_ADAPTER}." in k for k in tensors)
+    assert len(tensors) == 2 * NUM_TARGETS
     assert all(v.shape[0 if ".lora_A." in k else 1] == 2 * RANK for k, v in tensors.items())
     plain = _plain_peft_logits(tmp_path, base_dir, final, ids)
     assert _max_diff(plain, trained) <= 1e-4
@@ -235,9 +236,7 @@ def test_trainer_fila_end_to_end(tmp_path, tokenizer, monkeypatch):
     assert api.created == ["out"] and len(api.uploads) == 1
     uploaded = api.uploads[0]["files"]
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(uploaded)
-    assert not any(
-        INIT_DIR in f or f.startswith(("_", "checkpoint-")) or REF_ADAPTER in f.split("/") for f in uploaded
-    )
+    assert not any(INIT_DIR in f or f.startswith(("_", "checkpoint-")) for f in uploaded)
     pushed_config = json.loads((hub_dir / "adapter_config.json").read_text())
     assert pushed_config["init_lora_weights"] is True and pushed_config["r"] == 2 * RANK
     pushed = load_file(str(hub_dir / "adapter_model.safetensors"))
@@ -257,9 +256,9 @@ def test_trainer_fila_end_to_end(tmp_path, tokenizer, monkeypatch):
     last_forget_loss = [row["forget_loss"] for row in trainer.state.log_history if "forget_loss" in row][-1]
     assert f"| `forget_loss` | {last_forget_loss:.4g} |" in card
 
-    # 6. merge_and_unload gives the unlearned full model (merges the trained adapter only, drops "ref")
+    # 6. merge_and_unload gives the unlearned full model (W + s*B*A - s*B0*A0)
     merged = model.merge_and_unload()
-    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    assert not any("lora_" in n or "offset" in n for n in merged.state_dict())
     assert _max_diff(_logits(merged, ids), trained) <= 1e-4
 
 
@@ -276,10 +275,10 @@ def test_pending_fila_model_warns_in_plain_trainer_and_cannot_be_saved(tmp_path,
         output_dir=str(tmp_path / "plain"), report_to="none", use_cpu=True, max_steps=1, save_strategy="no"
     )
     plain = Trainer(model=model, args=args, train_dataset=data)
-    with pytest.warns(FilaNotInitializedWarning, match=r"initialize_fila_weights"):
+    with pytest.warns(FilaNotInitializedWarning, match=r"initialize_adapter_weights"):
         plain.train()
     assert pending_fila_adapters(model) == ["default"]  # a plain Trainer never computes FILA
-    with pytest.raises(ValueError, match=r"FILA adapter\(s\) \['default'\] are not initialised yet"):
+    with pytest.raises(ValueError, match=r"adapter\(s\) \['default'\] are not initialised yet"):
         plain.save_model(str(tmp_path / "plain_saved"))
     assert not (tmp_path / "plain_saved" / "adapter_model.safetensors").exists()
 
@@ -296,7 +295,7 @@ def test_pending_fila_model_warns_in_plain_trainer_and_cannot_be_saved(tmp_path,
 @pytest.mark.parametrize(
     ("forget_loss", "optim"), [("inverted_hinge", "sgd"), ("npo", "adamw_torch")], ids=["ihl-sgd", "npo-adamw"]
 )
-def test_fresh_process_resume_rebuilds_the_residual_base(tmp_path, tokenizer, monkeypatch, forget_loss, optim):
+def test_fresh_process_resume_reattaches_the_initial_factors(tmp_path, tokenizer, monkeypatch, forget_loss, optim):
     def run(output_dir, resume=None):
         model = _fila_model(_base(tokenizer))  # original weights, FILA pending
         args = _args(
@@ -317,30 +316,29 @@ def test_fresh_process_resume_rebuilds_the_residual_base(tmp_path, tokenizer, mo
     assert max(_max_diff(final_lora[k], halfway[k]) for k in halfway) > 1e-3  # steps 3-4 moved the adapter
 
     def no_fila(*args, **kwargs):
-        raise AssertionError("resuming must rebuild the residual from _fila_init, not re-run FILA")
+        raise AssertionError("resuming must re-attach A0/B0 from _fila_init, not re-run FILA")
 
-    monkeypatch.setattr(peft_unlearn.fila, "initialize_fila_weights", no_fila)
+    monkeypatch.setattr(peft_unlearn.trainer.unlearning_trainer, "initialize_adapter_weights", no_fila)
     resumed = run(tmp_path / "b", resume=str(checkpoint))
     assert resumed.state.global_step == 4 and resumed.fila_stats == {}
     resumed_logs = [h for h in resumed.state.log_history if h.get("step", 0) > 2]  # earlier ones come from A
     assert resumed_logs and not any(k.startswith("fila_") for h in resumed_logs for k in h)
     got = resumed.model.state_dict()
     assert set(got) == set(expected)
-    has_ref = any(f".{REF_ADAPTER}." in k for k in got)
-    assert has_ref == (forget_loss == "npo")
-    for name in expected:  # adapter, reference adapter and base (W_res) weights
+    for name in expected:  # adapter and (untouched) base weights
         torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=0, msg=name)
-    residual = got["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"]
-    assert _max_diff(residual, original_state["model.layers.0.self_attn.q_proj.weight"]) > 1e-3
-    if has_ref:
+    base_weight = got["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"]
+    assert torch.equal(base_weight, original_state["model.layers.0.self_attn.q_proj.weight"])
+    torch.testing.assert_close(_logits(resumed.model, ids), _logits(straight.model, ids), atol=1e-5, rtol=1e-5)
+    if forget_loss == "npo":
         with resumed.reference_model() as ref:
-            assert _max_diff(ref(input_ids=ids).logits, original) <= 1e-4
+            assert _max_diff(ref(input_ids=ids).logits, original) <= 1e-5
 
     if forget_loss == "inverted_hinge":  # a checkpoint without _fila_init cannot be resumed: no silent re-run
         broken = tmp_path / "broken" / "checkpoint-2"
         shutil.copytree(checkpoint, broken)
         shutil.rmtree(broken / INIT_DIR)
-        with pytest.raises(ValueError, match=r"has no `_fila_init/` folder.*cannot be rebuilt"):
+        with pytest.raises(ValueError, match=r"has no `_fila_init/` folder with the initial factors"):
             run(tmp_path / "c", resume=str(broken))
 
 

@@ -9,13 +9,11 @@ import os
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from safetensors.torch import load_file
 from transformers import BertConfig, BertForSequenceClassification, BertModel, TrainingArguments
 
 from peft_unlearn.losses import nll_loss, rmu_control_vector
 from peft_unlearn.testing import TINY_CORPUS, tiny_causal_lm, tiny_tokenizer
 from peft_unlearn.trainer import (
-    REF_ADAPTER,
     UnlearningConfig,
     UnlearningTrainer,
     collate_causal_lm,
@@ -90,7 +88,7 @@ def memorized(tokenizer, memorized_state):
 
 
 def _lora_params(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n and f".{REF_ADAPTER}." not in n}
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -147,8 +145,11 @@ def _one_sgd_step(tmp_path, tokenizer, batch_size, accumulation, forget_loss, re
         retain_pairing="cycle",
         **extra,
     )
+    # random B: the adapter is not a no-op, so losses with a reference (NPO, KL, RMU's retain term) get an explicit
+    # frozen copy of the starting model
+    ref = copy.deepcopy(model) if forget_loss == "npo" or retain_loss in ("kl", "rmu") else None
     trainer = UnlearningTrainer(
-        model, args, forget_dataset=FORGET, retain_dataset=RETAIN[:4], processing_class=tokenizer
+        model, args, forget_dataset=FORGET, retain_dataset=RETAIN[:4], processing_class=tokenizer, ref_model=ref
     )
     before = _lora_params(trainer.model)
     if naive:  # per-micro-batch means averaged over micro-batches: what exact accumulation must differ from
@@ -261,9 +262,9 @@ def test_rmu_layer_out_of_range(tmp_path, tokenizer):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_ref_adapter_reproduces_initial_model_and_is_not_saved(tmp_path, tokenizer):
+def test_reference_is_the_disabled_adapter_model_and_nothing_extra_is_saved(tmp_path, tokenizer):
     torch.manual_seed(0)
-    model = get_peft_model(tiny_causal_lm("llama", vocab_size=len(tokenizer)), _lora(init_lora_weights=False))
+    model = get_peft_model(tiny_causal_lm("llama", vocab_size=len(tokenizer)), _lora())
     ids = torch.tensor([tokenizer("Jane Doe was born in Paris in 1970.")["input_ids"]])
     with torch.no_grad():
         initial = model(input_ids=ids).logits
@@ -283,22 +284,27 @@ def test_ref_adapter_reproduces_initial_model_and_is_not_saved(tmp_path, tokeniz
             reference = ref(input_ids=ids).logits
     assert (current - initial).abs().max().item() > 1e-3  # the adapter was trained
     torch.testing.assert_close(reference, initial, atol=1e-5, rtol=1e-5)
-    assert model.active_adapter == "default"
+    assert model.active_adapter == "default" and list(model.peft_config) == ["default"]
     assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable_before
-    assert not any(p.requires_grad for n, p in model.named_parameters() if f".{REF_ADAPTER}." in n)
 
     out = tmp_path / "saved"
     trainer.save_model(str(out))
     assert (out / "adapter_model.safetensors").exists()
-    assert not (out / REF_ADAPTER).exists()
-    keys = load_file(str(out / "adapter_model.safetensors")).keys()
-    assert keys and not any(REF_ADAPTER in k for k in keys)
+    assert [p.name for p in out.iterdir() if p.is_dir()] == []
     card = (out / "README.md").read_text()
     assert "peft-unlearn" in card and "npo" in card and "arxiv.org/abs/2408.06621" in card
     # the saved adapter reloads on a fresh base and reproduces the trained logits
     reloaded = PeftModel.from_pretrained(tiny_causal_lm("llama", vocab_size=len(tokenizer)), str(out))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, current, atol=1e-5, rtol=1e-5)
+
+
+def test_reference_needs_ref_model_when_the_adapter_already_changes_the_model(tmp_path, tokenizer):
+    model = get_peft_model(tiny_causal_lm("llama", vocab_size=len(tokenizer)), _lora(init_lora_weights=False))
+    with pytest.raises(ValueError, match=r"forget_loss='npo' uses the model with adapters disabled.*non-zero lora_B"):
+        _make(tmp_path, tokenizer, model=model, args=_args(tmp_path, forget_loss="npo"))
+    _make(tmp_path, tokenizer, model=model, args=_args(tmp_path, forget_loss="npo"), ref_model=copy.deepcopy(model))
+    _make(tmp_path, tokenizer, model=model, args=_args(tmp_path))  # IHL needs no reference
 
 
 @pytest.mark.parametrize(("forget_loss", "retain_loss"), [("inverted_hinge", "nll"), ("npo", "kl")])
@@ -326,8 +332,7 @@ def test_resume_equivalence(tmp_path, tokenizer, forget_loss, retain_loss):
     expected = _lora_params(straight.model)
     checkpoint = tmp_path / "out" / "checkpoint-2"
     assert checkpoint.is_dir()
-    assert not (checkpoint / REF_ADAPTER).exists()
-    assert not any(REF_ADAPTER in k for k in load_file(str(checkpoint / "adapter_model.safetensors")))
+    assert [p.name for p in checkpoint.iterdir() if p.is_dir()] == []  # no helper adapter
     assert straight.train_dataset.epoch == 1
 
     resumed = trainer_for(make())
@@ -413,13 +418,14 @@ def test_best_model_metric(tmp_path, tokenizer):
 def test_activation_checkpointing_matches(tmp_path, tokenizer):
     def run(checkpointing):
         torch.manual_seed(0)
+        model = get_peft_model(tiny_causal_lm("llama", vocab_size=len(tokenizer)), _lora(init_lora_weights=False))
         trainer = UnlearningTrainer(
-            tiny_causal_lm("llama", vocab_size=len(tokenizer)),
+            model,
             _args(tmp_path, max_steps=2, activation_checkpointing=checkpointing, forget_loss="npo", retain_loss="kl"),
             forget_dataset=FORGET,
             retain_dataset=RETAIN,
             processing_class=tokenizer,
-            peft_config=_lora(init_lora_weights=False),
+            ref_model=copy.deepcopy(model),  # random B: the disabled-adapter model is not the starting model
         )
         trainer.train()
         return _lora_params(trainer.model)
@@ -467,10 +473,10 @@ def test_fila_initialisation_reference_and_saving(tmp_path, tokenizer):
     model = trainer.model.eval()
     with torch.no_grad():
         current = model(input_ids=ids).logits
-        with trainer.reference_model() as ref:  # "ref" adapter on the residual base == the original model
-            torch.testing.assert_close(ref(input_ids=ids).logits, base_logits, atol=1e-5, rtol=1e-5)
+        with trainer.reference_model() as ref:  # adapters disabled == the original model (base untouched)
+            torch.testing.assert_close(ref(input_ids=ids).logits, base_logits, atol=0, rtol=0)
     checkpoint = tmp_path / "out" / "checkpoint-2"
-    assert (checkpoint / "_fila_init").is_dir() and not (checkpoint / REF_ADAPTER).exists()
+    assert (checkpoint / "_fila_init").is_dir()
     trainer.save_model(str(tmp_path / "final"))  # portable plain LoRA
     reloaded = PeftModel.from_pretrained(tiny_causal_lm("llama", vocab_size=len(tokenizer)), str(tmp_path / "final"))
     with torch.no_grad():
