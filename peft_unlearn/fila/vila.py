@@ -58,7 +58,12 @@ import torch
 from torch import nn
 
 from .config import FilaConfig
-from .fisher import FisherStatistics, _all_reduce_, _cycle, _distributed, _model_device, _prepare_batch, _rank
+from .fisher import FisherStatistics
+from .fisher_passes import _cycle, _prepare_batch
+from .fisher_passes import all_reduce_ as _all_reduce_
+from .fisher_passes import distributed as _distributed
+from .fisher_passes import model_device as _model_device
+from .fisher_passes import rank as _rank
 from .registration import iter_lora_layers
 
 __all__ = ["VILA_INIT_NAME", "estimate_vila_importance", "initialize_vila_weights", "vila_layer_importance"]
