@@ -263,7 +263,20 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_bytes": _peak_rss_bytes(),
         "metrics": final,
         "history": monitor.history,
+        "code": _code_version(),
     }
+
+
+def _code_version() -> str:
+    """The commit the run's code came from (``+dirty`` with uncommitted changes), for runs that span commits."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "peft_unlearn"], cwd=ROOT, capture_output=True, text=True
+        )
+        return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except OSError:
+        return "unknown"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,18 +8,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
+from transformers import TrainerCallback
 
 import peft_unlearn
+from peft_unlearn import UnlearningConfig, UnlearningTrainer
 from peft_unlearn.fila import (
     FisherStatistics,
     estimate_vila_importance,
     fila_init_layer,
     initialize_fila_weights,
     initialize_vila_weights,
+    pending_fila_adapters,
 )
 from peft_unlearn.fila.state import iter_lora_layers
 from peft_unlearn.fila.vila import vila_layer_importance
-from peft_unlearn.testing import random_lm_batches, tiny_causal_lm
+from peft_unlearn.testing import TINY_CORPUS, random_lm_batches, tiny_causal_lm
 
 from ..helpers import run_python
 from .test_saving import PLAIN_PEFT_SCRIPT
@@ -260,7 +263,7 @@ def test_errors():
     with pytest.raises(TypeError, match="importance"):
         initialize_vila_weights(model, importance=42)
     # nothing was lost: the adapter is still a fresh default LoRA
-    assert all(float(b.abs().max()) == 0 for _, _, b in _factors(model))
+    assert all(float(b.detach().abs().max()) == 0 for _, _, b in _factors(model))
 
 
 def test_public_exports():
@@ -273,8 +276,9 @@ def test_portable_save_loads_with_plain_peft(tmp_path):
     base_dir = tmp_path / "base"
     base.save_pretrained(base_dir)
     model = get_peft_model(
-        base, LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS["llama"], init_lora_weights=True)
+        base, LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS["llama"], init_lora_weights="vila")
     )
+    assert pending_fila_adapters(model) == ["default"]
     initialize_vila_weights(model, _batches(2, 1), _batches(2, 2), show_progress=False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.5)
@@ -289,7 +293,8 @@ def test_portable_save_loads_with_plain_peft(tmp_path):
         logits = model(input_ids=ids).logits
     adapter_dir = tmp_path / "portable"
     model.save_pretrained(adapter_dir)
-    assert json.loads((adapter_dir / "adapter_config.json").read_text())["r"] == 4
+    saved = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert saved["r"] == 4 and saved["init_lora_weights"] is True  # a plain LoRA for stock PEFT
     torch.save(ids, tmp_path / "ids.pt")
     case = {
         "base": str(base_dir),
@@ -301,3 +306,45 @@ def test_portable_save_loads_with_plain_peft(tmp_path):
     script.write_text(PLAIN_PEFT_SCRIPT)
     run_python([script, json.dumps([case])], cwd=tmp_path, expect="PLAIN_PEFT_OK")
     assert (torch.load(tmp_path / "out.pt") - logits).abs().max() <= 1e-4
+
+
+def test_trainer_initialises_a_vila_adapter_automatically(tmp_path, tokenizer):
+    base = tiny_causal_lm("llama", vocab_size=len(tokenizer), seed=0)
+    model = get_peft_model(
+        base, LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", lora_dropout=0.0, init_lora_weights="vila")
+    )
+    ids = torch.tensor([tokenizer("Jane Doe was born in Paris in 1970.")["input_ids"]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    seen = {}
+
+    class AtStart(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            with torch.no_grad():
+                seen["logits"] = model(input_ids=ids).logits
+            seen["pending"] = pending_fila_adapters(model)
+
+    args = UnlearningConfig(
+        output_dir=str(tmp_path),
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        disable_tqdm=True,
+        seed=0,
+    )
+    forget = [{"text": t} for t in TINY_CORPUS[:4]]
+    retain = [{"text": t} for t in TINY_CORPUS[4:8]]
+    trainer = UnlearningTrainer(
+        model, args, forget_dataset=forget, retain_dataset=retain, processing_class=tokenizer, callbacks=[AtStart()]
+    )
+    trainer.train()
+    assert seen["pending"] == []  # the VILA weights were computed before the first step
+    assert (seen["logits"] - before).abs().max() < 1e-4  # and the model at step 0 is the original model
+    stats = trainer.fila_stats["default"]
+    assert stats["num_layers"] == 14 and 0 < stats["importance_seconds"] <= stats["seconds"]
+    layer = iter_lora_layers(model, "default")[0][1]
+    assert float(layer.lora_B["default"].weight.detach().abs().max()) > 0  # no longer PEFT's B = 0
