@@ -82,6 +82,15 @@ def _supervised_mask(
     return targets, valid & (targets != IGNORE_INDEX)
 
 
+def _check_vocab(ids: torch.Tensor, size: int, what: str) -> None:
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= size):
+        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+        raise ValueError(
+            f"`{what}` holds token id {bad}, outside the model's vocabulary (ids 0..{size - 1}); the data was "
+            "tokenized with another tokenizer than the model's. Tokenize with the model's own tokenizer."
+        )
+
+
 def _token_stats(
     model: torch.nn.Module, input_ids: Any, attention_mask: Any = None, labels: Any = None
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -93,6 +102,10 @@ def _token_stats(
     if input_ids.shape[1] < 2:
         empty = torch.zeros(0, device=device)
         return [(empty.bool(), empty.float()) for _ in range(input_ids.shape[0])]
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    if weight is not None:
+        _check_vocab(input_ids[attention_mask.bool()], int(weight.shape[0]), "input_ids")
     logits = _logits(model, input_ids, attention_mask).logits
     if logits.shape[:2] != input_ids.shape:
         raise ValueError(
@@ -100,6 +113,7 @@ def _token_stats(
             f"{tuple(input_ids.shape)}; expected [batch, seq_len, vocab] (unshifted causal-LM logits)."
         )
     targets, valid = _supervised_mask(input_ids, attention_mask, labels)
+    _check_vocab(targets[valid], logits.shape[-1], "labels" if labels is not None else "input_ids")
     stats = []
     for b in range(input_ids.shape[0]):
         rows = logits[b, :-1][valid[b]].float()  # [n, V]

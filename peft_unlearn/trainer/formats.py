@@ -31,6 +31,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ..utils import IGNORE_INDEX
+from .data_checks import check_example
 
 __all__ = [
     "DEFAULT_IDK_ANSWERS",
@@ -385,6 +386,7 @@ def tokenize_dataset(
     _check_chat_template(tokenizer, fmt, name)
     out = []
     for index in range(len(dataset)):
+        check_example(dataset[index], fmt, index=index, name=name)
         example = _tokenize_example(
             dataset[index],
             fmt,

@@ -39,6 +39,7 @@ from ..save_policy import (
     staged_save,
     write_model_card,
 )
+from ..utils import is_peft_model
 from .finite_guard import check_finite_parameters
 
 __all__ = ["HubConnectionError", "UnlearningSavingMixin"]
@@ -86,16 +87,10 @@ def hub_errors(action: str) -> Iterator[None]:
         ) from None
 
 
-def _is_peft_model(model: Any) -> bool:
-    from peft import PeftModel
-
-    return isinstance(model, PeftModel)
-
-
 def _is_fila_model(model: Any) -> bool:
     from peft_unlearn.fila.saving import is_fila_model
 
-    return _is_peft_model(model) and is_fila_model(model)
+    return is_peft_model(model) and is_fila_model(model)
 
 
 class UnlearningSavingMixin:
@@ -133,7 +128,7 @@ class UnlearningSavingMixin:
             return
         model = self.accelerator.unwrap_model(self.model)
         output_dir = Path(self.args.output_dir)
-        check_save_folder(output_dir, adapter=_is_peft_model(model))
+        check_save_folder(output_dir, adapter=is_peft_model(model))
         if self.args.save_total_limit is not None and output_dir.is_dir():
             for folder in sorted(output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")):
                 files = [p for p in folder.rglob("*") if p.is_file() and p.name != "_peft_unlearn_manifest.json"]
@@ -198,7 +193,7 @@ class UnlearningSavingMixin:
     def _write_model(self, output_dir: str, state_dict: dict | None) -> None:
         """Write only the trained adapter(s): never a helper adapter; raw FILA state in checkpoints."""
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        if not _is_peft_model(model):
+        if not is_peft_model(model):
             return super()._save(output_dir, state_dict)
         is_fila = _is_fila_model(model)
         if not any(name in model.peft_config for name in self._helper_adapters) and not is_fila:
@@ -331,7 +326,7 @@ class UnlearningSavingMixin:
 
         output_dir = output_dir or self.args.output_dir
         model = self.accelerator.unwrap_model(self.model)
-        is_peft = _is_peft_model(model)
+        is_peft = is_peft_model(model)
         base = model.get_base_model() if is_peft else model
         base_model = getattr(getattr(base, "config", None), "_name_or_path", None) or None
         if base_model and os.path.isdir(base_model):
