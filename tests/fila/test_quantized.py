@@ -9,9 +9,6 @@ layer, training through `UnlearningTrainer`, merging and the portable export.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 import warnings
 
@@ -28,6 +25,7 @@ from peft_unlearn.fila import FisherStatistics, initialize_fila_weights, pending
 from peft_unlearn.fila.state import dense_weight, iter_lora_layers  # noqa: E402
 from peft_unlearn.testing import TINY_CORPUS, random_lm_batches, tiny_causal_lm  # noqa: E402
 from peft_unlearn.trainer import UnlearningConfig, UnlearningTrainer  # noqa: E402
+from tests.helpers import run_python  # noqa: E402
 
 VOCAB = 320
 MODES = ["nf4", "int8"]
@@ -165,16 +163,9 @@ def test_fila_on_quantized_base_trains_and_exports(tmp_path, base_dir, tokenizer
     torch.save(ids, tmp_path / "ids.pt")
     script = tmp_path / "plain.py"
     script.write_text(PLAIN_PEFT)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, str(script), str(base_dir), str(adapter_dir), str(tmp_path / "ids.pt"), str(tmp_path), mode],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=tmp_path,
+    run_python(
+        [script, base_dir, adapter_dir, tmp_path / "ids.pt", tmp_path, mode], cwd=tmp_path, expect="PLAIN_PEFT_OK"
     )
-    assert proc.returncode == 0 and "PLAIN_PEFT_OK" in proc.stdout, proc.stderr[-3000:]
     assert (torch.load(tmp_path / "quantized.pt") - trained).abs().max().item() <= 1e-4
     on_original = torch.load(tmp_path / "original.pt")
     original = _logits(AutoModelForCausalLM.from_pretrained(base_dir), ids)
