@@ -31,22 +31,22 @@ IGNORE_INDEX = -100
 
 
 def is_peft_model(model: Any) -> bool:
-    """Whether `model` is a `peft.PeftModel` (any task-specific subclass included).
+    """Whether `model` is a `peft.PeftModel` (any task-specific subclass included) or a `peft.PeftMixedModel`.
 
     Args:
         model: Any object.
 
     Returns:
-        `True` for a `PeftModel`.
+        `True` for a `PeftModel` or `PeftMixedModel`.
 
     Examples:
         >>> import torch
         >>> is_peft_model(torch.nn.Linear(2, 2))
         False
     """
-    from peft import PeftModel
+    from peft import PeftMixedModel, PeftModel
 
-    return isinstance(model, PeftModel)
+    return isinstance(model, (PeftModel, PeftMixedModel))
 
 
 def model_device(model: nn.Module) -> torch.device:

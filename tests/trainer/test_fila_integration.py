@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import peft_unlearn.fila
-import peft_unlearn.trainer.unlearning_trainer
+import peft_unlearn.trainer.adapter_init
 from peft_unlearn.fila import FilaNotInitializedWarning, pending_fila_adapters
 from peft_unlearn.fila.saving import INIT_DIR
 from peft_unlearn.testing import TINY_CORPUS, tiny_causal_lm
@@ -318,7 +318,7 @@ def test_fresh_process_resume_reattaches_the_initial_factors(tmp_path, tokenizer
     def no_fila(*args, **kwargs):
         raise AssertionError("resuming must re-attach A0/B0 from _fila_init, not re-run FILA")
 
-    monkeypatch.setattr(peft_unlearn.trainer.unlearning_trainer, "initialize_adapter_weights", no_fila)
+    monkeypatch.setattr(peft_unlearn.trainer.adapter_init, "initialize_adapter_weights", no_fila)
     resumed = run(tmp_path / "b", resume=str(checkpoint))
     assert resumed.state.global_step == 4 and resumed.fila_stats == {}
     resumed_logs = [h for h in resumed.state.log_history if h.get("step", 0) > 2]  # earlier ones come from A
