@@ -44,7 +44,6 @@ from transformers import (
 )
 
 from .. import losses as L
-from ..fila.saving import is_fila_model
 from ..utils import is_peft_model
 from .adapter_init import init_metrics, initialize_pending_adapters
 from .collators import CausalLMCollator, UnlearningDataCollator
@@ -70,7 +69,7 @@ from .run_checks import (
     max_positions,
     warn_ignored_run_options,
 )
-from .saving import UnlearningSavingMixin
+from .saving import UnlearningSavingMixin, is_fila_peft_model
 from .unlearning_config import UnlearningConfig
 
 __all__ = ["UnlearningItemCounts", "UnlearningTrainer"]
@@ -78,10 +77,6 @@ __all__ = ["UnlearningItemCounts", "UnlearningTrainer"]
 logger = logging.getLogger(__name__)
 
 _BATCH_PREFIXES = ("forget", "retain", "idk")
-
-
-def _is_fila_model(model: Any) -> bool:
-    return is_peft_model(model) and is_fila_model(model)
 
 
 class UnlearningTrainer(UnlearningSavingMixin, Trainer):
@@ -246,7 +241,7 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
         if self._retain_examples is not None:
             self._check_examples("retain", self._retain_examples, args)
         check_reference_vocab(model, ref_model if not isinstance(ref_model, str) else None)
-        warn_ignored_run_options(args, has_retain_data=args.retain_loss is not None, is_fila=_is_fila_model(model))
+        warn_ignored_run_options(args, has_retain_data=args.retain_loss is not None, is_fila=is_fila_peft_model(model))
         self._eval_sets = self._tokenize_eval_sets(eval_dataset, args) if eval_dataset is not None else None
         self._memorization_target: list[dict[str, list[int]]] | None = None
         self._in_checkpoint_save = False
@@ -261,7 +256,7 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
         if self._retain_examples is not None:
             self._dataset_sizes["retain"] = len(self._retain_examples)
 
-        check_trainer_options(args, is_fila=_is_fila_model(model))
+        check_trainer_options(args, is_fila=is_fila_peft_model(model))
         if data_collator is None:
             data_collator = UnlearningDataCollator(pad_token_id)
 
