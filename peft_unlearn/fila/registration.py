@@ -36,8 +36,8 @@ import warnings
 from typing import Any
 
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
+from ..utils import is_linear_like
 from .config import validate_fila_lora_config
 from .init import init_layer_from_attached_importance
 from .offset import remove_offset, unwrap_delta_weights
@@ -124,7 +124,7 @@ def validate_targets(model: nn.Module, config: Any) -> None:
         return
     for name, module in targets:
         base = module.get_base_layer() if isinstance(module, LoraLayer) else module
-        if isinstance(module, _ConvNd) or not isinstance(base, (nn.Linear, Conv1D)):
+        if isinstance(module, _ConvNd) or not is_linear_like(base):
             raise ValueError(
                 f"init_lora_weights={init!r} supports nn.Linear and transformers Conv1D targets only, but "
                 f"`target_modules`={config.target_modules!r} matches {name} ({type(base).__name__}). Restrict "
