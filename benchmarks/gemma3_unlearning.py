@@ -5,7 +5,9 @@ offline on CPU: the forget set is public text Gemma-3 270M has memorized (``exam
 retain set is original encyclopedic prose, and the never-seen set gives the stopping thresholds.
 
 Every run stops as soon as forget MA **and** EL_n are at or below the never-seen level of the
-base model ("forgotten"), or at ``--max-steps``. Forget MA is checked after every optimizer step;
+base model ("forgotten"), or at ``--max-steps``. At the stop it also measures the MA of the
+memorized-heldout set (``memorized_heldout.jsonl``: memorized public passages that are never trained
+on, the knowledge to keep); runs recorded before that set existed have no such value. Forget MA is checked after every optimizer step;
 EL_n only once MA is below its threshold; retain MA and never-seen perplexity only at the stop.
 Each run is a separate subprocess, so its peak memory (``VmHWM``) is its own.
 
@@ -96,6 +98,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     forget_texts = _read_jsonl(DATA / "forget.jsonl", spec["n_forget"])
     retain_texts = _read_jsonl(DATA / "retain.jsonl")
     heldout_texts = _read_jsonl(DATA / "heldout.jsonl")
+    kept_ids = _tokenize(tokenizer, _read_jsonl(DATA / "memorized_heldout.jsonl"), spec["max_length"])
     forget_ids = _tokenize(tokenizer, forget_texts, spec["max_length"])
     retain_ids = _tokenize(tokenizer, retain_texts, spec["max_length"])
     heldout_ids = _tokenize(tokenizer, heldout_texts, spec["max_length"])
@@ -103,6 +106,10 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     el_n = spec["el_n"]
     stride = spec["el_prefix_stride"]
 
+    if spec.get("baseline_mheldout"):  # added to an existing baseline: the memorized-heldout set alone
+        return evaluate_memorization(
+            model, kept_ids, batch_size=8, el_n=(el_n,), el_prefix_stride=stride, pad_token_id=pad_id
+        )
     if spec.get("baseline"):
         out = {}
         for name, ids in (("forget", forget_ids), ("retain", retain_ids), ("heldout", heldout_ids)):
@@ -115,6 +122,9 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
                 pad_token_id=pad_id,
                 compute_el=name != "retain",
             )
+        out["mheldout"] = evaluate_memorization(
+            model, kept_ids, batch_size=8, el_n=(el_n,), el_prefix_stride=stride, pad_token_id=pad_id
+        )
         out["load_seconds"] = load_seconds
         return out
 
@@ -218,6 +228,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         final["forget"][f"el{el_n}"] = monitor.history[-1][f"forget_el{el_n}"]
     final["retain"] = evaluate_memorization(m, retain_ids, batch_size=8, compute_el=False, pad_token_id=pad_id)
     final["heldout"] = evaluate_memorization(m, heldout_ids, batch_size=8, compute_el=False, pad_token_id=pad_id)
+    final["mheldout"] = evaluate_memorization(m, kept_ids, batch_size=8, compute_el=False, pad_token_id=pad_id)
     steps = trainer.state.global_step
     return {
         "forgotten": monitor.forgotten_at is not None,
@@ -233,6 +244,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         "retain_ma": final["retain"]["ma"],
         "retain_nll": final["retain"]["nll"],
         "heldout_ppl": final["heldout"]["ppl"],
+        "mheldout_ma": final["mheldout"]["ma"],
         "history": monitor.history,
         "trainable_params": sum(p.numel() for p in m.parameters() if p.requires_grad),
     }
@@ -410,10 +422,13 @@ def report(results: dict[str, Any], path: Path) -> None:
             "| set | MA | EL | NLL | PPL |",
             "|---|---|---|---|---|",
         ]
-        for name in ("forget", "retain", "heldout"):
+        for name in ("forget", "retain", "heldout", "mheldout"):
+            if name not in base:
+                continue
             b = base[name]
+            label = {"heldout": "never-seen (heldout.jsonl)", "mheldout": "memorized heldout"}.get(name, name)
             lines.append(
-                f"| {name} | {b['ma']:.3f} | {b.get(el_key, float('nan')):.3f} | {b['nll']:.3f} | {b['ppl']:.2f} |"
+                f"| {label} | {b['ma']:.3f} | {b.get(el_key, float('nan')):.3f} | {b['nll']:.3f} | {b['ppl']:.2f} |"
             )
         lines += [
             "",
@@ -435,8 +450,9 @@ def report(results: dict[str, Any], path: Path) -> None:
                 "",
                 "| "
                 + " | ".join(group_keys)
-                + " | seeds | forgotten | steps | train s | FILA init s | retain MA | never-seen PPL | forget MA | peak RSS GiB |",
-                "|" + "---|" * (len(group_keys) + 9),
+                + " | seeds | forgotten | steps | train s | FILA init s | retain MA | heldout MA | never-seen PPL"
+                " | forget MA | peak RSS GiB |",
+                "|" + "---|" * (len(group_keys) + 10),
             ]
         )
         for key in sorted(groups, key=str):
@@ -445,6 +461,7 @@ def report(results: dict[str, Any], path: Path) -> None:
                 "| " + " | ".join(str(k) for k in key) + f" | {len(rs)} | {sum(r['forgotten'] for r in rs)}/{len(rs)}"
                 f" | {_fmt([r['steps'] for r in rs], 1)} | {_fmt([r['train_seconds'] for r in rs], 0)}"
                 f" | {_fmt([r['fila_init_seconds'] for r in rs], 1)} | {_fmt([r['retain_ma'] for r in rs], 3)}"
+                f" | {_fmt([r['mheldout_ma'] for r in rs if 'mheldout_ma' in r], 3)}"
                 f" | {_fmt([r['heldout_ppl'] for r in rs], 1)} | {_fmt([r['forget_ma'] for r in rs], 3)}"
                 f" | {_fmt([r['peak_rss_bytes'] / 2**30 for r in rs], 2)} |"
             )
@@ -458,7 +475,9 @@ def report(results: dict[str, Any], path: Path) -> None:
     lines += [
         "Columns: `steps` = optimizer steps until forget MA and EL are both at or below the never-seen level "
         "(the step cap when not forgotten); `train s` = training wall time excluding the per-step forget-MA checks "
-        "and the FILA initialisation; retain MA, never-seen perplexity and forget MA are measured at the stop. "
+        "and the FILA initialisation; retain MA, memorized-heldout MA, never-seen perplexity and forget MA are measured "
+        "at the stop (heldout MA: mean over the runs that measured it; '–' = every run predates the memorized-heldout "
+        "set). "
         "Mean ± sample std over seeds.",
         "",
     ]
@@ -631,6 +650,14 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(base["error"])
         results["baseline"] = base
         results["thresholds"] = {"ma": base["heldout"]["ma"], "el": base["heldout"][f"el{args.el_n}"]}
+        save_results(args.results, results)
+    if "mheldout" not in results["baseline"]:  # a baseline measured before the memorized-heldout set existed
+        print("measuring the base model on the memorized-heldout set ...", flush=True)
+        kept = child({**common, "baseline_mheldout": True, "seed": 0}, args.timeout)
+        if "error" in kept:
+            raise SystemExit(kept["error"])
+        kept.pop("wall_seconds", None)
+        results["baseline"]["mheldout"] = kept
         save_results(args.results, results)
     unknown = [key for key in args.redo if key not in results["runs"]]
     if unknown:

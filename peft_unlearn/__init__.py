@@ -14,8 +14,9 @@ Examples:
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from .utils import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,8 @@ _LAZY_EXPORTS: dict[str, str] = {
     "estimate_fisher": "peft_unlearn.fila.fisher",
     "FisherStatistics": "peft_unlearn.fila.fisher",
     "initialize_fila_weights": "peft_unlearn.fila.init",
+    "estimate_vila_importance": "peft_unlearn.fila.vila",
+    "initialize_vila_weights": "peft_unlearn.fila.vila",
     "FilaConfig": "peft_unlearn.fila.config",
     "FilaLoraConfig": "peft_unlearn.fila.config",
     "export_portable_adapter": "peft_unlearn.fila.saving",
@@ -52,9 +55,11 @@ __all__ = [
     "UnlearningEvalCallback",
     "UnlearningTrainer",
     "estimate_fisher",
+    "estimate_vila_importance",
     "export_portable_adapter",
     "gradient_ascent_loss",
     "initialize_fila_weights",
+    "initialize_vila_weights",
     "inverted_hinge_loss",
     "kl_loss",
     "nll_loss",
@@ -69,6 +74,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .fila.init import initialize_fila_weights
     from .fila.registration import register_fila
     from .fila.saving import export_portable_adapter
+    from .fila.vila import estimate_vila_importance, initialize_vila_weights
     from .losses import (
         gradient_ascent_loss,
         inverted_hinge_loss,
@@ -82,16 +88,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .trainer.unlearning_trainer import UnlearningTrainer
 
 
-def __getattr__(name: str):
-    if name in _LAZY_EXPORTS:
-        value = getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'peft_unlearn' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(globals(), _LAZY_EXPORTS)
 
 
 def _register() -> None:

@@ -792,7 +792,7 @@ def _load_set(path: str, flag: str, text_split: str, max_samples: int | None):
 
 
 def check_columns(dataset: Any, flag: str, path: str | os.PathLike[str]) -> str:
-    """Check that a dataset is in one of the formats of :mod:`peft_unlearn.trainer.data`.
+    """Check that a dataset is in one of the formats of `peft_unlearn.trainer.formats`.
 
     Args:
         dataset: A ``datasets.Dataset``.
@@ -800,7 +800,7 @@ def check_columns(dataset: Any, flag: str, path: str | os.PathLike[str]) -> str:
         path: The file the data came from, for the error message.
 
     Returns:
-        The detected format, a key of ``peft_unlearn.trainer.data.SUPPORTED_FORMATS``, e.g. ``"prompt_completion"``.
+        The detected format, a key of ``peft_unlearn.trainer.formats.SUPPORTED_FORMATS``, e.g. ``"prompt_completion"``.
 
     Raises:
         CLIError: (exit 2) no recognised column.
@@ -810,7 +810,7 @@ def check_columns(dataset: Any, flag: str, path: str | os.PathLike[str]) -> str:
         >>> check_columns(Dataset.from_dict({"text": ["a"]}), "--forget", "f.jsonl")
         'language_modeling'
     """
-    from peft_unlearn.trainer.data import detect_format
+    from peft_unlearn.trainer.formats import detect_format
 
     columns = list(dataset.column_names)
     fmt = detect_format(columns, dataset[0] if len(dataset) else None)
@@ -946,8 +946,8 @@ def _default_device() -> str:
 
 
 def _tokenize_for_eval(dataset: Any, tokenizer: Any, args: EvalArguments, name: str) -> list[dict[str, list[int]]]:
-    """Tokenize like the trainer does (``peft_unlearn.trainer.data.tokenize_dataset``): ids plus -100-masked labels."""
-    from peft_unlearn.trainer.data import tokenize_dataset
+    """Tokenize like the trainer does (``peft_unlearn.trainer.formats.tokenize_dataset``): ids plus -100-masked labels."""
+    from peft_unlearn.trainer.formats import tokenize_dataset
 
     try:
         return tokenize_dataset(

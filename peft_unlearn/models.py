@@ -364,8 +364,15 @@ def load_model_and_tokenizer(
 
     if torch_dtype is not None:
         model_kwargs["dtype"] = torch_dtype
-    model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise OSError(
+            f"name_or_path={os.fspath(name_or_path)!r} could not be loaded: {first} Pass an existing model directory, "
+            f"a Hub id that is reachable (or cached, when offline), or one of the aliases {GEMMA3_270M_ALIASES}."
+        ) from err
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             warnings.warn(

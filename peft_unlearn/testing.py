@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .utils import IGNORE_INDEX
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
@@ -111,49 +113,30 @@ def tiny_causal_lm(
     """
     from transformers import AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig
 
+    special_tokens = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    decoder = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": hidden_size * 2,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        **special_tokens,
+    }
     if arch == "llama":
-        config = LlamaConfig(
-            vocab_size=vocab_size,
-            hidden_size=hidden_size,
-            intermediate_size=hidden_size * 2,
-            num_hidden_layers=num_layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=2,
-            tie_word_embeddings=False,
-            **config_kwargs,
-        )
+        config = LlamaConfig(**{**decoder, "tie_word_embeddings": False, **config_kwargs})
     elif arch == "gpt2":
-        config = GPT2Config(
-            vocab_size=vocab_size,
-            n_embd=hidden_size,
-            n_layer=num_layers,
-            n_head=4,
-            n_positions=512,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=2,
-            **config_kwargs,
-        )
+        gpt2 = {
+            "vocab_size": vocab_size,
+            "n_embd": hidden_size,
+            "n_layer": num_layers,
+            "n_head": 4,
+            "n_positions": 512,
+        }
+        config = GPT2Config(**{**gpt2, **special_tokens, **config_kwargs})
     elif arch == "gemma3":
-        config = Gemma3TextConfig(
-            vocab_size=vocab_size,
-            hidden_size=hidden_size,
-            intermediate_size=hidden_size * 2,
-            num_hidden_layers=num_layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            max_position_embeddings=512,
-            sliding_window=64,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=2,
-            **config_kwargs,
-        )
+        config = Gemma3TextConfig(**{**decoder, "head_dim": 8, "sliding_window": 64, **config_kwargs})
     else:
         raise ValueError(f"`arch` must be one of 'llama', 'gpt2', 'gemma3', got {arch!r}.")
     torch.manual_seed(seed)
@@ -199,6 +182,6 @@ def random_lm_batches(
     for _ in range(num_batches):
         ids = torch.randint(3, vocab_size, (batch_size, seq_len), generator=gen)
         labels = ids.clone()
-        labels[:, :prompt_len] = -100
+        labels[:, :prompt_len] = IGNORE_INDEX
         out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
     return out

@@ -11,9 +11,7 @@ import csv
 import dataclasses
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,7 @@ import torch
 
 from peft_unlearn import __version__, cli
 from peft_unlearn.cli import CLIError, load_data_file, main
+from tests.helpers import run_python
 
 FORGET_TEXTS = [
     "The author Jane Doe was born in Paris in 1970 and writes mystery novels.",
@@ -477,7 +476,7 @@ def test_eval_fila_adapter_portable_and_raw_checkpoint(tmp_path, tiny_model_dir,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from peft_unlearn.fila import initialize_fila_weights
-    from peft_unlearn.trainer.data import collate_causal_lm, tokenize_dataset
+    from peft_unlearn.trainer import collate_causal_lm, tokenize_dataset
 
     forget, retain = data_files
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -573,11 +572,7 @@ def test_train_full_finetuning_npo_in_process(tmp_path, tiny_model_dir, data_fil
 
 
 def _subprocess(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-           "PEFT_UNLEARN_TRACEBACK": "1", "PYTHONWARNINGS": "ignore"}  # fmt: skip
-    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"{args[:3]} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
-    return proc
+    return run_python(args, cwd=cwd, env={"PEFT_UNLEARN_TRACEBACK": "1"})
 
 
 _STOCK_PEFT_NLL = """

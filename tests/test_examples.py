@@ -74,3 +74,37 @@ def test_tofu_example_offline(tmp_path):
     assert after["forget_prob"] != pytest.approx(summary["before"]["forget_prob"], rel=1e-6)
     assert (tmp_path / "tofu_results.json").exists()
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["init_lora_weights"] is True
+
+
+def _jsonl(name: str) -> list[dict]:
+    path = ROOT / "examples" / "data" / name
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_demo_data_splits_memorized_passages_into_forget_and_heldout():
+    forget, kept = _jsonl("forget.jsonl"), _jsonl("memorized_heldout.jsonl")
+    never, retain = _jsonl("heldout.jsonl"), _jsonl("retain.jsonl")
+    assert (len(forget), len(kept), len(never), len(retain)) == (8, 8, 16, 32)
+    for row in forget + kept + never + retain:
+        assert {"text", "title", "source", "license"} <= set(row), row.get("title")
+    texts = [row["text"] for row in forget + kept + never + retain]
+    assert len(set(texts)) == len(texts), "the sets must be disjoint"
+    # both memorized sets come from the measured candidates, ranked by MA: forget = ranks 1-8, heldout = 9-16
+    report = json.loads((ROOT / "examples" / "data" / "memorization_report.json").read_text())
+    assert [row["title"] for row in forget] == [row["title"] for row in report["passages"]["forget"]]
+    assert [row["title"] for row in kept] == [row["title"] for row in report["passages"]["memorized_heldout"]]
+    mas = [row["ma"] for row in report["passages"]["forget"] + report["passages"]["memorized_heldout"]]
+    assert mas == sorted(mas, reverse=True)
+    candidates = {row["text"] for row in _jsonl("candidates.jsonl")}
+    assert all(row["text"] in candidates for row in forget + kept)
+
+
+def test_demo_arguments_match_the_forget_file():
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import demo_gemma3
+    finally:
+        sys.path.pop(0)
+    assert demo_gemma3.parse_args([]).n_forget == 8
+    with pytest.raises(SystemExit):
+        demo_gemma3.parse_args(["--n-forget", "9"])

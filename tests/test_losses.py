@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,12 +12,19 @@ import torch.nn.functional as F
 from peft_unlearn import losses
 from peft_unlearn.losses import (
     FORGET_LOSSES,
+    LOSS_REGISTRY,
     RETAIN_LOSSES,
+    get_loss,
     gradient_ascent_loss,
+    ihl_kernel,
     inverted_hinge_loss,
     kl_loss,
+    loss_table,
     nll_loss,
     npo_loss,
+    reference_users,
+    rmu_control_vector,
+    rmu_loss,
     sequence_log_probs,
     simnpo_loss,
 )
@@ -102,8 +110,8 @@ def small_chunks(monkeypatch):
     """Force the chunked IHL kernels to use chunks of 2 rows (several chunks, runs split across chunks)."""
 
     def set_vocab(vocab: int) -> None:
-        monkeypatch.setattr(losses, "_CHUNK_ELEMENTS", {"cpu": 2 * vocab})
-        monkeypatch.setattr(losses, "_DEFAULT_CHUNK_ELEMENTS", 2 * vocab)
+        monkeypatch.setattr(ihl_kernel, "_CHUNK_ELEMENTS", {"cpu": 2 * vocab})
+        monkeypatch.setattr(ihl_kernel, "_DEFAULT_CHUNK_ELEMENTS", 2 * vocab)
 
     return set_vocab
 
@@ -132,7 +140,7 @@ def test_ihl_gradient_equals_naive_autograd(reduction, chunked, block, small_chu
     if chunked:
         small_chunks(13)
     if block is not None:  # runner-up search over blocks of 4 or 5 columns, with a short last block
-        monkeypatch.setattr(losses, "_RUNNER_UP_BLOCK", block)
+        monkeypatch.setattr(ihl_kernel, "_RUNNER_UP_BLOCK", block)
     ours = inverted_hinge_loss(logits, labels, reduction=reduction)
     (grad_ours,) = torch.autograd.grad(ours, logits)
     ref = naive_ihl(logits, labels, reduction=reduction)
@@ -153,10 +161,10 @@ def test_two_level_runner_up_search_brute_force(vocab, block):
     y[:vocab] = torch.arange(vocab)  # every column is the target at least once
     z[::3] = z[::3].scatter(1, y[::3].unsqueeze(1), 10.0)  # target is the maximum in a third of the rows
     block = min(block, vocab)
-    block_max = losses._block_max(z, block)
+    block_max = ihl_kernel._block_max(z, block)
     assert block_max.shape == (200, -(-vocab // block))
     row_max = block_max.amax(dim=-1)
-    runner_up = losses._runner_up(z, block_max, y, block)
+    runner_up = ihl_kernel._runner_up(z, block_max, y, block)
     for r in range(z.shape[0]):
         row = z[r].tolist()
         assert row_max[r].item() == max(row)
@@ -572,8 +580,8 @@ def test_npo_simnpo_errors():
 
 
 def test_loss_name_constants():
-    assert FORGET_LOSSES == ("inverted_hinge", "gradient_ascent", "npo", "simnpo", "idk")
-    assert RETAIN_LOSSES == ("nll", "kl")
+    assert FORGET_LOSSES == ("inverted_hinge", "gradient_ascent", "npo", "simnpo", "idk", "rmu")
+    assert RETAIN_LOSSES == ("nll", "kl", "rmu")
 
 
 def test_docstring_examples():
@@ -581,3 +589,95 @@ def test_docstring_examples():
 
     result = doctest.testmod(losses, extraglobs={"torch": torch}, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RMU
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _rmu_brute_force(hidden, target, mask):
+    """Explicit loops in float64: sum over counted tokens of the mean squared error over hidden dimensions."""
+    batch, length, width = hidden.shape
+    total, count = 0.0, 0
+    for b in range(batch):
+        for t in range(length):
+            if mask is not None and not mask[b, t]:
+                continue
+            goal = target if target.dim() == 1 else target[b, t]
+            total += sum((float(hidden[b, t, i]) - float(goal[i])) ** 2 for i in range(width)) / width
+            count += 1
+    return total, count
+
+
+@pytest.mark.parametrize("per_token_target", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_rmu_loss_matches_brute_force(per_token_target, masked):
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 5, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(2, 5, 6, generator=gen) if per_token_target else rmu_control_vector(6, 3.0, seed=1)
+    mask = torch.tensor([[1, 1, 0, 1, 0], [0, 1, 1, 1, 1]]).bool() if masked else None
+    total, count = _rmu_brute_force(hidden.detach(), target, mask)
+    torch.testing.assert_close(
+        rmu_loss(hidden, target, mask, reduction="sum").double(), torch.tensor(total, dtype=torch.float64)
+    )
+    mean = rmu_loss(hidden, target, mask)
+    torch.testing.assert_close(mean.double(), torch.tensor(total / count, dtype=torch.float64))
+    mean.backward()
+    # d/dh of (1/count) * sum_t mean_i (h - g)^2 = 2 (h - g) / (d * count) on counted tokens, 0 elsewhere
+    goal = target.expand_as(hidden).double()
+    keep = torch.ones(2, 5, dtype=torch.bool) if mask is None else mask
+    expected = (2 * (hidden.detach() - goal) / (6 * count)) * keep.unsqueeze(-1)
+    torch.testing.assert_close(hidden.grad, expected, atol=1e-6, rtol=1e-5)
+    assert target.grad is None
+
+
+def test_rmu_control_vector_is_seeded_and_scaled():
+    a, b, c = rmu_control_vector(32, 6.5, seed=3), rmu_control_vector(32, 6.5, seed=3), rmu_control_vector(32, 6.5, 4)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.norm().item() == pytest.approx(6.5, rel=1e-6)
+    # a uniform [0, 1) draw normalised to unit length, as in WMDP
+    gen = torch.Generator().manual_seed(3)
+    raw = torch.rand(32, generator=gen)
+    torch.testing.assert_close(a, raw / raw.norm() * 6.5)
+
+
+def test_rmu_errors():
+    with pytest.raises(ValueError, match=r"target must have shape \[d\] or \[B, T, d\]"):
+        rmu_loss(torch.zeros(1, 2, 4), torch.zeros(3))
+    with pytest.raises(ValueError, match=r"mask must have shape \[B, T\] = \(1, 2\)"):
+        rmu_loss(torch.zeros(1, 2, 4), torch.zeros(4), torch.ones(2, 2))
+    with pytest.raises(ValueError, match="steering_coeff must be a finite number > 0, got inf"):
+        rmu_control_vector(4, float("inf"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the registry
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_registry_is_the_single_source():
+    from peft_unlearn.trainer.model_card import build_model_card
+    from peft_unlearn.trainer.unlearning_config import DEFAULT_BETA, UnlearningConfig
+
+    assert {(s.role, s.name) for s in LOSS_REGISTRY} == {("forget", n) for n in FORGET_LOSSES} | {
+        ("retain", n) for n in RETAIN_LOSSES
+    }
+    assert DEFAULT_BETA == {"npo": 0.1, "simnpo": 4.5}
+    assert reference_users("npo", "rmu") == ["forget_loss='npo'", "retain_loss='rmu'"]
+    assert get_loss("retain", "kl").needs_reference and not get_loss("forget", "simnpo").needs_reference
+    for spec in LOSS_REGISTRY:
+        assert spec.normalization in ("tokens", "sequences")
+        assert spec.metrics == (f"{spec.role}_loss", f"{spec.role}_nll")
+        assert (spec.reference is not None) == spec.needs_reference, spec.name
+        assert spec.description in build_model_card(**{f"{spec.role}_loss": spec.name})
+        if spec.role == "forget":
+            UnlearningConfig(output_dir="o", report_to="none", forget_loss=spec.name)
+    with pytest.raises(ValueError, match="`forget_loss` must be one of 'inverted_hinge', .*'rmu', got 'mse'"):
+        get_loss("forget", "mse")
+
+
+def test_docs_loss_tables_match_the_registry():
+    page = (Path(__file__).parent.parent / "docs" / "concepts" / "losses.md").read_text()
+    for role in ("forget", "retain"):
+        assert loss_table(role) in page, f"docs/concepts/losses.md: regenerate the table with loss_table({role!r})"

@@ -18,14 +18,13 @@ them with ``pytest -m "not slow"``.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.helpers import run_python
 
 pytestmark = pytest.mark.slow
 
@@ -180,23 +179,7 @@ def test_portable_adapter_reloads_with_plain_peft(pipeline, gemma3_path, tmp_pat
     assert not (adapter_dir / "_fila_init").exists()
 
     torch.save(pipeline["ids"], tmp_path / "ids.pt")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            _RELOAD,
-            str(gemma3_path),
-            str(adapter_dir),
-            str(tmp_path / "ids.pt"),
-            str(tmp_path / "o.pt"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_python(["-c", _RELOAD, gemma3_path, adapter_dir, tmp_path / "ids.pt", tmp_path / "o.pt"], timeout=600)
     reloaded = torch.load(tmp_path / "o.pt")
     trained = pipeline["trained_logits"]
     # the comparison means something: training moved the logits well beyond the tolerance

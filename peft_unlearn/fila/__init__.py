@@ -14,7 +14,8 @@ model, and 4-bit/8-bit and sharded bases work.
 Modules, in import order (each imports only the ones before it): `config` (FilaConfig,
 FilaLoraConfig), `state` (names, pending flags, dense weights), `fisher` (estimate_fisher),
 `offset` (the frozen initial factors), `init` (fila_init_layer, initialize_fila_weights),
-`preprocess` (preprocess_fila), `dispatch` (initialize_adapter_weights for "fila"/"vila"),
+`preprocess` (preprocess_fila), `dispatch` (initialize_adapter_weights for "fila"/"vila"), `vila` (VILA: variance-based
+importance through the LoRA factors, then the same weighted init),
 `saving` (portable export, raw checkpoints), `registration` (the PEFT hooks).
 
 Examples:
@@ -40,6 +41,7 @@ from .saving import (
     save_fila_state,
 )
 from .state import DATA_DRIVEN_INITS, FilaNotInitializedWarning, is_data_driven_init
+from .vila import VILA_INIT_NAME, estimate_vila_importance, initialize_vila_weights
 
 __all__ = [
     "DATA_DRIVEN_INITS",
@@ -61,4 +63,7 @@ __all__ = [
     "restore_fila_residual",
     "restore_fila_state",
     "save_fila_state",
+    "VILA_INIT_NAME",
+    "estimate_vila_importance",
+    "initialize_vila_weights",
 ]

@@ -1,29 +1,36 @@
-"""Streaming empirical Fisher information of the forget and retain data (paper-notes section 3.1).
+"""Streaming empirical Fisher information of the forget and retain data (FILA, arXiv 2408.06621, section 3).
 
 For every paired batch (forget batch, retain batch) and for each of the two, the gradient ``g`` of
 the model's own mean-token NLL (``model(**batch).loss``, labels shifted inside, -100 ignored) with
-respect to every target weight is computed and accumulated as ``F += n * g**2`` with
-``n = (labels != -100).sum()`` counted on the **unshifted** labels, as in the official code; ``N += n``.
-These are mini-batch mean gradients, not per-sample gradients.
+respect to every target weight is accumulated as ``F += n * g**2`` with ``n = (labels != -100).sum()``
+counted on the **unshifted** labels, as in the official code; ``N += n``. These are mini-batch mean
+gradients, not per-sample gradients.
 
-Choices of this implementation (documented deviations from ``measure_importance.py``):
+How the gradients are obtained: each target layer's weight gradient ``Σ_t g_t x_tᵀ`` is formed from a
+forward hook (the layer input ``x``) and a hook on the layer output (its gradient ``g``), squared into
+the accumulator and dropped at once (`peft_unlearn.fila.fisher_hooks`). The backward pass runs to the
+input-embedding output only, so no weight needs ``requires_grad``, no ``.grad`` is left anywhere, at
+most one layer gradient exists at a time, and the weights may be 4-bit/8-bit bitsandbytes layers (the
+Fisher of the dequantized weight), FSDP2 ``DTensor`` or ZeRO-3 partitioned parameters.
+
+Choices of this implementation (documented deviations from the official code):
 
 * Accumulators are fp32 even for bf16/fp16 models (``fp32_accumulation=False`` reproduces the
   official bf16 accumulation).
-* Only the target base weights require grad; gradients come from :func:`torch.autograd.grad`, so no
-  ``.grad`` is left anywhere. ``requires_grad`` flags and the training mode are restored afterwards.
-* Adapters are disabled (PeftModel) so the statistics belong to the base weights.
+* Adapters are disabled (PeftModel) so the statistics belong to the base weights. Parameter flags
+  and train/eval modes are restored afterwards.
 * The model runs in **eval mode** by default (dropout off, deterministic); the official code used
   train mode (``train_mode=True``). LoRA dropout does not matter since adapters are disabled.
 * Retain batches are drawn in order, one per forget batch, restarting the retain loader when it is
   exhausted (the official code pairs each forget item with one random retain item).
 * Batches without supervised tokens are skipped.
+* A weight shared by several layers (tied embeddings used as `lm_head`) gets the Fisher of the
+  target layer's own use of it.
 * Under ``torch.distributed`` the accumulators and counts are summed over ranks (each rank sees its
   own data shard), so every rank ends with identical statistics.
 
-Memory: two fp32 accumulators of the size of every target weight (forget and retain), plus one
-temporary gradient per target weight during the backward pass. ``accumulator_device="cpu"`` keeps the
-accumulators off the accelerator.
+Memory: see the modes of [`estimate_fisher`][peft_unlearn.fila.fisher.estimate_fisher] (accumulators on the
+accelerator, in host memory, or a group of layers per pass).
 
 Examples:
     >>> from peft_unlearn.fila.fisher import estimate_fisher
@@ -33,11 +40,10 @@ Examples:
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +51,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .fisher_cache import FisherCacheKey, architecture, combine_over_ranks, settings_json, targets_digest
+from .fisher_passes import DataDigest, compute_statistics, is_peft_model, plan_passes, rank
 from .state import normalize_module_name
 
 __all__ = ["FisherStatistics", "estimate_fisher", "resolve_fisher_targets"]
@@ -98,7 +106,7 @@ class FisherStatistics:
         ``F_hat = (F_f / N_f) / (eps + F_r / N_r)`` elementwise; ``F_f / N_f`` without retain data.
 
         Args:
-            name: Layer name (a key of :attr:`importance_f`).
+            name: Layer name (a key of `importance_f`).
             eps: Stabiliser of the denominator (paper: 1e-5).
 
         Returns:
@@ -118,7 +126,7 @@ class FisherStatistics:
         return forget / (eps + retain)
 
     def relative_importance(self, eps: float = 1e-5) -> dict[str, torch.Tensor]:
-        """``F_hat`` for every layer (see :meth:`layer_relative_importance`).
+        """``F_hat`` for every layer (see `layer_relative_importance`).
 
         Args:
             eps: Stabiliser of the denominator (paper: 1e-5).
@@ -166,11 +174,12 @@ class FisherStatistics:
             self.num_batches,
         )
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the statistics to a safetensors file (counts in the metadata).
+    def save(self, path: str | os.PathLike, key: FisherCacheKey | None = None) -> None:
+        """Write the statistics to a safetensors file (counts, and the cache key if given, in the metadata).
 
         Args:
             path: Target file; parent folders are created.
+            key: What the statistics were computed from (written by `estimate_fisher(cache_path=...)`).
         """
         from safetensors.torch import save_file
 
@@ -182,13 +191,16 @@ class FisherStatistics:
                 {"f_count": int(self.f_count), "r_count": int(self.r_count), "num_batches": int(self.num_batches)}
             ),
         }
+        metadata["names"] = json.dumps(list(self.importance_f))  # safetensors sorts keys; keep the model order
+        if key is not None:
+            metadata["key"] = key.to_json()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path), metadata=metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> FisherStatistics:
-        """Read statistics written by :meth:`save`.
+        """Read statistics written by `save`.
 
         Args:
             path: The safetensors file.
@@ -200,17 +212,17 @@ class FisherStatistics:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt", device=str(device)) as handle:
+            _check_format(handle.metadata() or {}, path)
             metadata = handle.metadata() or {}
-            if metadata.get("format") != _FORMAT:
-                raise ValueError(
-                    f"{path} is not a peft_unlearn Fisher file (metadata format {metadata.get('format')!r}, "
-                    f"expected {_FORMAT!r}); delete it or pass another `cache_path`."
-                )
             counts = json.loads(metadata["counts"])
             forget, retain = {}, {}
             for key in handle.keys():
                 kind, name = key.split("::", 1)
                 (forget if kind == "f" else retain)[name] = handle.get_tensor(key)
+        order = json.loads(metadata.get("names", "[]"))
+        if sorted(order) == sorted(forget):
+            forget = {name: forget[name] for name in order}
+            retain = {name: retain[name] for name in order if name in retain}
         return cls(forget, retain, counts["f_count"], counts["r_count"], counts["num_batches"])
 
 
@@ -219,14 +231,47 @@ class FisherStatistics:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _check_format(metadata: Mapping[str, str], path: str | os.PathLike) -> None:
+    if metadata.get("format") != _FORMAT:
+        raise ValueError(
+            f"{path} is not a peft_unlearn Fisher file (metadata format {metadata.get('format')!r}, "
+            f"expected {_FORMAT!r}); it is left untouched. Delete it or pass another `cache_path`."
+        )
+
+
+def read_cache_key(path: str | os.PathLike) -> FisherCacheKey | None:
+    """The key stored in a Fisher file (None for files written before keys existed).
+
+    Args:
+        path: A file written by [`FisherStatistics.save`][peft_unlearn.fila.fisher.FisherStatistics.save].
+
+    Returns:
+        The stored key, or None.
+
+    Raises:
+        ValueError: If the file is not a Fisher file of this library.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+    except Exception as error:  # safetensors raises its own error types for unreadable files
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({error}); it is left untouched. Delete it or pass "
+            "another `cache_path`."
+        ) from error
+    _check_format(metadata, path)
+    return FisherCacheKey.from_json(metadata.get("key"))
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         model = model.module
     return model
 
 
-def _is_peft_model(model: nn.Module) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
+_is_peft_model = is_peft_model
 
 
 def _linear_like(module: nn.Module) -> bool:
@@ -298,74 +343,15 @@ def resolve_fisher_targets(model: nn.Module, target_modules: Iterable[str] | Non
 
 
 def _weight_shape(module: nn.Module) -> tuple[int, int]:
+    """``(out, in)`` of a linear layer, whatever its weight's storage (packed 4-bit, ZeRO-3, DTensor)."""
     from transformers.pytorch_utils import Conv1D
 
-    shape = tuple(module.weight.shape)
-    return (shape[1], shape[0]) if isinstance(module, Conv1D) else (shape[0], shape[1])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# estimation
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if embeddings is not None and getattr(embeddings, "weight", None) is not None:
-        return embeddings.weight.device
-    return next(model.parameters()).device
-
-
-def _prepare_batch(batch: Any, device: torch.device, role: str) -> tuple[dict[str, Any], int]:
-    if not isinstance(batch, Mapping):
-        raise TypeError(
-            f"The {role} dataloader must yield dicts with `input_ids`, `attention_mask` and `labels`, got "
-            f"{type(batch).__name__}."
-        )
-    if "labels" not in batch or "input_ids" not in batch:
-        raise ValueError(
-            f"The {role} batches need `input_ids` and `labels` (-100 on ignored tokens), got keys {sorted(batch)}."
-        )
-    inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-    labels = inputs["labels"]
-    count = int((labels != -100).sum().item())
-    shifted = int((labels[..., 1:] != -100).sum().item()) if labels.dim() >= 1 else 0
-    return inputs, (count if shifted > 0 else 0)
-
-
-def _cycle(loader: Iterable) -> Iterator:
-    while True:
-        produced = False
-        for item in loader:
-            produced = True
-            yield item
-        if not produced:
-            raise ValueError("The retain dataloader is empty; pass retain_dataloader=None to use forget data only.")
-
-
-def _all_reduce_(tensors: list[torch.Tensor]) -> None:
-    import torch.distributed as dist
-
-    backend = dist.get_backend()
-    for tensor in tensors:
-        if backend == "nccl" and tensor.device.type != "cuda":
-            moved = tensor.to(f"cuda:{torch.cuda.current_device()}")
-            dist.all_reduce(moved, op=dist.ReduceOp.SUM)
-            tensor.copy_(moved.to(tensor.device))
-        else:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-
-
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    if isinstance(module, Conv1D):
+        return int(module.nf), int(module.weight.shape[0] if module.weight.dim() == 2 else module.nx)
+    if hasattr(module, "out_features") and hasattr(module, "in_features"):
+        return int(module.out_features), int(module.in_features)
+    shape = tuple(getattr(module.weight, "ds_shape", module.weight.shape))
+    return int(shape[0]), int(shape[1])
 
 
 def estimate_fisher(
@@ -380,8 +366,27 @@ def estimate_fisher(
     fp32_accumulation: bool = True,
     train_mode: bool = False,
     accumulator_device: torch.device | str | None = None,
+    layers_per_pass: int | None = None,
+    max_accumulator_bytes: int | None = None,
+    on_cache_mismatch: str = "recompute",
 ) -> FisherStatistics:
-    """Estimate the forget and retain Fisher information of the target weights (one pass).
+    """Estimate the forget and retain Fisher information of the target weights.
+
+    Each target layer's weight gradient is formed from layer hooks (output gradient times input), squared
+    into its accumulator and dropped, so no base weight needs a gradient and quantized or sharded
+    weights work (see the module docstring).
+
+    Memory modes (the statistics are identical in every mode):
+
+    * default: two fp32 accumulators per target weight on the weight's device, one pass;
+    * ``accumulator_device="cpu"``: the accumulators live in (pinned) host memory; each layer's
+      gradient is copied there as soon as it is formed. The accelerator holds one layer gradient
+      at a time on top of the forward/backward activations;
+    * ``layers_per_pass=N`` or ``max_accumulator_bytes=B``: the target layers are split into groups
+      (model order) and each group gets its own pass over the data (the dataloaders must yield the same
+      batches every time). Only the current group's accumulators are on the accelerator; finished groups
+      move to ``accumulator_device`` (default ``"cpu"`` in this mode). Costs one forward/backward pass
+      per group.
 
     Args:
         model: A PeftModel (adapters are disabled during the pass; targets default to its LoRA
@@ -392,128 +397,180 @@ def estimate_fisher(
         target_modules: Module names (plain-model naming) to restrict the statistics to.
         max_batches: Stop after this many forget batches (per rank).
         show_progress: Show a tqdm bar (rank 0 only).
-        cache_path: If the file exists, load and validate it instead of computing (``ValueError`` on
-            mismatch); otherwise compute and save there (rank 0).
+        cache_path: A safetensors file. If it exists and was computed from the same base weights, target
+            layers, forget/retain batches and settings (see `peft_unlearn.fila.fisher_cache`), it is loaded
+            instead of computing. If it was written by this library for other inputs, see
+            ``on_cache_mismatch``; any other file raises ``ValueError`` and is left untouched. After
+            computing, the statistics and their key are written there (rank 0).
         fp32_accumulation: fp32 accumulators (default); False accumulates in the weight dtype like the
             official code.
         train_mode: Run the model in train mode (dropout on, as the official code) instead of eval mode.
-        accumulator_device: Device of the accumulators (default: the device of each weight).
+        accumulator_device: Device of the returned statistics (default: each weight's device; ``"cpu"``
+            when the layers are processed in several passes).
+        layers_per_pass: Process at most this many target layers per pass over the data.
+        max_accumulator_bytes: Process as many layers per pass as fit in this many accumulator bytes.
+        on_cache_mismatch: ``"recompute"`` (default): warn which key fields differ, recompute and overwrite
+            the cache; ``"error"``: raise ``ValueError`` instead.
 
     Returns:
-        :class:`FisherStatistics`; identical on every rank under ``torch.distributed``.
+        [`FisherStatistics`][peft_unlearn.fila.fisher.FisherStatistics]; identical on every rank under `torch.distributed`.
+
+    Raises:
+        ValueError: On bad arguments, data without supervised tokens, a non-finite loss, or a cache file
+            that is not a Fisher file of this library (or a mismatching one with ``on_cache_mismatch="error"``).
 
     Examples:
         >>> stats = estimate_fisher(model, forget_loader, retain_loader, max_batches=8)  # doctest: +SKIP
+        >>> low_memory = estimate_fisher(model, forget_loader, retain_loader, accumulator_device="cpu")  # doctest: +SKIP
         >>> stats.f_count, stats.num_batches  # doctest: +SKIP
         (1234, 8)
     """
-    from transformers.pytorch_utils import Conv1D
-
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)):
         raise TypeError(f"`max_batches` must be an int or None, got {max_batches!r}.")
     if max_batches is not None and max_batches <= 0:
         raise ValueError(f"`max_batches` must be positive or None, got {max_batches}.")
     if forget_dataloader is None:
         raise ValueError("`forget_dataloader` is required to estimate the Fisher information.")
+    if on_cache_mismatch not in ("recompute", "error"):
+        raise ValueError(f"`on_cache_mismatch` must be 'recompute' or 'error', got {on_cache_mismatch!r}.")
+    plan_passes({}, 8, layers_per_pass, max_accumulator_bytes)  # validates the two limits
 
     model = _unwrap(model)
     targets = resolve_fisher_targets(model, target_modules)
     shapes = {name: _weight_shape(module) for name, module in targets.items()}
+    settings = settings_json(fp32_accumulation=fp32_accumulation, train_mode=train_mode, max_batches=max_batches)
 
-    if cache_path is not None and Path(cache_path).is_file():
-        stats = FisherStatistics.load(cache_path)
-        stats.validate(shapes, source=f"Cached Fisher statistics in {cache_path}")
-        return stats
+    def compute(forget: Iterable, retain: Iterable | None) -> tuple[FisherStatistics, str, str]:
+        forget_acc, retain_acc, totals = compute_statistics(
+            model,
+            targets,
+            shapes,
+            forget,
+            retain,
+            max_batches,
+            show_progress,
+            fp32_accumulation,
+            train_mode,
+            accumulator_device,
+            layers_per_pass,
+            max_accumulator_bytes,
+        )
+        stats = FisherStatistics(forget_acc, retain_acc, totals.f_count, totals.r_count, totals.num_batches)
+        _check_counts(stats, retain)
+        return stats, totals.forget_digest, totals.retain_digest
 
-    device = _model_device(model)
-    acc_dtype = torch.float32
-    forget_acc: dict[str, torch.Tensor] = {}
-    retain_acc: dict[str, torch.Tensor] = {}
-    for name, module in targets.items():
-        dtype = torch.float32 if fp32_accumulation else module.weight.dtype
-        acc_dtype = dtype
-        where = accumulator_device if accumulator_device is not None else module.weight.device
-        forget_acc[name] = torch.zeros(shapes[name], dtype=dtype, device=where)
-        if retain_dataloader is not None:
-            retain_acc[name] = torch.zeros(shapes[name], dtype=dtype, device=where)
-    del acc_dtype
+    if cache_path is None:
+        return compute(forget_dataloader, retain_dataloader)[0]
+    return _cached(
+        Path(cache_path),
+        model,
+        shapes,
+        settings,
+        forget_dataloader,
+        retain_dataloader,
+        max_batches,
+        compute,
+        on_cache_mismatch,
+    )
 
-    names = list(targets)
-    weights = [targets[name].weight for name in names]
-    transposed = [isinstance(targets[name], Conv1D) for name in names]
 
-    saved_flags = [(p, p.requires_grad) for p in model.parameters()]
-    saved_modes = [(module, module.training) for module in model.modules()]
-    disable = model.disable_adapter() if _is_peft_model(model) else contextlib.nullcontext()
-    counts = {"f": 0, "r": 0}
-    num_batches = 0
-
-    def accumulate(batch: Any, acc: dict[str, torch.Tensor], role: str) -> None:
-        inputs, n = _prepare_batch(batch, device, role)
-        if n == 0:
-            return
-        loss = model(**inputs).loss
-        if loss is None:
-            raise ValueError(f"The model returned no loss for a {role} batch; it must accept `labels`.")
-        if not torch.isfinite(loss):
-            raise ValueError(f"The {role} loss is {loss.item()} (not finite); check the model and the data.")
-        grads = torch.autograd.grad(loss, weights, allow_unused=True)
-        for name, grad, is_t in zip(names, grads, transposed):
-            if grad is None:
-                continue
-            grad = grad.t() if is_t else grad
-            target = acc[name]
-            grad = grad.to(device=target.device, dtype=target.dtype)  # no copy for fp32 grads on the same device
-            target.addcmul_(grad, grad, value=n)  # fused: no [out, in] temporary for grad**2
-        counts[role[0]] += n
-
-    try:
-        for param in model.parameters():
-            param.requires_grad_(False)
-        for weight in weights:
-            weight.requires_grad_(True)
-        model.train(train_mode)
-        total = None
-        if hasattr(forget_dataloader, "__len__"):
-            total = len(forget_dataloader)
-            total = min(total, max_batches) if max_batches is not None else total
-        from tqdm.auto import tqdm
-
-        progress = tqdm(total=total, desc="FILA Fisher", disable=not show_progress or _rank() != 0)
-        retain_iter = _cycle(retain_dataloader) if retain_dataloader is not None else None
-        forget_iter = iter(forget_dataloader)
-        if max_batches is not None:
-            forget_iter = itertools.islice(forget_iter, max_batches)
-        with disable, torch.enable_grad():
-            for forget_batch in forget_iter:
-                accumulate(forget_batch, forget_acc, "forget")
-                if retain_iter is not None:
-                    accumulate(next(retain_iter), retain_acc, "retain")
-                num_batches += 1
-                progress.update(1)
-        progress.close()
-    finally:
-        for param, flag in saved_flags:
-            param.requires_grad_(flag)
-        for module, mode in saved_modes:
-            module.training = mode
-
-    f_count, r_count = counts["f"], counts["r"]
-    if _distributed():
-        ordered = [forget_acc[n] for n in names] + [retain_acc[n] for n in names if n in retain_acc]
-        _all_reduce_(ordered)
-        totals = torch.tensor([f_count, r_count, num_batches], dtype=torch.float64, device=ordered[0].device)
-        _all_reduce_([totals])
-        f_count, r_count, num_batches = (int(v) for v in totals.tolist())
-
-    if f_count == 0:
+def _check_counts(stats: FisherStatistics, retain_dataloader: Any) -> None:
+    if stats.f_count == 0:
         raise ValueError(
             "The forget dataloader produced no supervised tokens (every label is -100 or it is empty); FILA needs "
             "forget labels."
         )
-    if retain_dataloader is not None and r_count == 0:
+    if retain_dataloader is not None and stats.r_count == 0:
         raise ValueError("The retain dataloader produced no supervised tokens; pass retain_dataloader=None.")
-    stats = FisherStatistics(forget_acc, retain_acc, f_count, r_count, num_batches)
-    if cache_path is not None and _rank() == 0:
-        stats.save(cache_path)
+
+
+def _consumed(
+    forget_dataloader: Iterable, retain_dataloader: Iterable | None, max_batches: int | None
+) -> tuple[list[Any], list[Any] | None, str, str]:
+    """The batches a pass would consume (materialised, so one-shot iterators still work) and their digests."""
+    import itertools
+
+    from .fisher_passes import _cycle
+
+    forget_digest, retain_digest = DataDigest(), DataDigest()
+    forget = list(forget_digest.wrap(itertools.islice(iter(forget_dataloader), max_batches)))
+    retain = None
+    if retain_dataloader is not None:
+        retain_iter = _cycle(retain_dataloader)
+        retain = list(retain_digest.wrap(next(retain_iter) for _ in forget))
+    return (
+        forget,
+        retain,
+        combine_over_ranks(forget_digest.hexdigest()),
+        combine_over_ranks(retain_digest.hexdigest()) if retain is not None else "none",
+    )
+
+
+def _cached(
+    path: Path,
+    model: nn.Module,
+    shapes: Mapping[str, tuple[int, int]],
+    settings: str,
+    forget_dataloader: Iterable,
+    retain_dataloader: Iterable | None,
+    max_batches: int | None,
+    compute: Callable[[Iterable, Iterable | None], tuple[FisherStatistics, str, str]],
+    on_cache_mismatch: str,
+) -> FisherStatistics:
+    """Reuse ``path`` if its key matches what would be computed; otherwise compute and (over)write it."""
+    from .fisher_cache import weight_fingerprint
+
+    def key_for(forget_digest: str, retain_digest: str) -> FisherCacheKey:
+        return FisherCacheKey(
+            architecture=architecture(model),
+            weights=weights,
+            targets=targets_digest(shapes),
+            forget_data=forget_digest,
+            retain_data=retain_digest,
+            settings=settings,
+        )
+
+    weights = weight_fingerprint(model)
+    if not path.is_file():
+        stats, forget_digest, retain_digest = compute(forget_dataloader, retain_dataloader)
+        key = key_for(combine_over_ranks(forget_digest), combine_over_ranks(retain_digest))
+    else:
+        stored = read_cache_key(path)  # raises, leaving the file alone, if it is not ours
+        forget, retain, forget_digest, retain_digest = _consumed(forget_dataloader, retain_dataloader, max_batches)
+        key = key_for(forget_digest, retain_digest)
+        differing = key.differences(stored)
+        if _agree(not differing):
+            stats = FisherStatistics.load(path)
+            stats.validate(shapes, source=f"Cached Fisher statistics in {path}")
+            return stats
+        reason = (
+            "it was written without a key (older version)"
+            if stored is None
+            else f"these inputs differ: {', '.join(differing) or 'on another rank'}"
+        )
+        if on_cache_mismatch == "error":
+            raise ValueError(
+                f"The Fisher cache {path} was computed for other inputs ({reason}). Delete it, pass another "
+                "`cache_path`, or on_cache_mismatch='recompute' to overwrite it."
+            )
+        if rank() == 0:
+            warnings.warn(
+                f"Not reusing the Fisher cache {path}: {reason}. Recomputing and overwriting it.", stacklevel=3
+            )
+        stats = compute(forget, retain)[0]
+    if rank() == 0:
+        stats.save(path, key=key)
     return stats
+
+
+def _agree(flag: bool) -> bool:
+    """True only if ``flag`` holds on every rank (all ranks must take the same branch)."""
+    from .fisher_passes import distributed
+
+    if not distributed():
+        return flag
+    import torch.distributed as dist
+
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, bool(flag))
+    return all(values)

@@ -11,11 +11,11 @@ Examples:
 from __future__ import annotations
 
 from . import mia, tofu
+from .generation import greedy_generate
 from .memorization import (
     compute_ma_metrics,
     evaluate_memorization,
     extraction_likelihood,
-    greedy_generate,
     memorization_accuracy,
     pad_batch,
     perplexity,

@@ -5,7 +5,8 @@ Definitions (Jang et al. 2023, used by arXiv 2408.06621 for TDEC; tokens are x_0
 - ``MA(x) = 1/(T-1) * sum_{t=1}^{T-1} 1[argmax_v p(v | x_<t) = x_t]`` (teacher forcing, one forward pass).
   With ``labels`` only the supervised positions (``labels != -100``) count, and the target is the label.
 - ``EL_n(x) = 1/(T-n) * sum_{t=1}^{T-n} overlap_n(g_t, x_>=t)`` where ``g_t`` is the greedy continuation of
-  ``x_<t`` up to total length T (always exactly T - t new tokens; EOS is not treated specially) and
+  ``x_<t`` up to total length T (by default exactly T - t new tokens, EOS is not treated specially; with
+  ``stop_at_eos=True`` it ends at the first generated EOS, as ``generate`` does) and
   ``overlap_n(g, r)`` is the number of n-grams of ``g`` (with multiplicity) that occur among the n-grams of
   ``r``, divided by the number of n-grams of ``r`` (T - t - n + 1). This is the counting of Jang's
   ``knowledge-unlearning`` code, and it lies in [0, 1].
@@ -35,14 +36,18 @@ Examples:
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import inspect
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
+
+from ..utils import IGNORE_INDEX, model_device
+from .forward import eval_mode as _eval_mode
+from .forward import forward_logits as _logits
+from .forward import to_id_list as _to_list
+from .forward import with_eval_mode as _with_eval_mode
+from .generation import greedy_generate
 
 __all__ = [
     "compute_ma_metrics",
@@ -57,94 +62,7 @@ __all__ = [
     "token_log_probs",
 ]
 
-IGNORE_INDEX = -100
 DistributedMode = Literal["shard", "gather", "none"]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Model helpers
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return torch.device("cpu")
-
-
-def _forward_parameters(model: torch.nn.Module) -> tuple[set[str], bool]:
-    """Names accepted by the (innermost) forward and whether it takes ``**kwargs``."""
-    target = model
-    # PeftModel.forward is (*args, **kwargs) and forwards kwargs to the base model: inspect the base model.
-    get_base = getattr(model, "get_base_model", None)
-    if callable(get_base):
-        with contextlib.suppress(Exception):
-            target = get_base()
-    try:
-        params = inspect.signature(target.forward).parameters
-    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
-        return set(), True
-    names = {name for name, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
-    has_var_kw = any(p.kind == p.VAR_KEYWORD for p in params.values())
-    return names, has_var_kw
-
-
-def _accepts(model: torch.nn.Module, name: str) -> bool:
-    names, has_var_kw = _forward_parameters(model)
-    return name in names or (has_var_kw and name in {"position_ids", "use_cache", "logits_to_keep"})
-
-
-def _cache_kwarg(model: torch.nn.Module) -> str | None:
-    names, _ = _forward_parameters(model)
-    if "cache" in names:  # transformers >= 5.2x
-        return "cache"
-    if "past_key_values" in names:
-        return "past_key_values"
-    return None
-
-
-def _output_cache(out: Any) -> Any:
-    for key in ("cache", "past_key_values"):
-        value = out.get(key) if isinstance(out, Mapping) else None
-        if value is None and not isinstance(out, Mapping):
-            value = getattr(out, key, None)
-        if value is not None:
-            return value
-    return None
-
-
-def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def _logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra: Any) -> Any:
-    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if _accepts(model, "position_ids"):
-        kwargs["position_ids"] = _position_ids(attention_mask)
-    kwargs.update(extra)
-    return model(**kwargs)
-
-
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
-
-def _with_eval_mode(fn):
-    @functools.wraps(fn)
-    def wrapper(model, *args, **kwargs):
-        with _eval_mode(model):
-            return fn(model, *args, **kwargs)
-
-    return wrapper
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -169,6 +87,11 @@ def _prepare_batch(
     input_ids: Any, attention_mask: Any = None, labels: Any = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     input_ids = _as_2d("input_ids", input_ids).long()
+    if input_ids.numel() == 0:
+        raise ValueError(
+            f"`input_ids` is empty (shape {tuple(input_ids.shape)}); the metric is undefined without tokens. Pass at "
+            "least one sequence of at least one token."
+        )
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     else:
@@ -221,12 +144,6 @@ def pad_batch(
             lab = list(item["labels"]) if item.get("labels") is not None else seq
             labels[i, : len(lab)] = torch.as_tensor(lab, dtype=torch.long)
     return ids, mask, labels
-
-
-def _to_list(value: Any) -> list[int]:
-    if isinstance(value, torch.Tensor):
-        return [int(v) for v in value.reshape(-1).tolist()]
-    return [int(v) for v in value]
 
 
 def _normalize_data(data: Any) -> list[dict[str, list[int] | None]]:
@@ -291,7 +208,7 @@ def _token_stats(
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per sequence: (correct [n] bool, log p(target) [n] float32) over counted positions. Caller sets no_grad."""
     input_ids, attention_mask, labels = _prepare_batch(input_ids, attention_mask, labels)
-    device = _model_device(model)
+    device = model_device(model)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     labels = labels.to(device) if labels is not None else None
     if input_ids.shape[1] < 2:
@@ -484,154 +401,6 @@ def compute_ma_metrics(eval_pred: Any) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Greedy generation
-# --------------------------------------------------------------------------------------------------------------
-
-
-def greedy_generate(
-    model: torch.nn.Module,
-    prompts: Sequence[Sequence[int] | torch.Tensor],
-    max_new_tokens: int | Sequence[int],
-    *,
-    pad_token_id: int = 0,
-    eos_token_id: int | Sequence[int] | None = None,
-    batch_size: int = 16,
-    use_cache: bool | None = None,
-) -> list[list[int]]:
-    """Batched greedy decoding with left padding and an optional KV cache; works with minimal modules.
-
-    Prompts are sorted by the number of tokens to generate and processed ``batch_size`` at a time, left-padded
-    (``position_ids`` derived from the mask when the model accepts them). When the model returns a cache
-    (``.cache`` / ``.past_key_values``) only the new token is fed at each step; otherwise the whole sequence is
-    re-run (O(L^2) per row; fine for toy models). Each row stops after its own ``max_new_tokens`` or, when
-    ``eos_token_id`` is given, after emitting EOS (the EOS is included in the output).
-
-    Cost: about ``sum_rows max_new_tokens`` single-token row passes: rows that are done leave the batch (their
-    KV-cache rows are dropped with ``Cache.batch_select_indices``; caches without it keep them). Memory is one
-    KV cache for ``batch_size`` rows and ``[batch_size, V]`` logits per step.
-
-    Args:
-        model: A causal LM.
-        prompts: Token-id sequences (at least one token each).
-        max_new_tokens: Number of tokens to generate, one int for all prompts or one per prompt.
-        pad_token_id: Id used for left padding (masked out, so its value does not matter).
-        eos_token_id: Optional id(s) that end a row early.
-        batch_size: Rows per forward pass.
-        use_cache: None = use the cache if the model returns one; False = always re-run the full sequence.
-
-    Returns:
-        The generated ids (without the prompt), one list per prompt, in input order.
-
-    Examples:
-        >>> from peft_unlearn.testing import tiny_causal_lm
-        >>> out = greedy_generate(tiny_causal_lm("llama"), [[5, 6], [7]], max_new_tokens=3)
-        >>> [len(o) for o in out]
-        [3, 3]
-    """
-    if batch_size < 1:
-        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
-    n = len(prompts)
-    budgets = [int(max_new_tokens)] * n if isinstance(max_new_tokens, int) else [int(m) for m in max_new_tokens]
-    if len(budgets) != n:
-        raise ValueError(f"`max_new_tokens` has {len(budgets)} entries but there are {n} prompts; they must match.")
-    if any(m < 0 for m in budgets):
-        raise ValueError(f"`max_new_tokens` must be >= 0, got {min(budgets)}.")
-    prompt_lists = [_to_list(p) for p in prompts]
-    if any(len(p) == 0 for p in prompt_lists):
-        raise ValueError("Every prompt needs at least one token; got an empty prompt.")
-    eos = (
-        set()
-        if eos_token_id is None
-        else ({int(eos_token_id)} if isinstance(eos_token_id, int) else set(eos_token_id))
-    )
-    results: list[list[int]] = [[] for _ in range(n)]
-    order = sorted((i for i in range(n) if budgets[i] > 0), key=lambda i: (-budgets[i], -len(prompt_lists[i])))
-    with _eval_mode(model):
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            outs = _greedy_chunk(
-                model, [prompt_lists[i] for i in chunk], [budgets[i] for i in chunk], pad_token_id, eos, use_cache
-            )
-            for i, o in zip(chunk, outs):
-                results[i] = o
-    return results
-
-
-def _greedy_chunk(
-    model: torch.nn.Module,
-    prompts: list[list[int]],
-    budgets: list[int],
-    pad_token_id: int,
-    eos: set[int],
-    use_cache: bool | None,
-) -> list[list[int]]:
-    device = _model_device(model)
-    width = max(len(p) for p in prompts)
-    rows = len(prompts)
-    ids = torch.full((rows, width), int(pad_token_id), dtype=torch.long, device=device)
-    mask = torch.zeros((rows, width), dtype=torch.long, device=device)
-    for r, p in enumerate(prompts):
-        ids[r, width - len(p) :] = torch.as_tensor(p, dtype=torch.long, device=device)
-        mask[r, width - len(p) :] = 1
-    steps = max(budgets)
-    budget_t = torch.as_tensor(budgets, device=device)
-    generated = torch.full((rows, steps), int(pad_token_id), dtype=torch.long, device=device)
-    done = torch.zeros(rows, dtype=torch.bool, device=device)
-    eos_t = torch.as_tensor(sorted(eos), dtype=torch.long, device=device) if eos else None
-
-    cache_name = _cache_kwarg(model) if use_cache is not False else None
-    extra: dict[str, Any] = {}
-    if _accepts(model, "logits_to_keep"):
-        extra["logits_to_keep"] = 1
-    if cache_name is not None and _accepts(model, "use_cache"):
-        extra["use_cache"] = True
-    cache = None
-    step_ids = ids
-    alive = torch.arange(rows, device=device)  # original row of each row still in the batch
-    for k in range(steps):
-        if cache is not None:
-            kwargs = {
-                "input_ids": step_ids,
-                "attention_mask": mask,
-                cache_name: cache,
-                **extra,
-            }
-            if _accepts(model, "position_ids"):
-                kwargs["position_ids"] = _position_ids(mask)[:, -1:]
-            out = model(**kwargs)
-        else:
-            out = _logits(model, ids, mask, **extra)
-        next_tok = out.logits[:, -1].argmax(-1)
-        generated[alive, k] = torch.where(done, torch.full_like(next_tok, int(pad_token_id)), next_tok)
-        finished_now = budget_t[alive] <= k + 1
-        if eos_t is not None:
-            finished_now = finished_now | torch.isin(next_tok, eos_t)
-        done = done | finished_now
-        if bool(done.all()):
-            break
-        ids = torch.cat([ids, next_tok.unsqueeze(-1)], dim=-1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
-        step_ids = next_tok.unsqueeze(-1)
-        cache = _output_cache(out) if cache_name is not None else None
-        if bool(done.any()) and (cache is None or hasattr(cache, "batch_select_indices")):
-            # drop finished rows so that later steps only run the rows still generating
-            keep = (~done).nonzero().squeeze(-1)
-            ids, mask, step_ids, alive, done = ids[keep], mask[keep], step_ids[keep], alive[keep], done[keep]
-            if cache is not None:
-                cache.batch_select_indices(keep)
-    results = []
-    for r in range(rows):
-        seq = generated[r, : budgets[r]].tolist()
-        if eos:
-            for j, tok in enumerate(seq):
-                if tok in eos:
-                    seq = seq[: j + 1]
-                    break
-        results.append(seq)
-    return results
-
-
-# --------------------------------------------------------------------------------------------------------------
 # Extraction likelihood
 # --------------------------------------------------------------------------------------------------------------
 
@@ -655,8 +424,12 @@ def _el_scores(
     batch_size: int,
     pad_token_id: int,
     use_cache: bool | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
 ) -> dict[int, list[float]]:
-    """EL_n for each n and each sequence (NaN where undefined); one generation pass shared by all n."""
+    """EL_n for each n and each sequence (NaN where undefined); one generation pass shared by all n.
+
+    ``eos_token_id`` given: each continuation stops after its first EOS (shorter continuation, same denominator).
+    """
     n_min = min(ns)
     jobs: list[tuple[int, int]] = []  # (sequence index, prefix length t)
     for s, item in enumerate(seqs):
@@ -670,7 +443,13 @@ def _el_scores(
     prompts = [seqs[s]["input_ids"][:t] for s, t in jobs]
     budgets = [len(seqs[s]["input_ids"]) - t for s, t in jobs]
     conts = greedy_generate(
-        model, prompts, budgets, pad_token_id=pad_token_id, batch_size=batch_size, use_cache=use_cache
+        model,
+        prompts,
+        budgets,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        batch_size=batch_size,
+        use_cache=use_cache,
     )
     per_seq: dict[int, list[list[float]]] = {n: [[] for _ in seqs] for n in ns}
     for (s, t), cont in zip(jobs, conts):
@@ -704,6 +483,8 @@ def extraction_likelihood(
     labels: Any = None,
     pad_token_id: int = 0,
     use_cache: bool | None = None,
+    stop_at_eos: bool = False,
+    eos_token_id: int | Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Per-sequence extraction likelihood EL_n (Jang et al. 2023).
 
@@ -713,6 +494,13 @@ def extraction_likelihood(
     the first supervised position (so a question prefix is always given). A sequence with no valid t
     (``T - n < t0``, i.e. n too large for the sequence) gets NaN. Padding (either side) is removed per sequence
     using ``attention_mask``.
+
+    EOS: by default every continuation has exactly ``T - t`` tokens, EOS included as an ordinary token (the
+    score then measures how much of the suffix the model *can* reproduce). ``stop_at_eos=True`` is what Jang et
+    al.'s code measures with ``generate``: a continuation ends with its first generated EOS, the positions after
+    it contribute no n-gram hits (``generate`` pads them; a padded n-gram only matches if the pad id occurs in
+    the reference), and the denominator stays the n-grams of ``x_>=t``. So ``stop_at_eos=True`` never gives a
+    higher score than the default, and both agree for a model that emits no EOS before the sequence length.
 
     Cost: ``(T - t0) / prefix_stride`` greedy continuations per sequence, about ``T^2 / (2 * prefix_stride)``
     generated tokens (T = 200, stride 1: ~20k tokens per sequence). All prefixes of all sequences are batched
@@ -728,9 +516,15 @@ def extraction_likelihood(
         labels: Optional unshifted labels; only used to find the first supervised position t0.
         pad_token_id: Padding id for the internal left-padded generation batches.
         use_cache: Passed to :func:`greedy_generate`.
+        stop_at_eos: End each continuation at its first generated EOS (as ``generate``), see above.
+        eos_token_id: EOS id(s) for ``stop_at_eos``; default the model's ``generation_config`` / ``config``
+            ``eos_token_id``.
 
     Returns:
         Float tensor ``[B]`` on the CPU.
+
+    Raises:
+        ValueError: If ``stop_at_eos=True`` and no EOS id is given or known from the model.
 
     Examples:
         >>> from peft_unlearn.testing import tiny_causal_lm
@@ -750,8 +544,23 @@ def extraction_likelihood(
                 "labels": labels[b][keep].tolist() if labels is not None else None,
             }
         )
-    scores = _el_scores(model, seqs, ns, prefix_stride, batch_size, pad_token_id, use_cache)
+    eos = _resolve_eos(model, eos_token_id) if stop_at_eos else None
+    scores = _el_scores(model, seqs, ns, prefix_stride, batch_size, pad_token_id, use_cache, eos)
     return torch.tensor(scores[ns[0]], dtype=torch.float32)
+
+
+def _resolve_eos(model: torch.nn.Module, eos_token_id: int | Sequence[int] | None) -> int | list[int]:
+    if eos_token_id is None:
+        for source in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+            eos_token_id = getattr(source, "eos_token_id", None)
+            if eos_token_id is not None:
+                break
+    if eos_token_id is None or (not isinstance(eos_token_id, int) and len(eos_token_id) == 0):
+        raise ValueError(
+            "`stop_at_eos=True` needs an EOS id, but `eos_token_id` is None and the model's generation_config / "
+            "config has none; pass `eos_token_id=tokenizer.eos_token_id`."
+        )
+    return eos_token_id if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -826,6 +635,11 @@ def evaluate_memorization(
     ns = _check_el_args(el_n, el_prefix_stride, el_batch_size or 4 * batch_size) if compute_el else ()
     items = _normalize_data(data)
     rank, world = _dist_info()
+    if not items and (world == 1 or distributed != "gather"):
+        raise ValueError(
+            "`data` is empty: evaluate_memorization needs at least one sequence (an empty evaluation set would "
+            "report NaN). Check the dataset split or filter that produced it."
+        )
     if world > 1 and distributed == "shard":
         items = items[rank::world]
 

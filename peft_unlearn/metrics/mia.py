@@ -4,9 +4,12 @@
   log-probabilities (``max(1, int(k * n_tokens))`` tokens). Higher score = more member-like.
 - **AUC** of separating members (e.g. the forget set) from non-members (a held-out set): the probability that
   a random member scores higher than a random non-member, ties counting 1/2 (Mann-Whitney U / (n_m n_n)).
-- **PrivLeak** (MUSE): ``(AUC - AUC_retain) / AUC_retain * 100`` where ``AUC_retain`` is the same attack on a
-  retain-only model; ~0 is ideal, negative = over-unlearning, positive = leakage. Open-unlearning computes its
-  AUC with the opposite orientation and flips it back (``1 - AUC``), so the numbers agree with this module.
+- **PrivLeak** (MUSE): ``(AUC_retain - AUC) / (1 - AUC_retain) * 100`` where ``AUC`` is the attack on the
+  unlearned model and ``AUC_retain`` the same attack on a retain-only model (never trained on the forget set).
+  ~0 is ideal; **negative = leakage** (members still detected better than by the retain-only model; a model
+  that never unlearned scores near -100), positive = over-unlearning. MUSE and open-unlearning compute their AUC
+  with the opposite orientation (lower score = member), ``AUC' = 1 - AUC``, and report
+  ``(AUC' - AUC'_retain) / AUC'_retain * 100``, which is exactly this formula, so the numbers agree.
 
 Examples:
     >>> mia_auc([0.9, 0.8], [0.1, 0.8])
@@ -53,6 +56,8 @@ def min_k_prob_scores(
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
     items = _normalize_data(data)
+    if not items:
+        raise ValueError("`data` is empty: min_k_prob_scores needs at least one sequence to score.")
     scores: list[float] = []
     with _eval_mode(model):
         for start in range(0, len(items), batch_size):
@@ -102,22 +107,38 @@ def mia_auc(member_scores: Sequence[float] | Any, nonmember_scores: Sequence[flo
 
 
 def privleak(auc: float, retain_auc: float) -> float:
-    """MUSE PrivLeak: relative AUC gap to the retain-only model, in percent.
+    """MUSE PrivLeak: the attack-AUC gap to a retain-only model, relative to that model's margin, in percent.
+
+    With this module's orientation (AUC 1 = members perfectly detected):
+    ``(retain_auc - auc) / (1 - retain_auc) * 100``, the value MUSE and open-unlearning report (they use the
+    flipped AUC ``1 - auc``; see the module docstring). About 0 is ideal; negative means leakage (the forget
+    set is still recognised as members: an un-unlearned model with ``auc = 1`` and ``retain_auc = 0.5`` gives
+    -100); positive means over-unlearning (the forget set looks less member-like than to the retain-only model).
 
     Args:
-        auc: Attack AUC on the unlearned model (:func:`mia_auc`, members = forget set).
-        retain_auc: The same attack's AUC on a retain-only model.
+        auc: Attack AUC on the unlearned model ([`mia_auc`][peft_unlearn.metrics.mia_auc], members = forget set).
+        retain_auc: The same attack's AUC on a retain-only model; must be < 1.
 
     Returns:
-        ``(auc - retain_auc) / retain_auc * 100``.
+        ``(retain_auc - auc) / (1 - retain_auc) * 100``.
+
+    Raises:
+        ValueError: If an AUC is not a number in [0, 1], or ``retain_auc`` is 1 (the retain-only model already
+            separates the sets perfectly, so the margin ``1 - retain_auc`` is 0 and PrivLeak is undefined).
 
     Examples:
-        >>> round(privleak(0.6, 0.5), 6)
-        20.0
+        >>> round(privleak(1.0, 0.5), 6)
+        -100.0
+        >>> round(privleak(0.55, 0.6), 6)
+        12.5
     """
     for name, value in (("auc", auc), ("retain_auc", retain_auc)):
-        if not isinstance(value, (int, float)) or math.isnan(value) or not 0 <= value <= 1:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not 0 <= value <= 1:
             raise ValueError(f"`{name}` must be an AUC in [0, 1], got {value!r}.")
-    if retain_auc == 0:
-        raise ValueError("`retain_auc` is 0; PrivLeak is undefined (divide by zero).")
-    return (float(auc) - float(retain_auc)) / float(retain_auc) * 100.0
+    if retain_auc == 1:
+        raise ValueError(
+            "`retain_auc` is 1: the attack separates the forget set from the non-members perfectly even on the "
+            "retain-only model, so PrivLeak's denominator (1 - retain_auc) is 0 and the metric is undefined. Check "
+            "that the retain-only model never saw the forget set and that members/non-members are not swapped."
+        )
+    return (float(retain_auc) - float(auc)) / (1.0 - float(retain_auc)) * 100.0

@@ -40,7 +40,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .memorization import _eval_mode, _token_stats, greedy_generate, pad_batch
+from ..utils import IGNORE_INDEX
+from .forward import eval_mode as _eval_mode
+from .generation import greedy_generate
+from .memorization import _token_stats, pad_batch
 
 if TYPE_CHECKING:
     import datasets
@@ -67,7 +70,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
+
 DEFAULT_QA_TEMPLATE = "Question: {question}\nAnswer:"
 SYNTHETIC_SPLITS = ("forget", "retain", "real_authors", "world_facts", "full")
 TOFU_HUB_ALIASES = {

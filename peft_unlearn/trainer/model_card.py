@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ..losses import get_loss
+
 __all__ = ["PAPER_CITATION", "build_model_card"]
 
 PAPER_CITATION = """@inproceedings{cha2025towards,
@@ -21,15 +23,12 @@ PAPER_CITATION = """@inproceedings{cha2025towards,
   url       = {https://arxiv.org/abs/2408.06621}
 }"""
 
-_LOSS_DESCRIPTIONS = {
-    "inverted_hinge": "Inverted Hinge Loss (IHL, Cha et al. 2025)",
-    "gradient_ascent": "gradient ascent (negated token NLL)",
-    "npo": "Negative Preference Optimization (NPO)",
-    "simnpo": "SimNPO (reference-free NPO)",
-    "idk": "NLL of 'I don't know' answers to the forget questions",
-    "nll": "token negative log-likelihood",
-    "kl": "KL divergence to the reference (initial) model",
-}
+
+def _describe(role: str, name: str) -> str:
+    try:
+        return get_loss(role, name).description
+    except ValueError:
+        return name
 
 
 def _yaml_list(key: str, values: Sequence[str]) -> list[str]:
@@ -107,8 +106,8 @@ def build_model_card(
     meta.append("---")
 
     title = model_name or hub_model_id or "Unlearned model"
-    forget_desc = _LOSS_DESCRIPTIONS.get(forget_loss, forget_loss)
-    retain_desc = _LOSS_DESCRIPTIONS.get(retain_loss, retain_loss) if retain_loss else "none"
+    forget_desc = _describe("forget", forget_loss)
+    retain_desc = _describe("retain", retain_loss) if retain_loss else "none"
     body = [
         f"# {title}",
         "",

@@ -14,6 +14,9 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from ..losses import FORGET_LOSSES, LOSS_REGISTRY, RETAIN_LOSSES
+from .config_checks import check_finite_fields, warn_ignored_options
+
 __all__ = [
     "ASSISTANT_TURNS",
     "DEFAULT_BETA",
@@ -24,14 +27,10 @@ __all__ = [
     "UnlearningConfig",
 ]
 
-# Kept in sync with `peft_unlearn.losses.FORGET_LOSSES` / `RETAIN_LOSSES` (checked by the tests); duplicated here so
-# that building a config does not import the losses module.
-FORGET_LOSSES: tuple[str, ...] = ("inverted_hinge", "gradient_ascent", "npo", "simnpo", "idk")
-RETAIN_LOSSES: tuple[str, ...] = ("nll", "kl")
 RETAIN_PAIRINGS: tuple[str, ...] = ("random", "cycle")
 KL_MASKS: tuple[str, ...] = ("labels", "none")
 ASSISTANT_TURNS: tuple[str, ...] = ("all", "last")
-DEFAULT_BETA: dict[str, float] = {"npo": 0.1, "simnpo": 4.5}
+DEFAULT_BETA: dict[str, float] = {s.name: s.default_beta for s in LOSS_REGISTRY if s.default_beta is not None}
 
 
 def _check_choice(name: str, value: Any, choices: tuple, extra: str = "") -> None:
@@ -52,10 +51,14 @@ class UnlearningConfig(TrainingArguments):
             Loss on the forget set: `"inverted_hinge"` (IHL, Cha et al. 2025), `"gradient_ascent"` (negated token
             NLL), `"npo"` (needs a reference: a PEFT adapter or `ref_model`), `"simnpo"` (reference free) or `"idk"`
             (NLL of the forget question paired with a random "I don't know" answer; needs prompt/completion or
-            conversational data).
+            conversational data) or `"rmu"` (representation misdirection, Li et al. 2024: steer the hidden states of
+            layer `rmu_layer` on forget tokens toward `rmu_steering_coeff * u`, `u` a random unit vector seeded by
+            `seed`). The table of every loss is `peft_unlearn.losses.LOSS_REGISTRY`.
         retain_loss (`str` or `None`, *optional*, defaults to `"nll"`):
-            Loss on the retain set: `"nll"` (token NLL, as in GD/IHL), `"kl"` (KL to the reference model) or `None`
-            (no retain term; a retain dataset is then only used for the FILA Fisher estimate).
+            Loss on the retain set: `"nll"` (token NLL, as in GD/IHL), `"kl"` (KL to the reference model), `"rmu"`
+            (MSE of the hidden states of layer `rmu_layer` to the reference model's: RMU's retain term, whose `alpha`
+            is `retain_weight`) or `None` (no retain term; a retain dataset is then only used for the FILA Fisher
+            estimate).
         forget_weight (`float`, *optional*, defaults to `1.0`):
             Weight of the forget loss (the `gamma` of SimNPO).
         retain_weight (`float`, *optional*, defaults to `1.0`):
@@ -68,6 +71,13 @@ class UnlearningConfig(TrainingArguments):
             Positions of the retain KL: `"labels"` (only positions predicting a supervised token) or `"none"`
             (every position, padding included: parity with the official code; not exact under gradient
             accumulation because padding depends on the micro-batch).
+        rmu_layer (`int` or `None`, *optional*):
+            Decoder layer whose output RMU steers (`forget_loss="rmu"`) and keeps (`retain_loss="rmu"`): hidden
+            states `hidden_states[rmu_layer + 1]` of the model's output; negative values count from the last layer.
+            `None` uses `num_layers // 4` (WMDP steers layer 7 of Zephyr-7B's 32).
+        rmu_steering_coeff (`float`, *optional*, defaults to `6.5`):
+            RMU's steering coefficient `c`, the norm of the forget target `c * u`; choose it large compared with the
+            layer's activation norms (WMDP: 6.5 for Zephyr-7B). RMU's `alpha` is `retain_weight`.
 
     Parameters: Data
         max_length (`int` or `None`, *optional*, defaults to `512`):
@@ -91,6 +101,12 @@ class UnlearningConfig(TrainingArguments):
             Stride between the prefixes of the extraction likelihood (1 = every prefix, as in the TDEC protocol).
         eval_compute_el (`bool`, *optional*, defaults to `True`):
             Whether `evaluate()` computes the (expensive) extraction likelihood.
+
+    Parameters: Saving
+        overwrite_output (`bool`, *optional*, defaults to `False`):
+            Allow saves (`save_model`, checkpoints, Hub pushes) to overwrite files in the target folder that
+            peft_unlearn did not write, and to save an adapter into a folder that holds a base model. Without it
+            such a save is refused before anything is written. A user's `README.md` is never replaced.
 
     Parameters: Model
         model_init_kwargs (`dict[str, Any]` or `None`, *optional*):
@@ -144,7 +160,7 @@ class UnlearningConfig(TrainingArguments):
     )
     retain_loss: str | None = field(
         default="nll",
-        metadata={"help": "Retain-set loss: 'nll', 'kl' or None (no retain term)."},
+        metadata={"help": f"Retain-set loss: {', '.join(map(repr, RETAIN_LOSSES))} or None (no retain term)."},
     )
     forget_weight: float = field(default=1.0, metadata={"help": "Weight of the forget loss."})
     retain_weight: float = field(default=1.0, metadata={"help": "Weight of the retain loss."})
@@ -153,6 +169,13 @@ class UnlearningConfig(TrainingArguments):
         metadata={"help": "NPO/SimNPO inverse temperature; None uses 0.1 (NPO) or 4.5 (SimNPO)."},
     )
     simnpo_delta: float = field(default=0.0, metadata={"help": "SimNPO margin delta."})
+    rmu_layer: int | None = field(
+        default=None,
+        metadata={"help": "Decoder layer steered by RMU (forget/retain_loss='rmu'); None uses num_layers // 4."},
+    )
+    rmu_steering_coeff: float = field(
+        default=6.5, metadata={"help": "RMU steering coefficient c: norm of the forget target c * u."}
+    )
     kl_mask: str = field(
         default="labels",
         metadata={
@@ -201,6 +224,15 @@ class UnlearningConfig(TrainingArguments):
         default=True, metadata={"help": "Whether evaluate() computes the extraction likelihood."}
     )
 
+    # ---- saving ----
+    overwrite_output: bool = field(
+        default=False,
+        metadata={
+            "help": "Allow saves to overwrite files in output folders that peft_unlearn did not write (a user's "
+            "README.md is kept regardless)."
+        },
+    )
+
     # ---- model ----
     model_init_kwargs: dict[str, Any] | str | None = field(
         default=None,
@@ -231,6 +263,11 @@ class UnlearningConfig(TrainingArguments):
         _check_choice("kl_mask", self.kl_mask, KL_MASKS)
         _check_choice("retain_pairing", self.retain_pairing, RETAIN_PAIRINGS)
         _check_choice("assistant_turns", self.assistant_turns, ASSISTANT_TURNS)
+        if self.rmu_layer is not None and (isinstance(self.rmu_layer, bool) or not isinstance(self.rmu_layer, int)):
+            raise ValueError(f"`rmu_layer` must be an integer layer index or None, got {self.rmu_layer!r}.")
+        if not isinstance(self.rmu_steering_coeff, (int, float)) or not 0 < self.rmu_steering_coeff < float("inf"):
+            raise ValueError(f"`rmu_steering_coeff` must be a finite number > 0, got {self.rmu_steering_coeff!r}.")
+        check_finite_fields(self)
         for name in ("forget_weight", "retain_weight"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value >= 0:
@@ -266,6 +303,7 @@ class UnlearningConfig(TrainingArguments):
         ):
             raise ValueError(f"`fila_max_batches` must be an integer >= 1 or None, got {self.fila_max_batches!r}.")
 
+        warn_ignored_options(self)
         super().__post_init__()
 
         if self.activation_checkpointing and self.activation_checkpointing_kwargs is None:

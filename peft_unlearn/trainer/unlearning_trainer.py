@@ -28,8 +28,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import os
-import tempfile
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -40,7 +38,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import (
-    AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedTokenizerBase,
     Trainer,
@@ -49,12 +46,12 @@ from transformers import (
     set_seed,
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import get_last_checkpoint
 
 from .. import losses as L
 from ..fila.config import get_fila_config
 from ..fila.dispatch import initialize_adapter_weights
-from ..fila.saving import INIT_DIR, is_fila_model, pending_fila_adapters, portable_lora_config, restore_fila_state
+from ..fila.saving import INIT_DIR, is_fila_model, pending_fila_adapters, restore_fila_state
 from ..fila.state import init_name
 from .data import (
     CausalLMCollator,
@@ -65,16 +62,30 @@ from .data import (
     tokenize_dataset,
     tokenize_idk_dataset,
 )
+from .finite_guard import FiniteGuard
 from .model_card import PAPER_CITATION
 from .reference import check_reference, reference_forward
 from .reference import is_peft_model as _is_peft_model
+from .run_checks import (
+    check_reference_vocab,
+    check_resume_checkpoint,
+    check_sequence_lengths,
+    check_token_ids,
+    check_tokenizer_fits,
+    check_trained_some_steps,
+    check_trains_some_steps,
+    embedding_size,
+    load_causal_lm,
+    max_positions,
+    warn_ignored_run_options,
+)
+from .saving import UnlearningSavingMixin
 from .unlearning_config import UnlearningConfig
 
 __all__ = ["UnlearningItemCounts", "UnlearningTrainer"]
 
 logger = logging.getLogger(__name__)
 
-_TRAINING_ARGS_NAME = "training_args.bin"
 _BATCH_PREFIXES = ("forget", "retain", "idk")
 
 
@@ -128,11 +139,7 @@ def _is_fila_model(model: Any) -> bool:
     return _is_peft_model(model) and is_fila_model(model)
 
 
-def _shifted_count(labels: torch.Tensor) -> torch.Tensor:
-    return (labels[:, 1:] != -100).sum()
-
-
-class UnlearningTrainer(Trainer):
+class UnlearningTrainer(UnlearningSavingMixin, Trainer):
     """Trainer for knowledge unlearning with forget/retain objectives, PEFT and FILA support.
 
     Args:
@@ -200,7 +207,7 @@ class UnlearningTrainer(Trainer):
 
         # ---- model ----
         if isinstance(model, str):
-            model = AutoModelForCausalLM.from_pretrained(model, **(args.model_init_kwargs or {}))
+            model = load_causal_lm(model, args.model_init_kwargs, arg="model")
         elif args.model_init_kwargs:
             logger.warning("`model_init_kwargs` is ignored because `model` is already instantiated.")
         if not isinstance(model, nn.Module):
@@ -219,6 +226,7 @@ class UnlearningTrainer(Trainer):
         if not callable(tokenizer):
             raise TypeError(f"`processing_class` must be a tokenizer, got {type(processing_class).__name__}.")
         pad_token_id = ensure_pad_token(tokenizer)
+        check_tokenizer_fits(tokenizer, model)
 
         # ---- PEFT ----
         if peft_config is not None:
@@ -237,17 +245,22 @@ class UnlearningTrainer(Trainer):
             model = get_peft_model(model, peft_config)
 
         # ---- reference model ----
-        self._needs_reference = args.forget_loss == "npo" or args.retain_loss == "kl"
+        reference_users = L.reference_users(args.forget_loss, args.retain_loss)
+        self._needs_reference = bool(reference_users)
         if isinstance(ref_model, str):
-            ref_model = AutoModelForCausalLM.from_pretrained(ref_model, **(args.model_init_kwargs or {}))
+            ref_model = load_causal_lm(ref_model, args.model_init_kwargs, arg="ref_model")
         if ref_model is not None and ref_model is model:
             raise ValueError(
                 "`ref_model` must not be the trained model itself; pass a separate (frozen) copy or None."
             )
         if self._needs_reference:
-            check_reference(model, ref_model, "forget_loss='npo'" if args.forget_loss == "npo" else "retain_loss='kl'")
+            check_reference(model, ref_model, " and ".join(reference_users))
         if ref_model is not None and not self._needs_reference:
-            logger.warning("`ref_model` is unused: neither forget_loss='npo' nor retain_loss='kl' needs it.")
+            logger.warning(
+                "`ref_model` is unused: neither forget_loss=%r nor retain_loss=%r needs it.",
+                args.forget_loss,
+                args.retain_loss,
+            )
             ref_model = None
 
         # ---- data ----
@@ -282,9 +295,16 @@ class UnlearningTrainer(Trainer):
         )
         self._tokenizer = tokenizer
         self._pad_token_id = pad_token_id
+        self._model_for_checks = model
+        self._check_examples("forget", self._forget_examples, args)
+        if self._retain_examples is not None:
+            self._check_examples("retain", self._retain_examples, args)
+        check_reference_vocab(model, ref_model if not isinstance(ref_model, str) else None)
+        warn_ignored_run_options(args, has_retain_data=args.retain_loss is not None, is_fila=_is_fila_model(model))
         self._eval_sets = self._tokenize_eval_sets(eval_dataset, args) if eval_dataset is not None else None
         self._memorization_target: list[dict[str, list[int]]] | None = None
         self._in_checkpoint_save = False
+        self._finite_guard = FiniteGuard()
         self._num_params: int | None = None
         self.fila_stats: dict[str, Any] = {}
         self._metrics: dict[str, defaultdict[str, list[float]]] = {
@@ -346,18 +366,33 @@ class UnlearningTrainer(Trainer):
     # data helpers
     # ------------------------------------------------------------------------------------------------------------
 
+    def _check_examples(self, name: str, examples: list, args: UnlearningConfig) -> None:
+        """Token ids inside the vocabulary, lengths inside the model's positions (clear errors, not IndexError)."""
+        model = self._model_for_checks
+        check_token_ids(examples, embedding_size(model), name)
+        check_sequence_lengths(examples, max_positions(model), name, args.max_length)
+
     def _tokenize_eval_sets(self, eval_dataset: Any, args: UnlearningConfig | None = None) -> dict[str, list]:
         args = args or self.args
         sets = eval_dataset if isinstance(eval_dataset, Mapping) else {"forget": eval_dataset}
+        if not sets:
+            raise ValueError("`eval_dataset` is an empty dict; pass at least one named evaluation set, or None.")
         kwargs = {
             "max_length": args.max_length,
             "completion_only_loss": args.completion_only_loss,
             "assistant_turns": args.assistant_turns,
         }
-        return {
+        tokenized = {
             str(name): tokenize_dataset(ds, self._tokenizer, name=f"eval {name!r}", **kwargs)
             for name, ds in sets.items()
         }
+        for name, examples in tokenized.items():
+            if len(examples) == 0:
+                raise ValueError(
+                    f"The evaluation set {name!r} is empty, so its metrics would be NaN; pass a non-empty set or drop it."
+                )
+            self._check_examples(f"eval {name!r}", examples, args)
+        return tokenized
 
     def _causal_lm_dataloader(self, examples: list, batch_size: int, shard: bool = False) -> DataLoader:
         if shard and self.args.world_size > 1:
@@ -421,18 +456,12 @@ class UnlearningTrainer(Trainer):
             use_cache=False,
         ).logits
 
-    def _forget_prefix(self) -> str:
-        return "idk" if self.args.forget_loss == "idk" else "forget"
-
-    def _forget_count(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        if self.args.forget_loss in ("npo", "simnpo"):
-            return torch.tensor(batch["forget_input_ids"].shape[0], device=batch["forget_input_ids"].device)
-        return _shifted_count(batch[f"{self._forget_prefix()}_labels"])
-
-    def _retain_count(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        if self.args.retain_loss == "kl" and self.args.kl_mask == "none":
-            return torch.tensor(batch["retain_input_ids"].numel(), device=batch["retain_input_ids"].device)
-        return _shifted_count(batch["retain_labels"])
+    def _loss_specs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, L.UnlearningLoss]:
+        """Registry entries of the forget loss and, when the batch has retain data, the retain loss."""
+        specs = {"forget": L.get_loss("forget", self.args.forget_loss)}
+        if self.args.retain_loss is not None and "retain_input_ids" in batch:
+            specs["retain"] = L.get_loss("retain", self.args.retain_loss)
+        return specs
 
     def get_batch_samples(
         self, epoch_iterator: Iterator, num_batches: int, device: torch.device
@@ -442,9 +471,10 @@ class UnlearningTrainer(Trainer):
         if not batch_samples or "forget_input_ids" not in batch_samples[0]:
             return batch_samples, None
         has_retain = self.args.retain_loss is not None and "retain_input_ids" in batch_samples[0]
-        forget = sum(self._forget_count(b).to(device) for b in batch_samples)
+        specs = self._loss_specs(batch_samples[0])
+        forget = sum(specs["forget"].count(b, self.args).to(device) for b in batch_samples)
         retain = (
-            sum(self._retain_count(b).to(device) for b in batch_samples)
+            sum(specs["retain"].count(b, self.args).to(device) for b in batch_samples)
             if has_retain
             else torch.zeros((), device=device)
         )
@@ -471,85 +501,34 @@ class UnlearningTrainer(Trainer):
         """
         args = self.args
         counts = num_items_in_batch if isinstance(num_items_in_batch, UnlearningItemCounts) else None
-        has_retain = args.retain_loss is not None and "retain_input_ids" in inputs
         mode = "train" if model.training else "eval"
+        batch = L.LossBatch(inputs, args)
+        specs = self._loss_specs(inputs)
 
         # Reference passes first: disabling adapters changes `requires_grad` flags, which must not happen while a
         # graph through the trained adapter is alive.
-        ref_logps = ref_retain_logits = None
-        if args.forget_loss == "npo" or (has_retain and args.retain_loss == "kl"):
+        references: dict[str, Any] = {}
+        if any(spec.reference is not None for spec in specs.values()):
             with self.reference_model(model) as ref:
-                if args.forget_loss == "npo":
-                    ref_logps, _ = L.sequence_log_probs(self._logits(ref, inputs, "forget"), inputs["forget_labels"])
-                if has_retain and args.retain_loss == "kl":
-                    ref_retain_logits = self._logits(ref, inputs, "retain")
+                references = {
+                    role: spec.reference(batch, ref) for role, spec in specs.items() if spec.reference is not None
+                }
 
-        # ---- forget ----
-        forget_prefix = self._forget_prefix()
-        logits = self._logits(model, inputs, forget_prefix)
-        labels = inputs[f"{forget_prefix}_labels"]
-        forget_nll = None
-        if args.forget_loss in ("npo", "simnpo"):
-            logps, num_tokens = L.sequence_log_probs(logits, labels)
-            if args.forget_loss == "npo":
-                forget_sum = L.npo_loss(logps, ref_logps, beta=args.beta, reduction="sum")
-            else:
-                forget_sum = L.simnpo_loss(logps, num_tokens, beta=args.beta, delta=args.simnpo_delta, reduction="sum")
-            local_forget = torch.tensor(labels.shape[0], device=logits.device)
-            forget_nll = -logps.detach().sum() / num_tokens.sum().clamp_min(1)
-        else:
-            loss_fn = {
-                "inverted_hinge": L.inverted_hinge_loss,
-                "gradient_ascent": L.gradient_ascent_loss,
-                "idk": L.nll_loss,
-            }[args.forget_loss]
-            forget_sum = loss_fn(logits, labels, reduction="sum")
-            local_forget = _shifted_count(labels)
-            if args.forget_loss == "gradient_ascent":
-                forget_nll = -forget_sum.detach() / local_forget.clamp_min(1)
-            elif args.forget_loss == "inverted_hinge":
-                forget_nll = L.nll_loss(logits.detach(), labels)
-        if forget_nll is None:  # IDK: the likelihood of the original forget answers
-            with torch.no_grad():
-                forget_nll = L.nll_loss(self._logits(model, inputs, "forget"), inputs["forget_labels"])
-        del logits
+        # One forward pass (or two, for IDK's logged NLL) per part, in order, so only one part's logits are alive.
+        terms = {role: spec.term(batch, model, references.get(role)) for role, spec in specs.items()}
 
-        # ---- retain ----
-        retain_sum = local_retain = retain_nll = None
-        if has_retain:
-            retain_logits = self._logits(model, inputs, "retain")
-            retain_labels = inputs["retain_labels"]
-            if args.retain_loss == "nll":
-                retain_sum = L.nll_loss(retain_logits, retain_labels, reduction="sum")
-                local_retain = _shifted_count(retain_labels)
-                retain_nll = retain_sum.detach() / local_retain.clamp_min(1)
-            else:
-                kl_labels = retain_labels if args.kl_mask == "labels" else None
-                retain_sum = L.kl_loss(retain_logits, ref_retain_logits, labels=kl_labels, reduction="sum")
-                local_retain = (
-                    _shifted_count(retain_labels) if kl_labels is not None else torch.tensor(retain_labels.numel())
-                ).to(retain_sum.device)
-                retain_nll = L.nll_loss(retain_logits.detach(), retain_labels)
-            del retain_logits
-
-        # ---- normalise and combine ----
-        forget_den = counts.forget if counts is not None else local_forget
-        forget_term = forget_sum / forget_den.clamp_min(1).to(forget_sum.dtype)
-        loss = args.forget_weight * forget_term
-        if retain_sum is not None:
-            retain_den = counts.retain if counts is not None and counts.retain is not None else local_retain
-            loss = loss + args.retain_weight * (retain_sum / retain_den.clamp_min(1).to(retain_sum.dtype))
+        # ---- normalise and combine; metrics are per micro-batch means ----
+        loss = 0.0
+        values: dict[str, torch.Tensor] = {}
+        weights = {"forget": args.forget_weight, "retain": args.retain_weight}
+        for role, term in terms.items():
+            global_count = getattr(counts, role, None) if counts is not None else None
+            denominator = term.count if global_count is None else global_count
+            loss = loss + weights[role] * (term.total / denominator.clamp_min(1).to(term.total.dtype))
+            values[f"{role}_loss"] = term.total.detach() / term.count.clamp_min(1)
+            values[f"{role}_nll"] = term.nll.detach()
         if counts is not None:
             loss = loss * counts.loss_scale
-
-        # ---- metrics (per micro-batch means) ----
-        values = {
-            "forget_loss": forget_sum.detach() / local_forget.clamp_min(1),
-            "forget_nll": forget_nll.detach(),
-        }
-        if retain_sum is not None:
-            values["retain_loss"] = retain_sum.detach() / local_retain.clamp_min(1)
-            values["retain_nll"] = retain_nll.detach()
         self._record_metrics(mode, values)
 
         if return_outputs:
@@ -593,6 +572,22 @@ class UnlearningTrainer(Trainer):
                 loss = L.nll_loss(logits, inputs["labels"])
         return loss.detach(), None, None
 
+    def _guard_settings(self) -> dict[str, Any]:
+        names = ("learning_rate", "forget_loss", "forget_weight", "max_grad_norm", "fp16", "bf16")
+        return {name: getattr(self.args, name, None) for name in names}
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        """`Trainer.training_step`, then stop the run if the loss is NaN/inf (see `finite_guard`)."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._finite_guard.check_loss(loss, self.state.global_step + 1, self._guard_settings())
+        return loss
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
+        # the norm Trainer computes before each optimizer step: stop before a NaN/inf gradient is applied
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        self._finite_guard.check_grad_norm(grad_norm, self.state.global_step + 1, self._guard_settings())
+        return grad_norm
+
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
         """``6 * tokens * parameters`` over the forget, retain and IDK parts of the batch."""
         if self._num_params is None:
@@ -617,15 +612,15 @@ class UnlearningTrainer(Trainer):
         re-run), so a fresh process (original base + ``get_peft_model(..., LoraConfig(init_lora_weights="fila"))``)
         continues exactly where the checkpoint left off.
         """
-        if isinstance(resume_from_checkpoint, bool) and resume_from_checkpoint:
-            last = get_last_checkpoint(self.args.output_dir)
-            if last is None:
-                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
-            resume_from_checkpoint = last
+        resume_from_checkpoint = check_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        check_trains_some_steps(self.args)
+        self.check_output_dir()
         self._maybe_initialize_fila(resume_from_checkpoint)
-        return super().train(
+        output = super().train(
             resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval
         )
+        check_trained_some_steps(self.state.global_step, self.args)
+        return output
 
     def _maybe_initialize_fila(self, resume_from_checkpoint: str | bool | None = None) -> dict[str, Any] | None:
         """Compute the weights of pending data-driven adapters (FILA, VILA) from the forget/retain data.
@@ -763,163 +758,3 @@ class UnlearningTrainer(Trainer):
             distributed="none" if sharded else "shard",
         )
         return {f"{prefix}_{key}": float(value) for key, value in result.items()}
-
-    # ------------------------------------------------------------------------------------------------------------
-    # saving and model card
-    # ------------------------------------------------------------------------------------------------------------
-
-    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        if self.args.hub_model_id is None:
-            model_name = Path(self.args.output_dir).name
-        else:
-            model_name = self.args.hub_model_id.split("/")[-1]
-        self.create_model_card(model_name=model_name)
-        self._in_checkpoint_save = True
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._in_checkpoint_save = False
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        super().save_model(output_dir, _internal_call=_internal_call)
-        if not _internal_call:
-            self.create_model_card(output_dir=output_dir)
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Save the adapter(s); FILA/VILA models save the raw format in checkpoints and the portable one otherwise."""
-        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        if not _is_peft_model(model):
-            return super()._save(output_dir, state_dict)
-        is_fila = _is_fila_model(model)
-        if not is_fila:
-            return super()._save(output_dir, state_dict)
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if not self.args.should_save:
-            return None
-        os.makedirs(output_dir, exist_ok=True)
-        kwargs: dict[str, Any] = {"is_main_process": True}
-        if state_dict is not None:
-            kwargs["state_dict"] = state_dict
-        checkpoint = self._in_checkpoint_save or Path(output_dir).name.startswith(f"{PREFIX_CHECKPOINT_DIR}-")
-        kwargs["fila_portable"] = not checkpoint
-        model.save_pretrained(output_dir, **kwargs)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, _TRAINING_ARGS_NAME))
-        return None
-
-    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        """Push to the Hub; for FILA models the pushed model files are the portable adapter, not the raw checkpoint.
-
-        ``Trainer._push_from_checkpoint`` copies the adapter files of the folder it gets into ``output_dir`` and
-        uploads ``output_dir`` (without ``_*`` and ``checkpoint-*``); for a FILA model it gets a temporary folder
-        holding the portable rank-2r export instead of the raw rank-r checkpoint.
-        """
-        model = self.accelerator.unwrap_model(self.model)
-        if not _is_fila_model(model):
-            return super()._push_from_checkpoint(checkpoint_folder)
-        # the early exits of Trainer._push_from_checkpoint, checked before paying for the export
-        hub_strategy = str(getattr(self.args.hub_strategy, "value", self.args.hub_strategy))
-        if not self.is_world_process_zero() or hub_strategy == "end":
-            return None
-        if hub_strategy in ("checkpoint", "all_checkpoints"):
-            raise ValueError(
-                f"hub_strategy={hub_strategy!r} uploads raw FILA checkpoints as the model; use "
-                "hub_strategy='every_save' or 'end', which push the portable plain-LoRA adapter."
-            )
-        push_in_progress = getattr(self, "push_in_progress", None)
-        if not self.args.hub_always_push and push_in_progress is not None and not push_in_progress.is_done():
-            return None
-        with tempfile.TemporaryDirectory(prefix="fila_portable_") as portable:
-            model.save_pretrained(portable, fila_portable=True)
-            return super()._push_from_checkpoint(portable)
-
-    def _final_metrics(self) -> dict[str, float]:
-        """Latest logged train/forget/retain losses and NLLs, and every evaluation metric, for the model card."""
-        keep = ("train_loss", "forget_loss", "forget_nll", "retain_loss", "retain_nll")
-        latest: dict[str, float] = {}
-        for entry in self.state.log_history:
-            for key, value in entry.items():
-                wanted = key in keep or (key.startswith("eval_") and not key.endswith(("_runtime", "_per_second")))
-                if wanted and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    latest[key] = float(value)
-        return latest
-
-    def create_model_card(
-        self,
-        model_name: str | None = None,
-        dataset_name: str | list[str] | None = None,
-        tags: str | list[str] | None = None,
-        output_dir: str | None = None,
-        **kwargs: Any,
-    ) -> None:
-        """Write ``README.md`` (objective, data sizes, adapter and hyper-parameters, citation) on the main process.
-
-        Args:
-            model_name: Title of the card (default: the output folder name).
-            dataset_name: Hub dataset id(s) for the metadata.
-            tags: Extra tags.
-            output_dir: Folder of the card (default ``args.output_dir``).
-            **kwargs: Accepted for compatibility with ``Trainer.push_to_hub`` (``tags`` among them is used).
-        """
-        if not self.is_world_process_zero():
-            return
-        from .model_card import build_model_card
-
-        output_dir = output_dir or self.args.output_dir
-        model = self.accelerator.unwrap_model(self.model)
-        is_peft = _is_peft_model(model)
-        base = model.get_base_model() if is_peft else model
-        base_model = getattr(getattr(base, "config", None), "_name_or_path", None) or None
-        if base_model and os.path.isdir(base_model):
-            base_model = None
-        adapter = None
-        is_fila = False
-        if is_peft:
-            config = model.peft_config[model.active_adapter]
-            adapter = {
-                "peft_type": getattr(getattr(config, "peft_type", None), "value", None),
-                "r": getattr(config, "r", None),
-                "lora_alpha": getattr(config, "lora_alpha", None),
-                "target_modules": sorted(config.target_modules)
-                if isinstance(getattr(config, "target_modules", None), (set, list))
-                else getattr(config, "target_modules", None),
-                "init_lora_weights": getattr(config, "init_lora_weights", None),
-            }
-            is_fila = init_name(getattr(config, "init_lora_weights", None)) is not None
-            if is_fila:  # r / lora_alpha above are the adapter's; the published plain LoRA has twice the rank
-                portable = portable_lora_config(config)
-                adapter["published_r"] = portable.r
-                adapter["published_lora_alpha"] = portable.lora_alpha
-        args = self.args
-        hyper = {
-            "learning_rate": args.learning_rate,
-            "num_train_epochs": args.num_train_epochs if args.max_steps <= 0 else None,
-            "max_steps": args.max_steps if args.max_steps > 0 else None,
-            "per_device_train_batch_size": args.per_device_train_batch_size,
-            "gradient_accumulation_steps": args.gradient_accumulation_steps,
-            "max_length": args.max_length,
-            "retain_pairing": args.retain_pairing,
-            "seed": args.seed,
-        }
-        extra_tags = [tags] if isinstance(tags, str) else list(tags or [])
-        card = build_model_card(
-            base_model=base_model,
-            model_name=model_name or Path(output_dir).name,
-            hub_model_id=getattr(self, "hub_model_id", None),
-            forget_loss=args.forget_loss,
-            retain_loss=args.retain_loss,
-            forget_weight=args.forget_weight,
-            retain_weight=args.retain_weight,
-            beta=args.beta,
-            datasets=self._dataset_sizes,
-            dataset_name=dataset_name,
-            hyperparameters=hyper,
-            adapter=adapter,
-            fila=is_fila,
-            metrics=self._final_metrics(),
-            tags=extra_tags,
-            library_name="peft" if is_peft else "transformers",
-        )
-        os.makedirs(output_dir, exist_ok=True)
-        Path(output_dir, "README.md").write_text(card, encoding="utf-8")

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -15,6 +12,7 @@ from safetensors.torch import load_file
 import peft_unlearn  # noqa: F401
 from peft_unlearn.fila import FisherStatistics, estimate_fisher, initialize_fila_weights
 from peft_unlearn.testing import random_lm_batches, tiny_causal_lm
+from tests.helpers import run_python
 
 VOCAB = 320
 NUM_BATCHES = 4
@@ -84,16 +82,7 @@ def _batches(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
 def test_two_gloo_ranks_get_identical_statistics_and_init(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), str(NUM_BATCHES), ",".join(TARGETS)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0 and "DIST_OK" in result.stdout, result.stderr[-3000:]
+    run_python([script, tmp_path, NUM_BATCHES, ",".join(TARGETS)], cwd=tmp_path, expect="DIST_OK")
 
     # single process over all the data (the same paired batches, in another order)
     forget, retain = _batches(NUM_BATCHES, 1), _batches(NUM_BATCHES, 2)

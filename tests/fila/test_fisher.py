@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,6 +35,42 @@ def _batches(n: int, seed: int, batch_size: int = 2, seq: int = 10) -> list[dict
             labels[0, -pad:] = -100
         out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
     return out
+
+
+def _autograd_reference(model, forget, retain=None, names=None):
+    """The previous implementation: autograd gradients w.r.t. the target weights, ``F += n * g**2`` in fp32."""
+    modules = resolve_fisher_targets(model, names)
+    weights = [m.weight for m in modules.values()]
+    transposed = [isinstance(m, Conv1D) for m in modules.values()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for w in weights:
+        w.requires_grad_(True)
+    result = {}
+    ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    try:
+        with ctx:
+            for role, loader in (("f", forget), ("r", retain)):
+                if loader is None:
+                    continue
+                acc = {
+                    n: torch.zeros(m.weight.shape[::-1] if t else m.weight.shape)
+                    for (n, m), t in zip(modules.items(), transposed)
+                }
+                count = 0
+                for batch in loader:
+                    n = int((batch["labels"] != -100).sum())
+                    grads = torch.autograd.grad(model(**batch).loss, weights)
+                    for name, grad, t in zip(modules, grads, transposed):
+                        grad = (grad.t() if t else grad).float()
+                        acc[name].addcmul_(grad, grad, value=n)
+                    count += n
+                result[role] = (acc, count)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    return result
 
 
 def _linear_modules(model) -> dict[str, torch.nn.Module]:
@@ -188,42 +227,6 @@ def test_relative_importance_formula():
         FisherStatistics({"x": f}, {}, f_count=0).layer_relative_importance("x")
 
 
-def test_cache_round_trip_and_reuse(tiny_llama, tmp_path):
-    path = tmp_path / "sub" / "fisher.safetensors"
-    forget, retain = _batches(2, 8), _batches(2, 9)
-    stats = estimate_fisher(tiny_llama, forget, retain, cache_path=path, show_progress=False)
-    assert path.is_file()
-    loaded = FisherStatistics.load(path)
-    assert (loaded.f_count, loaded.r_count, loaded.num_batches) == (stats.f_count, stats.r_count, stats.num_batches)
-    for name in stats.names:
-        assert torch.equal(loaded.importance_f[name], stats.importance_f[name])
-        assert torch.equal(loaded.importance_r[name], stats.importance_r[name])
-
-    class Exploding:
-        def __iter__(self):
-            raise AssertionError("the cache should have been used")
-
-    cached = estimate_fisher(tiny_llama, Exploding(), Exploding(), cache_path=path, show_progress=False)
-    assert torch.equal(cached.importance_f[stats.names[0]], stats.importance_f[stats.names[0]])
-
-
-def test_cache_mismatch_is_an_error(tiny_llama, tiny_gpt2, tmp_path):
-    path = tmp_path / "fisher.safetensors"
-    estimate_fisher(
-        tiny_llama, _batches(1, 0), target_modules=["model.layers.0.mlp.up_proj"], cache_path=path, show_progress=False
-    )
-    with pytest.raises(ValueError, match="do not match the model's target layers.*missing layers"):
-        estimate_fisher(tiny_llama, _batches(1, 0), cache_path=path, show_progress=False)
-    with pytest.raises(ValueError, match="do not match"):
-        estimate_fisher(tiny_gpt2, _batches(1, 0), cache_path=path, show_progress=False)
-    bogus = tmp_path / "bogus.safetensors"
-    from safetensors.torch import save_file
-
-    save_file({"a": torch.zeros(1)}, str(bogus))
-    with pytest.raises(ValueError, match="not a peft_unlearn Fisher file"):
-        estimate_fisher(tiny_llama, _batches(1, 0), cache_path=bogus, show_progress=False)
-
-
 def test_target_resolution_errors(tiny_llama):
     with pytest.raises(ValueError, match="not a module of the model"):
         resolve_fisher_targets(tiny_llama, ["model.layers.9.mlp.up_proj"])
@@ -255,3 +258,309 @@ def test_data_errors(tiny_llama):
         estimate_fisher(tiny_llama, [batch], max_batches=1.5, show_progress=False)
     with pytest.raises(ValueError, match="forget_dataloader"):
         estimate_fisher(tiny_llama, None, show_progress=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# hook-based gradients: equal to autograd on the weights, no weight gradient needed
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _assert_close_stats(stats, expected, rtol=1e-6):
+    for role, have in (("f", stats.importance_f), ("r", stats.importance_r)):
+        if role not in expected:
+            assert have == {}
+            continue
+        ref, count = expected[role]
+        assert (stats.f_count if role == "f" else stats.r_count) == count
+        assert set(have) == set(ref)
+        for name, value in ref.items():
+            assert have[name].dtype == torch.float32
+            torch.testing.assert_close(have[name], value, rtol=rtol, atol=rtol * float(value.abs().max()))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
+@pytest.mark.parametrize("with_retain", [True, False])
+def test_hooks_match_autograd_on_weights_fp32(arch, with_retain):
+    model = tiny_causal_lm(arch, vocab_size=VOCAB)
+    forget, retain = _batches(3, seed=11), (_batches(2, seed=12) if with_retain else None)
+    expected = _autograd_reference(model, forget, [retain[0], retain[1], retain[0]] if retain else None)
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    stats = estimate_fisher(model, forget, retain, show_progress=False)
+    _assert_close_stats(stats, expected)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_frozen_peft_base_weights_never_need_grad():
+    base = tiny_causal_lm("gemma3", vocab_size=VOCAB)
+    peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "gate_proj"]))
+    assert not any(p.requires_grad for n, p in peft_model.named_parameters() if "lora_" not in n)
+    seen = []  # requires_grad of the base weights while the Fisher pass runs
+    for module in peft_model.modules():
+        if hasattr(module, "base_layer") and hasattr(module, "lora_A"):
+            module.get_base_layer().register_forward_pre_hook(lambda m, a: seen.append(m.weight.requires_grad))
+    forget = _batches(2, seed=13)
+    stats = estimate_fisher(peft_model, forget, show_progress=False)
+    assert seen and not any(seen)
+    expected = _autograd_reference(peft_model, forget, names=stats.names)
+    _assert_close_stats(stats, expected)
+    assert all(p.grad is None for p in peft_model.parameters())
+
+
+class _SharedLayerLM(torch.nn.Module):
+    """A toy LM that calls the same Linear twice per forward (shared weights)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(VOCAB, 8)
+        self.shared = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, VOCAB)
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def forward(self, input_ids, labels, attention_mask=None):
+        hidden = torch.tanh(self.shared(torch.tanh(self.shared(self.embed(input_ids)))))
+        logits = self.head(hidden)
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100)
+        return type("Out", (), {"loss": loss})()
+
+
+def test_layer_called_twice_gets_square_of_summed_gradient():
+    model = _SharedLayerLM()
+    forget = _batches(2, seed=14)
+    stats = estimate_fisher(model, forget, show_progress=False)
+    expected = _autograd_reference(model, forget)
+    assert stats.names == ["shared"]
+    _assert_close_stats(stats, expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# quantized bases (bitsandbytes on CPU): the Fisher of the dequantized weight
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _quantized_and_dequantized(bits, tmp_path):
+    """A tiny Llama loaded in 4-bit (nf4) or 8-bit, and an fp32 copy holding the dequantized weights."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_causal_lm("llama", vocab_size=VOCAB, hidden_size=64).save_pretrained(tmp_path)
+    quant = (
+        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+        if bits == 4
+        else BitsAndBytesConfig(load_in_8bit=True)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantized = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant, device_map="cpu")
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    dense_modules = dict(dense.named_modules())
+    count = 0
+    for name, module in quantized.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            weight = module.weight.CB.float() * module.weight.SCB.float()[:, None] / 127
+        else:
+            continue
+        dense_modules[name].weight.data.copy_(weight.float())
+        count += 1
+    assert count == 14
+    return quantized, dense
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_base_gives_fisher_of_dequantized_weight(bits, tmp_path):
+    quantized, dense = _quantized_and_dequantized(bits, tmp_path)
+    forget, retain = _batches(2, seed=15), _batches(2, seed=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # bitsandbytes' "inputs will be cast to float16" (8-bit)
+        stats = estimate_fisher(quantized, forget, retain, show_progress=False)
+    expected = _autograd_reference(dense, forget, retain)
+    assert all(p.grad is None for p in quantized.parameters())
+    # 4-bit: x @ dequant(W)^T in fp32, the same arithmetic as the dense copy; 8-bit: LLM.int8 also quantizes the
+    # activations (to int8 via fp16), so the output gradients differ by that rounding
+    rtol = 1e-5 if bits == 4 else 0.15
+    for role, have in (("f", stats.importance_f), ("r", stats.importance_r)):
+        ref, count = expected[role]
+        assert (stats.f_count if role == "f" else stats.r_count) == count
+        for name, value in ref.items():
+            assert have[name].shape == value.shape and torch.isfinite(have[name]).all()
+            rel = float((have[name] - value).norm() / value.norm())
+            assert rel < rtol, (name, rel)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# memory modes: identical statistics
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        {"accumulator_device": "cpu"},
+        {"layers_per_pass": 3},
+        {"layers_per_pass": 1, "accumulator_device": "cpu"},
+        {"max_accumulator_bytes": 40_000},
+    ],
+)
+def test_memory_modes_give_identical_statistics(tiny_gemma3, mode):
+    forget, retain = _batches(3, seed=17), _batches(2, seed=18)
+    reference = estimate_fisher(tiny_gemma3, forget, retain, show_progress=False)
+    stats = estimate_fisher(tiny_gemma3, forget, retain, show_progress=False, **mode)
+    assert list(stats.importance_f) == list(reference.importance_f)
+    assert (stats.f_count, stats.r_count, stats.num_batches) == (
+        reference.f_count,
+        reference.r_count,
+        reference.num_batches,
+    )
+    for name in reference.names:
+        assert stats.importance_f[name].device.type == "cpu"
+        assert torch.equal(stats.importance_f[name], reference.importance_f[name]), name
+        assert torch.equal(stats.importance_r[name], reference.importance_r[name]), name
+
+
+def test_plan_passes_and_multi_pass_errors(tiny_llama):
+    from peft_unlearn.fila.fisher_passes import plan_passes
+
+    shapes = {"a": (2, 2), "b": (2, 2), "c": (4, 4), "d": (1, 1)}
+    assert plan_passes(shapes, 8) == [["a", "b", "c", "d"]]
+    assert plan_passes(shapes, 8, layers_per_pass=3) == [["a", "b", "c"], ["d"]]
+    assert plan_passes(shapes, 8, max_accumulator_bytes=64) == [["a", "b"], ["c"], ["d"]]
+    assert plan_passes(shapes, 8, max_accumulator_bytes=1) == [["a"], ["b"], ["c"], ["d"]]
+    with pytest.raises(ValueError, match="not both"):
+        plan_passes(shapes, 8, layers_per_pass=1, max_accumulator_bytes=1)
+    with pytest.raises(ValueError, match="`layers_per_pass` must be a positive int"):
+        estimate_fisher(tiny_llama, _batches(1, 0), layers_per_pass=0, show_progress=False)
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        estimate_fisher(tiny_llama, iter(_batches(2, 0)), layers_per_pass=2, show_progress=False)
+
+    class Shuffled:
+        def __init__(self):
+            self.calls = 0
+
+        def __iter__(self):
+            self.calls += 1
+            return iter(_batches(2, self.calls))
+
+    with pytest.raises(RuntimeError, match="same batches every time"):
+        estimate_fisher(tiny_llama, Shuffled(), layers_per_pass=4, show_progress=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# cache: keyed by what determines the statistics
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _Exploding:
+    def __iter__(self):
+        raise AssertionError("the cache should have been used")
+
+
+def _assert_same(a, b):
+    assert (a.f_count, a.r_count, a.num_batches) == (b.f_count, b.r_count, b.num_batches)
+    assert a.names == b.names
+    for name in a.names:
+        assert torch.equal(a.importance_f[name], b.importance_f[name])
+        if b.importance_r:
+            assert torch.equal(a.importance_r[name], b.importance_r[name])
+
+
+def test_cache_round_trip_and_reuse(tiny_llama, tmp_path):
+    path = tmp_path / "sub" / "fisher.safetensors"
+    forget, retain = _batches(2, 8), _batches(2, 9)
+    stats = estimate_fisher(tiny_llama, forget, retain, cache_path=path, show_progress=False)
+    assert path.is_file()
+    _assert_same(FisherStatistics.load(path), stats)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # reuse is silent
+        cached = estimate_fisher(tiny_llama, iter(forget), iter(retain), cache_path=path, show_progress=False)
+    _assert_same(cached, stats)
+    with pytest.raises(AssertionError, match="cache should have been used"):  # the data is read to check the key
+        estimate_fisher(tiny_llama, _Exploding(), _Exploding(), cache_path=path, show_progress=False)
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ("forget", "forget_data"),
+        ("retain", "retain_data"),
+        ("labels", "forget_data"),
+        ("weights", "weights"),
+        ("targets", "targets"),
+        ("max_batches", "settings"),
+        ("train_mode", "settings"),
+        ("fp32", "settings"),
+        ("model", "architecture"),
+    ],
+)
+def test_cache_for_other_inputs_is_recomputed_with_a_warning(tiny_llama, tmp_path, change, field):
+    path = tmp_path / "fisher.safetensors"
+    forget, retain = _batches(3, 20), _batches(2, 21)
+    names = ["model.layers.0.mlp.up_proj", "model.layers.1.self_attn.o_proj"]
+    estimate_fisher(tiny_llama, forget, retain, target_modules=names, cache_path=path, show_progress=False)
+    model, kwargs = tiny_llama, {"target_modules": names}
+    if change == "forget":
+        forget = _batches(3, 22)
+    elif change == "retain":
+        retain = _batches(2, 23)
+    elif change == "labels":  # same tokens, other supervised positions
+        forget = [dict(b, labels=torch.where(torch.arange(10) < 5, -100, b["input_ids"])) for b in forget]
+    elif change == "weights":
+        model = tiny_causal_lm("llama", vocab_size=VOCAB, seed=1)
+    elif change == "targets":
+        kwargs["target_modules"] = names[:1]
+    elif change == "max_batches":
+        kwargs["max_batches"] = 2
+    elif change == "train_mode":
+        kwargs["train_mode"] = True
+    elif change == "fp32":
+        kwargs["fp32_accumulation"] = False
+    elif change == "model":
+        model = tiny_causal_lm("gemma3", vocab_size=VOCAB)
+        kwargs["target_modules"] = ["model.layers.0.mlp.up_proj", "model.layers.1.self_attn.o_proj"]
+    with pytest.warns(UserWarning, match=rf"Not reusing the Fisher cache .*{field}.*Recomputing and overwriting"):
+        stats = estimate_fisher(model, iter(forget), iter(retain), cache_path=path, show_progress=False, **kwargs)
+    fresh = estimate_fisher(model, forget, retain, show_progress=False, **kwargs)
+    _assert_same(stats, fresh)
+    _assert_same(FisherStatistics.load(path), fresh)  # overwritten with the new statistics and key
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _assert_same(estimate_fisher(model, forget, retain, cache_path=path, show_progress=False, **kwargs), fresh)
+
+
+def test_cache_mismatch_error_mode_and_foreign_files(tiny_llama, tmp_path):
+    path = tmp_path / "fisher.safetensors"
+    estimate_fisher(tiny_llama, _batches(1, 0), cache_path=path, show_progress=False)
+    content = path.read_bytes()
+    with pytest.raises(ValueError, match="computed for other inputs.*forget_data.*on_cache_mismatch='recompute'"):
+        estimate_fisher(tiny_llama, _batches(1, 1), cache_path=path, show_progress=False, on_cache_mismatch="error")
+    assert path.read_bytes() == content
+    with pytest.raises(ValueError, match="on_cache_mismatch"):
+        estimate_fisher(tiny_llama, _batches(1, 1), cache_path=path, show_progress=False, on_cache_mismatch="x")
+
+    from safetensors.torch import save_file
+
+    bogus = tmp_path / "bogus.safetensors"  # somebody else's file: never overwritten
+    save_file({"a": torch.zeros(1)}, str(bogus))
+    before = bogus.read_bytes()
+    with pytest.raises(ValueError, match="not a peft_unlearn Fisher file.*left untouched"):
+        estimate_fisher(tiny_llama, _batches(1, 0), cache_path=bogus, show_progress=False)
+    assert bogus.read_bytes() == before
+    text = tmp_path / "notes.txt"
+    text.write_text("my notes")
+    with pytest.raises(ValueError, match="not a readable safetensors file.*left untouched"):
+        estimate_fisher(tiny_llama, _batches(1, 0), cache_path=text, show_progress=False)
+    assert text.read_text() == "my notes"
+
+    legacy = tmp_path / "legacy.safetensors"  # written by an older version (no key): recomputed
+    stats = estimate_fisher(tiny_llama, _batches(1, 0), show_progress=False)
+    stats.save(legacy)
+    with pytest.warns(UserWarning, match="written without a key"):
+        estimate_fisher(tiny_llama, _batches(1, 0), cache_path=legacy, show_progress=False)

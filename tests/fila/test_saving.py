@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -28,6 +25,7 @@ from peft_unlearn.fila import (
 )
 from peft_unlearn.fila.saving import INIT_DIR, load_fila_state
 from peft_unlearn.testing import random_lm_batches, tiny_causal_lm
+from tests.helpers import run_python
 
 VOCAB = 320
 
@@ -155,16 +153,7 @@ def test_portable_adapter_loads_with_plain_peft_in_subprocess(tmp_path):
             )
     script = tmp_path / "plain_peft_check.py"
     script.write_text(PLAIN_PEFT_SCRIPT)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    result = subprocess.run(
-        [sys.executable, str(script), json.dumps(cases)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0 and "PLAIN_PEFT_OK" in result.stdout, result.stderr[-3000:]
+    run_python([script, json.dumps(cases)], cwd=tmp_path, expect="PLAIN_PEFT_OK")
     for name, logits in expected.items():
         plain = torch.load(tmp_path / f"out_{name}.pt")
         assert (plain - logits).abs().max() <= 1e-4, name

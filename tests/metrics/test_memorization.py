@@ -47,8 +47,11 @@ RULE = [3, 4, 5, 6, 7, 8, 9, 10, 11, 12]  # follows the successor rule
 BROKEN = [0, 1, 2, 3, 7, 8, 9, 10]  # one break between 3 and 7
 
 
-def brute_el(model, seq, n, stride=1, t0=1):
-    """Independent EL_n: unbatched greedy continuation per prefix, full recompute, explicit n-gram lists."""
+def brute_el(model, seq, n, stride=1, t0=1, eos=None):
+    """Independent EL_n: unbatched greedy continuation per prefix, full recompute, explicit n-gram lists.
+
+    ``eos`` given: the continuation stops after its first ``eos`` token (as ``generate``).
+    """
     scores = []
     for t in range(t0, len(seq) - n + 1, stride):
         cur = list(seq[:t])
@@ -56,6 +59,8 @@ def brute_el(model, seq, n, stride=1, t0=1):
             with torch.no_grad():
                 logits = model(input_ids=torch.tensor([cur])).logits
             cur.append(int(logits[0, -1].argmax()))
+            if eos is not None and cur[-1] == eos:
+                break
         cont, ref = cur[t:], list(seq[t:])
         ref_grams = [tuple(ref[i : i + n]) for i in range(len(ref) - n + 1)]
         cont_grams = [tuple(cont[i : i + n]) for i in range(len(cont) - n + 1)]
@@ -152,6 +157,38 @@ def test_el_hand_computed():
     el = extraction_likelihood(SuccessorLM(), torch.tensor([BROKEN]), n=2)
     assert el.item() == pytest.approx(19 / 45)
     assert brute_el(SuccessorLM(), BROKEN, 2) == pytest.approx(19 / 45)
+
+
+def test_el_stop_at_eos_hand_computed():
+    # eos = 2: t=1 continues [1, 2] -> 1/6; t=2 stops at once ([2]) -> 0/5; t=3, 4 -> 0; t=5 -> 2/2; t=6 -> 1/1
+    el = extraction_likelihood(SuccessorLM(), torch.tensor([BROKEN]), n=2, stop_at_eos=True, eos_token_id=2)
+    assert el.item() == pytest.approx(13 / 36)
+    assert brute_el(SuccessorLM(), BROKEN, 2, eos=2) == pytest.approx(13 / 36)
+    # the default ignores EOS
+    assert extraction_likelihood(SuccessorLM(), torch.tensor([BROKEN]), n=2, eos_token_id=2).item() == pytest.approx(
+        19 / 45
+    )
+
+
+def test_el_stop_at_eos_needs_an_eos_id():
+    with pytest.raises(ValueError, match="stop_at_eos=True` needs an EOS id"):
+        extraction_likelihood(SuccessorLM(), torch.tensor([BROKEN]), n=2, stop_at_eos=True)
+
+
+def test_el_stop_at_eos_on_tiny_llama_matches_brute_force(tiny_llama):
+    # sequences the model reproduces (its own greedy continuations), and an EOS it emits in the middle of them
+    seqs = [greedy_generate(tiny_llama, [[p]], max_new_tokens=9)[0] for p in (5, 40)]
+    seqs = [[p, *s] for p, s in zip((5, 40), seqs)]
+    eos = seqs[0][4]
+    tiny_llama.config.eos_token_id = eos
+    tiny_llama.generation_config.eos_token_id = eos
+    ids, mask, _ = pad_batch([{"input_ids": s} for s in seqs])
+    el = extraction_likelihood(tiny_llama, ids, mask, n=2, batch_size=4, stop_at_eos=True)
+    expected = [brute_el(tiny_llama, s, 2, eos=eos) for s in seqs]
+    assert el.tolist() == pytest.approx(expected)
+    default = [brute_el(tiny_llama, s, 2) for s in seqs]
+    assert expected[0] < default[0]  # EOS matters here, and only lowers the score
+    assert all(e <= d for e, d in zip(expected, default))
 
 
 def test_el_prefix_stride():

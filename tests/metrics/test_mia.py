@@ -103,11 +103,23 @@ def test_mia_auc_separates_a_memorizing_model():
     assert auc == 1.0
 
 
+def _privleak_by_hand(auc: float, retain_auc: float) -> float:
+    # MUSE's orientation: lower score = member, AUC' = 1 - AUC; PrivLeak = (AUC' - AUC'_retain) / AUC'_retain * 100
+    flipped, flipped_retain = 1 - auc, 1 - retain_auc
+    return (flipped - flipped_retain) / flipped_retain * 100
+
+
 def test_privleak():
-    assert privleak(0.6, 0.5) == pytest.approx(20.0)
+    # hand-computed at retain_auc != 0.5: (0.6 - 0.55) / (1 - 0.6) * 100 = 12.5; (0.6 - 0.9) / 0.4 * 100 = -75
+    assert privleak(0.55, 0.6) == pytest.approx(12.5)
+    assert privleak(0.9, 0.6) == pytest.approx(-75.0)
+    assert privleak(0.3, 0.2) == pytest.approx(-12.5)
+    assert privleak(1.0, 0.5) == pytest.approx(-100.0)  # un-unlearned target: MUSE's ~ -100
     assert privleak(0.5, 0.5) == 0.0
-    assert privleak(0.25, 0.5) == pytest.approx(-50.0)
-    with pytest.raises(ValueError, match="retain_auc"):
-        privleak(0.5, 0.0)
+    assert privleak(0.25, 0.5) == pytest.approx(50.0)  # over-unlearning is positive
+    for auc, retain_auc in [(0.7, 0.3), (0.1, 0.8), (0.95, 0.05), (0.6, 0.0)]:
+        assert privleak(auc, retain_auc) == pytest.approx(_privleak_by_hand(auc, retain_auc))
+    with pytest.raises(ValueError, match="retain_auc` is 1"):
+        privleak(0.5, 1.0)
     with pytest.raises(ValueError, match="auc"):
         privleak(1.5, 0.5)

@@ -62,7 +62,7 @@ def test_explicit_beta_kept():
     ("kwargs", "match"),
     [
         ({"forget_loss": "ga"}, r"`forget_loss` must be one of .*'inverted_hinge'.*'idk'.*got 'ga'"),
-        ({"retain_loss": "mse"}, r"`retain_loss` must be one of 'nll', 'kl', None, got 'mse'"),
+        ({"retain_loss": "mse"}, r"`retain_loss` must be one of 'nll', 'kl', 'rmu', None, got 'mse'"),
         ({"retain_pairing": "shuffle"}, r"`retain_pairing` must be one of 'random', 'cycle'"),
         ({"kl_mask": "all"}, r"`kl_mask` must be one of 'labels', 'none'"),
         ({"assistant_turns": "first"}, r"`assistant_turns` must be one of 'all', 'last'"),

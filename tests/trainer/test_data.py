@@ -1,4 +1,4 @@
-"""Tests of peft_unlearn.trainer.data: formats, masks, truncation, pairing and collators."""
+"""Tests of the trainer's data handling (formats, pairing, collators): masks, truncation, pairing, padding."""
 
 from __future__ import annotations
 
@@ -10,17 +10,15 @@ from datasets import Dataset
 from tokenizers.processors import TemplateProcessing
 
 from peft_unlearn.testing import tiny_tokenizer
-from peft_unlearn.trainer.data import (
+from peft_unlearn.trainer.collators import CausalLMCollator, UnlearningDataCollator, collate_causal_lm
+from peft_unlearn.trainer.formats import (
     DEFAULT_IDK_ANSWERS,
-    CausalLMCollator,
-    PairedUnlearningDataset,
-    UnlearningDataCollator,
-    collate_causal_lm,
     detect_format,
     ensure_pad_token,
     tokenize_dataset,
     tokenize_idk_dataset,
 )
+from peft_unlearn.trainer.pairing import PairedUnlearningDataset
 
 IGNORE = -100
 MESSAGES = [
@@ -220,7 +218,7 @@ def test_wrong_value_types(tokenizer):
 def test_ensure_pad_token(caplog):
     tok = tiny_tokenizer(pad_token=False)
     assert tok.pad_token_id is None
-    with caplog.at_level(logging.WARNING, logger="peft_unlearn.trainer.data"):
+    with caplog.at_level(logging.WARNING, logger="peft_unlearn.trainer.formats"):
         pad = ensure_pad_token(tok)
     assert pad == tok.eos_token_id == tok.pad_token_id
     assert "no pad token" in caplog.text

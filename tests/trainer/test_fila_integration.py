@@ -10,10 +10,7 @@ stand-in), ``merge_and_unload`` and a plain ``transformers.Trainer`` on a pendin
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -30,6 +27,7 @@ from peft_unlearn.fila import FilaNotInitializedWarning, pending_fila_adapters
 from peft_unlearn.fila.saving import INIT_DIR
 from peft_unlearn.testing import TINY_CORPUS, tiny_causal_lm
 from peft_unlearn.trainer import UnlearningConfig, UnlearningTrainer
+from tests.helpers import run_python
 
 FORGET = [
     {"prompt": "Question: Where was the author born? Answer:", "completion": " She was born in Paris."},
@@ -130,16 +128,7 @@ def _plain_peft_logits(tmp_path: Path, base_dir: Path, adapter_dir: Path, ids: t
     script, ids_path, out_path = tmp_path / "plain_peft.py", tmp_path / "ids.pt", tmp_path / "plain_logits.pt"
     script.write_text(PLAIN_PEFT_SCRIPT)
     torch.save(ids, ids_path)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    result = subprocess.run(
-        [sys.executable, str(script), str(base_dir), str(adapter_dir), str(ids_path), str(out_path)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0 and "PLAIN_PEFT_OK" in result.stdout, result.stderr[-3000:]
+    run_python([script, base_dir, adapter_dir, ids_path, out_path], cwd=tmp_path, expect="PLAIN_PEFT_OK")
     return torch.load(out_path)
 
 

@@ -11,7 +11,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import BertConfig, BertForSequenceClassification, BertModel, TrainingArguments
 
-from peft_unlearn.losses import nll_loss
+from peft_unlearn.losses import nll_loss, rmu_control_vector
 from peft_unlearn.testing import TINY_CORPUS, tiny_causal_lm, tiny_tokenizer
 from peft_unlearn.trainer import (
     UnlearningConfig,
@@ -170,6 +170,7 @@ def _one_sgd_step(tmp_path, tokenizer, batch_size, accumulation, forget_loss, re
         ("npo", "nll", {}),
         ("simnpo", None, {"beta": 0.05}),  # the default beta saturates the sigmoid on a random model (no gradient)
         ("idk", "nll", {}),
+        ("rmu", "rmu", {"rmu_layer": 1, "rmu_steering_coeff": 20.0}),
     ],
 )
 def test_gradient_accumulation_equivalence(tmp_path, tokenizer, forget_loss, retain_loss, extra):
@@ -185,6 +186,74 @@ def test_naive_accumulation_would_differ(tmp_path, tokenizer):
     full = _one_sgd_step(tmp_path, tokenizer, 4, 1, "inverted_hinge", "nll")
     naive = _one_sgd_step(tmp_path, tokenizer, 2, 2, "inverted_hinge", "nll", naive=True)
     assert max((naive[n] - full[n]).abs().max().item() for n in full) > 1e-4
+
+
+def _layer_states(model, examples, layer):
+    """Hidden states of decoder layer `layer` on the supervised tokens of `examples` ([n_tokens, d])."""
+    batch = collate_causal_lm(examples, pad_token_id=0)
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    return out.hidden_states[layer + 1][batch["labels"] != -100].float()
+
+
+def _rmu_run(tmp_path, tokenizer, state, retain_loss, layer, coeff):
+    model = tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    model.load_state_dict(state)
+    args = _args(
+        tmp_path,
+        forget_loss="rmu",
+        retain_loss=retain_loss,
+        retain_weight=10.0,  # RMU's alpha
+        rmu_layer=layer,
+        rmu_steering_coeff=coeff,
+        max_steps=10,
+    )
+    trainer = UnlearningTrainer(
+        model.eval(),
+        args,
+        forget_dataset=FORGET,
+        retain_dataset=RETAIN,
+        processing_class=tokenizer,
+        peft_config=_lora(r=8),
+    )
+    trainer.train()
+    return trainer
+
+
+def test_rmu_moves_forget_activations_and_keeps_retain(tmp_path, tokenizer, memorized_state):
+    """RMU through the registry: forget activations approach c * u; the retain term keeps retain activations."""
+    layer, coeff = 1, 20.0
+    forget_examples, retain_examples = tokenize_dataset(FORGET, tokenizer), tokenize_dataset(RETAIN, tokenizer)
+    initial = tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    initial.load_state_dict(memorized_state)
+    initial.eval()
+    target = rmu_control_vector(initial.config.hidden_size, coeff, seed=0)
+    forget_before = (_layer_states(initial, forget_examples, layer) - target).pow(2).mean().item()
+    retain_before = _layer_states(initial, retain_examples, layer)
+    drift = {}
+    for retain_loss in ("rmu", None):
+        trainer = _rmu_run(tmp_path / str(retain_loss), tokenizer, memorized_state, retain_loss, layer, coeff)
+        model = trainer.model.eval()
+        forget_after = (_layer_states(model, forget_examples, layer) - target).pow(2).mean().item()
+        assert forget_after < 0.7 * forget_before, f"forget MSE to c*u {forget_before:.3f} -> {forget_after:.3f}"
+        drift[retain_loss] = (_layer_states(model, retain_examples, layer) - retain_before).pow(2).mean().item()
+        logs = [h for h in trainer.state.log_history if "forget_loss" in h]
+        assert logs[-1]["forget_loss"] < logs[0]["forget_loss"]
+        if retain_loss is not None:
+            assert logs[0]["retain_loss"] == pytest.approx(0.0, abs=1e-6)  # LoRA starts at the reference model
+    assert drift["rmu"] < 0.5 * drift[None], f"retain drift with / without the RMU retain term: {drift}"
+
+
+def test_rmu_layer_out_of_range(tmp_path, tokenizer):
+    trainer = UnlearningTrainer(
+        tiny_causal_lm("llama", vocab_size=len(tokenizer)),
+        _args(tmp_path, forget_loss="rmu", retain_loss=None, rmu_layer=7, max_steps=1),
+        forget_dataset=FORGET,
+        processing_class=tokenizer,
+        peft_config=_lora(),
+    )
+    with pytest.raises(ValueError, match=r"rmu_layer=7 is out of range: the model has 2 decoder layers"):
+        trainer.train()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -484,7 +553,7 @@ def test_full_model_with_ref_model_and_model_path(tmp_path, tokenizer):
 
 def test_tokenizer_without_pad_token(tmp_path, caplog):
     tok = tiny_tokenizer(pad_token=False)
-    with caplog.at_level(logging.WARNING, logger="peft_unlearn.trainer.data"):
+    with caplog.at_level(logging.WARNING, logger="peft_unlearn.trainer.formats"):
         trainer = UnlearningTrainer(
             tiny_causal_lm("llama", vocab_size=len(tok)),
             _args(tmp_path, max_steps=1),

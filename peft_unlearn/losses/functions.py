@@ -1,26 +1,11 @@
-"""Unlearning losses on Hugging Face causal-LM outputs.
+"""The loss functions: pure functions on causal-LM logits, sequence log-probs or hidden states.
 
-Every token-level loss takes the **unshifted** ``logits [B, T, V]`` and ``labels [B, T]`` a Hugging Face causal
-LM uses (position ``t`` of the logits predicts token ``t + 1``), with ``ignore_index`` (-100) marking tokens that
-are not supervised (prompt, padding). The shift is done inside by shifting the *labels*
-(``labels[:, 1:]`` padded with ``ignore_index`` at the end); the logits are never sliced, because slicing makes
-autograd materialise one more ``[tokens, vocab]`` gradient tensor.
+See `peft_unlearn.losses` for the conventions (unshifted logits and labels, `reduction`, memory units).
 
-``reduction``:
-
-* ``"mean"``: mean over supervised tokens (over sequences for :func:`npo_loss` / :func:`simnpo_loss`). When no
-  token is supervised the result is ``0`` and still attached to the autograd graph (zero gradient) instead of NaN,
-  so a micro-batch made only of padding does not poison training.
-* ``"sum"``: plain sum; the trainer divides by a global count for exact gradient accumulation.
-
-Memory costs are given in units of one ``[N, V]`` tensor of the logits' dtype, ``N = B * T``.
-
-Implemented losses (see ``paper-notes.md`` sections 1-2 for the formulas and their provenance):
-
-* :func:`inverted_hinge_loss`: IHL of Cha et al. (arXiv 2408.06621), ``1 + p_y - max_{v != y} p_v`` per token,
-  with a hand-written backward that needs a single ``[N, V]`` gradient buffer.
-* :func:`gradient_ascent_loss` (``-NLL``), :func:`nll_loss`, :func:`kl_loss` (retain KL to a reference model),
-  :func:`sequence_log_probs`, :func:`npo_loss`, :func:`simnpo_loss`.
+Examples:
+    >>> import torch
+    >>> round(nll_loss(torch.zeros(1, 3, 4), torch.tensor([[1, 2, 3]])).item(), 4)  # log 4
+    1.3863
 """
 
 from __future__ import annotations
@@ -29,34 +14,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..utils import IGNORE_INDEX
+from .ihl_kernel import InvertedHingeFunction
+
 __all__ = [
-    "FORGET_LOSSES",
-    "RETAIN_LOSSES",
     "gradient_ascent_loss",
     "inverted_hinge_loss",
     "kl_loss",
     "nll_loss",
     "npo_loss",
+    "rmu_control_vector",
+    "rmu_loss",
     "sequence_log_probs",
     "simnpo_loss",
 ]
 
-FORGET_LOSSES: tuple[str, ...] = ("inverted_hinge", "gradient_ascent", "npo", "simnpo", "idk")
-"""Names of the forget-set losses the trainer accepts (``idk`` is the NLL of "I don't know" answers)."""
-
-RETAIN_LOSSES: tuple[str, ...] = ("nll", "kl")
-"""Names of the retain-set losses the trainer accepts."""
-
 _REDUCTIONS = ("mean", "sum")
-
-# Number of logits processed at once by the chunked IHL kernels (rows are grouped up to this many elements, at
-# least one row per chunk). On CPU a chunk that stays in cache makes the successive elementwise passes nearly free;
-# on GPU bigger chunks keep the number of kernel launches low. The fp32 scratch buffer has this many elements.
-_CHUNK_ELEMENTS = {"cpu": 1 << 20}
-_DEFAULT_CHUNK_ELEMENTS = 1 << 25
-# Block width of the two-level runner-up search (block maxima with a vectorised ``amax``, then ``argmax`` over the
-# block maxima and inside one block): much cheaper than ``topk`` / ``argmax`` over the whole vocabulary.
-_RUNNER_UP_BLOCK = 1024
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -99,171 +72,9 @@ def _reduce(per_token_sum: Tensor, count: Tensor, reduction: str) -> Tensor:
     return per_token_sum / count.clamp_min(1).to(per_token_sum.dtype)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Inverted Hinge Loss
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def _row_chunks(mask: Tensor, n_cols: int) -> list[tuple[int, int]]:
-    """Contiguous row ranges ``[start, stop)`` covering the True rows of ``mask``, each at most one chunk long."""
-    rows = max(1, _CHUNK_ELEMENTS.get(mask.device.type, _DEFAULT_CHUNK_ELEMENTS) // max(n_cols, 1))
-    flags = mask.to("cpu", torch.int8).tolist()  # one host sync per forward
-    chunks: list[tuple[int, int]] = []
-    start = None
-    for i, flag in enumerate([*flags, 0]):
-        if flag and start is None:
-            start = i
-        elif not flag and start is not None:
-            chunks.extend((s, min(s + rows, i)) for s in range(start, i, rows))
-            start = None
-    return chunks
-
-
-def _block_max(z: Tensor, block: int) -> Tensor:
-    """Maxima ``[R, ceil(V / block)]`` of consecutive column blocks of ``z [R, V]`` (the last may be shorter)."""
-    n_rows, n_cols = z.shape
-    n_full = n_cols // block
-    main = n_full * block
-    block_max = z[:, :main].view(n_rows, n_full, block).amax(dim=-1)
-    if main < n_cols:
-        block_max = torch.cat([block_max, z[:, main:].amax(dim=-1, keepdim=True)], dim=1)
-    return block_max
-
-
-def _runner_up(z: Tensor, block_max: Tensor, y: Tensor, block: int) -> Tensor:
-    """Index of the largest entry of each row of ``z [R, V]`` other than column ``y [R]``.
-
-    Second level of the two-level search started by :func:`_block_max`: the maximum of the block holding ``y``
-    is recomputed without ``y``, then ``argmax`` over the block maxima and inside the winning block. Only
-    ``[R, V / block]`` and ``[R, block]`` temporaries. Ties go to the lowest block, then the lowest column of that
-    block. ``block_max`` is modified in place.
-    """
-    n_cols = z.shape[1]
-    offsets = torch.arange(block, device=z.device)
-    y = y.unsqueeze(1)
-
-    def block_values(block_index: Tensor) -> tuple[Tensor, Tensor]:
-        # columns of the given block per row (clamped duplicates of the last column in a short last block do not
-        # change a max), with column y excluded
-        cols = (block_index.unsqueeze(1) * block + offsets).clamp_max(n_cols - 1)
-        values = z.gather(1, cols).masked_fill(cols == y, float("-inf"))
-        return cols, values
-
-    y_block = y // block
-    _, values = block_values(y_block.squeeze(1))
-    block_max.scatter_(1, y_block, values.amax(dim=-1, keepdim=True).to(block_max.dtype))
-    cols, values = block_values(block_max.argmax(dim=-1))
-    return cols.gather(1, values.argmax(dim=-1, keepdim=True)).squeeze(1)
-
-
-def _zero_uncovered_rows(buf: Tensor, chunks: list[tuple[int, int]]) -> None:
-    """Zero the rows of ``buf`` outside the (sorted, disjoint) chunks, with slices (a boolean row mask would expand
-    to a full ``[N, V]`` masked fill)."""
-    previous_stop = 0
-    for start, stop in [*chunks, (buf.shape[0], buf.shape[0])]:
-        if start > previous_stop:
-            buf[previous_stop:start].zero_()
-        previous_stop = stop
-
-
-class _InvertedHingeFunction(torch.autograd.Function):
-    """Per-token IHL on 2-D logits ``[N, V]`` whose gradient lives in a single ``[N, V]`` buffer.
-
-    Forward, chunk by chunk over the supervised rows: block maxima (for the row maximum ``m`` and the runner-up
-    search of :func:`_runner_up`), then ``e = exp(z - m)`` (fp32 arithmetic) and its row sum ``S``. When a gradient
-    is needed, ``e`` is written into a buffer of the logits' dtype that is saved for backward (the logits are not);
-    otherwise into a small scratch buffer. With ``p = e / S``, backward turns the buffer *in place* into the
-    gradient ``p_j (p_k - p_y)`` (one multiply by ``g (p_k - p_y) / S`` per row) and overwrites columns ``y``
-    and ``k``:
-
-        dIHL/dz_y = p_y (1 - p_y) + p_y p_k,   dIHL/dz_k = -p_k (1 + p_y - p_k),   dIHL/dz_j = p_j (p_k - p_y).
-
-    Backward through the same graph twice (``retain_graph=True``) is refused by autograd's saved-tensor version
-    check, because the first backward consumed the buffer.
-    """
-
-    @staticmethod
-    def forward(ctx, logits: Tensor, targets: Tensor, mask: Tensor, needs_grad: bool) -> Tensor:  # type: ignore[override]
-        n_rows, n_cols = logits.shape
-        device = logits.device
-        cdtype = _compute_dtype(logits.dtype)
-        low_precision = logits.dtype != cdtype
-        chunks = _row_chunks(mask, n_cols)
-        safe_targets = torch.where(mask, targets, torch.zeros_like(targets))
-        block = max(1, min(_RUNNER_UP_BLOCK, n_cols))
-        lse = torch.zeros(n_rows, dtype=cdtype, device=device)
-        inv_sum = torch.zeros(n_rows, dtype=cdtype, device=device)
-        block_max = torch.zeros(n_rows, -(-n_cols // block), dtype=logits.dtype, device=device)
-        buf = None
-        if needs_grad:
-            buf = torch.empty(n_rows, n_cols, dtype=logits.dtype, device=device)
-            _zero_uncovered_rows(buf, chunks)
-        scratch = None
-        if chunks and (low_precision or buf is None):
-            max_rows = max(stop - start for start, stop in chunks)
-            scratch = torch.empty(max_rows, n_cols, dtype=cdtype, device=device)
-        for start, stop in chunks:
-            z = logits[start:stop]
-            block_max[start:stop] = _block_max(z, block)
-            row_max = block_max[start:stop].amax(dim=-1, keepdim=True).to(cdtype)
-            tmp = scratch[: stop - start] if scratch is not None else buf[start:stop]
-            if low_precision:  # upcast bf16/fp16 rows into the fp32 scratch (faster than a mixed-dtype sub)
-                tmp.copy_(z)
-                tmp.sub_(row_max)
-            else:
-                torch.sub(z, row_max, out=tmp)
-            tmp.exp_()
-            row_sum = tmp.sum(dim=-1)
-            if buf is not None and scratch is not None:
-                buf[start:stop].copy_(tmp)
-            inv_sum[start:stop] = row_sum.reciprocal()
-            lse[start:stop] = row_sum.log_().add_(row_max.squeeze(1))
-        runner_up = _runner_up(logits, block_max, safe_targets, block)
-        z_y = logits.gather(1, safe_targets.unsqueeze(1)).squeeze(1).to(cdtype)
-        z_k = logits.gather(1, runner_up.unsqueeze(1)).squeeze(1).to(cdtype)
-        p_y = torch.exp(z_y - lse)
-        p_k = torch.exp(z_k - lse)
-        per_token = torch.where(mask, 1.0 + (p_y - p_k), torch.zeros_like(p_y))
-        if buf is not None:
-            ctx.save_for_backward(buf, safe_targets, runner_up, mask, inv_sum, p_y, p_k)
-        ctx.chunks = chunks
-        return per_token
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        grad, targets, runner_up, mask, inv_sum, p_y, p_k = ctx.saved_tensors
-        n_rows, n_cols = grad.shape
-        g = torch.where(mask, grad_output.to(p_y.dtype), torch.zeros_like(p_y))
-        factor = (g * (p_k - p_y) * inv_sum).unsqueeze(1)  # buffer holds exp(z - m); p = buffer / S
-        if grad.dtype == factor.dtype or grad.device.type != "cpu":
-            # one pass; on GPU a bf16 *= fp32 multiply computes in fp32 and rounds once
-            for start, stop in ctx.chunks:
-                grad[start:stop].mul_(factor[start:stop])
-        else:  # CPU half precision: mixed-dtype in-place ops are slow there, go through an fp32 scratch
-            max_rows = max((stop - start for start, stop in ctx.chunks), default=0)
-            scratch = torch.empty(max_rows, n_cols, dtype=factor.dtype, device=grad.device)
-            for start, stop in ctx.chunks:
-                tmp = scratch[: stop - start]
-                tmp.copy_(grad[start:stop])
-                tmp.mul_(factor[start:stop])
-                grad[start:stop].copy_(tmp)
-        # overwrite columns y and k through flat indices (scatter_ along dim 1 is very slow for bf16 on CPU);
-        # y != k in every row, and the unsupervised rows receive zeros
-        row_offsets = torch.arange(n_rows, device=grad.device) * n_cols
-        flat = grad.view(-1)
-        flat.index_put_((row_offsets + targets,), (g * p_y * (1.0 - p_y + p_k)).to(grad.dtype))
-        flat.index_put_((row_offsets + runner_up,), (-g * p_k * (1.0 + p_y - p_k)).to(grad.dtype))
-        return grad, None, None, None
-
-
-def inverted_hinge_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100, reduction: str = "mean") -> Tensor:
+def inverted_hinge_loss(
+    logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX, reduction: str = "mean"
+) -> Tensor:
     """Inverted Hinge Loss (IHL) of Cha et al. (arXiv 2408.06621) for forgetting.
 
     Per supervised token with target ``y`` and ``p = softmax(z)``: ``IHL = 1 + p_y - max_{v != y} p_v`` in
@@ -310,7 +121,7 @@ def inverted_hinge_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100
     targets = _shift_labels(labels, ignore_index).reshape(-1)
     mask = targets != ignore_index
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
-    per_token = _InvertedHingeFunction.apply(logits.reshape(-1, n_cols), targets, mask, needs_grad)
+    per_token = InvertedHingeFunction.apply(logits.reshape(-1, n_cols), targets, mask, needs_grad)
     return _reduce(per_token.sum(), mask.sum(), reduction)
 
 
@@ -325,7 +136,7 @@ def _summed_nll(logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[Tens
     return total, (targets != ignore_index).sum()
 
 
-def nll_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100, reduction: str = "mean") -> Tensor:
+def nll_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX, reduction: str = "mean") -> Tensor:
     """Token negative log-likelihood, the Hugging Face causal-LM loss (retain loss of GD / IHL).
 
     Memory: that of ``torch.nn.functional.cross_entropy``: one ``[N, V]`` log-softmax kept for backward, and
@@ -351,7 +162,9 @@ def nll_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100, reduction
     return _reduce(total, count, reduction)
 
 
-def gradient_ascent_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100, reduction: str = "mean") -> Tensor:
+def gradient_ascent_loss(
+    logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX, reduction: str = "mean"
+) -> Tensor:
     """Gradient ascent (GA) forget loss: the negated token NLL, ``-nll_loss(...)``.
 
     Unbounded below; its gradient is spread over every vocabulary entry in proportion to ``p_j``.
@@ -378,7 +191,7 @@ def kl_loss(
     logits: Tensor,
     ref_logits: Tensor,
     labels: Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
 ) -> Tensor:
     """KL(p_ref || p_theta) per position, the retain loss of GA+KL (``ref_logits`` get no gradient).
@@ -443,11 +256,11 @@ def kl_loss(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def sequence_log_probs(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> tuple[Tensor, Tensor]:
+def sequence_log_probs(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> tuple[Tensor, Tensor]:
     """Summed log-probability of the supervised tokens of each sequence, and their number.
 
     ``logps[b] = sum_t log p_theta(labels[b, t+1] | x_<=t)`` over supervised shifted labels, i.e. ``-l(x_b)``
-    with ``l`` the summed NLL of paper-notes section 2. Memory: that of ``cross_entropy`` (see :func:`nll_loss`).
+    with ``l`` the summed NLL of the sequence. Memory: that of ``cross_entropy`` (see :func:`nll_loss`).
 
     Args:
         logits: Unshifted logits ``[B, T, V]``.
@@ -480,7 +293,7 @@ def _check_beta(beta: float) -> None:
 def npo_loss(policy_logps: Tensor, reference_logps: Tensor, beta: float = 0.1, reduction: str = "mean") -> Tensor:
     """Negative Preference Optimization (NPO) forget loss.
 
-    With ``l = -logps`` the summed NLL of a sequence (paper-notes section 2):
+    With ``l = -logps`` the summed NLL of a sequence:
     ``loss_b = (2 / beta) * -log sigmoid(beta * (l_theta - l_ref)) = -(2/beta) logsigmoid(beta (ref - policy))``.
     At ``policy == reference`` it equals ``(2 / beta) log 2``. Memory: ``[B]`` vectors only (the logits cost is
     in :func:`sequence_log_probs`).
@@ -545,3 +358,83 @@ def simnpo_loss(
     per_token_nll = -policy_logps / num_tokens.clamp_min(1).to(policy_logps.dtype)
     losses = -(2.0 / beta) * F.logsigmoid(beta * (per_token_nll - delta))
     return losses.mean() if reduction == "mean" else losses.sum()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# representation misdirection (RMU)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def rmu_control_vector(hidden_size: int, steering_coeff: float = 6.5, seed: int = 0) -> Tensor:
+    """The RMU target `c * u`: a fixed random unit vector `u` scaled by the steering coefficient `c`.
+
+    `u` is drawn uniformly in `[0, 1)^d` from a generator seeded with `seed` and normalised to unit length, as in
+    WMDP's RMU (Li et al. 2024), so a seed always gives the same direction on every device.
+
+    Args:
+        hidden_size: Width `d` of the hidden states.
+        steering_coeff: `c`, the norm of the target; it should be large compared with the typical norm of the
+            layer's activations (WMDP uses 6.5 for Zephyr-7B layer 7).
+        seed: Seed of the direction.
+
+    Returns:
+        A float32 CPU tensor `[d]` of norm `steering_coeff`.
+
+    Raises:
+        ValueError: If `hidden_size < 1` or `steering_coeff` is not a finite number > 0.
+
+    Examples:
+        >>> v = rmu_control_vector(16, steering_coeff=2.0, seed=0)
+        >>> round(v.norm().item(), 4), bool((v >= 0).all())
+        (2.0, True)
+    """
+    if not isinstance(hidden_size, int) or hidden_size < 1:
+        raise ValueError(f"hidden_size must be an integer >= 1, got {hidden_size!r}.")
+    if not isinstance(steering_coeff, (int, float)) or not 0 < steering_coeff < float("inf"):
+        raise ValueError(f"steering_coeff must be a finite number > 0, got {steering_coeff!r}.")
+    generator = torch.Generator().manual_seed(int(seed))
+    direction = torch.rand(hidden_size, generator=generator, dtype=torch.float32)
+    return direction / direction.norm() * float(steering_coeff)
+
+
+def rmu_loss(hidden_states: Tensor, target: Tensor, mask: Tensor | None = None, reduction: str = "mean") -> Tensor:
+    """Representation misdirection loss: squared distance of one layer's hidden states to a target, per token.
+
+    ``loss_t = (1 / d) * sum_i (h_t[i] - target_t[i])^2`` for each counted token `t` (the mean squared error over
+    the `d` hidden dimensions). On forget data the target is `rmu_control_vector` (the same `c * u` at every
+    token); on retain data it is the frozen model's hidden states at the same layer (detached inside), which keeps
+    them where they were (Li et al. 2024, WMDP). Computed in fp32. Memory: two `[B, T, d]` fp32 tensors.
+
+    Args:
+        hidden_states: Hidden states `[B, T, d]` of the trained model (with grad).
+        target: `[d]` (broadcast to every token) or `[B, T, d]`; gets no gradient.
+        mask: Optional `[B, T]` selection of the counted tokens (bool or 0/1); `None` counts every token.
+        reduction: `"mean"` over counted tokens (0, attached to the graph, when there is none) or `"sum"`.
+
+    Returns:
+        Scalar fp32 loss (`>= 0`).
+
+    Raises:
+        ValueError: On shapes that do not match.
+
+    Examples:
+        >>> h = torch.zeros(1, 2, 4)
+        >>> rmu_loss(h, torch.full((4,), 2.0)).item()  # every coordinate is 2 away
+        4.0
+    """
+    _check_reduction(reduction)
+    if not isinstance(hidden_states, Tensor) or hidden_states.dim() != 3:
+        raise ValueError(f"hidden_states must be a tensor [B, T, d], got {getattr(hidden_states, 'shape', None)}.")
+    if target.shape not in (hidden_states.shape[-1:], hidden_states.shape):
+        raise ValueError(
+            f"target must have shape [d] or [B, T, d] matching hidden_states {tuple(hidden_states.shape)}, got "
+            f"{tuple(target.shape)}."
+        )
+    if mask is not None and mask.shape != hidden_states.shape[:2]:
+        raise ValueError(f"mask must have shape [B, T] = {tuple(hidden_states.shape[:2])}, got {tuple(mask.shape)}.")
+    diff = hidden_states.float() - target.detach().to(hidden_states.device, torch.float32)
+    per_token = diff.pow(2).mean(dim=-1)
+    if mask is None:
+        return _reduce(per_token.sum(), torch.tensor(per_token.numel(), device=per_token.device), reduction)
+    keep = mask.bool()
+    return _reduce(per_token[keep].sum(), keep.sum(), reduction)

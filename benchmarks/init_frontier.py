@@ -1,0 +1,742 @@
+"""The forget-versus-keep frontier of LoRA initialisations on Gemma-3 270M (IHL + retain NLL).
+
+Question: does a data-driven LoRA init (FILA at the paper's factor scale, FILA at the normalised
+"stable" scale, VILA) forget memorized text in fewer steps than the default LoRA init *without* more
+collateral damage on memorized text that must be kept? Every init runs at several learning rates and
+seeds; each run stops as soon as forget MA **and** EL10 are at the never-seen level of the base model
+(or at ``--max-steps``). At the stop it measures the memorized-heldout set (public passages the model
+has memorized as well as the forget set but that are never trained on), never-seen perplexity and
+retain MA.
+
+Data (``examples/data``): forget = ``forget.jsonl`` (8 memorized public passages), memorized heldout =
+``memorized_heldout.jsonl`` (8 more, never trained on), retain = ``retain.jsonl``, never-seen =
+``heldout.jsonl`` (sets the stopping thresholds).
+
+Every run is a separate single-threaded subprocess, so code that lands while the benchmark runs is
+picked up by later runs. Results are written after every run; finished runs are skipped, so rerunning
+the same command resumes. Runs of an init whose code is not available yet (a ``FilaConfig`` without
+``factor_scale``, no ``peft_unlearn.fila.vila``) wait; the plan runs seed 0 of every (init, lr) first.
+
+Usage::
+
+    python benchmarks/init_frontier.py                       # the whole plan (resumes)
+    python benchmarks/init_frontier.py --report-only         # rewrite .md/.png from the JSON
+    python benchmarks/init_frontier.py --time-one lora:1e-3  # time one run, write nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "examples" / "data"
+DEFAULT_RESULTS = ROOT / "benchmarks" / "results" / "init_frontier.json"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+#: init name -> label in tables and plots
+INITS = {
+    "lora": "LoRA (default init)",
+    "fila-paper": "FILA, paper scale",
+    "fila-stable": "FILA, stable scale",
+    "vila": "VILA",
+}
+SETS = ("forget", "mheldout", "retain", "neverseen")
+FILES = {
+    "forget": "forget.jsonl",
+    "mheldout": "memorized_heldout.jsonl",
+    "retain": "retain.jsonl",
+    "neverseen": "heldout.jsonl",
+}
+KEEP_MARGIN = 0.05  # heldout MA may drop at most this much below the base model
+PPL_MARGIN = 1.10  # a run that forgot is "sound" when never-seen perplexity stays within 10% of the base
+
+
+# ----------------------------------------------------------------------------------------------
+# availability of an init in the current code (checked in a fresh process, so new code counts)
+# ----------------------------------------------------------------------------------------------
+_PROBE = r"""
+import json, sys
+init = sys.argv[1]
+ok, why = True, ""
+try:
+    if init in ("fila-paper", "fila-stable"):
+        from peft_unlearn.fila import FilaConfig
+        if init == "fila-stable":
+            FilaConfig(factor_scale="stable")
+    elif init == "vila":
+        from peft import LoraConfig, get_peft_model
+        from peft_unlearn.fila import initialize_vila_weights  # noqa: F401
+        from peft_unlearn.fila import pending_fila_adapters
+        from peft_unlearn.testing import tiny_causal_lm
+        model = get_peft_model(tiny_causal_lm("llama"), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="vila"))
+        if not pending_fila_adapters(model):
+            ok, why = False, "init_lora_weights='vila' is not marked pending (trainer auto-init missing)"
+except Exception as exc:
+    ok, why = False, f"{type(exc).__name__}: {exc}"
+print(json.dumps({"ok": ok, "why": why[:300]}))
+"""
+
+
+def available(init: str) -> tuple[bool, str]:
+    """Whether ``init`` can run with the code as it is now (a fresh interpreter decides)."""
+    if init == "lora":
+        return True, ""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE, init], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT
+    )
+    if proc.returncode != 0:
+        return False, proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "probe failed"
+    answer = json.loads(proc.stdout.strip().splitlines()[-1])
+    return answer["ok"], answer["why"]
+
+
+# ----------------------------------------------------------------------------------------------
+# one run (child process)
+# ----------------------------------------------------------------------------------------------
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _texts(name: str) -> list[str]:
+    path = DATA / FILES[name]
+    return [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def _lora_config(init: str, rank: int):
+    from peft import LoraConfig
+
+    common = dict(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=TARGETS)
+    if init == "lora":
+        return LoraConfig(**common, init_lora_weights=True)
+    if init == "vila":
+        return LoraConfig(**common, init_lora_weights="vila")
+    from peft_unlearn.fila import FilaConfig, FilaLoraConfig
+
+    if "factor_scale" in FilaConfig.__dataclass_fields__:
+        scale = "paper" if init == "fila-paper" else "stable"
+        return FilaLoraConfig(**common, fila_config=FilaConfig(factor_scale=scale))
+    if init == "fila-stable":
+        raise RuntimeError("FilaConfig has no factor_scale: the stable FILA scale is not available")
+    return FilaLoraConfig(**common)  # before factor_scale existed FILA always used the paper's magnitudes
+
+
+def run_one(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train one (init, lr, seed) until forgotten or the step cap and measure it (public API only)."""
+    import torch
+    from datasets import Dataset
+    from peft import get_peft_model
+    from transformers import TrainerCallback
+
+    from peft_unlearn import UnlearningConfig, UnlearningTrainer
+    from peft_unlearn.metrics import evaluate_memorization, extraction_likelihood, memorization_accuracy, pad_batch
+    from peft_unlearn.models import load_model_and_tokenizer
+
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(spec["seed"])
+    model, tokenizer = load_model_and_tokenizer(spec["model"], dtype=spec["dtype"], show_progress=False)
+    ids = {
+        name: [tokenizer(t, truncation=True, max_length=spec["max_length"])["input_ids"] for t in _texts(name)]
+        for name in SETS
+    }
+    pad_id = tokenizer.pad_token_id
+    el_n, stride = spec["el_n"], spec["el_prefix_stride"]
+    el_key = f"el{el_n}"
+
+    def score(m, name: str, with_el: bool) -> dict[str, float]:
+        return evaluate_memorization(
+            m, ids[name], batch_size=8, el_n=(el_n,), el_prefix_stride=stride, pad_token_id=pad_id, compute_el=with_el
+        )
+
+    if spec.get("baseline"):
+        out = {name: score(model, name, name != "retain") for name in SETS}
+        held_input, held_mask, _ = pad_batch([{"input_ids": x} for x in ids["mheldout"]], pad_token_id=pad_id)
+        out["mheldout"]["ma_per_passage"] = [float(v) for v in memorization_accuracy(model, held_input, held_mask)]
+        return out
+
+    model = get_peft_model(model, _lora_config(spec["init"], spec["rank"]))
+    thresholds = spec["thresholds"]
+    forget_input, forget_mask, _ = pad_batch([{"input_ids": x} for x in ids["forget"]], pad_token_id=pad_id)
+
+    class ForgetMonitor(TrainerCallback):
+        """Forget MA after every step, EL only once MA is at the threshold; stops when both are."""
+
+        def __init__(self) -> None:
+            self.history: list[dict[str, float]] = []
+            self.forgotten_at: int | None = None
+            self.eval_seconds = 0.0
+            self.train_begin: float | None = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.train_begin = time.perf_counter()
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            t0 = time.perf_counter()
+            ma = float(memorization_accuracy(model, forget_input, forget_mask).mean())
+            row = {"step": state.global_step, "forget_ma": ma}
+            if ma <= thresholds["ma"]:
+                el = extraction_likelihood(
+                    model, forget_input, forget_mask, n=el_n, prefix_stride=stride, pad_token_id=pad_id
+                )
+                row[f"forget_{el_key}"] = float(el.mean())
+                if row[f"forget_{el_key}"] <= thresholds["el"]:
+                    self.forgotten_at = state.global_step
+                    control.should_training_stop = True
+            self.history.append(row)
+            self.eval_seconds += time.perf_counter() - t0
+            return control
+
+    monitor = ForgetMonitor()
+    args = UnlearningConfig(
+        output_dir=spec["output_dir"],
+        forget_loss="inverted_hinge",
+        retain_loss="nll",
+        learning_rate=spec["lr"],
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        per_device_train_batch_size=spec["batch_size"],
+        max_steps=spec["max_steps"],
+        max_length=spec["max_length"],
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=spec["seed"],
+        data_seed=spec["seed"],
+        use_cpu=True,
+        disable_tqdm=True,
+        fila_batch_size=spec["batch_size"],
+    )
+    trainer = UnlearningTrainer(
+        model=model,
+        args=args,
+        forget_dataset=Dataset.from_dict({"input_ids": ids["forget"]}),
+        retain_dataset=Dataset.from_dict({"input_ids": ids["retain"]}),
+        processing_class=tokenizer,
+        callbacks=[monitor],
+    )
+    t0 = time.perf_counter()
+    trainer.train()
+    t_end = time.perf_counter()
+    # the trainer computes a data-driven init inside train(), before on_train_begin
+    init_seconds = (monitor.train_begin or t0) - t0
+    train_seconds = t_end - (monitor.train_begin or t0) - monitor.eval_seconds
+    m = trainer.model
+    forgotten = monitor.forgotten_at is not None
+    # EL is the costly part (greedy generation): the monitor's value when it checked EL at the last step,
+    # none when forget MA never reached the threshold (then the run is not forgotten whatever EL is)
+    last = monitor.history[-1] if monitor.history else {}
+    final = {
+        "forget": score(m, "forget", with_el=False),
+        "mheldout": score(m, "mheldout", with_el=True),
+        "retain": score(m, "retain", with_el=False),
+        "neverseen": score(m, "neverseen", with_el=False),
+    }
+    if f"forget_{el_key}" in last:
+        final["forget"][el_key] = last[f"forget_{el_key}"]
+    held_input, held_mask, _ = pad_batch([{"input_ids": x} for x in ids["mheldout"]], pad_token_id=pad_id)
+    per_passage = memorization_accuracy(m, held_input, held_mask)
+    final["mheldout"]["ma_per_passage"] = [float(v) for v in per_passage]
+    init_stats = (getattr(trainer, "fila_stats", None) or {}).get("default") or {}
+    return {
+        "forgotten": forgotten,
+        "steps": monitor.forgotten_at if forgotten else trainer.state.global_step,
+        "steps_run": trainer.state.global_step,
+        "init_seconds": init_seconds,
+        "init_stats": {k: v for k, v in init_stats.items() if isinstance(v, (int, float, str))},
+        "train_seconds": train_seconds,
+        "monitor_seconds": monitor.eval_seconds,
+        "peak_rss_bytes": _peak_rss_bytes(),
+        "metrics": final,
+        "history": monitor.history,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# orchestration (parent process)
+# ----------------------------------------------------------------------------------------------
+def run_key(spec: dict[str, Any]) -> str:
+    return f"{spec['init']}|lr{spec['lr']:g}|s{spec['seed']}|r{spec['rank']}|cap{spec['max_steps']}"
+
+
+def plan(args: argparse.Namespace, results: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The runs in the order they are run.
+
+    Seed 0 (the first seed) of every (init, lr) first; then the other seeds, first for the (init, lr)
+    whose first seed forgot (the informative part of the frontier), then the rest. Within a seed the
+    learning rates come in the order of ``--lrs`` and every init runs at one learning rate before the
+    next, so a partial run compares the inits at the same rates.
+    """
+    runs = [
+        {"init": init, "lr": lr, "seed": seed, "rank": args.rank, "max_steps": args.max_steps}
+        for seed in args.seeds
+        for lr in args.lrs
+        for init in args.inits
+    ]
+    first = args.seeds[0]
+    done = (results or {}).get("runs", {})
+
+    def priority(spec: dict[str, Any]) -> int:
+        if spec["seed"] == first:
+            return 0
+        head = done.get(run_key({**spec, "seed": first}))
+        return 1 if head is not None and head["result"]["forgotten"] else 2
+
+    return sorted(runs, key=priority)  # stable: the order within a priority is kept
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {"runs": {}, "failures": {}}
+
+
+def save_results(path: Path, results: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+def child(spec: dict[str, Any], timeout: int) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(spec["threads"])}
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = {**spec, "output_dir": tmp}
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, __file__, "--child", json.dumps(spec), "--child-out", str(out)]
+        t0 = time.time()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+        except subprocess.TimeoutExpired:
+            return {"error": f"timeout after {timeout} s", "wall_seconds": time.time() - t0}
+        if proc.returncode != 0 or not out.exists():
+            return {"error": proc.stderr[-3000:], "returncode": proc.returncode, "wall_seconds": time.time() - t0}
+        result = json.loads(out.read_text())
+        result["wall_seconds"] = time.time() - t0
+        return result
+
+
+def _say(msg: str) -> None:
+    sys.stdout.write(f"[{time.strftime('%H:%M:%S')}] {msg}\n")
+    sys.stdout.flush()
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return float("nan"), float("nan")
+    m = sum(values) / len(values)
+    if len(values) < 2:
+        return m, 0.0
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+def _fmt(values: list[float], digits: int = 2) -> str:
+    if not values:
+        return "–"
+    m, s = _mean_std(values)
+    return f"{m:.{digits}f}" if len(values) == 1 else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def group_runs(results: dict[str, Any]) -> dict[tuple[str, float], list[dict[str, Any]]]:
+    """``(init, lr) -> [result, ...]`` of the finished runs under the current settings."""
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    cap = results.get("settings", {}).get("max_steps")
+    for run in results["runs"].values():
+        spec = run["spec"]
+        if cap is not None and spec["max_steps"] != cap:
+            continue
+        groups.setdefault((spec["init"], spec["lr"]), []).append(run["result"])
+    return groups
+
+
+def frontier(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per init: the fewest mean steps among the lrs that forgot in every seed and kept heldout MA.
+
+    "Kept" = mean memorized-heldout MA at the stop at least the base model's minus ``KEEP_MARGIN``.
+    """
+    base = results["baseline"]["mheldout"]["ma"]
+    best: dict[str, dict[str, Any]] = {}
+    for (init, lr), rs in group_runs(results).items():
+        if not all(r["forgotten"] for r in rs):
+            continue
+        held = _mean_std([r["metrics"]["mheldout"]["ma"] for r in rs])[0]
+        if held < base - KEEP_MARGIN:
+            continue
+        steps = _mean_std([r["steps"] for r in rs])[0]
+        cur = best.get(init)
+        if cur is None or (steps, -held) < (cur["steps"], -cur["mheldout_ma"]):
+            best[init] = {"lr": lr, "steps": steps, "mheldout_ma": held, "seeds": len(rs)}
+    return best
+
+
+def sound_points(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Per init, the learning rates that are *sound*: every seed forgot and the model was not destroyed.
+
+    Not destroyed = mean never-seen perplexity at most ``PPL_MARGIN`` times the base model's.
+    """
+    base_ppl = results["baseline"]["neverseen"]["ppl"]
+    out: dict[str, list[dict[str, Any]]] = {}
+    for (init, lr), rs in group_runs(results).items():
+        ppl = _mean_std([r["metrics"]["neverseen"]["ppl"] for r in rs])[0]
+        if not all(r["forgotten"] for r in rs) or ppl > PPL_MARGIN * base_ppl:
+            continue
+        out.setdefault(init, []).append(
+            {
+                "lr": lr,
+                "seeds": len(rs),
+                "steps": _mean_std([r["steps"] for r in rs])[0],
+                "mheldout_ma": _mean_std([r["metrics"]["mheldout"]["ma"] for r in rs])[0],
+                "ppl": ppl,
+            }
+        )
+    return out
+
+
+def report(results: dict[str, Any], path: Path) -> None:
+    """Write the markdown tables and the frontier plot next to the JSON."""
+    base = results.get("baseline")
+    el_key = f"el{results['settings']['el_n']}"
+    lines = [
+        "# Forget-versus-keep frontier of LoRA inits on Gemma-3 270M (IHL + retain NLL, CPU)",
+        "",
+        "Commands (each resumes the same results file; finished runs are skipped):",
+        "",
+        *[f"    {cmd}" for cmd in results.get("commands", [])],
+        "",
+        f"Machine: {results.get('machine', {})}",
+        "",
+        f"Settings: {json.dumps(results.get('settings', {}))}",
+        "",
+    ]
+    if not base:
+        path.with_suffix(".md").write_text("\n".join(lines))
+        return
+    names = {"forget": "forget", "mheldout": "memorized heldout", "retain": "retain", "neverseen": "never-seen"}
+    lines += ["Base model (per-passage means):", "", "| set | passages | MA | EL10 | PPL |", "|---|---|---|---|---|"]
+    for name in SETS:
+        b = base[name]
+        el = b.get(el_key)
+        lines.append(
+            f"| {names[name]} | {len(_texts(name))} | {b['ma']:.3f} | {'–' if el is None else f'{el:.3f}'} "
+            f"| {b['ppl']:.1f} |"
+        )
+    thr = results["thresholds"]
+    lines += [
+        "",
+        f"Forgotten = forget MA <= {thr['ma']:.3f} and {el_key.upper()} <= {thr['el']:.3f} (the never-seen level).",
+        "",
+        "## Every (init, learning rate)",
+        "",
+        "| init | lr | seeds | forgotten | steps | heldout MA | heldout EL10 | never-seen PPL | retain MA "
+        "| forget MA | init s | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    groups = group_runs(results)
+    order = list(INITS)
+    for init, lr in sorted(groups, key=lambda k: (order.index(k[0]) if k[0] in order else 99, k[1])):
+        rs = groups[(init, lr)]
+        met = [r["metrics"] for r in rs]
+        lines.append(
+            f"| {INITS.get(init, init)} | {lr:g} | {len(rs)} | {sum(r['forgotten'] for r in rs)}/{len(rs)} "
+            f"| {_fmt([r['steps'] for r in rs], 1)} | {_fmt([x['mheldout']['ma'] for x in met], 3)} "
+            f"| {_fmt([x['mheldout'][el_key] for x in met], 3)} | {_fmt([x['neverseen']['ppl'] for x in met], 1)} "
+            f"| {_fmt([x['retain']['ma'] for x in met], 3)} | {_fmt([x['forget']['ma'] for x in met], 3)} "
+            f"| {_fmt([r['init_seconds'] for r in rs], 1)} | {_fmt([r['train_seconds'] for r in rs], 0)} |"
+        )
+    best = frontier(results)
+    lines += [
+        "",
+        f"## Fewest steps with heldout MA kept (within {KEEP_MARGIN} of the base {base['mheldout']['ma']:.3f})",
+        "",
+        "Among the learning rates at which every seed forgot; `vs LoRA` = steps / best-tuned default LoRA's steps "
+        "(the paper's promise: <= 0.6 with no more heldout loss).",
+        "",
+        "| init | lr | seeds | steps | heldout MA | vs LoRA steps | heldout MA vs LoRA |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    ref = best.get("lora")
+    for init in INITS:
+        b = best.get(init)
+        if b is None:
+            done = any(k[0] == init for k in groups)
+            lines.append(f"| {INITS[init]} | {'none qualifies' if done else 'not run yet'} | | | | | |")
+            continue
+        ratio = f"{b['steps'] / ref['steps']:.2f}" if ref else "–"
+        dheld = f"{b['mheldout_ma'] - ref['mheldout_ma']:+.3f}" if ref else "–"
+        lines.append(
+            f"| {INITS[init]} | {b['lr']:g} | {b['seeds']} | {b['steps']:.1f} | {b['mheldout_ma']:.3f} "
+            f"| {ratio} | {dheld} |"
+        )
+    sound = sound_points(results)
+    fastest = {init: min(pts, key=lambda p: (p["steps"], -p["mheldout_ma"])) for init, pts in sound.items()}
+    keeping = {init: max(pts, key=lambda p: (p["mheldout_ma"], -p["steps"])) for init, pts in sound.items()}
+    lines += [
+        "",
+        f"## Sound learning rates (every seed forgot, never-seen PPL <= {PPL_MARGIN:g} x base "
+        f"{results['baseline']['neverseen']['ppl']:.1f})",
+        "",
+        "Fastest: the sound lr with the fewest steps (for default LoRA this is the *best-tuned* baseline); most kept: "
+        "the sound lr with the highest heldout MA. `vs LoRA` compares with best-tuned default LoRA.",
+        "",
+        "| init | fastest lr | steps | heldout MA | vs LoRA steps | heldout MA vs LoRA | most-kept lr | steps "
+        "| heldout MA | sound lrs |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    ref = fastest.get("lora")
+    for init in INITS:
+        f, k = fastest.get(init), keeping.get(init)
+        if f is None:
+            done = any(key[0] == init for key in groups)
+            lines.append(f"| {INITS[init]} | {'none' if done else 'not run yet'} | | | | | | | | |")
+            continue
+        ratio = f"{f['steps'] / ref['steps']:.2f}" if ref else "–"
+        dheld = f"{f['mheldout_ma'] - ref['mheldout_ma']:+.3f}" if ref else "–"
+        lrs = ", ".join(f"{p['lr']:g}" for p in sorted(sound[init], key=lambda p: p["lr"]))
+        lines.append(
+            f"| {INITS[init]} | {f['lr']:g} | {f['steps']:.1f} | {f['mheldout_ma']:.3f} | {ratio} | {dheld} "
+            f"| {k['lr']:g} | {k['steps']:.1f} | {k['mheldout_ma']:.3f} | {lrs} |"
+        )
+    lines += [
+        "",
+        "Columns: `steps` = optimizer steps until forgotten (the cap when not forgotten); heldout = the memorized "
+        "heldout set (never trained on), measured at the stop like every other metric; `init s` = wall time of "
+        "the trainer's init before the first step (Fisher / VILA pass + SVD; ~0 for default LoRA); `train s` = "
+        "training time without the per-step forget checks. Mean ± sample std over seeds.",
+        "",
+    ]
+    if results.get("failures"):
+        lines += ["Failed attempts (retried on the next run of the command):", ""]
+        lines += [f"- `{k}`: {v['error'][-200:]!r}" for k, v in sorted(results["failures"].items())]
+        lines.append("")
+    path.with_suffix(".md").write_text("\n".join(lines))
+    _plot(results, path.with_suffix(".png"))
+
+
+def _plot(results: dict[str, Any], png: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    groups = group_runs(results)
+    if not groups:
+        return
+    base = results["baseline"]["mheldout"]["ma"]
+    cap = results["settings"]["max_steps"]
+    colors = {"lora": "tab:blue", "fila-paper": "tab:orange", "fila-stable": "tab:green", "vila": "tab:purple"}
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for init in INITS:
+        pts = sorted((lr, rs) for (i, lr), rs in groups.items() if i == init)
+        if not pts:
+            continue
+        xs, ys, xe, ye, full = [], [], [], [], []
+        for _, rs in pts:
+            mx, sx = _mean_std([r["steps"] for r in rs])
+            my, sy = _mean_std([r["metrics"]["mheldout"]["ma"] for r in rs])
+            xs.append(mx), ys.append(my), xe.append(sx), ye.append(sy), full.append(all(r["forgotten"] for r in rs))
+        ax.plot(xs, ys, "-", color=colors[init], alpha=0.6)
+        for (lr, _), x, y, dx, dy, ok in zip(pts, xs, ys, xe, ye, full):
+            ax.errorbar(
+                x,
+                y,
+                xerr=dx,
+                yerr=dy,
+                fmt="o",
+                color=colors[init],
+                mfc=colors[init] if ok else "white",
+                capsize=3,
+            )
+            ax.annotate(f"{lr:g}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7, color=colors[init])
+        ax.plot([], [], "o-", color=colors[init], label=INITS[init])
+    ax.axhline(base, color="gray", ls="--", lw=1, label=f"base heldout MA {base:.3f}")
+    ax.axhline(base - KEEP_MARGIN, color="gray", ls=":", lw=1, label=f"base - {KEEP_MARGIN}")
+    ax.axvline(cap, color="red", ls=":", lw=1, label=f"step cap {cap} (hollow: not every seed forgot)")
+    ax.set_xlabel("optimizer steps until forgotten (mean ± std over seeds)")
+    ax.set_ylabel("memorized-heldout MA at the stop (kept knowledge)")
+    ax.set_title("Gemma-3 270M, IHL + retain NLL, r = 8: forget speed vs knowledge kept\n(labels: learning rate)")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="gemma3-270m")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+    p.add_argument("--inits", nargs="+", default=list(INITS), choices=list(INITS))
+    p.add_argument(
+        "--lrs",
+        nargs="+",
+        type=float,
+        default=[1e-3, 1e-4, 3e-4, 3e-3, 3e-5],
+        help="learning rates, in the order they are run (the most informative first)",
+    )
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--max-steps", type=int, default=10)
+    p.add_argument("--el-n", type=int, default=10)
+    p.add_argument("--el-prefix-stride", type=int, default=8)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--timeout", type=int, default=1800, help="per-run timeout in seconds")
+    p.add_argument("--wait", type=int, default=120, help="seconds between checks while only unavailable inits remain")
+    p.add_argument("--max-wait", type=int, default=7200, help="give up waiting for unavailable inits after this")
+    p.add_argument("--retries", type=int, default=1, help="how often a failed run is retried")
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--time-one", metavar="INIT:LR", help="time one seed-0 run and print it (no results written)")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--child-out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.child:
+        Path(args.child_out).write_text(json.dumps(run_one(json.loads(args.child))))
+        return
+
+    settings = {
+        "model": args.model,
+        "dtype": args.dtype,
+        "rank": args.rank,
+        "batch_size": args.batch_size,
+        "max_length": args.max_length,
+        "max_steps": args.max_steps,
+        "el_n": args.el_n,
+        "el_prefix_stride": args.el_prefix_stride,
+        "threads": args.threads,
+        "loss": "IHL + retain NLL (weights 1)",
+        "optimizer": "adamw_torch, constant lr, no warmup, no weight decay",
+        "lora": "q,k,v,o,gate,up,down projections, alpha = 2r, dropout 0",
+    }
+    common = {k: settings[k] for k in ("model", "dtype", "batch_size", "max_length", "el_n", "el_prefix_stride")}
+    common["threads"] = args.threads
+    results = load_results(args.results)
+    results.setdefault("failures", {})
+    if args.report_only:
+        report(results, args.results)
+        return
+    eval_keys = ("model", "dtype", "max_length", "el_n", "el_prefix_stride")
+    old = results.get("settings")
+    if old and any(old.get(k) != settings[k] for k in eval_keys):
+        raise SystemExit(f"--results {args.results} was measured with other evaluation settings {old}.")
+
+    if "baseline" not in results:
+        _say("measuring the base model (thresholds) ...")
+        base = child({**common, "baseline": True, "seed": 0}, args.timeout)
+        if "error" in base:
+            raise SystemExit(base["error"])
+        base.pop("wall_seconds", None)
+        if args.time_one is None:
+            results["baseline"] = base
+            results["thresholds"] = {"ma": base["neverseen"]["ma"], "el": base["neverseen"][f"el{args.el_n}"]}
+    thresholds = results.get("thresholds") or {
+        "ma": base["neverseen"]["ma"],
+        "el": base["neverseen"][f"el{args.el_n}"],
+    }
+
+    if args.time_one:
+        init, lr = args.time_one.split(":")
+        spec = {**common, "init": init, "lr": float(lr), "seed": 0, "rank": args.rank, "max_steps": args.max_steps}
+        t0 = time.time()
+        out = child({**spec, "thresholds": thresholds}, args.timeout)
+        out.pop("history", None)
+        print(json.dumps({"wall_seconds": time.time() - t0, **out}, indent=1)[:4000])
+        return
+
+    import torch
+    import transformers
+
+    import peft_unlearn
+
+    command = "python " + " ".join([os.path.relpath(__file__, ROOT), *(argv if argv is not None else sys.argv[1:])])
+    results.setdefault("commands", [])
+    if command not in results["commands"]:
+        results["commands"].append(command)
+    results["settings"] = settings
+    results["machine"] = {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft_unlearn": peft_unlearn.__version__,
+    }
+    save_results(args.results, results)
+    _safe_report(results, args.results)
+
+    checked: dict[str, tuple[float, bool, str]] = {}
+    waited = 0.0
+    while True:
+        todo = []
+        for spec in plan(args, results):
+            key = run_key(spec)
+            fails = results["failures"].get(key, {}).get("count", 0)
+            if key not in results["runs"] and fails <= args.retries:
+                todo.append((key, spec))
+        if not todo:
+            break
+        picked = None
+        for key, spec in todo:
+            when, ok, why = checked.get(spec["init"], (0.0, False, ""))
+            if time.time() - when > args.wait:
+                ok, why = available(spec["init"])
+                checked[spec["init"]] = (time.time(), ok, why)
+                if not ok:
+                    _say(f"{spec['init']} not available yet: {why}")
+            if ok:
+                picked = (key, spec)
+                break
+        if picked is None:
+            if waited >= args.max_wait:
+                _say(f"giving up: {len(todo)} runs wait for inits that never became available")
+                break
+            time.sleep(args.wait)
+            waited += args.wait
+            continue
+        key, spec = picked
+        _say(f"start {key}")
+        result = child({**common, **spec, "thresholds": thresholds}, args.timeout)
+        if "error" in result:
+            entry = results["failures"].setdefault(key, {"count": 0})
+            entry["count"] += 1
+            entry["error"] = result["error"]
+            _say(f"FAILED {key}: {result['error'][-800:]}")
+        else:
+            results["failures"].pop(key, None)
+            results["runs"][key] = {"spec": spec, "result": result}
+            met = result["metrics"]
+            _say(
+                f"done {key}: forgotten={result['forgotten']} steps={result['steps']} "
+                f"heldout_ma={met['mheldout']['ma']:.3f} ppl={met['neverseen']['ppl']:.1f} "
+                f"init_s={result['init_seconds']:.1f} train_s={result['train_seconds']:.0f} "
+                f"wall_s={result['wall_seconds']:.0f}"
+            )
+        save_results(args.results, results)
+        _safe_report(results, args.results)
+    _safe_report(results, args.results)
+
+
+def _safe_report(results: dict[str, Any], path: Path) -> None:
+    """A broken report must not stop the measurements (rerun with --report-only after fixing it)."""
+    try:
+        report(results, path)
+    except Exception as exc:  # noqa: BLE001
+        _say(f"report failed ({type(exc).__name__}: {exc}); the JSON is saved, rerun with --report-only")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Helpers shared by the test modules (fixtures live in `conftest.py`)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+
+def run_python(
+    args: Sequence[str | Path],
+    *,
+    cwd: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 300,
+    expect: str | None = None,
+) -> subprocess.CompletedProcess:
+    """Run `python *args` in a fresh interpreter (offline, one thread) and assert that it succeeded.
+
+    Args:
+        args: Arguments after the interpreter, e.g. `["-m", "peft_unlearn.cli", "train", ...]` or a script path.
+        cwd: Working directory of the subprocess.
+        env: Extra environment variables (on top of the current environment and the offline defaults).
+        timeout: Seconds before the subprocess is killed.
+        expect: A string that must appear in its standard output (a marker printed at the end of a script).
+
+    Returns:
+        The completed process (text-mode `stdout` / `stderr`).
+    """
+    full_env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONWARNINGS": "ignore",
+        **(env or {}),
+    }
+    proc = subprocess.run(
+        [sys.executable, *map(str, args)], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
+    shown = [str(a)[:80] for a in args[:3]]
+    assert proc.returncode == 0, (
+        f"python {shown} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    )
+    assert expect is None or expect in proc.stdout, (
+        f"python {shown}: {expect!r} not in its output:\n{proc.stdout[-2000:]}"
+    )
+    return proc

@@ -1,0 +1,608 @@
+"""Bad and unusual inputs: every case fails early and clearly, loses nothing, and never reports a broken success.
+
+One place for the cases a new user hits (tiny offline models from `peft_unlearn.testing` only): user files in
+save folders, non-finite settings and divergent training, boundary errors (vocabulary, lengths, paths, corrupt
+files, network), ignored options, empty evaluation sets, and the PrivLeak / EL conventions. Each test fails on
+the code before the corresponding fix.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from peft_unlearn.metrics import evaluate_memorization, extraction_likelihood, memorization_accuracy, privleak
+from peft_unlearn.metrics.mia import min_k_prob_scores
+from peft_unlearn.save_policy import MANIFEST_NAME, SaveConflictError, is_ours, remove_if_ours, staged_save
+from peft_unlearn.testing import TINY_CORPUS, tiny_causal_lm
+from peft_unlearn.trainer import UnlearningConfig, UnlearningTrainer
+from peft_unlearn.trainer.finite_guard import NonFiniteTrainingError
+from peft_unlearn.trainer.run_checks import CorruptCheckpointError
+from peft_unlearn.trainer.saving import HubConnectionError
+
+FORGET = [{"text": t} for t in TINY_CORPUS[:4]]
+RETAIN = [{"text": t} for t in TINY_CORPUS[4:]]
+
+
+def _args(output_dir, **kwargs) -> UnlearningConfig:
+    defaults = {
+        "output_dir": str(output_dir),
+        "report_to": "none",
+        "save_strategy": "no",
+        "use_cpu": True,
+        "max_steps": 2,
+        "per_device_train_batch_size": 2,
+        "learning_rate": 1e-3,
+        "logging_steps": 1,
+        "disable_tqdm": True,
+        "seed": 0,
+    }
+    defaults.update(kwargs)
+    return UnlearningConfig(**defaults)
+
+
+def _lora(**kwargs) -> LoraConfig:
+    return LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", **kwargs)
+
+
+def _trainer(tokenizer, output_dir, model=None, peft=True, **kwargs) -> UnlearningTrainer:
+    data = {
+        "forget_dataset": kwargs.pop("forget_dataset", FORGET),
+        "retain_dataset": kwargs.pop("retain_dataset", RETAIN),
+    }
+    extra = {k: kwargs.pop(k) for k in ("ref_model", "eval_dataset") if k in kwargs}
+    return UnlearningTrainer(
+        model=model if model is not None else tiny_causal_lm("llama", vocab_size=len(tokenizer)),
+        args=_args(output_dir, **kwargs),
+        processing_class=tokenizer,
+        peft_config=_lora() if peft else None,
+        **data,
+        **extra,
+    )
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _user_files(folder: Path, files: dict[str, str]) -> dict[str, bytes]:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    return _snapshot(folder)
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------------
+
+
+def test_privleak_follows_muse_sign_and_denominator():
+    # (AUC_retain - AUC) / (1 - AUC_retain) * 100; leakage is negative, an un-unlearned model scores ~ -100
+    assert privleak(0.9, 0.7) == pytest.approx(-200 / 3)
+    assert privleak(1.0, 0.5) == pytest.approx(-100.0)
+    assert privleak(0.4, 0.6) == pytest.approx(50.0)
+
+
+def test_privleak_retain_auc_one_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"`retain_auc` is 1.*denominator"):
+        privleak(0.8, 1.0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -0.1, 1.2, True, "0.5"])
+def test_privleak_rejects_non_auc_values(bad):
+    with pytest.raises(ValueError, match="must be an AUC in \\[0, 1\\]"):
+        privleak(bad, 0.5)
+
+
+def test_empty_evaluation_set_raises_instead_of_nan(tiny_llama):
+    with pytest.raises(ValueError, match="`data` is empty"):
+        evaluate_memorization(tiny_llama, [])
+    with pytest.raises(ValueError, match="`data` is empty"):
+        min_k_prob_scores(tiny_llama, [])
+    with pytest.raises(ValueError, match="`input_ids` is empty"):
+        memorization_accuracy(tiny_llama, torch.zeros(0, 5, dtype=torch.long))
+
+
+def test_el_stop_at_eos_without_an_eos_id_is_a_clear_error(tiny_llama):
+    tiny_llama.config.eos_token_id = None
+    tiny_llama.generation_config.eos_token_id = None
+    with pytest.raises(ValueError, match="eos_token_id=tokenizer.eos_token_id"):
+        extraction_likelihood(tiny_llama, [[5, 6, 7, 8]], n=2, stop_at_eos=True)
+    assert not math.isnan(extraction_likelihood(tiny_llama, [[5, 6, 7, 8]], n=2, stop_at_eos=True, eos_token_id=3))
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration: non-finite settings, ignored options
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("retain_weight", float("inf")),
+        ("forget_weight", float("inf")),
+        ("forget_weight", float("nan")),
+        ("learning_rate", float("inf")),
+        ("learning_rate", float("nan")),
+        ("beta", float("inf")),
+        ("simnpo_delta", float("nan")),
+        ("max_grad_norm", float("nan")),
+        ("weight_decay", float("inf")),
+        ("adam_epsilon", float("nan")),
+        ("num_train_epochs", float("inf")),
+    ],
+)
+def test_config_rejects_non_finite_settings(tmp_path, field, value):
+    kwargs = (
+        {"forget_loss": "npo"} if field == "beta" else {"forget_loss": "simnpo"} if field == "simnpo_delta" else {}
+    )
+    with pytest.raises(ValueError, match=f"`{field}` must be a finite number, got {value!r}"):
+        UnlearningConfig(output_dir=str(tmp_path), report_to="none", **kwargs, **{field: value})
+
+
+def test_config_rejects_a_negative_learning_rate(tmp_path):
+    with pytest.raises(ValueError, match="`learning_rate` must be >= 0"):
+        UnlearningConfig(output_dir=str(tmp_path), report_to="none", learning_rate=-1e-4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"forget_loss": "inverted_hinge", "beta": 0.3}, "`beta`=0.3 is ignored"),
+        ({"forget_loss": "npo", "simnpo_delta": 0.5}, "`simnpo_delta`=0.5 is ignored"),
+        ({"retain_loss": "nll", "kl_mask": "none"}, "`kl_mask`='none' is ignored"),
+        ({"retain_loss": None, "retain_weight": 2.0}, "`retain_weight`=2.0 is ignored"),
+        ({"forget_loss": "npo", "idk_answers": ["No idea."]}, "`idk_answers` is ignored"),
+        ({"completion_only_loss": False, "assistant_turns": "last"}, "`assistant_turns`='last' is ignored"),
+        ({"eval_compute_el": False, "eval_el_n": [5]}, "eval_compute_el=False skips EL"),
+    ],
+)
+def test_config_warns_about_options_the_mode_ignores(tmp_path, kwargs, fragment):
+    with pytest.warns(UserWarning, match=fragment):
+        UnlearningConfig(output_dir=str(tmp_path), report_to="none", **kwargs)
+
+
+def test_config_used_options_do_not_warn(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        UnlearningConfig(output_dir=str(tmp_path), report_to="none", forget_loss="simnpo", beta=3.0, simnpo_delta=0.1)
+        UnlearningConfig(output_dir=str(tmp_path), report_to="none", retain_loss="kl", kl_mask="none")
+
+
+def test_trainer_warns_about_fila_and_retain_options_it_ignores(tokenizer, tmp_path):
+    with pytest.warns(UserWarning, match="`fila_seed` ignored: the model has no FILA adapter"):
+        _trainer(tokenizer, tmp_path / "out", fila_seed=3)
+    with pytest.warns(UserWarning, match="`retain_pairing` ignored: the run has no retain data"):
+        _trainer(tokenizer, tmp_path / "out", retain_loss=None, retain_dataset=None, retain_pairing="cycle")
+
+
+# --------------------------------------------------------------------------------------------------
+# Training to NaN
+# --------------------------------------------------------------------------------------------------
+
+
+def _nan_after(trainer, step: int):
+    """Make compute_loss return NaN from optimizer step `step` on (1-based)."""
+    original = trainer.compute_loss
+
+    def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = original(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if trainer.state.global_step + 1 >= step and model.training:
+            loss = loss * float("nan")
+        return loss
+
+    trainer.compute_loss = compute_loss
+
+
+def test_nan_loss_stops_training_and_nothing_is_saved(tokenizer, tmp_path):
+    out = tmp_path / "out"
+    trainer = _trainer(tokenizer, out, max_steps=4)
+    _nan_after(trainer, step=2)
+    with pytest.raises(NonFiniteTrainingError, match=r"Training stopped at step 2: the loss is nan") as info:
+        trainer.train()
+    assert info.value.step == 2 and "not saved or pushed" in str(info.value)
+    with pytest.raises(NonFiniteTrainingError, match="Refusing saving the model"):
+        trainer.save_model(str(out))
+    with pytest.raises(NonFiniteTrainingError, match="Refusing"):
+        trainer.create_model_card()
+    with pytest.raises(NonFiniteTrainingError, match="Refusing push_to_hub"):
+        trainer.push_to_hub()
+    assert not (out / "adapter_model.safetensors").exists() and not (out / "README.md").exists()
+
+
+def test_exploding_learning_rate_stops_at_the_first_non_finite_step(tokenizer, tmp_path):
+    # lr 1e12 with clipping off: the weights overflow; the run must stop instead of logging "loss 0.0"
+    trainer = _trainer(
+        tokenizer,
+        tmp_path / "out",
+        max_steps=30,
+        learning_rate=1e12,
+        max_grad_norm=0.0,
+        forget_loss="gradient_ascent",
+        optim="sgd",
+    )
+    with pytest.raises(NonFiniteTrainingError, match=r"Training stopped at step \d+.*learning_rate=1e\+12 is large"):
+        trainer.train()
+    with pytest.raises(NonFiniteTrainingError):
+        trainer.save_model(str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_non_finite_gradient_stops_before_the_optimizer_applies_it(tokenizer, tmp_path):
+    trainer = _trainer(tokenizer, tmp_path / "out", max_steps=3)
+    model = trainer.model
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    hooked = next(p for p in model.parameters() if p.requires_grad)
+    hooked.register_hook(lambda grad: grad * float("inf"))
+    with pytest.raises(NonFiniteTrainingError, match="gradient norm is .* so it was not applied"):
+        trainer.train()
+    after = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    assert all(torch.equal(before[n], after[n]) for n in before)  # the optimizer never stepped
+
+
+def test_a_model_with_nan_weights_is_never_saved(tokenizer, tmp_path):
+    trainer = _trainer(tokenizer, tmp_path / "out")
+    with torch.no_grad():
+        next(p for p in trainer.model.parameters() if p.requires_grad).fill_(float("nan"))
+    with pytest.raises(NonFiniteTrainingError, match="holds NaN/inf values"):
+        trainer.save_model(str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "adapter_config.json").exists()
+
+
+def test_zero_training_steps_is_an_error_not_a_saved_adapter(tokenizer, tmp_path):
+    trainer = _trainer(tokenizer, tmp_path / "out", max_steps=-1, num_train_epochs=0)
+    with pytest.raises(ValueError, match="trains for zero steps"):
+        trainer.train()
+
+
+# --------------------------------------------------------------------------------------------------
+# User files: nothing overwritten, hijacked or deleted that the library did not write
+# --------------------------------------------------------------------------------------------------
+
+
+def test_save_keeps_a_users_readme(tokenizer, tmp_path):
+    out = tmp_path / "out"
+    _user_files(out, {"README.md": "# my notes\n"})
+    trainer = _trainer(tokenizer, out)
+    trainer.save_model(str(out))
+    assert (out / "README.md").read_text() == "# my notes\n"
+    assert (out / "adapter_model.safetensors").is_file() and is_ours(out, "adapter_model.safetensors")
+    trainer.save_model(str(out))  # re-saving over our own files is fine
+    assert (out / "README.md").read_text() == "# my notes\n"
+
+
+def test_model_card_replaces_only_our_readme(tokenizer, tmp_path):
+    out = tmp_path / "out"
+    trainer = _trainer(tokenizer, out)
+    trainer.save_model(str(out))
+    assert "peft-unlearn" in (out / "README.md").read_text() and is_ours(out, "README.md")
+    (out / "README.md").write_text("# edited by hand\n")  # now it is the user's
+    trainer.create_model_card()
+    assert (out / "README.md").read_text() == "# edited by hand\n"
+
+
+def test_save_refuses_to_overwrite_a_users_adapter_and_loses_nothing(tokenizer, tmp_path):
+    out = tmp_path / "out"
+    before = _user_files(out, {"adapter_config.json": '{"mine": true}', "notes.txt": "x"})
+    trainer = _trainer(tokenizer, out)
+    with pytest.raises(SaveConflictError, match=r"'adapter_config.json'.*overwrite_output=True"):
+        trainer.save_model(str(out))
+    assert _snapshot(out) == before  # nothing written, nothing left behind (no staging folder)
+    with pytest.raises(SaveConflictError, match="adapter_config.json"):
+        trainer.train()  # refused before training, not after it
+    assert trainer.state.global_step == 0
+
+
+def test_overwrite_output_allows_it_but_still_keeps_the_readme(tokenizer, tmp_path):
+    out = tmp_path / "out"
+    _user_files(out, {"adapter_config.json": "{}", "README.md": "mine"})
+    trainer = _trainer(tokenizer, out, overwrite_output=True)
+    trainer.save_model(str(out))
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert (out / "README.md").read_text() == "mine"
+
+
+def test_adapter_is_never_saved_into_a_base_models_folder(tokenizer, tmp_path):
+    base_dir = tmp_path / "base"
+    tiny_causal_lm("llama", vocab_size=len(tokenizer)).save_pretrained(base_dir)
+    before = _snapshot(base_dir)
+    trainer = _trainer(tokenizer, tmp_path / "out")
+    with pytest.raises(SaveConflictError, match="from_pretrained\\(\\) on it would afterwards load the adapter"):
+        trainer.save_model(str(base_dir))
+    assert _snapshot(base_dir) == before
+    trainer = _trainer(tokenizer, base_dir)
+    with pytest.raises(SaveConflictError, match="holds a model"):
+        trainer.train()
+    assert _snapshot(base_dir) == before
+
+
+def test_full_model_save_refuses_a_foreign_config(tokenizer, tmp_path):
+    out = tmp_path / "out"
+    before = _user_files(out, {"config.json": "{}"})
+    trainer = _trainer(tokenizer, out, peft=False)
+    with pytest.raises(SaveConflictError, match="config.json"):
+        trainer.save_model(str(out))
+    assert _snapshot(out) == before
+
+
+def test_checkpoints_are_recorded_and_rotation_never_deletes_a_foreign_checkpoint(tokenizer, tmp_path):
+    out = tmp_path / "out"
+    trainer = _trainer(tokenizer, out, save_strategy="steps", save_steps=1, max_steps=2)
+    trainer.train()
+    assert is_ours(out / "checkpoint-2", "adapter_model.safetensors")
+    assert is_ours(out / "checkpoint-2", "optimizer.pt")
+    (out / "checkpoint-1").mkdir(exist_ok=True)
+    foreign = tmp_path / "other"
+    _user_files(foreign / "checkpoint-1", {"precious.bin": "data"})
+    trainer = _trainer(tokenizer, foreign, save_strategy="steps", save_steps=1, max_steps=2, save_total_limit=1)
+    with pytest.raises(SaveConflictError, match="save_total_limit=1 would delete 'checkpoint-1'"):
+        trainer.train()
+    assert (foreign / "checkpoint-1" / "precious.bin").read_text() == "data"
+
+
+def test_staged_save_unit_rules(tmp_path):
+    folder = tmp_path / "f"
+    _user_files(folder, {"user.json": "u", "README.md": "user"})
+    with pytest.raises(SaveConflictError, match="'user.json'"):
+        with staged_save(folder) as stage:
+            (stage / "user.json").write_text("ours")
+            (stage / "new.json").write_text("ours")
+    assert not (folder / "new.json").exists() and (folder / "user.json").read_text() == "u"
+    assert [p.name for p in folder.iterdir() if p.name.startswith("_peft_unlearn_staging")] == []
+    with staged_save(folder) as stage:
+        (stage / "README.md").write_text("card")
+        (stage / "sub").mkdir()
+        (stage / "sub" / "a.safetensors").write_text("x")
+    assert (folder / "README.md").read_text() == "user" and is_ours(folder, "sub/a.safetensors")
+    assert (folder / MANIFEST_NAME).is_file()
+
+
+def test_remove_if_ours_never_deletes_a_users_folder(tmp_path):
+    folder = tmp_path / "f"
+    _user_files(folder, {"_fila_init/fila_meta.json": "{}"})
+    with pytest.warns(UserWarning, match="Leaving .* did not write"):
+        assert remove_if_ours(folder, "_fila_init") is False
+    assert (folder / "_fila_init" / "fila_meta.json").is_file()
+    with staged_save(folder, overwrite=True) as stage:
+        (stage / "_fila_init").mkdir()
+        (stage / "_fila_init" / "fila_meta.json").write_text("{}")
+    assert remove_if_ours(folder, "_fila_init") is True and not (folder / "_fila_init").exists()
+
+
+def _fila_trainer(tokenizer, output_dir, **kwargs):
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", init_lora_weights="fila")
+    return UnlearningTrainer(
+        model=tiny_causal_lm("llama", vocab_size=len(tokenizer)),
+        args=_args(output_dir, **kwargs),
+        processing_class=tokenizer,
+        forget_dataset=FORGET,
+        retain_dataset=RETAIN,
+        peft_config=lora,
+    )
+
+
+def test_fila_portable_save_is_decided_by_the_trainer_not_the_folder_name(tokenizer, tmp_path):
+    trainer = _fila_trainer(tokenizer, tmp_path / "out", max_steps=1)
+    trainer.train()
+    named_like_a_checkpoint = tmp_path / "checkpoint-7"
+    trainer.save_model(str(named_like_a_checkpoint))
+    config = json.loads((named_like_a_checkpoint / "adapter_config.json").read_text())
+    assert config["init_lora_weights"] is True and config["r"] == 4  # the portable rank-2r LoRA
+    assert not (named_like_a_checkpoint / "_fila_init").exists()
+
+
+def test_fila_save_keeps_a_foreign_fila_init_folder(tokenizer, tmp_path):
+    out = tmp_path / "out"
+    _user_files(out, {"_fila_init/fila_meta.json": '{"user": 1}'})
+    trainer = _fila_trainer(tokenizer, out, max_steps=1)
+    trainer.train()
+    with pytest.warns(UserWarning, match="Leaving"):
+        trainer.save_model(str(out))
+    assert (out / "_fila_init" / "fila_meta.json").read_text() == '{"user": 1}'
+
+
+# --------------------------------------------------------------------------------------------------
+# Boundaries: vocabulary, lengths, paths, corrupt files, reference model, network, resume, eval sets
+# --------------------------------------------------------------------------------------------------
+
+
+def test_token_ids_outside_the_vocabulary_are_a_clear_error(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match=r"forget example 1 holds token id 5000, outside the model's vocabulary"):
+        _trainer(tokenizer, tmp_path / "out", forget_dataset=[{"input_ids": [1, 2, 3]}, {"input_ids": [4, 5000]}])
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_a_clear_error(tokenizer, tmp_path):
+    small = tiny_causal_lm("llama", vocab_size=len(tokenizer) - 20)
+    with pytest.raises(ValueError, match=r"`processing_class` has \d+ tokens but the model's embedding has \d+ rows"):
+        _trainer(tokenizer, tmp_path / "out", model=small)
+
+
+def test_sequences_longer_than_the_model_positions_are_refused(tokenizer, tmp_path):
+    short = tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    short.config.max_position_embeddings = 8
+    with pytest.raises(ValueError, match=r"more than the model's 8 positions .* Set max_length <= 8"):
+        _trainer(tokenizer, tmp_path / "out", model=short, max_length=64)
+    _trainer(tokenizer, tmp_path / "out", model=short, max_length=8)  # truncated to fit: accepted
+
+
+def test_a_missing_model_path_is_a_clear_error(tokenizer, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"`model`='.*missing' looks like a local path but does not exist"):
+        UnlearningTrainer(
+            model=str(tmp_path / "missing"),
+            args=_args(tmp_path / "o"),
+            processing_class=tokenizer,
+            forget_dataset=FORGET,
+            retain_dataset=RETAIN,
+        )
+
+
+def test_a_corrupt_model_file_is_named_on_load(tokenizer, tmp_path):
+    folder = tmp_path / "model"
+    tiny_causal_lm("llama", vocab_size=len(tokenizer)).save_pretrained(folder)
+    (folder / "model.safetensors").write_bytes(b"\x00\x01garbage")
+    with pytest.raises(CorruptCheckpointError, match=r"model.safetensors' is corrupt or truncated"):
+        UnlearningTrainer(
+            model=str(folder),
+            args=_args(tmp_path / "o"),
+            processing_class=tokenizer,
+            forget_dataset=FORGET,
+            retain_dataset=RETAIN,
+        )
+
+
+def test_resume_from_a_missing_or_corrupt_checkpoint(tokenizer, tmp_path):
+    out = tmp_path / "out"
+    trainer = _trainer(tokenizer, out, save_strategy="steps", save_steps=1, max_steps=1)
+    with pytest.raises(ValueError, match="resume_from_checkpoint=True but output_dir=.* holds no checkpoint"):
+        trainer.train(resume_from_checkpoint=True)
+    with pytest.raises(ValueError, match=r"resume_from_checkpoint='.*nope' does not exist"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "nope"))
+    trainer.train()
+    checkpoint = out / "checkpoint-1"
+    data = (checkpoint / "adapter_model.safetensors").read_bytes()
+    (checkpoint / "adapter_model.safetensors").write_bytes(data[: len(data) // 3])
+    trainer = _trainer(tokenizer, out, save_strategy="steps", save_steps=1, max_steps=2)
+    with pytest.raises(CorruptCheckpointError, match="checkpoint-1/adapter_model.safetensors' is corrupt"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+
+
+def test_reference_model_with_another_vocabulary_is_refused(tokenizer, tmp_path):
+    ref = tiny_causal_lm("llama", vocab_size=len(tokenizer) + 16)
+    with pytest.raises(ValueError, match=r"`ref_model` has a vocabulary of \d+ tokens but the trained model has"):
+        _trainer(tokenizer, tmp_path / "out", peft=False, forget_loss="npo", ref_model=ref)
+
+
+def test_hub_push_without_network_is_one_line(tokenizer, tmp_path, monkeypatch):
+    import requests
+    import transformers.trainer
+
+    class NoNetwork:
+        def create_repo(self, *args, **kwargs):
+            raise requests.exceptions.ConnectionError(
+                "HTTPSConnectionPool(host='huggingface.co', port=443): Max retries exceeded\n  ... long trace ..."
+            )
+
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: NoNetwork())
+    with pytest.raises(HubConnectionError) as info:
+        _trainer(tokenizer, tmp_path / "out", push_to_hub=True, hub_model_id="someone/tiny")
+    message = str(info.value)
+    assert "\n" not in message and "cannot reach the Hugging Face Hub" in message and "push_to_hub=False" in message
+    assert info.value.__suppress_context__
+
+
+def test_empty_evaluation_sets_raise(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="empty"):
+        _trainer(tokenizer, tmp_path / "out", eval_dataset={"forget": []})
+    trainer = _trainer(tokenizer, tmp_path / "out")
+    with pytest.raises(ValueError, match="empty"):
+        trainer.evaluate({"heldout": []})
+    with pytest.raises(ValueError, match="empty dict"):
+        trainer.evaluate({})
+
+
+def test_large_files_stay_ours_when_rewritten_identically(tmp_path):
+    folder = tmp_path / "f"
+    payload = bytes(range(256)) * (40 * 1024 + 7)  # ~10 MiB: above the full-hash limit
+    with staged_save(folder) as stage:
+        (stage / "tokenizer.json").write_bytes(payload)
+    (folder / "tokenizer.json").write_bytes(payload)  # e.g. tokenizer.save_pretrained again: new mtime, same bytes
+    assert is_ours(folder, "tokenizer.json")
+    (folder / "tokenizer.json").write_bytes(payload[:-1] + b"!")
+    assert not is_ours(folder, "tokenizer.json")
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line: the same policy and checks, one error line, nothing reported as saved
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cli_files(tmp_path_factory):
+    from peft_unlearn.testing import tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("cli")
+    tok = tiny_tokenizer()
+    tiny_causal_lm("llama", vocab_size=len(tok)).save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    forget, retain = root / "forget.jsonl", root / "retain.jsonl"
+    forget.write_text("".join(json.dumps(row) + "\n" for row in FORGET))
+    retain.write_text("".join(json.dumps(row) + "\n" for row in RETAIN))
+    return root
+
+
+def _cli_train(cli_files, output, *extra):
+    from peft_unlearn.cli import main
+
+    argv = [
+        "train",
+        "--model",
+        str(cli_files / "model"),
+        "--forget",
+        str(cli_files / "forget.jsonl"),
+        "--retain",
+        str(cli_files / "retain.jsonl"),
+        "--output",
+        str(output),
+        "--max_steps",
+        "1",
+        "--lora_r",
+        "2",
+        "--report_to",
+        "none",
+        "--use_cpu",
+        "True",
+        "--disable_tqdm",
+        "True",
+        *extra,
+    ]
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
+def test_cli_refuses_to_put_an_adapter_into_the_base_model_folder(cli_files, capsys):
+    before = _snapshot(cli_files / "model")
+    code = _cli_train(cli_files, cli_files / "model")
+    err = capsys.readouterr().err
+    assert code == 1 and "holds a model" in err and "--overwrite_output" in err and "Traceback" not in err
+    assert _snapshot(cli_files / "model") == before
+
+
+def test_cli_keeps_a_users_readme_and_reports_the_save(cli_files, tmp_path, capsys):
+    out = tmp_path / "out"
+    _user_files(out, {"README.md": "mine"})
+    assert _cli_train(cli_files, out) == 0
+    assert (out / "README.md").read_text() == "mine" and (out / "adapter_model.safetensors").is_file()
+    assert "Saved the" in capsys.readouterr().out
+
+
+def test_cli_zero_steps_is_an_error_not_a_saved_adapter(cli_files, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = _cli_train(cli_files, out, "--max_steps", "-1", "--num_train_epochs", "0")
+    captured = capsys.readouterr()
+    assert code != 0 and "zero steps" in captured.err and "Saved the" not in captured.out
+    assert not (out / "adapter_model.safetensors").exists()
+
+
+def test_cli_rejects_a_non_finite_learning_rate(cli_files, tmp_path, capsys):
+    code = _cli_train(cli_files, tmp_path / "out", "--learning_rate", "inf")
+    err = capsys.readouterr().err
+    assert code != 0 and "`learning_rate` must be a finite number" in err and "Traceback" not in err
+
+
+def test_models_loader_names_a_missing_model():
+    from peft_unlearn.models import load_model_and_tokenizer
+
+    with pytest.raises(FileNotFoundError, match="looks like a local path but does not exist"):
+        load_model_and_tokenizer("./no/such/model")
+    with pytest.raises(OSError, match="name_or_path='no-such-model-xyz' could not be loaded"):
+        load_model_and_tokenizer("no-such-model-xyz")
