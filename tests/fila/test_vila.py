@@ -17,7 +17,7 @@ from peft_unlearn.fila import (
     initialize_fila_weights,
     initialize_vila_weights,
 )
-from peft_unlearn.fila.registration import iter_lora_layers
+from peft_unlearn.fila.state import iter_lora_layers
 from peft_unlearn.fila.vila import vila_layer_importance
 from peft_unlearn.testing import random_lm_batches, tiny_causal_lm
 
@@ -215,7 +215,7 @@ def test_init_keeps_the_output_and_equals_fila_with_the_same_statistics(arch):
     name, layer = iter_lora_layers(model, "default")[0]
     weight = modules[name].weight.detach()
     weight = weight.mT if arch == "gpt2" else weight
-    a0, b0, _ = fila_init_layer(weight, stats.layer_relative_importance(name), 2, float(layer.scaling["default"]))
+    a0, b0 = fila_init_layer(weight, stats.layer_relative_importance(name), 2, float(layer.scaling["default"]))
     torch.testing.assert_close(layer.lora_A["default"].weight, a0)
     torch.testing.assert_close(layer.lora_B["default"].weight, b0)
 
