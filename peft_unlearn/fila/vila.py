@@ -324,8 +324,8 @@ def initialize_vila_weights(
 ) -> dict[str, Any]:
     """Compute the VILA init of one adapter: VILA importance, then FILA's weighted low-rank init.
 
-    Every LoRA layer of the adapter gets ``A0``, ``B0`` from the weighted SVD and its base weight becomes
-    ``W - s * B0 @ A0``, exactly as with [`initialize_fila_weights`][peft_unlearn.initialize_fila_weights]
+    Every LoRA layer of the adapter gets ``A0``, ``B0`` from the weighted SVD and a frozen copy of them that
+    cancels ``s * B0 @ A0`` (the base weight is never modified), exactly as with [`initialize_fila_weights`][peft_unlearn.initialize_fila_weights]
     (so the model output is unchanged and ``save_pretrained`` writes the portable plain LoRA).
 
     Args:
