@@ -26,9 +26,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# ruff also formats the Python code blocks of Markdown files: the docs are checked like the code.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check peft_unlearn tests examples benchmarks scripts
-	$(VENV)/bin/ruff format --check peft_unlearn tests examples benchmarks scripts
+	$(VENV)/bin/ruff format --check peft_unlearn tests examples benchmarks scripts README.md CONTRIBUTING.md docs
 
 docs: $(STAMP)
 	$(VENV)/bin/mkdocs build --strict

@@ -2,9 +2,10 @@
 
 Measures, each in a fresh subprocess (so every peak is its own):
 
-* ``fila``: the FILA initialisation exactly as ``UnlearningTrainer.train()`` runs it before training
-  (Fisher pass over the forget set, each forget batch paired with one retain batch, then one weighted
-  SVD per LoRA layer), through the trainer's own FILA hook;
+* ``fila``: the FILA initialisation as ``UnlearningTrainer.train()`` runs it before training, through the
+  public API: `estimate_fisher` over the forget set (each forget batch paired with one retain batch, in
+  order, tokenized like the trainer does), then `initialize_fila_weights(fisher=...)` (one weighted SVD per
+  LoRA layer);
 * ``epoch``: one unlearning epoch (IHL + retain NLL, one optimizer step per forget batch) with a plainly
   initialised LoRA adapter, via ``UnlearningTrainer.train()``.
 
@@ -13,10 +14,6 @@ Time is wall clock and process CPU time (all threads); memory is the process RSS
 (``VmHWM`` reset through ``/proc/self/clear_refs`` right before the phase). The RSS right after loading
 the model and right before the phase are recorded too, so the peak increments can be compared.
 
-``--profile`` adds an anatomy of the Fisher pass (forward / backward / accumulation split, operator
-classes from the profiler, train vs eval mode, 1 thread vs ``--threads``, a LoRA training step on the same
-batches, fused accumulation, a memory comparison of the current ``torch.autograd.grad`` accumulation with
-a streaming alternative) and of the SVD phase (per-layer vs a batched per-shape prototype).
 ``--control-threads 1`` repeats every measurement with one thread (much less sensitive to a shared,
 oversubscribed machine).
 
@@ -25,9 +22,7 @@ from it. Runs that are already in the file with the same settings are skipped (`
 
 Usage::
 
-    PEFT_UNLEARN_CACHE=/work/cache python benchmarks/fila_init_cost.py --repeats 2 --control-threads 1 \
-        --profile --profile-repeats 1
-    python benchmarks/fila_init_cost.py --profile-only                      # redo only the anatomy
+    PEFT_UNLEARN_CACHE=/work/cache python benchmarks/fila_init_cost.py --repeats 2 --control-threads 1
     python benchmarks/fila_init_cost.py --report-only --notes-file notes.md  # rewrite .md/.png
 """
 
@@ -206,16 +201,33 @@ def _setup(spec: dict[str, Any], init: bool | str, output_dir: str) -> dict[str,
 def run_phase(spec: dict[str, Any]) -> dict[str, Any]:
     """Measure one phase (``fila`` or ``epoch``) in this (fresh) process."""
     import torch
+    from torch.utils.data import DataLoader
     from transformers import TrainerCallback
 
-    import peft_unlearn.fila.init as fila_init
+    from peft_unlearn import estimate_fisher, initialize_fila_weights
+    from peft_unlearn.trainer.data import CausalLMCollator, TokenizedDataset, tokenize_dataset
 
     phase = spec["phase"]
     with tempfile.TemporaryDirectory() as tmp:
         env = _setup(spec, "fila" if phase == "fila" else True, tmp)
         trainer = env.pop("trainer")
-        env.pop("model")
-        env.pop("tokenizer")
+        model = env.pop("model")
+        tokenizer = env.pop("tokenizer")
+        fisher_mark: dict[str, Any] = {}
+        if phase == "fila":
+            pad = tokenizer.pad_token_id
+
+            def loader(path: Path, limit: int | None, name: str) -> DataLoader:
+                examples = tokenize_dataset(
+                    _read_texts(path, limit), tokenizer, max_length=spec["max_length"], name=name
+                )
+                return DataLoader(
+                    TokenizedDataset(examples), batch_size=spec["fila_batch_size"], collate_fn=CausalLMCollator(pad)
+                )
+
+            forget_loader = loader(DATA / "forget.jsonl", spec["n_forget"], "forget")
+            retain_loader = loader(DATA / "retain.jsonl", None, "retain")
+            del trainer
         gc.collect()
         before = _mem()
         out: dict[str, Any] = dict(env)
@@ -238,33 +250,22 @@ def run_phase(spec: dict[str, Any]) -> dict[str, Any]:
             def on_step_end(self, args, state, control, **kwargs):
                 step_times.append(time.perf_counter() - self.t0)
 
-        fisher_mark: dict[str, Any] = {}
-        original_estimate = fila_init.estimate_fisher
-
-        def timed_estimate(*args: Any, **kwargs: Any) -> Any:
-            """Instrumentation only: records the peak of the Fisher pass and resets it before the SVD phase."""
-            result = original_estimate(*args, **kwargs)
-            fisher_mark.update({f"{k}_after_fisher_bytes": v for k, v in _mem().items()})
-            fisher_mark["reset_ok"] = _reset_peak()
-            return result
-
         reset_ok = _reset_peak()
         with PeakSampler() as sampler:
             cpu0, wall0 = time.process_time(), time.perf_counter()
             if phase == "fila":
-                fila_init.estimate_fisher = timed_estimate
-                try:
-                    # the exact hook UnlearningTrainer.train() calls before training starts
-                    stats = trainer._maybe_initialize_fila()
-                finally:
-                    fila_init.estimate_fisher = original_estimate
-                if not stats or "default" not in stats:
-                    raise RuntimeError("The FILA initialisation did not run (no pending FILA adapter).")
-                # peak_memory_bytes (ru_maxrss) is not kept: the instrumentation resets the peak after the Fisher pass
+                # what UnlearningTrainer.train() runs before training, through the public API: the Fisher pass
+                # (each forget batch paired with one retain batch, in order), then one weighted SVD per layer
+                fisher = estimate_fisher(model, forget_loader, retain_loader, show_progress=False)
+                fisher_seconds = time.perf_counter() - wall0
+                fisher_mark = {f"{k}_after_fisher_bytes": v for k, v in _mem().items()}
+                fisher_mark["reset_ok"] = _reset_peak()  # the SVD phase gets its own peak
+                info = initialize_fila_weights(model, fisher=fisher, show_progress=False)
                 out["fila_stats"] = {
-                    k: v
-                    for k, v in stats["default"].items()
-                    if isinstance(v, (int, float, str)) and k != "peak_memory_bytes"
+                    "fisher_seconds": fisher_seconds,
+                    "svd_seconds": info["svd_seconds"],
+                    "seconds": fisher_seconds + info["seconds"],
+                    **{k: info[k] for k in ("num_layers", "f_count", "r_count", "num_batches")},
                 }
             elif phase == "epoch":
                 trainer.add_callback(StepTimer())
@@ -298,335 +299,7 @@ def run_phase(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------
-# child process: profile of the Fisher pass and of the SVD phase
-# ----------------------------------------------------------------------------------------------
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def _batched_lowrank_svd(matrices, rank: int, niter: int, seed: int):
-    """Prototype: ``torch.svd_lowrank``'s algorithm on a stack ``[L, m, n]`` of same-shape layers.
-
-    Uses one Gaussian test matrix for the stack, which is what FILA's per-layer reseeding gives every
-    layer of a shape today. Returns ``S [L, r]`` and ``V [L, n, r]``.
-    """
-    import torch
-
-    tall = matrices.shape[-2] >= matrices.shape[-1]
-    a = matrices if tall else matrices.mT
-    generator = torch.Generator().manual_seed(seed)
-    test = torch.randn(a.shape[-1], rank, generator=generator, dtype=a.dtype)
-    q = torch.linalg.qr(a @ test).Q
-    for _ in range(niter):
-        q = torch.linalg.qr(a.mT @ q).Q
-        q = torch.linalg.qr(a @ q).Q
-    u, s, vh = torch.linalg.svd(q.mT @ a, full_matrices=False)
-    return s, (vh.mT if tall else q @ u)
-
-
-_MM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul")
-OP_CLASSES = (
-    "vocab-sized ops (LM head matmuls, logits, loss)",
-    "weight-gradient matmuls (contract over tokens)",
-    "activation matmuls (forward and input gradients)",
-    "weight-sized elementwise (squared-gradient accumulation)",
-    "other (norms, activations, attention, autograd glue)",
-)
-
-
-def _compact_ops(ops: list[list[Any]], min_ms: float = 5.0) -> list[list[Any]]:
-    """Keep the operator rows with at least ``min_ms`` self time; the rest becomes one ``(other ops)`` row."""
-    kept = [row for row in ops if row[2] >= min_ms]
-    rest = sum(row[2] for row in ops if row[2] < min_ms)
-    return kept + ([[f"(other ops < {min_ms:g} ms)", [], rest]] if rest else [])
-
-
-def _classify_ops(
-    ops: list[list[Any]], vocab: int, tokens: int, weight_shapes: list[list[int]] | list[tuple[int, ...]]
-) -> dict[str, float]:
-    """Split profiler self-CPU time (ms) into operator classes from the operators' input shapes.
-
-    Args:
-        ops: ``[name, input_shapes, self_ms]`` rows (``key_averages(group_by_input_shape=True)``).
-        vocab: Vocabulary size (any input with this dimension is a vocab-sized op).
-        tokens: Tokens in the batch (``B * T``): a 2-D matmul contracting over them is a weight gradient.
-        weight_shapes: Shapes of the target weights (2-D non-matmul ops on them are the accumulation).
-
-    Returns:
-        ``class -> ms`` over :data:`OP_CLASSES`.
-    """
-    shapes_set = {tuple(shape) for shape in weight_shapes}
-    classes = dict.fromkeys(OP_CLASSES, 0.0)
-    for name, shapes, self_ms in ops:
-        shapes = [list(shape) for shape in shapes if shape]
-        if any(vocab in shape for shape in shapes):
-            cls = OP_CLASSES[0]
-        elif name in _MM_OPS and len(shapes) >= 2 and len(shapes[0]) == 2 and len(shapes[1]) == 2:
-            cls = OP_CLASSES[1] if shapes[0][1] == tokens else OP_CLASSES[2]
-        elif shapes and all(tuple(shape) in shapes_set for shape in shapes):
-            cls = OP_CLASSES[3]
-        else:
-            cls = OP_CLASSES[4]
-        classes[cls] += self_ms
-    return classes
-
-
-def run_profile(spec: dict[str, Any]) -> dict[str, Any]:
-    """Anatomy of one Fisher batch step and of the per-layer SVD (see the module docstring)."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    from peft_unlearn.fila.config import FilaConfig
-    from peft_unlearn.fila.fisher import resolve_fisher_targets
-    from peft_unlearn.fila.init import _truncated_svd, fila_init_layer
-    from peft_unlearn.losses import inverted_hinge_loss, nll_loss
-    from peft_unlearn.trainer import CausalLMCollator, TokenizedDataset, tokenize_dataset
-
-    threads = spec["threads"]
-    out: dict[str, Any] = {"threads": threads, "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_")}
-    with tempfile.TemporaryDirectory() as tmp:
-        env = _setup(spec, "fila", tmp)
-    model, tokenizer = env["model"], env["tokenizer"]
-    out["rss_loaded_bytes"] = env["rss_loaded_bytes"]
-    reps = spec["profile_repeats"]
-    collate = CausalLMCollator(tokenizer.pad_token_id)
-
-    def batch_of(name: str, limit: int | None) -> dict[str, Any]:
-        examples = tokenize_dataset(
-            _read_texts(DATA / f"{name}.jsonl", limit)[: spec["fila_batch_size"]],
-            tokenizer,
-            max_length=spec["max_length"],
-            name=name,
-        )
-        return collate([TokenizedDataset(examples)[i] for i in range(len(examples))])
-
-    batch = batch_of("forget", spec["n_forget"])
-    retain_batch = batch_of("retain", None)
-    base = model.get_base_model()
-    vocab = base.config.vocab_size
-    out["batch_shape"] = list(batch["input_ids"].shape)
-
-    targets = resolve_fisher_targets(model)
-    names = list(targets)
-    weights = [targets[n].weight for n in names]
-    target_numel = sum(w.numel() for w in weights)
-    weight_shapes = {tuple(w.shape) for w in weights}
-    out["num_target_layers"] = len(names)
-    out["target_numel"] = target_numel
-    out["model_numel"] = sum(p.numel() for p in base.parameters())
-    b, t = batch["input_ids"].shape
-    out["memory_anatomy_mib"] = {
-        "model_weights": out["model_numel"] * 4 / MIB,
-        "fisher_accumulators_forget_plus_retain_fp32": 2 * target_numel * 4 / MIB,
-        "all_target_gradients_at_once_fp32": target_numel * 4 / MIB,
-        "logits_one_batch_fp32": b * t * vocab * 4 / MIB,
-    }
-    lora_params = [p for n, p in model.named_parameters() if "lora_" in n]
-
-    def set_trainable(fisher: bool) -> None:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for p in weights if fisher else lora_params:
-            p.requires_grad_(True)
-
-    acc = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in zip(names, weights)}
-    n_tokens = int((batch["labels"] != -100).sum())
-
-    def forward():
-        return model(**batch).loss
-
-    def fisher_step() -> dict[str, float]:
-        t0 = time.perf_counter()
-        loss = forward()
-        t1 = time.perf_counter()
-        grads = torch.autograd.grad(loss, weights)
-        t2 = time.perf_counter()
-        for name, grad in zip(names, grads):
-            acc[name].add_(grad.square().mul_(n_tokens))
-        t3 = time.perf_counter()
-        return {"forward": t1 - t0, "backward": t2 - t1, "accumulate": t3 - t2}
-
-    def median_split(fn, n: int) -> dict[str, float]:
-        splits = [fn() for _ in range(n)]
-        return {k: statistics.median(s[k] for s in splits) for k in splits[0]}
-
-    # ---- one LoRA training step on the same batches (IHL on forget + NLL on retain), adapters enabled ----
-    def train_step() -> dict[str, float]:
-        t0 = time.perf_counter()
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        loss = inverted_hinge_loss(logits, batch["labels"])
-        del logits
-        r_logits = model(
-            input_ids=retain_batch["input_ids"], attention_mask=retain_batch["attention_mask"], use_cache=False
-        ).logits
-        loss = loss + nll_loss(r_logits, retain_batch["labels"])
-        del r_logits
-        t1 = time.perf_counter()
-        loss.backward()
-        t2 = time.perf_counter()
-        for p in lora_params:
-            p.grad = None
-        return {"forward": t1 - t0, "backward": t2 - t1}
-
-    set_trainable(fisher=False)
-    model.train()
-    with torch.enable_grad():
-        train_step()  # warm-up (pages the weights in)
-        out["train_step_forget_plus_retain_seconds"] = median_split(train_step, reps)
-        torch.set_num_threads(1)
-        out["train_step_forget_plus_retain_seconds_1_thread"] = median_split(train_step, reps)
-        torch.set_num_threads(threads)
-
-    set_trainable(fisher=True)
-    with model.disable_adapter(), torch.enable_grad():
-        model.eval()
-        fisher_step()  # warm-up
-        out["fisher_step_seconds_eval_mode"] = median_split(fisher_step, reps)
-        with torch.no_grad():
-            out["forward_no_grad_seconds"] = _median_time(forward, reps)
-
-            def body():
-                base.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-
-            out["decoder_body_forward_no_grad_seconds"] = _median_time(body, reps)
-        model.train()
-        out["fisher_step_seconds_train_mode"] = median_split(fisher_step, reps)
-        model.eval()
-        torch.set_num_threads(1)
-        out["fisher_step_seconds_eval_mode_1_thread"] = median_split(fisher_step, reps)
-        torch.set_num_threads(threads)
-
-        # operator-level split of one Fisher step (classified by input shapes, see _classify_ops)
-        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-            fisher_step()
-        out["profile_ops"] = _compact_ops(
-            [
-                [event.key, [list(shape) for shape in event.input_shapes], float(event.self_cpu_time_total) / 1e3]
-                for event in prof.key_averages(group_by_input_shape=True)
-            ]
-        )
-        out["profile_context"] = {"vocab": vocab, "tokens": b * t, "weight_shapes": sorted(weight_shapes)}
-        out["profile_classes_self_cpu_ms"] = _classify_ops(out["profile_ops"], **out["profile_context"])
-
-        # accumulation: current square/mul/add vs one fused addcmul_
-        sample_grads = list(torch.autograd.grad(forward(), weights))
-
-        def current_acc():
-            for name, grad in zip(names, sample_grads):
-                acc[name].add_(grad.square().mul_(n_tokens))
-
-        def fused_acc():
-            for name, grad in zip(names, sample_grads):
-                acc[name].addcmul_(grad, grad, value=n_tokens)
-
-        out["accumulate_seconds"] = {
-            "current_square_mul_add": _median_time(current_acc, reps),
-            "fused_addcmul": _median_time(fused_acc, reps),
-        }
-        sample_grads.clear()
-
-        # memory: streaming accumulation in post-accumulate-grad hooks vs the current all-at-once autograd.grad
-        ref = {n: torch.zeros_like(a) for n, a in acc.items()}
-        stream = {n: torch.zeros_like(a) for n, a in acc.items()}
-
-        def current_step():
-            grads = torch.autograd.grad(forward(), weights)
-            for name, grad in zip(names, grads):
-                ref[name].add_(grad.square().mul_(n_tokens))
-
-        def streaming_step():
-            handles = []
-            for name, weight in zip(names, weights):
-
-                def hook(param, name=name):
-                    stream[name].addcmul_(param.grad, param.grad, value=n_tokens)
-                    param.grad = None
-
-                handles.append(weight.register_post_accumulate_grad_hook(hook))
-            try:
-                forward().backward(inputs=weights)
-            finally:
-                for handle in handles:
-                    handle.remove()
-
-        memory: dict[str, Any] = {}
-        for label, fn in (("streaming_hooks", streaming_step), ("current_autograd_grad", current_step)):
-            gc.collect()
-            rss0 = _mem()["VmRSS"]
-            _reset_peak()
-            t0 = time.perf_counter()
-            fn()
-            seconds = time.perf_counter() - t0
-            memory[label] = {"increment_mib": (_mem()["VmHWM"] - rss0) / MIB, "seconds": seconds}
-        memory["streaming_equals_current"] = bool(
-            all(torch.allclose(ref[n], stream[n], rtol=1e-5, atol=0) for n in names)
-        )
-        out["fisher_step_memory"] = memory
-        ref.clear()
-        stream.clear()
-    acc.clear()
-    for p in model.parameters():
-        p.requires_grad_(False)
-
-    # ---- SVD phase: every target layer's fila_init_layer (real weights, random importance) ----
-    cfg = FilaConfig()
-    scaling = spec["alpha"] / spec["rank"]
-    layer_weights = {n: targets[n].weight.detach() for n in names}
-    importance = {n: torch.rand_like(w) + 0.1 for n, w in layer_weights.items()}
-
-    def all_layers() -> None:
-        for n in names:
-            fila_init_layer(layer_weights[n], importance[n], spec["rank"], scaling, config=cfg)
-
-    def all_svds() -> None:
-        for n in names:
-            w = layer_weights[n]
-            _truncated_svd(importance[n].sum(1).sqrt()[:, None] * w, spec["rank"], cfg)
-
-    groups: dict[tuple[int, ...], list[str]] = {}
-    for n in names:
-        groups.setdefault(tuple(layer_weights[n].shape), []).append(n)
-
-    def batched_svds() -> list[Any]:
-        results = []
-        for members in groups.values():
-            stack = torch.stack([importance[n].sum(1).sqrt()[:, None] * layer_weights[n] for n in members])
-            results.append(_batched_lowrank_svd(stack, spec["rank"], cfg.niter, cfg.seed))
-        return results
-
-    svd: dict[str, Any] = {}
-    for label, n_threads in (("threads", threads), ("1_thread", 1)):
-        torch.set_num_threads(n_threads)
-        svd[f"fila_init_layer_all_layers_s_{label}"] = _median_time(all_layers, reps)
-        svd[f"truncated_svd_only_all_layers_s_{label}"] = _median_time(all_svds, reps)
-        svd[f"batched_randomized_svd_prototype_s_{label}"] = _median_time(batched_svds, reps)
-    torch.set_num_threads(threads)
-    # accuracy of the per-layer and batched randomized SVDs vs the exact top-r singular values (2 layers)
-    shape, members = next((k, v) for k, v in groups.items() if k[0] != k[1])
-    s_batched = batched_svds()[list(groups).index(shape)][0]
-    errors: dict[str, float] = {"per_layer": 0.0, "batched": 0.0}
-    for i, n in enumerate(members[:2]):
-        matrix = importance[n].sum(1).sqrt()[:, None] * layer_weights[n]
-        exact = torch.linalg.svdvals(matrix)[: spec["rank"]]
-        loop = _truncated_svd(matrix, spec["rank"], cfg)[1]
-        errors["per_layer"] = max(errors["per_layer"], float(((loop - exact).abs() / exact).max()))
-        errors["batched"] = max(errors["batched"], float(((s_batched[i] - exact).abs() / exact).max()))
-    svd["max_rel_error_top_r_singular_values"] = errors
-    svd["accuracy_checked_on"] = f"{members[:2]} {list(shape)}"
-    svd["groups"] = {str(list(k)): len(v) for k, v in groups.items()}
-    svd["num_layers"] = len(names)
-    out["svd"] = svd
-    out["peak_rss_bytes"] = _mem()["VmHWM"]
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# parent process: orchestration and report
+# parent: subprocess runner, summary, report
 # ----------------------------------------------------------------------------------------------
 def child(spec: dict[str, Any], timeout: int, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run one measurement in a fresh interpreter and return its result (or ``{"error": ...}``)."""
@@ -822,101 +495,14 @@ def report(results: dict[str, Any], path: Path) -> None:
             ]
     if results.get("notes"):
         lines += ["", "## Reading the numbers", "", results["notes"].strip()]
-    prof = results.get("profile")
-    if prof and "error" not in prof:
-        lines += _profile_lines(prof, s)
-    elif prof:
-        lines += ["", f"Profile failed: `{prof['error'][-500:]}`"]
+    if results.get("profile"):
+        lines += [
+            "",
+            "The JSON also keeps `profile`, an anatomy of the Fisher pass of an earlier implementation (autograd "
+            "gradients of the base weights); it is no longer measured or rendered.",
+        ]
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
     _plot(summaries, path.with_suffix(".png"), s.get("rank"))
-
-
-def _profile_lines(prof: dict[str, Any], settings: dict[str, Any]) -> list[str]:
-    ev = prof["fisher_step_seconds_eval_mode"]
-    tr = prof["fisher_step_seconds_train_mode"]
-    one = prof["fisher_step_seconds_eval_mode_1_thread"]
-    lora = prof["train_step_forget_plus_retain_seconds"]
-    lora_one = prof.get("train_step_forget_plus_retain_seconds_1_thread", {})
-    if "profile_ops" in prof:
-        classes = _classify_ops(prof["profile_ops"], **prof["profile_context"])
-        top = sorted(prof["profile_ops"], key=lambda row: -row[2])[:8]
-        top_ops = [(f"{name} {shapes}", ms) for name, shapes, ms in top]
-    else:  # results of an older version of this script
-        classes = prof["profile_classes_self_cpu_ms"]
-        top_ops = sorted(prof["profile_top_ops_ms"].items(), key=lambda kv: -kv[1])[:8]
-    total_ms = sum(classes.values()) or float("nan")
-    mem = prof["fisher_step_memory"]
-    acc = prof["accumulate_seconds"]
-    svd = prof["svd"]
-    th = prof["threads"]
-    nan = float("nan")
-    lines = [
-        "",
-        "## Fisher pass and SVD anatomy (`--profile`, medians of the profile repeats)",
-        "",
-        f"Batch shape {prof['batch_shape']} (the first forget batch; the retain batch has a similar length); "
-        f"{prof['num_target_layers']} target layers, {prof['target_numel'] / 1e6:.1f} M target weights of "
-        f"{prof['model_numel'] / 1e6:.1f} M parameters. A Fisher step is what `estimate_fisher` does per forget (or "
-        "retain) batch: forward with labels, `torch.autograd.grad` w.r.t. every target weight, `acc += n * g**2`; "
-        "the Fisher pass runs one per forget batch and one per retain batch. A LoRA step is one training step of "
-        "the epoch measurement (IHL on the forget batch + NLL on a retain batch, backward), without the optimizer.",
-        "",
-        f"| part | Fisher step, eval mode (default), {th} thr. s | Fisher step, train mode, {th} thr. s "
-        f"| Fisher step, 1 thr. s | LoRA step (forget + retain), {th} thr. s | LoRA step (forget + retain), 1 thr. s |",
-        "|---|---|---|---|---|---|",
-    ]
-    for k in ("forward", "backward", "accumulate"):
-        lines.append(
-            f"| {k} | {ev[k]:.2f} | {tr[k]:.2f} | {one[k]:.2f} | {lora.get(k, nan):.2f} | {lora_one.get(k, nan):.2f} |"
-        )
-    lines += [
-        f"| total | {sum(ev.values()):.2f} | {sum(tr.values()):.2f} | {sum(one.values()):.2f} "
-        f"| {sum(lora.values()):.2f} | {sum(lora_one.values()) if lora_one else nan:.2f} |",
-        f"| x2 (forget + retain batch) | {2 * sum(ev.values()):.2f} | {2 * sum(tr.values()):.2f} "
-        f"| {2 * sum(one.values()):.2f} | | |",
-        "",
-        f"Forward without grad: {prof['forward_no_grad_seconds']:.2f} s, of which the decoder body (no LM head, "
-        f"no loss) {prof['decoder_body_forward_no_grad_seconds']:.2f} s.",
-        "",
-        f"Profiler, one Fisher step ({th} threads), self CPU time by operator class (from the input shapes):",
-        "",
-        "| class | ms | share |",
-        "|---|---|---|",
-        *(f"| {k} | {v:.0f} | {100 * v / total_ms:.0f} % |" for k, v in classes.items()),
-        "",
-        "Top operators: " + "; ".join(f"`{k[:70]}` {v:.0f} ms" for k, v in top_ops),
-        "",
-        "Memory anatomy (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in prof["memory_anatomy_mib"].items()),
-        "",
-        f"Accumulation of one batch's squared gradients into the fp32 accumulators: current "
-        f"`acc.add_(g.square().mul_(n))` {acc['current_square_mul_add']:.2f} s, fused `acc.addcmul_(g, g, value=n)` "
-        f"{acc['fused_addcmul']:.2f} s.",
-        "",
-        "One Fisher step, RSS peak increment over the RSS before the step (accumulators already allocated; "
-        f"profile child run with MALLOC_MMAP_THRESHOLD_={prof.get('malloc_mmap_threshold')} so freed tensors "
-        f"return to the OS): current `torch.autograd.grad` over all targets "
-        f"{mem['current_autograd_grad']['increment_mib']:.0f} MiB ({mem['current_autograd_grad']['seconds']:.1f} s); "
-        f"streaming `addcmul_` in post-accumulate-grad hooks {mem['streaming_hooks']['increment_mib']:.0f} MiB "
-        f"({mem['streaming_hooks']['seconds']:.1f} s); identical statistics: {mem['streaming_equals_current']}.",
-        "",
-        f"SVD phase over all {svd['num_layers']} layers (real weights, random importance; shapes {svd['groups']}):",
-        "",
-        f"| variant | {th} threads s | 1 thread s |",
-        "|---|---|---|",
-        f"| `fila_init_layer` per layer (current: weighting + SVD + factors + residual) "
-        f"| {svd['fila_init_layer_all_layers_s_threads']:.1f} | {svd['fila_init_layer_all_layers_s_1_thread']:.1f} |",
-        f"| `_truncated_svd` per layer (current SVD only) | {svd['truncated_svd_only_all_layers_s_threads']:.1f} "
-        f"| {svd['truncated_svd_only_all_layers_s_1_thread']:.1f} |",
-        f"| batched randomized SVD per shape group (prototype) "
-        f"| {svd['batched_randomized_svd_prototype_s_threads']:.1f} "
-        f"| {svd['batched_randomized_svd_prototype_s_1_thread']:.1f} |",
-        "",
-        f"Max relative error of the top-{settings.get('rank')} singular values vs exact SVD "
-        f"({svd['accuracy_checked_on']}): per-layer {svd['max_rel_error_top_r_singular_values']['per_layer']:.2e}, "
-        f"batched {svd['max_rel_error_top_r_singular_values']['batched']:.2e}.",
-        "",
-    ]
-    return lines
 
 
 def _plot(summaries: dict[int, dict[str, Any]], png: Path, rank: Any = "?") -> None:
@@ -1018,9 +604,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
-    p.add_argument("--profile", action="store_true", help="also profile the Fisher pass and the SVDs")
-    p.add_argument("--profile-only", action="store_true", help="run only the profile (keeps the stored runs)")
-    p.add_argument("--profile-repeats", type=int, default=2)
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     p.add_argument("--fresh", action="store_true", help="discard runs already in --results")
     p.add_argument("--timeout", type=int, default=3600, help="per-run timeout in seconds")
@@ -1033,7 +616,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.child:
         spec = json.loads(args.child)
-        result = run_profile(spec) if spec["phase"] == "profile" else run_phase(spec)
+        result = run_phase(spec)
         Path(args.child_out).write_text(json.dumps(result))
         return
 
@@ -1048,8 +631,6 @@ def main(argv: list[str] | None = None) -> None:
         results = json.loads(args.results.read_text())
     for run in results.get("runs", {}).values():  # drop a value distorted by the peak reset (older files)
         run["result"].get("fila_stats", {}).pop("peak_memory_bytes", None)
-    if isinstance(results.get("profile", {}).get("profile_ops"), list):
-        results["profile"]["profile_ops"] = _compact_ops(results["profile"]["profile_ops"])
     if args.notes_file is not None:
         results["notes"] = args.notes_file.read_text()
     if args.report_only:
@@ -1094,14 +675,12 @@ def main(argv: list[str] | None = None) -> None:
         "loadavg_at_start": list(os.getloadavg()),
         "note": args.note,
     }
-    # a --profile-only call keeps the command and machine record of the measurement runs
-    prefix = "profile_" if args.profile_only else ""
-    results[prefix + "command"] = command
-    results[prefix + "machine"] = machine
+    results["command"] = command
+    results["machine"] = machine
     # interleave the phases so slow periods of the shared machine hit both
     thread_counts = [args.threads] + [t for t in args.control_threads if t != args.threads]
     plan = [(phase, rep, t) for rep in range(args.repeats) for t in thread_counts for phase in args.phases]
-    for phase, rep, n_threads in [] if args.profile_only else plan:
+    for phase, rep, n_threads in plan:
         key = f"{phase}#{rep}" if n_threads == args.threads else f"{phase}#{rep}@{n_threads}threads"
         if key in results["runs"] and "error" not in results["runs"][key]["result"]:
             continue
@@ -1116,15 +695,6 @@ def main(argv: list[str] | None = None) -> None:
             f"phase peak {result['phase_peak_rss_bytes'] / GIB:.2f} GiB, loaded {result['rss_loaded_bytes'] / GIB:.2f} GiB"
         )
         print(f"    {msg}", flush=True)
-    if args.profile_only or args.profile and ("profile" not in results or "error" in results["profile"] or args.fresh):
-        print(f"[{time.strftime('%H:%M:%S')}] profile ...", flush=True)
-        results["profile"] = child(
-            {**settings, "phase": "profile", "profile_repeats": args.profile_repeats},
-            args.timeout,
-            extra_env={"MALLOC_MMAP_THRESHOLD_": "131072"},
-        )
-        if "error" in results["profile"]:
-            print(results["profile"]["error"][-1500:], flush=True)
     machine["loadavg_at_end"] = list(os.getloadavg())
     report(results, args.results)
     _save(args.results, results)

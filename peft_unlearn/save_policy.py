@@ -42,16 +42,18 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "FILA_OVERWRITE_SWITCH",
     "MANIFEST_NAME",
     "OVERWRITE_SWITCH",
     "SaveConflictError",
     "check_save_folder",
     "is_ours",
+    "policy_write",
     "record_written",
     "remove_if_ours",
     "staged_save",
@@ -65,6 +67,9 @@ MANIFEST_NAME = "_peft_unlearn_manifest.json"
 
 OVERWRITE_SWITCH = "UnlearningConfig(overwrite_output=True) (command line: --overwrite_output True)"
 """How the trainer and the CLI allow overwriting files peft_unlearn did not write."""
+
+FILA_OVERWRITE_SWITCH = "save_pretrained(..., overwrite_output=True)"
+"""How a FILA model's `save_pretrained` allows overwriting files peft_unlearn did not write."""
 
 _FORMAT = "peft_unlearn.manifest/1"
 _HASH_LIMIT = 8 * 1024 * 1024
@@ -264,7 +269,8 @@ def check_save_folder(
 
 
 def _staged_files(stage: Path) -> list[str]:
-    return sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())
+    # a nested save's manifest is not moved (it would replace the target's records); its files are recorded anew
+    return sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
 
 
 @contextlib.contextmanager
@@ -302,6 +308,12 @@ def staged_save(
         if _README in staged and (root / _README).exists() and not is_ours(root, _README):
             logger.info("Keeping the existing %s in %s (not written by peft_unlearn).", _README, root)
             staged.remove(_README)
+        folders = [rel for rel in staged if (root / rel).is_dir()]
+        if folders:  # never delete a folder to make room for a file, not even with overwrite
+            raise SaveConflictError(
+                f"Refusing to save into {str(root)!r}: {folders[0]!r} is a folder there, but the save writes a file of "
+                "that name. Move the folder away or save elsewhere."
+            )
         if not overwrite:
             if _ADAPTER_CONFIG in staged and _holds_foreign_base_model(root):
                 raise SaveConflictError(_base_model_message(root, switch))
@@ -310,13 +322,42 @@ def staged_save(
                 raise SaveConflictError(_conflict_message(root, conflicts, switch))
         for rel in staged:
             target = root / rel
-            if target.is_dir():  # a user folder where we write a file: only with overwrite, checked above
-                shutil.rmtree(target)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(stage / rel, target)
         record_written(root, staged)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def policy_write(
+    directory: str | os.PathLike[str],
+    write: Callable[[Path], Any],
+    *,
+    is_main_process: bool = True,
+    overwrite: bool = False,
+    switch: str = OVERWRITE_SWITCH,
+) -> None:
+    """Run ``write(folder)`` under the policy: staged and checked on the main process, as is elsewhere.
+
+    The hook for save functions that write several files (e.g. FILA's `save_pretrained`): the main process
+    writes into a staging folder that [`staged_save`][peft_unlearn.save_policy.staged_save] checks and moves
+    into `directory`; other processes (which write nothing in a DDP save) call ``write(directory)`` directly.
+
+    Args:
+        directory: The save folder.
+        write: Writes the save into the folder it is given.
+        is_main_process: Whether this process writes files.
+        overwrite: Allow replacing files peft_unlearn did not write (never a user's README.md).
+        switch: How the caller allows overwriting, quoted in the error.
+
+    Raises:
+        SaveConflictError: As `staged_save`.
+    """
+    if not is_main_process:
+        write(Path(directory))
+        return
+    with staged_save(directory, overwrite=overwrite, switch=switch) as stage:
+        write(stage)
 
 
 def write_model_card(directory: str | os.PathLike[str], text: str) -> bool:

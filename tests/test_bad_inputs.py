@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -163,6 +164,8 @@ def test_config_rejects_a_negative_learning_rate(tmp_path):
         ({"forget_loss": "npo", "idk_answers": ["No idea."]}, "`idk_answers` is ignored"),
         ({"completion_only_loss": False, "assistant_turns": "last"}, "`assistant_turns`='last' is ignored"),
         ({"eval_compute_el": False, "eval_el_n": [5]}, "eval_compute_el=False skips EL"),
+        ({"forget_loss": "npo", "rmu_layer": 1}, "`rmu_layer`=1 is ignored"),
+        ({"rmu_steering_coeff": 3.0}, "`rmu_steering_coeff`=3.0 is ignored"),
     ],
 )
 def test_config_warns_about_options_the_mode_ignores(tmp_path, kwargs, fragment):
@@ -606,3 +609,69 @@ def test_models_loader_names_a_missing_model():
         load_model_and_tokenizer("./no/such/model")
     with pytest.raises(OSError, match="name_or_path='no-such-model-xyz' could not be loaded"):
         load_model_and_tokenizer("no-such-model-xyz")
+
+
+# --------------------------------------------------------------------------------------------------
+# Data: every example fits the detected format; pre-tokenized ids are never coerced silently
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data, fragment",
+    [
+        ([{"input_ids": [1, 2.5, 3]}], "got 2.5 (a float) at position 1"),
+        ([{"input_ids": [True, False, True]}], "got True (a bool) at position 0"),
+        ([{"input_ids": ["a", "b"]}], "got 'a' (a str) at position 0"),
+        ([{"input_ids": [[1, 2], [3, 4]]}], "got [1, 2] (a list) at position 0"),
+        ([{"input_ids": "1 2 3"}], "'input_ids' must be a list of integer token ids"),
+        ([{"input_ids": [1, 2, 3], "labels": [1, -5, 3]}], "'labels' holds -5 at position 1"),
+        ([{"input_ids": [1, 2, 3], "attention_mask": [1, 2, 1]}], "'attention_mask' must hold only 0 and 1"),
+        ([{"text": "a b c d"}, {"prompt": "q", "completion": "a"}], "example 1 has no 'text' column"),
+    ],
+)
+def test_malformed_examples_are_named(tokenizer, data, fragment):
+    from peft_unlearn.trainer import tokenize_dataset
+
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        tokenize_dataset(data, tokenizer, name="forget")
+
+
+def test_labels_outside_the_vocabulary_are_a_clear_error(tokenizer, tmp_path):
+    data = [{"input_ids": [5, 6, 7, 8], "labels": [-100, 6, 7, 99999]}]
+    with pytest.raises(ValueError, match="token id 99999 in 'labels', outside the model's vocabulary"):
+        _trainer(tokenizer, tmp_path / "out", forget_dataset=data)
+
+
+def test_nested_staged_saves_keep_the_outer_records(tmp_path):
+    folder = tmp_path / "f"
+    with staged_save(folder) as stage:
+        (stage / "README.md").write_text("card")
+    with staged_save(folder) as outer:
+        with staged_save(outer) as inner:  # e.g. the trainer staging a FILA save_pretrained that stages too
+            (inner / "adapter_config.json").write_text("{}")
+    assert is_ours(folder, "README.md") and is_ours(folder, "adapter_config.json")
+
+
+def test_metrics_name_token_ids_outside_the_vocabulary(tiny_llama):
+    vocab = tiny_llama.get_input_embeddings().weight.shape[0]
+    with pytest.raises(ValueError, match=f"`input_ids` holds token id {vocab + 5}, outside the model's vocabulary"):
+        evaluate_memorization(tiny_llama, [[1, 2, vocab + 5]], compute_el=False)
+    with pytest.raises(ValueError, match="`labels` holds token id"):
+        memorization_accuracy(tiny_llama, torch.tensor([[1, 2, 3]]), labels=torch.tensor([[-100, 2, vocab]]))
+
+
+def test_policy_write_stages_on_the_main_process_only(tmp_path):
+    from peft_unlearn.save_policy import policy_write
+
+    folder = tmp_path / "f"
+    _user_files(folder, {"adapter_config.json": "user"})
+    with pytest.raises(SaveConflictError, match="save_pretrained\\(\\.\\.\\., overwrite_output=True\\)"):
+        policy_write(
+            folder,
+            lambda d: (d / "adapter_config.json").write_text("ours"),
+            switch="save_pretrained(..., overwrite_output=True)",
+        )
+    assert (folder / "adapter_config.json").read_text() == "user"
+    seen = []
+    policy_write(folder, seen.append, is_main_process=False)  # other ranks write nothing: no staging
+    assert seen == [folder]

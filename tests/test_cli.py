@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from peft_unlearn import __version__, cli
-from peft_unlearn.cli import CLIError, load_data_file, main
+from peft_unlearn.cli import CLIError, main
+from peft_unlearn.data_files import DataFileError, check_columns, load_data_file
 from tests.helpers import run_python
 
 FORGET_TEXTS = [
@@ -130,7 +131,7 @@ def test_load_saved_dataset_dirs(tmp_path):
     )
     assert load_data_file(tmp_path / "dd").to_list() == rows  # the train split
     DatasetDict({"a": Dataset.from_list(rows), "b": Dataset.from_list(rows[:1])}).save_to_disk(str(tmp_path / "ab"))
-    with pytest.raises(CLIError, match="no 'train' split"):
+    with pytest.raises(DataFileError, match="no 'train' split"):
         load_data_file(tmp_path / "ab")
 
 
@@ -138,44 +139,43 @@ def test_load_saved_dataset_dirs(tmp_path):
     ("name", "content", "match"),
     [
         ("bad.json", "{not json", "not valid JSON"),
-        ("bad.jsonl", '{"text": "a"}\n[1, 2\n', "line 2 is not valid JSON"),
-        ("list.jsonl", '{"text": "a"}\n[1, 2]\n', "line 2 .* is a JSON list"),
+        ("bad.jsonl", '{"text": "a"}\n[1, 2\n', "not valid JSON or JSON Lines records .*row 1"),
+        ("list.jsonl", '{"text": "a"}\n[1, 2]\n', "not valid JSON or JSON Lines records"),
         ("empty.jsonl", "\n\n", "holds no examples"),
         ("empty.txt", "  \n", "holds no examples"),
         ("ragged.json", '{"text": ["a", "b"], "id": [1]}', "different lengths"),
-        ("number.json", "3", "holds a JSON int"),
+        ("number.json", "3", "not valid JSON or JSON Lines records"),
         ("wide.csv", "text\na,b\n", "more fields than the header"),
     ],
 )
 def test_load_data_file_errors(tmp_path, name, content, match):
     path = tmp_path / name
     path.write_text(content, encoding="utf-8")
-    with pytest.raises(CLIError, match=match) as excinfo:
+    with pytest.raises(DataFileError, match=match) as excinfo:
         load_data_file(path, flag="--retain")
-    assert excinfo.value.exit_code == cli.EXIT_USAGE
     assert str(excinfo.value).startswith("--retain: ")
 
 
 def test_load_data_file_rejects_plain_directory_and_binary(tmp_path):
     (tmp_path / "plain").mkdir()
-    with pytest.raises(CLIError, match="not a saved dataset"):
+    with pytest.raises(DataFileError, match="not a saved dataset"):
         load_data_file(tmp_path / "plain")
     binary = tmp_path / "latin1.txt"
     binary.write_bytes("caf\xe9\n".encode("latin-1"))
-    with pytest.raises(CLIError, match="not UTF-8"):
+    with pytest.raises(DataFileError, match="not UTF-8"):
         load_data_file(binary)
 
 
 def test_check_columns():
     from datasets import Dataset
 
-    assert cli.check_columns(Dataset.from_dict({"prompt": ["a"], "completion": ["b"]}), "--forget", "f") == (
+    assert check_columns(Dataset.from_dict({"prompt": ["a"], "completion": ["b"]}), "--forget", "f") == (
         "prompt_completion"
     )
     messages = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]]
-    assert cli.check_columns(Dataset.from_dict({"messages": messages}), "--forget", "f") == "conversational"
-    with pytest.raises(CLIError, match=r"--forget: 'f.csv' has columns \['body', 'title'\]"):
-        cli.check_columns(Dataset.from_dict({"title": ["a"], "body": ["b"]}), "--forget", "f.csv")
+    assert check_columns(Dataset.from_dict({"messages": messages}), "--forget", "f") == "conversational"
+    with pytest.raises(DataFileError, match=r"--forget: 'f.csv' has columns \['body', 'title'\]"):
+        check_columns(Dataset.from_dict({"title": ["a"], "body": ["b"]}), "--forget", "f.csv")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -235,13 +235,13 @@ def test_train_config_values_reach_unlearning_config():
 
 def test_config_file_defaults_and_cli_override(tmp_path):
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text("model: m\nforget: f.jsonl\noutput: o\nlearning-rate: 0.001\nmax_steps: 5\nlora_r: 2\n")
+    cfg.write_text("model: m\nforget: f.jsonl\noutput_dir: o\nlearning_rate: 0.001\nmax_steps: 5\nlora_r: 2\n")
     script_args, config = cli.parse_train_args(["--config", str(cfg), "--max_steps", "9"])
     assert (script_args.model, script_args.lora_r, config.output_dir) == ("m", 2, "o")
     assert config.learning_rate == pytest.approx(1e-3) and config.max_steps == 9
     bad = tmp_path / "bad.yaml"
-    bad.write_text("model: m\nnot_a_flag: 1\n")
-    with pytest.raises(CLIError, match="unknown key 'not_a_flag'"):
+    bad.write_text("model: m\nforget: f\noutput_dir: o\nnot_a_flag: 1\n")
+    with pytest.raises(CLIError, match="unknown key.* 'not_a_flag'; keys are field names"):
         cli.parse_train_args(["--config", str(bad)])
 
 
@@ -288,9 +288,9 @@ def test_error_missing_file(capsys, tmp_path, data_files):
 
 def test_error_unsupported_extension(capsys, tmp_path, data_files):
     _, retain = data_files
-    bad = tmp_path / "forget.parquet"
-    bad.write_bytes(b"PAR1")
-    _expect_usage_error(capsys, _train_argv(bad, retain, tmp_path), "unsupported file type '.parquet'", ".jsonl")
+    bad = tmp_path / "forget.xlsx"
+    bad.write_bytes(b"PK")
+    _expect_usage_error(capsys, _train_argv(bad, retain, tmp_path), "unsupported file type '.xlsx'", ".jsonl")
 
 
 def test_error_no_recognised_columns(capsys, tmp_path, data_files):
@@ -644,3 +644,30 @@ def test_cli_train_then_eval_end_to_end(tmp_path, tiny_model_dir, data_files):
                                        "--forget", str(forget), "--max_length", "24", "--no_el"])  # fmt: skip
     assert raw["results"]["forget"]["ma"] == pytest.approx(data["results"]["forget"]["ma"], abs=1e-6)
     assert raw["results"]["forget"]["nll"] == pytest.approx(data["results"]["forget"]["nll"], rel=1e-5)
+
+
+def test_load_parquet(tmp_path):
+    from datasets import Dataset
+
+    rows = [{"prompt": "Q: where?", "completion": " Paris"}]
+    Dataset.from_list(rows).to_parquet(str(tmp_path / "data.parquet"))
+    assert load_data_file(tmp_path / "data.parquet").to_list() == rows
+
+
+@pytest.mark.parametrize("model", ["./no-such-dir/model", "~/no-such-dir-peft-unlearn"])
+def test_error_missing_local_model_path(capsys, tmp_path, data_files, model):
+    argv = _train_argv(*data_files, tmp_path)
+    argv[argv.index("--model") + 1] = model
+    _expect_usage_error(capsys, argv, "--model", "does not exist")
+
+
+def test_train_zero_steps_fails_and_saves_nothing(tmp_path, tiny_model_dir, data_files, capsys):
+    forget, retain = data_files
+    out = tmp_path / "zero"
+    argv = ["train", "--model", str(tiny_model_dir), "--forget", str(forget), "--retain", str(retain),
+            "--output", str(out), "--init", "default", "--num_train_epochs", "0", "--report_to", "none",
+            "--use_cpu", "--save_strategy", "no", "--disable_tqdm", "true"]  # fmt: skip
+    assert _run_main(argv) != 0
+    captured = capsys.readouterr()
+    assert "zero steps" in captured.err and "Saved" not in captured.out
+    assert not (out / "adapter_config.json").exists()

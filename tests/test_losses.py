@@ -189,7 +189,7 @@ def test_ihl_gradient_target_is_top1_and_not_top1():
     (g_ref,) = torch.autograd.grad(naive_ihl(logits, labels, reduction="sum"), logits)
     torch.testing.assert_close(g, g_ref, atol=1e-12, rtol=0)
     p = torch.softmax(logits.detach()[0], dim=-1)
-    # hand formula, paper-notes 1.3: row 0 -> y=0, k=1; row 1 -> y=3, k=1
+    # hand formula (IHL gradient, Cha et al. 2025): row 0 -> y=0, k=1; row 1 -> y=3, k=1
     for row, y, k in ((0, 0, 1), (1, 3, 1)):
         py, pk = p[row, y], p[row, k]
         expected = p[row] * (pk - py)

@@ -14,9 +14,9 @@ model, and 4-bit/8-bit and sharded bases work.
 Modules, in import order (each imports only the ones before it): `config` (FilaConfig,
 FilaLoraConfig), `state` (names, pending flags, dense weights), `fisher` (estimate_fisher),
 `offset` (the frozen initial factors), `init` (fila_init_layer, initialize_fila_weights),
-`preprocess` (preprocess_fila), `dispatch` (initialize_adapter_weights for "fila"/"vila"), `vila` (VILA: variance-based
-importance through the LoRA factors, then the same weighted init),
-`saving` (portable export, raw checkpoints), `registration` (the PEFT hooks).
+`preprocess` (preprocess_fila), `dispatch` (initialize_adapter_weights for "fila"/"vila"),
+`saving` (portable export, raw checkpoints), `registration` (the PEFT hooks), `vila` (VILA:
+variance-based importance through the LoRA factors, then the same weighted init).
 
 Examples:
     >>> from peft_unlearn.fila import FilaConfig

@@ -83,7 +83,7 @@ def _prepare_batch(batch: Any, device: torch.device, role: str) -> tuple[dict[st
 
 def _cycle(loader: Iterable) -> Iterator:
     """Yield the retain batches in order, restarting when exhausted (one-shot iterators are replayed)."""
-    one_shot = iter(loader) is loader
+    one_shot = isinstance(loader, Iterator)
     seen: list[Any] = []
     while True:
         produced = False
@@ -129,11 +129,16 @@ def rank() -> int:
 def _fisher_mode(model: nn.Module, train_mode: bool) -> Iterator[None]:
     """Adapters off, unsharded parameters frozen (less saved activations), train/eval mode; all restored."""
     saved_flags = [(p, p.requires_grad) for p in model.parameters() if p.requires_grad and not is_sharded(p)]
+    # reentrant activation checkpointing (active in train mode only) cannot run under torch.autograd.grad:
+    # such layers run without checkpointing during the pass; non-reentrant checkpointing is kept
+    reentrant = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True and _reentrant(m)]
     saved_modes = [(module, module.training) for module in model.modules()]
     disable = model.disable_adapter() if is_peft_model(model) else contextlib.nullcontext()
     try:
         for param, _ in saved_flags:
             param.requires_grad_(False)
+        for module in reentrant:
+            module.gradient_checkpointing = False
         model.train(train_mode)
         with disable, torch.enable_grad():
             yield
@@ -142,6 +147,15 @@ def _fisher_mode(model: nn.Module, train_mode: bool) -> Iterator[None]:
             param.requires_grad_(flag)
         for module, mode in saved_modes:
             module.training = mode
+        for module in reentrant:
+            module.gradient_checkpointing = True
+
+
+def _reentrant(module: nn.Module) -> bool:
+    """True unless the layer's checkpoint function is known to be non-reentrant (torch's default is reentrant)."""
+    func = getattr(module, "_gradient_checkpointing_func", None)
+    keywords = getattr(func, "keywords", None) or {}
+    return keywords.get("use_reentrant", True) is not False
 
 
 def plan_passes(
@@ -272,7 +286,7 @@ def _run_pass(
 
 
 def _check_reiterable(loader: Any, role: str, passes: int) -> None:
-    if passes > 1 and loader is not None and iter(loader) is loader:
+    if passes > 1 and loader is not None and isinstance(loader, Iterator):
         raise ValueError(
             f"The {role} dataloader is a one-shot iterator ({type(loader).__name__}), but the layers are processed "
             f"in {passes} passes (`layers_per_pass`/`max_accumulator_bytes`); pass a DataLoader or a list."

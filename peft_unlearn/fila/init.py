@@ -57,6 +57,7 @@ from .state import (
     IMPORTANCE_ATTR,
     check_target_layer,
     clear_pending,
+    copy_into_,
     dense_weight,
     init_name,
     is_pending,
@@ -224,6 +225,10 @@ def resolve_factor_scale(factor_scale: str | float, lora_a: torch.Tensor, lora_b
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _sharded(param: torch.Tensor) -> bool:
+    return hasattr(param, "ds_id") or type(param).__name__ == "DTensor" or hasattr(param, "device_mesh")
+
+
 def _apply_to_layer(
     layer: nn.Module,
     adapter_name: str,
@@ -251,8 +256,12 @@ def _apply_to_layer(
         del weight
         a_param = layer.lora_A[adapter_name].weight
         b_param = layer.lora_B[adapter_name].weight
-        a_param.data = lora_a.to(a_param.device)
-        b_param.data = lora_b.to(b_param.device)
+        if a_param.dtype == lora_a.dtype and not _sharded(a_param):
+            a_param.data = lora_a.to(a_param.device)
+            b_param.data = lora_b.to(b_param.device)
+        else:  # FSDP2 DTensor / ZeRO-3 parameters: every rank writes its own shard of the same full value
+            copy_into_(a_param, lora_a)
+            copy_into_(b_param, lora_b)
     set_offset(layer, adapter_name, lora_a, lora_b)
     clear_pending(layer, adapter_name)
 

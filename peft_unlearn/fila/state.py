@@ -39,6 +39,7 @@ __all__ = [
     "check_target_layer",
     "clear_pending",
     "config_targets",
+    "copy_into_",
     "data_driven_adapters",
     "dense_weight",
     "init_name",
@@ -263,6 +264,53 @@ def dense_weight(base_layer: nn.Module) -> torch.Tensor:
     if hasattr(base_layer.weight, "ds_id"):  # a ZeRO-3 partition gathered by the caller: keep a copy
         weight = weight.clone()
     return weight.mT if isinstance(base_layer, Conv1D) else weight
+
+
+def _is_dtensor(tensor: Any) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(tensor, DTensor)
+
+
+@torch.no_grad()
+def copy_into_(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Write a full (unsharded) ``value`` into ``param``, in place, whatever its sharding.
+
+    Every rank must pass the same ``value`` (FILA computes the same init on every rank): a `DTensor`
+    parameter keeps only its own shard of it, without communication.
+
+    Args:
+        param: The destination parameter (plain, `DTensor`, or ZeRO-3 partitioned).
+        value: The full value, shape of the unsharded parameter; cast to ``param``'s dtype and device.
+
+    Raises:
+        ValueError: If the shapes differ.
+
+    Examples:
+        >>> p = torch.nn.Parameter(torch.zeros(2, 2))
+        >>> copy_into_(p, torch.ones(2, 2)); p.sum().item()
+        4.0
+    """
+    shape = tuple(getattr(param, "ds_shape", param.shape))
+    if tuple(value.shape) != shape:
+        raise ValueError(f"Cannot write a value of shape {tuple(value.shape)} into a parameter of shape {shape}.")
+    if _is_dtensor(param):
+        from torch.distributed.tensor import distribute_tensor
+
+        local = param.to_local()
+        shard = distribute_tensor(
+            value.to(device=local.device, dtype=param.dtype), param.device_mesh, param.placements, src_data_rank=None
+        )
+        local.copy_(shard.to_local())
+    elif hasattr(param, "ds_id"):
+        from peft.utils.integrations import gather_params_ctx
+
+        with gather_params_ctx(param, modifier_rank=0):
+            param.data.copy_(value.to(device=param.device, dtype=param.dtype))
+    else:
+        param.data.copy_(value.to(device=param.device, dtype=param.dtype))
 
 
 def config_targets(model: nn.Module, lora_config: Any) -> list[tuple[str, nn.Module]]:

@@ -64,12 +64,11 @@ from .fisher_passes import all_reduce_ as _all_reduce_
 from .fisher_passes import distributed as _distributed
 from .fisher_passes import model_device as _model_device
 from .fisher_passes import rank as _rank
+from .init import initialize_fila_weights
+from .state import VILA_INIT_NAME as VILA_INIT_NAME
 from .state import iter_lora_layers
 
 __all__ = ["VILA_INIT_NAME", "estimate_vila_importance", "initialize_vila_weights", "vila_layer_importance"]
-
-#: The value of ``LoraConfig.init_lora_weights`` that selects VILA.
-VILA_INIT_NAME = "vila"
 
 
 def vila_layer_importance(
@@ -324,8 +323,8 @@ def initialize_vila_weights(
 ) -> dict[str, Any]:
     """Compute the VILA init of one adapter: VILA importance, then FILA's weighted low-rank init.
 
-    Every LoRA layer of the adapter gets ``A0``, ``B0`` from the weighted SVD and a frozen copy of them that
-    cancels ``s * B0 @ A0`` (the base weight is never modified), exactly as with [`initialize_fila_weights`][peft_unlearn.initialize_fila_weights]
+    Every LoRA layer of the adapter gets ``A0``, ``B0`` from the weighted SVD and its base weight becomes
+    ``W - s * B0 @ A0``, exactly as with [`initialize_fila_weights`][peft_unlearn.initialize_fila_weights]
     (so the model output is unchanged and ``save_pretrained`` writes the portable plain LoRA).
 
     Args:
@@ -356,7 +355,6 @@ def initialize_vila_weights(
         >>> info["importance_seconds"] < info["seconds"]  # doctest: +SKIP
         True
     """
-    from .init import initialize_fila_weights
 
     start = time.perf_counter()
     if importance is None:

@@ -8,7 +8,7 @@ autograd materialise one more ``[tokens, vocab]`` gradient tensor.
 
 ``reduction``:
 
-* ``"mean"``: mean over supervised tokens (over sequences for :func:`npo_loss` / :func:`simnpo_loss`). When no
+* ``"mean"``: mean over supervised tokens (over sequences for `npo_loss` / `simnpo_loss`). When no
   token is supervised the result is ``0`` and still attached to the autograd graph (zero gradient) instead of NaN,
   so a micro-batch made only of padding does not poison training.
 * ``"sum"``: plain sum; the trainer divides by a global count for exact gradient accumulation.

@@ -168,7 +168,7 @@ def gradient_ascent_loss(
     """Gradient ascent (GA) forget loss: the negated token NLL, ``-nll_loss(...)``.
 
     Unbounded below; its gradient is spread over every vocabulary entry in proportion to ``p_j``.
-    Memory: same as :func:`nll_loss` (that of ``cross_entropy``).
+    Memory: same as `nll_loss` (that of ``cross_entropy``).
 
     Args:
         logits: Unshifted logits ``[B, T, V]``.
@@ -199,7 +199,7 @@ def kl_loss(
     ``KL_t = sum_v p_ref(v) (log p_ref(v) - log p_theta(v))`` for each position ``t`` of the unshifted logits.
 
     * ``labels`` given: only the positions that predict a supervised token (``labels`` shifted exactly as for
-      :func:`nll_loss`) count, and ``"mean"`` averages over them. This is a **deliberate fix** of the official code,
+      `nll_loss`) count, and ``"mean"`` averages over them. This is a **deliberate fix** of the official code,
       whose KL also runs over prompt and padding positions.
     * ``labels=None``: every one of the ``B * T`` positions counts (official-code parity mode, its ``batchmean``
       over the flattened positions).
@@ -260,7 +260,7 @@ def sequence_log_probs(logits: Tensor, labels: Tensor, ignore_index: int = IGNOR
     """Summed log-probability of the supervised tokens of each sequence, and their number.
 
     ``logps[b] = sum_t log p_theta(labels[b, t+1] | x_<=t)`` over supervised shifted labels, i.e. ``-l(x_b)``
-    with ``l`` the summed NLL of the sequence. Memory: that of ``cross_entropy`` (see :func:`nll_loss`).
+    with ``l`` the summed NLL of the sequence. Memory: that of ``cross_entropy`` (see `nll_loss`).
 
     Args:
         logits: Unshifted logits ``[B, T, V]``.
@@ -296,7 +296,7 @@ def npo_loss(policy_logps: Tensor, reference_logps: Tensor, beta: float = 0.1, r
     With ``l = -logps`` the summed NLL of a sequence:
     ``loss_b = (2 / beta) * -log sigmoid(beta * (l_theta - l_ref)) = -(2/beta) logsigmoid(beta (ref - policy))``.
     At ``policy == reference`` it equals ``(2 / beta) log 2``. Memory: ``[B]`` vectors only (the logits cost is
-    in :func:`sequence_log_probs`).
+    in `sequence_log_probs`).
 
     Args:
         policy_logps: Summed log-probs ``[B]`` under the trained model (with grad).
@@ -331,7 +331,7 @@ def simnpo_loss(
     ``loss_b = (2 / beta) * -log sigmoid(beta * (l_theta(x_b) / |y_b| - delta))`` with ``l_theta = -policy_logps``
     the summed NLL and ``|y_b| = num_tokens`` (clamped to >= 1). The ``gamma`` weight of SimNPO is the trainer's
     ``forget_weight``. ``num_tokens`` counts the supervised *shifted* labels (as returned by
-    :func:`sequence_log_probs`); open-unlearning counts unshifted labels, which differs only when the first
+    `sequence_log_probs`); open-unlearning counts unshifted labels, which differs only when the first
     token of a sequence is supervised. Memory: ``[B]`` vectors only.
 
     Args:

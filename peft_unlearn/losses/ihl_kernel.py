@@ -59,7 +59,7 @@ def _block_max(z: Tensor, block: int) -> Tensor:
 def _runner_up(z: Tensor, block_max: Tensor, y: Tensor, block: int) -> Tensor:
     """Index of the largest entry of each row of ``z [R, V]`` other than column ``y [R]``.
 
-    Second level of the two-level search started by :func:`_block_max`: the maximum of the block holding ``y``
+    Second level of the two-level search started by `_block_max`: the maximum of the block holding ``y``
     is recomputed without ``y``, then ``argmax`` over the block maxima and inside the winning block. Only
     ``[R, V / block]`` and ``[R, block]`` temporaries. Ties go to the lowest block, then the lowest column of that
     block. ``block_max`` is modified in place.
@@ -96,7 +96,7 @@ class InvertedHingeFunction(torch.autograd.Function):
     """Per-token IHL on 2-D logits ``[N, V]`` whose gradient lives in a single ``[N, V]`` buffer.
 
     Forward, chunk by chunk over the supervised rows: block maxima (for the row maximum ``m`` and the runner-up
-    search of :func:`_runner_up`), then ``e = exp(z - m)`` (fp32 arithmetic) and its row sum ``S``. When a gradient
+    search of `_runner_up`), then ``e = exp(z - m)`` (fp32 arithmetic) and its row sum ``S``. When a gradient
     is needed, ``e`` is written into a buffer of the logits' dtype that is saved for backward (the logits are not);
     otherwise into a small scratch buffer. With ``p = e / S``, backward turns the buffer *in place* into the
     gradient ``p_j (p_k - p_y)`` (one multiply by ``g (p_k - p_y) / S`` per row) and overwrites columns ``y``

@@ -11,11 +11,11 @@ Examples:
 from __future__ import annotations
 
 from . import mia, tofu
+from .extraction import extraction_likelihood
 from .generation import greedy_generate
 from .memorization import (
     compute_ma_metrics,
     evaluate_memorization,
-    extraction_likelihood,
     memorization_accuracy,
     pad_batch,
     perplexity,
@@ -28,11 +28,11 @@ from .tofu import (
     answer_probability,
     evaluate_tofu,
     forget_quality,
-    load_tofu,
     model_utility,
     rouge_l_recall,
     truth_ratio,
 )
+from .tofu_data import load_tofu
 
 __all__ = [
     "answer_probability",

@@ -19,13 +19,16 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
+from ..utils import IGNORE_INDEX
+
 __all__ = [
     "accepts_kwarg",
+    "pad_batch",
     "eval_mode",
     "forward_logits",
     "forward_parameters",
@@ -107,3 +110,123 @@ def to_id_list(value: Any) -> list[int]:
     if isinstance(value, torch.Tensor):
         return [int(v) for v in value.reshape(-1).tolist()]
     return [int(v) for v in value]
+
+
+# inputs: tensors, token-id lists and datasets to padded batches
+
+
+def _as_2d(name: str, value: Any) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        value = torch.as_tensor(value)
+    if value.dim() == 1:
+        value = value.unsqueeze(0)
+    if value.dim() != 2:
+        raise ValueError(
+            f"`{name}` must have shape [batch, seq_len], got shape {tuple(value.shape)}; pass a 2-D tensor "
+            "(or one 1-D sequence)."
+        )
+    return value
+
+
+def _prepare_batch(
+    input_ids: Any, attention_mask: Any = None, labels: Any = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    input_ids = _as_2d("input_ids", input_ids).long()
+    if input_ids.numel() == 0:
+        raise ValueError(
+            f"`input_ids` is empty (shape {tuple(input_ids.shape)}); the metric is undefined without tokens. Pass at "
+            "least one sequence of at least one token."
+        )
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    else:
+        attention_mask = _as_2d("attention_mask", attention_mask)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"`attention_mask` has shape {tuple(attention_mask.shape)} but `input_ids` has shape "
+                f"{tuple(input_ids.shape)}; they must match."
+            )
+    if labels is not None:
+        labels = _as_2d("labels", labels).long()
+        if labels.shape != input_ids.shape:
+            raise ValueError(
+                f"`labels` has shape {tuple(labels.shape)} but `input_ids` has shape {tuple(input_ids.shape)}; "
+                "they must match (unshifted labels, -100 on ignored positions)."
+            )
+    return input_ids, attention_mask.long(), labels
+
+
+def pad_batch(
+    items: Sequence[Mapping[str, Sequence[int]]], pad_token_id: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Right-pad a list of tokenized items into tensors.
+
+    Args:
+        items: Dicts with ``input_ids`` and optionally ``labels`` (same length as ``input_ids``).
+        pad_token_id: Id written into the padded ``input_ids`` positions.
+
+    Returns:
+        ``(input_ids [B, T], attention_mask [B, T], labels [B, T] or None)``; labels are padded with -100 and
+        are None when no item has labels (an item without labels in a labelled batch is fully supervised).
+
+    Examples:
+        >>> ids, mask, labels = pad_batch([{"input_ids": [5, 6, 7]}, {"input_ids": [8]}])
+        >>> ids.tolist(), mask.tolist(), labels
+        ([[5, 6, 7], [8, 0, 0]], [[1, 1, 1], [1, 0, 0]], None)
+    """
+    if len(items) == 0:
+        raise ValueError("`items` is empty; pass at least one tokenized sequence.")
+    width = max(len(item["input_ids"]) for item in items)
+    ids = torch.full((len(items), width), int(pad_token_id), dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    has_labels = any(item.get("labels") is not None for item in items)
+    labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long) if has_labels else None
+    for i, item in enumerate(items):
+        seq = list(item["input_ids"])
+        ids[i, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+        mask[i, : len(seq)] = 1
+        if labels is not None:
+            lab = list(item["labels"]) if item.get("labels") is not None else seq
+            labels[i, : len(lab)] = torch.as_tensor(lab, dtype=torch.long)
+    return ids, mask, labels
+
+
+def _normalize_data(data: Any) -> list[dict[str, list[int] | None]]:
+    """Turn the accepted data formats into a list of ``{"input_ids": [...], "labels": [...] | None}``."""
+    if isinstance(data, torch.Tensor):
+        data = _as_2d("data", data)
+        return [{"input_ids": to_id_list(row), "labels": None} for row in data]
+    if isinstance(data, Mapping):  # columnar, e.g. a BatchEncoding or a dict of lists
+        if "input_ids" not in data:
+            raise ValueError(f"`data` is a mapping without an 'input_ids' key (keys: {sorted(data)}).")
+        n = len(data["input_ids"])
+        data = [{k: data[k][i] for k in ("input_ids", "labels", "attention_mask") if k in data} for i in range(n)]
+    if isinstance(data, (str, bytes)) or not hasattr(data, "__iter__"):
+        raise TypeError(
+            f"`data` must be a list of token-id lists, a list of dicts with 'input_ids', or a datasets.Dataset; "
+            f"got {type(data).__name__}."
+        )
+    out: list[dict[str, list[int] | None]] = []
+    for i, item in enumerate(data):
+        if isinstance(item, Mapping):
+            if "input_ids" not in item:
+                raise ValueError(f"`data[{i}]` has no 'input_ids' key (keys: {sorted(item)}).")
+            ids = to_id_list(item["input_ids"])
+            labels = item.get("labels")
+            labels = to_id_list(labels) if labels is not None else None
+            mask = item.get("attention_mask")
+            if mask is not None:  # pre-padded rows: drop the padding (either side)
+                mask = to_id_list(mask)
+                keep = [j for j, m in enumerate(mask) if m]
+                ids = [ids[j] for j in keep]
+                labels = [labels[j] for j in keep] if labels is not None else None
+        elif isinstance(item, (torch.Tensor, Sequence)) and not isinstance(item, (str, bytes)):
+            ids, labels = to_id_list(item), None
+        else:
+            raise TypeError(
+                f"`data[{i}]` must be a sequence of token ids or a dict with 'input_ids', got {type(item).__name__}."
+            )
+        if labels is not None and len(labels) != len(ids):
+            raise ValueError(f"`data[{i}]` has {len(ids)} input_ids but {len(labels)} labels; they must match.")
+        out.append({"input_ids": ids, "labels": labels})
+    return out

@@ -37,15 +37,16 @@ Examples:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
 
 from ..utils import IGNORE_INDEX, model_device
+from .extraction import _check_el_args, _el_scores, extraction_likelihood
+from .forward import _normalize_data, _prepare_batch, pad_batch
 from .forward import eval_mode as _eval_mode
 from .forward import forward_logits as _logits
-from .forward import to_id_list as _to_list
 from .forward import with_eval_mode as _with_eval_mode
 from .generation import greedy_generate
 
@@ -66,128 +67,6 @@ DistributedMode = Literal["shard", "gather", "none"]
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Input normalisation and batching
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _as_2d(name: str, value: Any) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        value = torch.as_tensor(value)
-    if value.dim() == 1:
-        value = value.unsqueeze(0)
-    if value.dim() != 2:
-        raise ValueError(
-            f"`{name}` must have shape [batch, seq_len], got shape {tuple(value.shape)}; pass a 2-D tensor "
-            "(or one 1-D sequence)."
-        )
-    return value
-
-
-def _prepare_batch(
-    input_ids: Any, attention_mask: Any = None, labels: Any = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    input_ids = _as_2d("input_ids", input_ids).long()
-    if input_ids.numel() == 0:
-        raise ValueError(
-            f"`input_ids` is empty (shape {tuple(input_ids.shape)}); the metric is undefined without tokens. Pass at "
-            "least one sequence of at least one token."
-        )
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    else:
-        attention_mask = _as_2d("attention_mask", attention_mask)
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"`attention_mask` has shape {tuple(attention_mask.shape)} but `input_ids` has shape "
-                f"{tuple(input_ids.shape)}; they must match."
-            )
-    if labels is not None:
-        labels = _as_2d("labels", labels).long()
-        if labels.shape != input_ids.shape:
-            raise ValueError(
-                f"`labels` has shape {tuple(labels.shape)} but `input_ids` has shape {tuple(input_ids.shape)}; "
-                "they must match (unshifted labels, -100 on ignored positions)."
-            )
-    return input_ids, attention_mask.long(), labels
-
-
-def pad_batch(
-    items: Sequence[Mapping[str, Sequence[int]]], pad_token_id: int = 0
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Right-pad a list of tokenized items into tensors.
-
-    Args:
-        items: Dicts with ``input_ids`` and optionally ``labels`` (same length as ``input_ids``).
-        pad_token_id: Id written into the padded ``input_ids`` positions.
-
-    Returns:
-        ``(input_ids [B, T], attention_mask [B, T], labels [B, T] or None)``; labels are padded with -100 and
-        are None when no item has labels (an item without labels in a labelled batch is fully supervised).
-
-    Examples:
-        >>> ids, mask, labels = pad_batch([{"input_ids": [5, 6, 7]}, {"input_ids": [8]}])
-        >>> ids.tolist(), mask.tolist(), labels
-        ([[5, 6, 7], [8, 0, 0]], [[1, 1, 1], [1, 0, 0]], None)
-    """
-    if len(items) == 0:
-        raise ValueError("`items` is empty; pass at least one tokenized sequence.")
-    width = max(len(item["input_ids"]) for item in items)
-    ids = torch.full((len(items), width), int(pad_token_id), dtype=torch.long)
-    mask = torch.zeros((len(items), width), dtype=torch.long)
-    has_labels = any(item.get("labels") is not None for item in items)
-    labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long) if has_labels else None
-    for i, item in enumerate(items):
-        seq = list(item["input_ids"])
-        ids[i, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
-        mask[i, : len(seq)] = 1
-        if labels is not None:
-            lab = list(item["labels"]) if item.get("labels") is not None else seq
-            labels[i, : len(lab)] = torch.as_tensor(lab, dtype=torch.long)
-    return ids, mask, labels
-
-
-def _normalize_data(data: Any) -> list[dict[str, list[int] | None]]:
-    """Turn the accepted data formats into a list of ``{"input_ids": [...], "labels": [...] | None}``."""
-    if isinstance(data, torch.Tensor):
-        data = _as_2d("data", data)
-        return [{"input_ids": _to_list(row), "labels": None} for row in data]
-    if isinstance(data, Mapping):  # columnar, e.g. a BatchEncoding or a dict of lists
-        if "input_ids" not in data:
-            raise ValueError(f"`data` is a mapping without an 'input_ids' key (keys: {sorted(data)}).")
-        n = len(data["input_ids"])
-        data = [{k: data[k][i] for k in ("input_ids", "labels", "attention_mask") if k in data} for i in range(n)]
-    if isinstance(data, (str, bytes)) or not hasattr(data, "__iter__"):
-        raise TypeError(
-            f"`data` must be a list of token-id lists, a list of dicts with 'input_ids', or a datasets.Dataset; "
-            f"got {type(data).__name__}."
-        )
-    out: list[dict[str, list[int] | None]] = []
-    for i, item in enumerate(data):
-        if isinstance(item, Mapping):
-            if "input_ids" not in item:
-                raise ValueError(f"`data[{i}]` has no 'input_ids' key (keys: {sorted(item)}).")
-            ids = _to_list(item["input_ids"])
-            labels = item.get("labels")
-            labels = _to_list(labels) if labels is not None else None
-            mask = item.get("attention_mask")
-            if mask is not None:  # pre-padded rows: drop the padding (either side)
-                mask = _to_list(mask)
-                keep = [j for j, m in enumerate(mask) if m]
-                ids = [ids[j] for j in keep]
-                labels = [labels[j] for j in keep] if labels is not None else None
-        elif isinstance(item, (torch.Tensor, Sequence)) and not isinstance(item, (str, bytes)):
-            ids, labels = _to_list(item), None
-        else:
-            raise TypeError(
-                f"`data[{i}]` must be a sequence of token ids or a dict with 'input_ids', got {type(item).__name__}."
-            )
-        if labels is not None and len(labels) != len(ids):
-            raise ValueError(f"`data[{i}]` has {len(ids)} input_ids but {len(labels)} labels; they must match.")
-        out.append({"input_ids": ids, "labels": labels})
-    return out
-
-
-# --------------------------------------------------------------------------------------------------------------
 # Teacher-forced statistics (MA, NLL, token log-probs)
 # --------------------------------------------------------------------------------------------------------------
 
@@ -203,6 +82,15 @@ def _supervised_mask(
     return targets, valid & (targets != IGNORE_INDEX)
 
 
+def _check_vocab(ids: torch.Tensor, size: int, what: str) -> None:
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= size):
+        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+        raise ValueError(
+            f"`{what}` holds token id {bad}, outside the model's vocabulary (ids 0..{size - 1}); the data was "
+            "tokenized with another tokenizer than the model's. Tokenize with the model's own tokenizer."
+        )
+
+
 def _token_stats(
     model: torch.nn.Module, input_ids: Any, attention_mask: Any = None, labels: Any = None
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -214,6 +102,10 @@ def _token_stats(
     if input_ids.shape[1] < 2:
         empty = torch.zeros(0, device=device)
         return [(empty.bool(), empty.float()) for _ in range(input_ids.shape[0])]
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    if weight is not None:
+        _check_vocab(input_ids[attention_mask.bool()], int(weight.shape[0]), "input_ids")
     logits = _logits(model, input_ids, attention_mask).logits
     if logits.shape[:2] != input_ids.shape:
         raise ValueError(
@@ -221,6 +113,7 @@ def _token_stats(
             f"{tuple(input_ids.shape)}; expected [batch, seq_len, vocab] (unshifted causal-LM logits)."
         )
     targets, valid = _supervised_mask(input_ids, attention_mask, labels)
+    _check_vocab(targets[valid], logits.shape[-1], "labels" if labels is not None else "input_ids")
     stats = []
     for b in range(input_ids.shape[0]):
         rows = logits[b, :-1][valid[b]].float()  # [n, V]
@@ -367,10 +260,10 @@ def preprocess_logits_for_ma(logits: Any, labels: Any) -> torch.Tensor:
 def compute_ma_metrics(eval_pred: Any) -> dict[str, float]:
     """``Trainer(compute_metrics=...)`` function returning the per-sequence-averaged MA as ``{"ma": ...}``.
 
-    Use together with :func:`preprocess_logits_for_ma`. With a stock ``Trainer`` and
-    ``eval_dataset={"forget": ...}`` this yields ``eval_forget_ma`` (what :class:`StopWhenForgottenCallback`
+    Use together with `preprocess_logits_for_ma`. With a stock ``Trainer`` and
+    ``eval_dataset={"forget": ...}`` this yields ``eval_forget_ma`` (what `StopWhenForgottenCallback`
     reads). Labels must be the unshifted causal-LM labels (-100 ignored); EL needs generation and is not
-    available this way (use :func:`evaluate_memorization`).
+    available this way (use `evaluate_memorization`).
 
     Args:
         eval_pred: A ``transformers.EvalPrediction`` (or a ``(predictions, label_ids)`` tuple) where the
@@ -401,169 +294,6 @@ def compute_ma_metrics(eval_pred: Any) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Extraction likelihood
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _ngrams(seq: Sequence[int], n: int) -> list[tuple[int, ...]]:
-    return [tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)]
-
-
-def _ngram_overlap(continuation: Sequence[int], reference: Sequence[int], n: int) -> float:
-    ref = _ngrams(reference, n)
-    ref_set = set(ref)
-    hits = sum(1 for g in _ngrams(continuation, n) if g in ref_set)
-    return hits / len(ref)
-
-
-def _el_scores(
-    model: torch.nn.Module,
-    seqs: list[dict[str, list[int] | None]],
-    ns: Sequence[int],
-    prefix_stride: int,
-    batch_size: int,
-    pad_token_id: int,
-    use_cache: bool | None = None,
-    eos_token_id: int | Sequence[int] | None = None,
-) -> dict[int, list[float]]:
-    """EL_n for each n and each sequence (NaN where undefined); one generation pass shared by all n.
-
-    ``eos_token_id`` given: each continuation stops after its first EOS (shorter continuation, same denominator).
-    """
-    n_min = min(ns)
-    jobs: list[tuple[int, int]] = []  # (sequence index, prefix length t)
-    for s, item in enumerate(seqs):
-        tokens, labels = item["input_ids"], item["labels"]
-        T = len(tokens)
-        t_start = 1
-        if labels is not None:
-            supervised = [j for j, lab in enumerate(labels) if lab != IGNORE_INDEX]
-            t_start = max(1, supervised[0]) if supervised else T  # no supervised token: undefined
-        jobs.extend((s, t) for t in range(t_start, T - n_min + 1, prefix_stride))
-    prompts = [seqs[s]["input_ids"][:t] for s, t in jobs]
-    budgets = [len(seqs[s]["input_ids"]) - t for s, t in jobs]
-    conts = greedy_generate(
-        model,
-        prompts,
-        budgets,
-        pad_token_id=pad_token_id,
-        eos_token_id=eos_token_id,
-        batch_size=batch_size,
-        use_cache=use_cache,
-    )
-    per_seq: dict[int, list[list[float]]] = {n: [[] for _ in seqs] for n in ns}
-    for (s, t), cont in zip(jobs, conts):
-        tokens = seqs[s]["input_ids"]
-        T = len(tokens)
-        for n in ns:
-            if t <= T - n:
-                per_seq[n][s].append(_ngram_overlap(cont, tokens[t:], n))
-    return {n: [sum(v) / len(v) if v else float("nan") for v in per_seq[n]] for n in ns}
-
-
-def _check_el_args(n: int | Sequence[int], prefix_stride: int, batch_size: int) -> tuple[int, ...]:
-    ns = (n,) if isinstance(n, int) else tuple(n)
-    if not ns or any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in ns):
-        raise ValueError(f"`el_n` / `n` must be a positive int or a non-empty sequence of them, got {n!r}.")
-    if not isinstance(prefix_stride, int) or prefix_stride < 1:
-        raise ValueError(f"`prefix_stride` must be a positive int, got {prefix_stride!r}.")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
-    return ns
-
-
-def extraction_likelihood(
-    model: torch.nn.Module,
-    input_ids: Any,
-    attention_mask: Any = None,
-    n: int = 10,
-    prefix_stride: int = 1,
-    batch_size: int = 32,
-    *,
-    labels: Any = None,
-    pad_token_id: int = 0,
-    use_cache: bool | None = None,
-    stop_at_eos: bool = False,
-    eos_token_id: int | Sequence[int] | None = None,
-) -> torch.Tensor:
-    """Per-sequence extraction likelihood EL_n (Jang et al. 2023).
-
-    For every prefix length ``t = t0, t0 + prefix_stride, ... <= T - n`` the model greedily continues ``x_<t`` to
-    the sequence's own length T; the score at t is the fraction of the n-grams of ``x_>=t`` hit by the
-    continuation's n-grams (see the module docstring); EL_n is the mean over t. ``t0 = 1``, or with ``labels``
-    the first supervised position (so a question prefix is always given). A sequence with no valid t
-    (``T - n < t0``, i.e. n too large for the sequence) gets NaN. Padding (either side) is removed per sequence
-    using ``attention_mask``.
-
-    EOS: by default every continuation has exactly ``T - t`` tokens, EOS included as an ordinary token (the
-    score then measures how much of the suffix the model *can* reproduce). ``stop_at_eos=True`` is what Jang et
-    al.'s code measures with ``generate``: a continuation ends with its first generated EOS, the positions after
-    it contribute no n-gram hits (``generate`` pads them; a padded n-gram only matches if the pad id occurs in
-    the reference), and the denominator stays the n-grams of ``x_>=t``. So ``stop_at_eos=True`` never gives a
-    higher score than the default, and both agree for a model that emits no EOS before the sequence length.
-
-    Cost: ``(T - t0) / prefix_stride`` greedy continuations per sequence, about ``T^2 / (2 * prefix_stride)``
-    generated tokens (T = 200, stride 1: ~20k tokens per sequence). All prefixes of all sequences are batched
-    ``batch_size`` rows at a time, longest continuations first, with the model's KV cache when available.
-
-    Args:
-        model: A causal LM.
-        input_ids: Token ids ``[B, T]``.
-        attention_mask: Optional ``[B, T]`` mask.
-        n: n-gram size (Jang: 10).
-        prefix_stride: Step between evaluated prefix lengths (1 = every prefix, the exact definition).
-        batch_size: Prefixes per generation batch.
-        labels: Optional unshifted labels; only used to find the first supervised position t0.
-        pad_token_id: Padding id for the internal left-padded generation batches.
-        use_cache: Passed to :func:`greedy_generate`.
-        stop_at_eos: End each continuation at its first generated EOS (as ``generate``), see above.
-        eos_token_id: EOS id(s) for ``stop_at_eos``; default the model's ``generation_config`` / ``config``
-            ``eos_token_id``.
-
-    Returns:
-        Float tensor ``[B]`` on the CPU.
-
-    Raises:
-        ValueError: If ``stop_at_eos=True`` and no EOS id is given or known from the model.
-
-    Examples:
-        >>> from peft_unlearn.testing import tiny_causal_lm
-        >>> extraction_likelihood(tiny_causal_lm("llama"), [[5, 6, 7, 8, 9]], n=2).shape
-        torch.Size([1])
-    """
-    ns = _check_el_args(n, prefix_stride, batch_size)
-    if len(ns) != 1:
-        raise ValueError(f"`n` must be a single int here, got {n!r}; use evaluate_memorization(el_n=...) for several.")
-    input_ids, attention_mask, labels = _prepare_batch(input_ids, attention_mask, labels)
-    seqs = []
-    for b in range(input_ids.shape[0]):
-        keep = attention_mask[b].bool()
-        seqs.append(
-            {
-                "input_ids": input_ids[b][keep].tolist(),
-                "labels": labels[b][keep].tolist() if labels is not None else None,
-            }
-        )
-    eos = _resolve_eos(model, eos_token_id) if stop_at_eos else None
-    scores = _el_scores(model, seqs, ns, prefix_stride, batch_size, pad_token_id, use_cache, eos)
-    return torch.tensor(scores[ns[0]], dtype=torch.float32)
-
-
-def _resolve_eos(model: torch.nn.Module, eos_token_id: int | Sequence[int] | None) -> int | list[int]:
-    if eos_token_id is None:
-        for source in (getattr(model, "generation_config", None), getattr(model, "config", None)):
-            eos_token_id = getattr(source, "eos_token_id", None)
-            if eos_token_id is not None:
-                break
-    if eos_token_id is None or (not isinstance(eos_token_id, int) and len(eos_token_id) == 0):
-        raise ValueError(
-            "`stop_at_eos=True` needs an EOS id, but `eos_token_id` is None and the model's generation_config / "
-            "config has none; pass `eos_token_id=tokenizer.eos_token_id`."
-        )
-    return eos_token_id if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
-
-
-# --------------------------------------------------------------------------------------------------------------
 # Data-set level evaluation
 # --------------------------------------------------------------------------------------------------------------
 
@@ -591,8 +321,8 @@ def evaluate_memorization(
 
     ``ma`` and ``el{n}`` are means over sequences (sequences where the metric is undefined, NaN, are skipped;
     all undefined gives NaN); ``nll`` is the mean NLL over all counted tokens of the data set (token-pooled) and
-    ``ppl = exp(nll)``. With ``labels`` only the supervised tokens count (see :func:`memorization_accuracy`,
-    :func:`extraction_likelihood`).
+    ``ppl = exp(nll)``. With ``labels`` only the supervised tokens count (see `memorization_accuracy`,
+    `extraction_likelihood`).
 
     Distributed: when ``torch.distributed`` is initialized with several processes,
 

@@ -30,36 +30,28 @@ Examples:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from ..utils import IGNORE_INDEX
 from .forward import eval_mode as _eval_mode
 from .generation import greedy_generate
 from .memorization import _token_stats, pad_batch
+from .tofu_data import DEFAULT_QA_TEMPLATE, format_prompt, format_qa, load_tofu  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
-    import datasets
+    pass
 
 __all__ = [
-    "DEFAULT_QA_TEMPLATE",
-    "TOFU_HUB_ALIASES",
-    "SYNTHETIC_SPLITS",
     "answer_nll",
     "answer_probability",
     "evaluate_tofu",
-    "format_prompt",
-    "format_qa",
     "forget_quality",
     "generate_answers",
-    "load_tofu",
     "model_utility",
     "relative_answer_probability",
     "rouge_l_recall",
@@ -69,163 +61,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-DEFAULT_QA_TEMPLATE = "Question: {question}\nAnswer:"
-SYNTHETIC_SPLITS = ("forget", "retain", "real_authors", "world_facts", "full")
-TOFU_HUB_ALIASES = {
-    "forget": "forget10_perturbed",
-    "retain": "retain_perturbed",
-    "real_authors": "real_authors_perturbed",
-    "world_facts": "world_facts_perturbed",
-}
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Data
-# --------------------------------------------------------------------------------------------------------------
-
-
-def load_tofu(split: str, source: str = "synthetic", *, max_items: int | None = None) -> datasets.Dataset:
-    """Load a TOFU split as a ``datasets.Dataset``.
-
-    Rows have ``question``, ``answer``, ``paraphrased_answer`` and ``perturbed_answer`` (a list).
-
-    - ``source="synthetic"``: a small offline data set shipped with the package (12 fictitious authors x 4 QA,
-      forget = the first 3 authors (12 QA), retain = the other 9 (36 QA); 8 real-author and 8 world-fact
-      questions with 3 perturbed options each). Splits: ``forget``, ``retain``, ``real_authors``,
-      ``world_facts``, ``full`` (forget + retain).
-    - ``source="hub"``: ``datasets.load_dataset("locuslab/TOFU", name, split="train")`` (needs the network or a
-      local HF cache). ``split`` is any TOFU config name (``forget01``, ``forget05_perturbed``, ``retain90``,
-      ``full``, ...) or an alias: ``forget`` -> ``forget10_perturbed``, ``retain`` -> ``retain_perturbed``,
-      ``real_authors`` -> ``real_authors_perturbed``, ``world_facts`` -> ``world_facts_perturbed``.
-      :func:`evaluate_tofu` needs the ``*_perturbed`` configs (they carry ``paraphrased_answer`` and
-      ``perturbed_answer``); plain configs such as ``forget10`` / ``retain90`` are for training.
-
-    Args:
-        split: Split name (see above).
-        source: ``"synthetic"`` or ``"hub"``.
-        max_items: Keep only the first ``max_items`` rows (the TOFU protocol evaluates the first 300).
-
-    Returns:
-        A ``datasets.Dataset``.
-
-    Examples:
-        >>> ds = load_tofu("forget")
-        >>> len(ds), sorted(ds.column_names)[:3]
-        (12, ['answer', 'author', 'paraphrased_answer'])
-    """
-    import datasets
-
-    if source == "synthetic":
-        if split not in SYNTHETIC_SPLITS:
-            raise ValueError(f"`split` must be one of {SYNTHETIC_SPLITS} for source='synthetic', got {split!r}.")
-        names = ("forget", "retain") if split == "full" else (split,)
-        rows: list[dict[str, Any]] = []
-        for name in names:
-            path = resources.files("peft_unlearn") / "data" / f"tofu_synthetic_{name}.jsonl"
-            with path.open(encoding="utf-8") as f:
-                rows.extend(json.loads(line) for line in f if line.strip())
-        ds = datasets.Dataset.from_list(rows)
-    elif source == "hub":
-        name = TOFU_HUB_ALIASES.get(split, split)
-        ds = datasets.load_dataset("locuslab/TOFU", name, split="train")
-    else:
-        raise ValueError(f"`source` must be 'synthetic' or 'hub', got {source!r}.")
-    if max_items is not None:
-        if max_items < 1:
-            raise ValueError(f"`max_items` must be >= 1 or None, got {max_items}.")
-        ds = ds.select(range(min(max_items, len(ds))))
-    return ds
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Formatting
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
-
-
-def format_prompt(question: str, tokenizer: Any, template: str = DEFAULT_QA_TEMPLATE) -> list[int]:
-    """Token ids of the question prompt (what generation starts from).
-
-    Args:
-        question: The question text.
-        tokenizer: A Hugging Face tokenizer.
-        template: ``"chat"`` to use ``tokenizer.apply_chat_template`` (user turn + generation prompt), or a
-            format string containing ``{question}`` (default ``"Question: {question}\\nAnswer:"``). Special
-            tokens (e.g. BOS) are added as the tokenizer does by default.
-
-    Returns:
-        A list of token ids.
-
-    Examples:
-        >>> from peft_unlearn.testing import tiny_tokenizer
-        >>> len(format_prompt("Who?", tiny_tokenizer())) > 0
-        True
-    """
-    if template == "chat":
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError("`template='chat'` but the tokenizer has no chat_template; pass a format string.")
-        out = tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True
-        )
-        ids = out["input_ids"] if isinstance(out, Mapping) else out
-        return [int(i) for i in ids]
-    if not isinstance(template, str) or "{question}" not in template:
-        raise ValueError(f"`template` must be 'chat' or a format string containing '{{question}}', got {template!r}.")
-    return _encode(tokenizer, template.format(question=question), add_special_tokens=True)
-
-
-def format_qa(
-    question: str,
-    answer: str,
-    tokenizer: Any,
-    template: str = DEFAULT_QA_TEMPLATE,
-    *,
-    add_eos: bool = True,
-    max_length: int | None = None,
-) -> dict[str, list[int]]:
-    """Tokenize a question/answer pair with the question masked in the labels.
-
-    The prompt (:func:`format_prompt`) and the answer are tokenized separately and concatenated, so the
-    answer tokens are exactly those scored. With a format-string template the answer is prefixed by a space
-    (``"...Answer:" + " " + answer``); with ``"chat"`` it follows the generation prompt directly. The EOS
-    token after the answer is supervised when ``add_eos`` (TOFU convention).
-
-    Args:
-        question: Question text.
-        answer: Answer text.
-        tokenizer: A Hugging Face tokenizer.
-        template: ``"chat"`` or a format string with ``{question}``.
-        add_eos: Append ``tokenizer.eos_token_id`` to the answer.
-        max_length: Truncate the answer tail so the sequence has at most this many tokens (at least one
-            answer token is kept).
-
-    Returns:
-        ``{"input_ids": [...], "labels": [...]}`` with -100 on the prompt.
-
-    Examples:
-        >>> from peft_unlearn.testing import tiny_tokenizer
-        >>> item = format_qa("Who?", "Jane.", tiny_tokenizer())
-        >>> item["labels"][0], item["labels"][-1] == item["input_ids"][-1]
-        (-100, True)
-    """
-    prompt = format_prompt(question, tokenizer, template)
-    answer_text = answer if template == "chat" else " " + answer
-    answer_ids = _encode(tokenizer, answer_text, add_special_tokens=False)
-    if add_eos:
-        if tokenizer.eos_token_id is None:
-            raise ValueError("`add_eos=True` but the tokenizer has no eos_token_id; pass add_eos=False.")
-        answer_ids.append(int(tokenizer.eos_token_id))
-    if not answer_ids:
-        raise ValueError(f"The answer {answer!r} tokenizes to no tokens; every answer needs at least one token.")
-    if max_length is not None:
-        keep = max(1, max_length - len(prompt))
-        answer_ids = answer_ids[:keep]
-    return {"input_ids": prompt + answer_ids, "labels": [IGNORE_INDEX] * len(prompt) + answer_ids}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -251,10 +86,10 @@ def answer_nll(
         tokenizer: Its tokenizer (``pad_token_id`` or ``eos_token_id`` is used for padding).
         questions: N questions.
         answers: N answers.
-        template: See :func:`format_qa`.
+        template: See `format_qa`.
         batch_size: Sequences per forward pass.
-        max_length: See :func:`format_qa`.
-        add_eos: See :func:`format_qa`.
+        max_length: See `format_qa`.
+        add_eos: See `format_qa`.
 
     Returns:
         ``np.ndarray [N]`` (float64).
@@ -300,9 +135,9 @@ def answer_probability(
         tokenizer: Its tokenizer.
         questions: N questions.
         answers: N answers.
-        template: See :func:`format_qa`.
+        template: See `format_qa`.
         batch_size: Sequences per forward pass.
-        max_length: See :func:`format_qa`.
+        max_length: See `format_qa`.
 
     Returns:
         ``np.ndarray [N]`` in (0, 1].
@@ -365,7 +200,7 @@ def truth_ratio_forget_score(ratios: Any) -> float:
     """Forget-side truth-ratio statistic ``mean(min(R, 1/R))`` in [0, 1] (1 = cannot tell true from false).
 
     Args:
-        ratios: Per-item R from :func:`truth_ratio`.
+        ratios: Per-item R from `truth_ratio`.
 
     Returns:
         The mean as a float.
@@ -383,7 +218,7 @@ def truth_ratio_utility_score(ratios: Any) -> float:
     """Utility-side truth-ratio statistic ``mean(max(0, 1 - R))`` in [0, 1] (higher: prefers the truth).
 
     Args:
-        ratios: Per-item R from :func:`truth_ratio`.
+        ratios: Per-item R from `truth_ratio`.
 
     Returns:
         The mean as a float.
@@ -439,7 +274,7 @@ def generate_answers(
         model: A causal LM.
         tokenizer: Its tokenizer.
         questions: The questions.
-        template: See :func:`format_prompt`.
+        template: See `format_prompt`.
         max_new_tokens: Generation budget per answer.
         batch_size: Prompts per batch (left-padded, KV cache when the model provides one).
 
@@ -500,7 +335,7 @@ def rouge_l_recall(predictions: Sequence[str], references: Sequence[str], *, use
 def forget_quality(unlearned_truth_ratios: Any, retain_truth_ratios: Any) -> float:
     """KS-test p-value between the forget-set truth ratios of the unlearned and the retain-only model.
 
-    Both inputs must be the same per-item quantity (e.g. R from :func:`truth_ratio`, or both 1/R; the KS test
+    Both inputs must be the same per-item quantity (e.g. R from `truth_ratio`, or both 1/R; the KS test
     is invariant to applying the same monotone map to both).
 
     Args:
@@ -536,7 +371,7 @@ def model_utility(values: Mapping[str, float] | Sequence[float]) -> float:
     """Harmonic mean of the utility numbers (TOFU: 9 values); 0 when any value is 0.
 
     Args:
-        values: A dict name -> value (e.g. the 9 ``UTILITY_KEYS`` of :func:`evaluate_tofu`) or a sequence.
+        values: A dict name -> value (e.g. the 9 ``UTILITY_KEYS`` of `evaluate_tofu`) or a sequence.
             Values must be finite and >= 0.
 
     Returns:
@@ -640,7 +475,7 @@ def evaluate_tofu(
 ) -> dict[str, Any]:
     """All TOFU numbers for one model: probability, ROUGE-L, truth ratio per split, model utility, forget quality.
 
-    Splits (``datasets.Dataset`` or lists of dicts in TOFU format, see :func:`load_tofu`) may be None to skip
+    Splits (``datasets.Dataset`` or lists of dicts in TOFU format, see `load_tofu`) may be None to skip
     them. Truth ratios use ``paraphrased_answer`` as the base on forget/retain and ``answer`` on real authors /
     world facts; probability is ``P(a|q)^{1/|a|}`` on forget/retain and the relative probability against the
     perturbed options on real authors / world facts.
@@ -654,7 +489,7 @@ def evaluate_tofu(
         world_facts: World-facts split (same fields).
         retain_model_truth_ratios: ``evaluate_tofu(retain_model, ...)["forget_truth_ratios"]``; when given,
             ``forget_quality`` is computed.
-        template: Prompt template (see :func:`format_qa`).
+        template: Prompt template (see `format_qa`).
         max_new_tokens: Generation budget for ROUGE (TOFU: max length 200).
         batch_size: Sequences per forward pass / generation batch.
         max_items: Evaluate the first ``max_items`` rows of each split (TOFU protocol: 300; None = all).
@@ -664,7 +499,7 @@ def evaluate_tofu(
     Returns:
         A dict with, for each given split ``s``: ``s_prob``, ``s_truth_ratio`` (forget: ``mean(min(R, 1/R))``;
         others: ``mean(max(0, 1 - R))``), ``s_rougeL``; plus ``forget_truth_ratios`` (list of per-item R, the
-        input of :func:`forget_quality`), ``forget_generations`` (list of str), ``model_utility`` (when retain,
+        input of `forget_quality`), ``forget_generations`` (list of str), ``model_utility`` (when retain,
         real authors and world facts are all given and ROUGE is computed) and ``forget_quality`` (when
         ``retain_model_truth_ratios`` is given).
 

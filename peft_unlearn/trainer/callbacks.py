@@ -1,10 +1,10 @@
 """Trainer callbacks: memorization evaluation during training and the stop-when-forgotten rule.
 
-- :class:`StopWhenForgottenCallback` reads evaluation metrics (``eval_forget_ma``, ``eval_forget_el10``, as
-  logged by ``UnlearningTrainer.evaluate`` or by :class:`UnlearningEvalCallback`) and stops training once the
+- `StopWhenForgottenCallback` reads evaluation metrics (``eval_forget_ma``, ``eval_forget_el10``, as
+  logged by ``UnlearningTrainer.evaluate`` or by `UnlearningEvalCallback`) and stops training once the
   forget set is "forgotten": MA below a threshold **and** EL_n below a threshold (Jang et al. 2023; the
   thresholds are usually the model's scores on unseen data).
-- :class:`UnlearningEvalCallback` computes :func:`~peft_unlearn.metrics.evaluate_memorization` on named token
+- `UnlearningEvalCallback` computes `evaluate_memorization` on named token
   sets every N optimizer steps and logs ``{name}_ma``, ``{name}_el10``, ``{name}_nll``, ``{name}_ppl``; it works
   with a stock ``transformers.Trainer`` as well as ``UnlearningTrainer``.
 
@@ -64,13 +64,13 @@ class StopWhenForgottenCallback(TrainerCallback):
 
     Explicit ``ma_threshold`` / ``el_threshold`` take precedence over the reference set. A stock ``Trainer``
     calls ``on_evaluate`` once per eval dataset; evaluations without the forget keys are ignored. When it
-    stops, the reason is logged (INFO) and kept in :attr:`stop_reason` / :attr:`stopped_at_step`.
+    stops, the reason is logged (INFO) and kept in `stop_reason` / `stopped_at_step`.
 
     Args:
         ma_threshold: Stop only if the forget MA is below this.
         el_threshold: Stop only if the forget EL_n is below this.
         forget_prefix: Prefix of the forget metrics (``"eval_forget_"`` for ``eval_dataset={"forget": ...}``
-            or ``UnlearningTrainer``; ``"forget_"`` for :class:`UnlearningEvalCallback` logs).
+            or ``UnlearningTrainer``; ``"forget_"`` for `UnlearningEvalCallback` logs).
         el_n: Which EL key to read (``el10``).
         reference_set: None, or the name of the evaluation set whose scores become the thresholds.
         reference_mode: ``"first"`` or ``"current"`` (see above).
@@ -208,19 +208,19 @@ class UnlearningEvalCallback(TrainerCallback):
     """Evaluate memorization metrics on named sets every N optimizer steps and log them.
 
     At ``on_step_end`` (when ``global_step % every_n_steps == 0``; also at ``on_train_begin`` with
-    ``eval_on_start=True``) the callback runs :func:`~peft_unlearn.metrics.evaluate_memorization` with the
+    ``eval_on_start=True``) the callback runs `evaluate_memorization` with the
     trainer's model on every set and logs ``{prefix}{name}_ma``, ``..._el{n}``, ``..._nll``, ``..._ppl``. The
     entry is appended to ``state.log_history`` (with ``step`` and ``epoch``, like ``Trainer.log``) and, when
-    the trainer is known (``trainer=`` or :meth:`set_trainer`), sent through ``trainer.callback_handler.on_log``
+    the trainer is known (``trainer=`` or `set_trainer`), sent through ``trainer.callback_handler.on_log``
     so TensorBoard / W&B / the console see it. (``Trainer.log`` itself is not called, so a trainer's running
-    training-loss averages are not flushed early.) The latest values are also in :attr:`last_metrics`.
+    training-loss averages are not flushed early.) The latest values are also in `last_metrics`.
 
     When ``ma_threshold`` and/or ``el_threshold`` are given, training stops (``control.should_training_stop``)
     once the set ``forget_name`` has MA below ``ma_threshold`` and EL_n (first ``el_n``) below
-    ``el_threshold`` -- the same rule as :class:`StopWhenForgottenCallback`.
+    ``el_threshold`` -- the same rule as `StopWhenForgottenCallback`.
 
     Args:
-        eval_datasets: ``{name: data}``; each ``data`` is anything :func:`evaluate_memorization` accepts
+        eval_datasets: ``{name: data}``; each ``data`` is anything `evaluate_memorization` accepts
             (token-id lists, tokenized ``datasets.Dataset`` with ``input_ids`` (+ ``labels``)).
         every_n_steps: Evaluate every this many optimizer steps.
         el_n: EL n-gram sizes.

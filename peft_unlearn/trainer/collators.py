@@ -65,7 +65,7 @@ def collate_causal_lm(
 
 
 class CausalLMCollator:
-    """Callable form of :func:`collate_causal_lm` (for ``DataLoader(collate_fn=...)``).
+    """Callable form of `collate_causal_lm` (for ``DataLoader(collate_fn=...)``).
 
     Args:
         pad_token_id: Token used to pad ``input_ids``.
@@ -85,7 +85,7 @@ class CausalLMCollator:
 
 
 class UnlearningDataCollator:
-    """Pad the forget, retain (and IDK) parts of :class:`PairedUnlearningDataset` items separately (right padding).
+    """Pad the forget, retain (and IDK) parts of `PairedUnlearningDataset` items separately (right padding).
 
     Produces ``forget_input_ids``, ``forget_attention_mask``, ``forget_labels`` and, when present in the items,
     the same three keys for ``retain_`` and ``idk_``. Labels are padded with -100, ``input_ids`` with

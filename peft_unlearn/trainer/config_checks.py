@@ -28,6 +28,7 @@ __all__ = ["check_finite_fields", "warn_ignored_options"]
 # Defaults of the mode-specific options (kept here so the warnings compare against the documented values).
 _DEFAULT_KL_MASK = "labels"
 _DEFAULT_ASSISTANT_TURNS = "all"
+_DEFAULT_RMU_COEFF = 6.5
 
 
 def _settings(config: Any) -> dict[str, Any]:
@@ -67,6 +68,7 @@ def warn_ignored_options(config: Any) -> list[str]:
     """Warn (``UserWarning``) about options that the chosen objective ignores; return the messages.
 
     Checked: `beta` without NPO/SimNPO, `simnpo_delta` without SimNPO, `kl_mask` without the KL retain loss,
+    `rmu_layer` / `rmu_steering_coeff` without RMU,
     `retain_weight` without a retain loss, `idk_answers` without `forget_loss="idk"`, `assistant_turns` with
     `completion_only_loss=False`, and the EL settings with `eval_compute_el=False`.
 
@@ -97,6 +99,13 @@ def warn_ignored_options(config: Any) -> list[str]:
         messages.append(
             f"`retain_weight`={config.retain_weight!r} is ignored: retain_loss=None trains on the forget loss alone. "
             "Set retain_loss='nll' or 'kl' to use it."
+        )
+    uses_rmu = "rmu" in (forget_loss, retain_loss)
+    if not uses_rmu and getattr(config, "rmu_layer", None) is not None:
+        messages.append(f"`rmu_layer`={config.rmu_layer!r} is ignored: only forget_loss or retain_loss='rmu' uses it.")
+    if forget_loss != "rmu" and getattr(config, "rmu_steering_coeff", _DEFAULT_RMU_COEFF) != _DEFAULT_RMU_COEFF:
+        messages.append(
+            f"`rmu_steering_coeff`={config.rmu_steering_coeff!r} is ignored: only forget_loss='rmu' uses it."
         )
     if getattr(config, "idk_answers", None) is not None and forget_loss != "idk":
         messages.append(f"`idk_answers` is ignored: only forget_loss='idk' uses it (forget_loss={forget_loss!r}).")

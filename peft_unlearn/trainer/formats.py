@@ -31,6 +31,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ..utils import IGNORE_INDEX
+from .data_checks import check_example
 
 __all__ = [
     "DEFAULT_IDK_ANSWERS",
@@ -146,7 +147,7 @@ def detect_format(column_names: Iterable[str], example: Mapping[str, Any] | None
         example: One example, used to distinguish the string and conversational prompt/completion formats.
 
     Returns:
-        One of the keys of :data:`SUPPORTED_FORMATS`, or ``None`` when no format matches.
+        One of the keys of `SUPPORTED_FORMATS`, or ``None`` when no format matches.
 
     Examples:
         >>> detect_format(["prompt", "completion"], {"prompt": "Hi", "completion": " there"})
@@ -361,7 +362,7 @@ def tokenize_dataset(
     """Tokenize a dataset in any supported format into ``{"input_ids", "labels"}`` examples.
 
     Args:
-        dataset: A ``datasets.Dataset`` or a list of dicts in one of the :data:`SUPPORTED_FORMATS`.
+        dataset: A ``datasets.Dataset`` or a list of dicts in one of the `SUPPORTED_FORMATS`.
         tokenizer: Hugging Face tokenizer (with a chat template for conversational data).
         max_length: Right-truncation length, or ``None``.
         completion_only_loss: Supervise only completion/assistant tokens (prompt-completion and conversational).
@@ -385,6 +386,7 @@ def tokenize_dataset(
     _check_chat_template(tokenizer, fmt, name)
     out = []
     for index in range(len(dataset)):
+        check_example(dataset[index], fmt, index=index, name=name)
         example = _tokenize_example(
             dataset[index],
             fmt,
@@ -414,7 +416,7 @@ def tokenize_idk_dataset(
         dataset: Prompt-completion (strings or messages) or ``messages`` data; for ``messages`` the question is
             the conversation before the last assistant turn.
         tokenizer: Hugging Face tokenizer.
-        idk_answers: Answers; ``None`` uses :data:`DEFAULT_IDK_ANSWERS`.
+        idk_answers: Answers; ``None`` uses `DEFAULT_IDK_ANSWERS`.
         max_length: Right-truncation length, or ``None``.
         name: Dataset name for error messages.
 

@@ -21,7 +21,7 @@ class TokenizedDataset(Dataset):
     """A map-style dataset over tokenized ``{"input_ids", "labels"}`` examples (evaluation, FILA Fisher pass).
 
     Args:
-        examples: Output of :func:`tokenize_dataset`.
+        examples: Output of `tokenize_dataset`.
 
     Examples:
         >>> ds = TokenizedDataset([{"input_ids": [1, 2], "labels": [1, 2]}])
@@ -43,10 +43,10 @@ class PairedUnlearningDataset(Dataset):
     """Forget examples, each paired with a retain example (and, for IDK, an "I don't know" target).
 
     Item ``i`` holds ``forget_input_ids`` / ``forget_labels`` of forget example ``i``, ``retain_input_ids`` /
-    ``retain_labels`` of retain example :meth:`retain_index` ``(i)`` when a retain set is given, and
-    ``idk_input_ids`` / ``idk_labels`` (forget question + one answer, :meth:`idk_index`) when IDK variants are given.
+    ``retain_labels`` of retain example `retain_index` ``(i)`` when a retain set is given, and
+    ``idk_input_ids`` / ``idk_labels`` (forget question + one answer, `idk_index`) when IDK variants are given.
 
-    Pairing, for epoch ``e`` (set with :meth:`set_epoch`; the trainer does it at every epoch start):
+    Pairing, for epoch ``e`` (set with `set_epoch`; the trainer does it at every epoch start):
 
     * ``"random"``: retain index drawn uniformly for every forget example from a generator seeded with
       ``(seed, e)``: deterministic for a seed, redrawn every epoch (the paper's protocol).
@@ -57,7 +57,7 @@ class PairedUnlearningDataset(Dataset):
         retain: Tokenized retain examples, or ``None``.
         pairing: ``"random"`` or ``"cycle"``.
         seed: Seed of the random pairing and of the IDK answer choice.
-        idk: ``idk[i][j]``: forget question ``i`` with IDK answer ``j`` (from :func:`tokenize_idk_dataset`).
+        idk: ``idk[i][j]``: forget question ``i`` with IDK answer ``j`` (from `tokenize_idk_dataset`).
 
     Examples:
         >>> f = [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}] * 4

@@ -112,16 +112,20 @@ def check_token_ids(examples: Sequence[Any], vocab_size: int | None, name: str) 
     if vocab_size is None:
         return
     for index, example in enumerate(examples):
-        ids = example["input_ids"] if isinstance(example, dict) else example
-        if len(ids) == 0:
-            continue
-        low, high = min(ids), max(ids)
-        if low < 0 or high >= vocab_size:
-            bad = low if low < 0 else high
-            raise ValueError(
-                f"{name} example {index} holds token id {bad}, outside the model's vocabulary (embedding size "
-                f"{vocab_size}, ids 0..{vocab_size - 1}). {_fix_vocab()}"
-            )
+        columns = {"input_ids": example["input_ids"]} if isinstance(example, dict) else {"input_ids": example}
+        if isinstance(example, dict) and example.get("labels") is not None:
+            columns["labels"] = [t for t in example["labels"] if t != -100]
+        for column, ids in columns.items():
+            if len(ids) == 0:
+                continue
+            low, high = min(ids), max(ids)
+            if low < 0 or high >= vocab_size:
+                bad = low if low < 0 else high
+                where = "" if column == "input_ids" else f" in {column!r}"
+                raise ValueError(
+                    f"{name} example {index} holds token id {bad}{where}, outside the model's vocabulary (embedding "
+                    f"size {vocab_size}, ids 0..{vocab_size - 1}). {_fix_vocab()}"
+                )
 
 
 def check_sequence_lengths(examples: Sequence[Any], limit: int | None, name: str, max_length: int | None) -> None:

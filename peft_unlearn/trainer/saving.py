@@ -3,7 +3,7 @@
 [`UnlearningSavingMixin`][peft_unlearn.trainer.saving.UnlearningSavingMixin] holds the `Trainer` save paths of
 [`UnlearningTrainer`][peft_unlearn.UnlearningTrainer]:
 
-- the trained adapter(s) are saved (the NPO/KL reference is the model with adapters disabled: nothing extra);
+- only the trained adapter(s) are saved, never the frozen reference adapter;
 - a FILA adapter is written as the portable plain LoRA by `save_model`, in the raw format (with `_fila_init/`)
   in checkpoints; the trainer knows when it writes a checkpoint, so the folder name plays no part;
 - every write follows [`peft_unlearn.save_policy`][peft_unlearn.save_policy]: no user file is overwritten
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..fila.state import is_data_driven_init
+from ..fila.state import init_name
 from ..save_policy import (
     OVERWRITE_SWITCH,
     SaveConflictError,
@@ -39,6 +39,7 @@ from ..save_policy import (
     staged_save,
     write_model_card,
 )
+from ..utils import is_peft_model
 from .finite_guard import check_finite_parameters
 
 __all__ = ["HubConnectionError", "UnlearningSavingMixin"]
@@ -86,16 +87,10 @@ def hub_errors(action: str) -> Iterator[None]:
         ) from None
 
 
-def _is_peft_model(model: Any) -> bool:
-    from peft import PeftModel
-
-    return isinstance(model, PeftModel)
-
-
 def _is_fila_model(model: Any) -> bool:
     from peft_unlearn.fila.saving import is_fila_model
 
-    return _is_peft_model(model) and is_fila_model(model)
+    return is_peft_model(model) and is_fila_model(model)
 
 
 class UnlearningSavingMixin:
@@ -133,7 +128,7 @@ class UnlearningSavingMixin:
             return
         model = self.accelerator.unwrap_model(self.model)
         output_dir = Path(self.args.output_dir)
-        check_save_folder(output_dir, adapter=_is_peft_model(model))
+        check_save_folder(output_dir, adapter=is_peft_model(model))
         if self.args.save_total_limit is not None and output_dir.is_dir():
             for folder in sorted(output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")):
                 files = [p for p in folder.rglob("*") if p.is_file() and p.name != "_peft_unlearn_manifest.json"]
@@ -198,7 +193,7 @@ class UnlearningSavingMixin:
     def _write_model(self, output_dir: str, state_dict: dict | None) -> None:
         """Write only the trained adapter(s): never a helper adapter; raw FILA state in checkpoints."""
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        if not _is_peft_model(model):
+        if not is_peft_model(model):
             return super()._save(output_dir, state_dict)
         is_fila = _is_fila_model(model)
         if not any(name in model.peft_config for name in self._helper_adapters) and not is_fila:
@@ -331,7 +326,7 @@ class UnlearningSavingMixin:
 
         output_dir = output_dir or self.args.output_dir
         model = self.accelerator.unwrap_model(self.model)
-        is_peft = _is_peft_model(model)
+        is_peft = is_peft_model(model)
         base = model.get_base_model() if is_peft else model
         base_model = getattr(getattr(base, "config", None), "_name_or_path", None) or None
         if base_model and os.path.isdir(base_model):
@@ -349,8 +344,8 @@ class UnlearningSavingMixin:
                 else getattr(config, "target_modules", None),
                 "init_lora_weights": getattr(config, "init_lora_weights", None),
             }
-            is_fila = is_data_driven_init(getattr(config, "init_lora_weights", None))
-            if is_fila:  # r / lora_alpha above are FILA/VILA's; the published plain LoRA has twice the rank
+            is_fila = init_name(getattr(config, "init_lora_weights", None)) is not None
+            if is_fila:  # r / lora_alpha above are the adapter's; the published plain LoRA has twice the rank
                 from peft_unlearn.fila.saving import portable_lora_config
 
                 portable = portable_lora_config(config)

@@ -1,4 +1,4 @@
-"""Configuration of :class:`~peft_unlearn.trainer.unlearning_trainer.UnlearningTrainer`.
+"""Configuration of `UnlearningTrainer`.
 
 Examples:
     >>> from peft_unlearn import UnlearningConfig
@@ -40,93 +40,69 @@ def _check_choice(name: str, value: Any, choices: tuple, extra: str = "") -> Non
 
 @dataclass
 class UnlearningConfig(TrainingArguments):
-    r"""Configuration for :class:`~peft_unlearn.UnlearningTrainer`.
+    r"""Configuration for `UnlearningTrainer`.
 
     Only the unlearning-specific parameters are listed; every
-    [`~transformers.TrainingArguments`] parameter is accepted too. Works with
-    [`~transformers.HfArgumentParser`] for command-line use.
+    `TrainingArguments` parameter is accepted too. Works with
+    `HfArgumentParser` for command-line use.
 
-    Parameters: Objective
-        forget_loss (`str`, *optional*, defaults to `"inverted_hinge"`):
-            Loss on the forget set: `"inverted_hinge"` (IHL, Cha et al. 2025), `"gradient_ascent"` (negated token
+    Args:
+        forget_loss: Loss on the forget set: `"inverted_hinge"` (IHL, Cha et al. 2025), `"gradient_ascent"` (negated token
             NLL), `"npo"` (needs a reference: a PEFT adapter or `ref_model`), `"simnpo"` (reference free) or `"idk"`
             (NLL of the forget question paired with a random "I don't know" answer; needs prompt/completion or
             conversational data) or `"rmu"` (representation misdirection, Li et al. 2024: steer the hidden states of
             layer `rmu_layer` on forget tokens toward `rmu_steering_coeff * u`, `u` a random unit vector seeded by
             `seed`). The table of every loss is `peft_unlearn.losses.LOSS_REGISTRY`.
-        retain_loss (`str` or `None`, *optional*, defaults to `"nll"`):
-            Loss on the retain set: `"nll"` (token NLL, as in GD/IHL), `"kl"` (KL to the reference model), `"rmu"`
+            Defaults to `"inverted_hinge"`.
+        retain_loss: Loss on the retain set: `"nll"` (token NLL, as in GD/IHL), `"kl"` (KL to the reference model), `"rmu"`
             (MSE of the hidden states of layer `rmu_layer` to the reference model's: RMU's retain term, whose `alpha`
             is `retain_weight`) or `None` (no retain term; a retain dataset is then only used for the FILA Fisher
             estimate).
-        forget_weight (`float`, *optional*, defaults to `1.0`):
-            Weight of the forget loss (the `gamma` of SimNPO).
-        retain_weight (`float`, *optional*, defaults to `1.0`):
-            Weight of the retain loss.
-        beta (`float` or `None`, *optional*):
-            Inverse temperature of NPO/SimNPO. `None` uses `0.1` for NPO and `4.5` for SimNPO.
-        simnpo_delta (`float`, *optional*, defaults to `0.0`):
-            Margin `delta` of SimNPO.
-        kl_mask (`str`, *optional*, defaults to `"labels"`):
-            Positions of the retain KL: `"labels"` (only positions predicting a supervised token) or `"none"`
+            Defaults to `"nll"`.
+        forget_weight: Weight of the forget loss (the `gamma` of SimNPO). Defaults to `1.0`.
+        retain_weight: Weight of the retain loss. Defaults to `1.0`.
+        beta: Inverse temperature of NPO/SimNPO. `None` uses `0.1` for NPO and `4.5` for SimNPO.
+        simnpo_delta: Margin `delta` of SimNPO. Defaults to `0.0`.
+        kl_mask: Positions of the retain KL: `"labels"` (only positions predicting a supervised token) or `"none"`
             (every position, padding included: parity with the official code; not exact under gradient
             accumulation because padding depends on the micro-batch).
-        rmu_layer (`int` or `None`, *optional*):
-            Decoder layer whose output RMU steers (`forget_loss="rmu"`) and keeps (`retain_loss="rmu"`): hidden
+            Defaults to `"labels"`.
+        rmu_layer: Decoder layer whose output RMU steers (`forget_loss="rmu"`) and keeps (`retain_loss="rmu"`): hidden
             states `hidden_states[rmu_layer + 1]` of the model's output; negative values count from the last layer.
             `None` uses `num_layers // 4` (WMDP steers layer 7 of Zephyr-7B's 32).
-        rmu_steering_coeff (`float`, *optional*, defaults to `6.5`):
-            RMU's steering coefficient `c`, the norm of the forget target `c * u`; choose it large compared with the
+        rmu_steering_coeff: RMU's steering coefficient `c`, the norm of the forget target `c * u`; choose it large compared with the
             layer's activation norms (WMDP: 6.5 for Zephyr-7B). RMU's `alpha` is `retain_weight`.
-
-    Parameters: Data
-        max_length (`int` or `None`, *optional*, defaults to `512`):
-            Maximum tokenized length; longer sequences are truncated on the right. `None`: no truncation.
-        completion_only_loss (`bool`, *optional*, defaults to `True`):
-            For prompt/completion and conversational data, supervise only the completion (assistant) tokens. `False`
+            Defaults to `6.5`.
+        max_length: Maximum tokenized length; longer sequences are truncated on the right. `None`: no truncation. Defaults to `512`.
+        completion_only_loss: For prompt/completion and conversational data, supervise only the completion (assistant) tokens. `False`
             supervises every token.
-        assistant_turns (`str`, *optional*, defaults to `"all"`):
-            For `messages` data with `completion_only_loss=True`: supervise `"all"` assistant turns or only the
+            Defaults to `True`.
+        assistant_turns: For `messages` data with `completion_only_loss=True`: supervise `"all"` assistant turns or only the
             `"last"` one.
-        retain_pairing (`str`, *optional*, defaults to `"random"`):
-            How each forget example gets its retain example: `"random"` (drawn per forget example, redrawn every
+            Defaults to `"all"`.
+        retain_pairing: How each forget example gets its retain example: `"random"` (drawn per forget example, redrawn every
             epoch, seeded by `data_seed` or `seed`; the paper's protocol) or `"cycle"` (deterministic round robin).
-        idk_answers (`list[str]` or `None`, *optional*):
-            Answers for `forget_loss="idk"`. `None` uses a built-in list of about 20 "I don't know" variants.
-
-    Parameters: Evaluation
-        eval_el_n (`list[int]`, *optional*, defaults to `[10]`):
-            `n` values of the extraction likelihood `EL_n` reported by `evaluate()` (`eval_{name}_el{n}`).
-        eval_el_prefix_stride (`int`, *optional*, defaults to `1`):
-            Stride between the prefixes of the extraction likelihood (1 = every prefix, as in the TDEC protocol).
-        eval_compute_el (`bool`, *optional*, defaults to `True`):
-            Whether `evaluate()` computes the (expensive) extraction likelihood.
-
-    Parameters: Saving
-        overwrite_output (`bool`, *optional*, defaults to `False`):
-            Allow saves (`save_model`, checkpoints, Hub pushes) to overwrite files in the target folder that
-            peft_unlearn did not write, and to save an adapter into a folder that holds a base model. Without it
-            such a save is refused before anything is written. A user's `README.md` is never replaced.
-
-    Parameters: Model
-        model_init_kwargs (`dict[str, Any]` or `None`, *optional*):
-            Keyword arguments for `AutoModelForCausalLM.from_pretrained` when `model` is given as a string.
-
-    Parameters: FILA (LoraConfig(init_lora_weights="fila"))
-        fila_batch_size (`int`, *optional*, defaults to `4`):
-            Batch size of the Fisher-estimation pass over the forget and retain sets.
-        fila_max_batches (`int` or `None`, *optional*):
-            Cap on the number of Fisher batches per set (`None`: the whole set).
-        fila_cache (`str` or `None`, *optional*):
-            Path where the Fisher statistics are cached and reused.
-        fila_seed (`int` or `None`, *optional*, defaults to `None`):
-            Seed of FILA's randomized SVD; None keeps the adapter config's `fila_config.seed` (42 by default). The
+            Defaults to `"random"`.
+        idk_answers: Answers for `forget_loss="idk"`. `None` uses a built-in list of about 20 "I don't know" variants.
+        eval_el_n: `n` values of the extraction likelihood `EL_n` reported by `evaluate()` (`eval_{name}_el{n}`). Defaults to `[10]`.
+        eval_el_prefix_stride: Stride between the prefixes of the extraction likelihood (1 = every prefix, as in the TDEC protocol). Defaults to `1`.
+        eval_compute_el: Whether `evaluate()` computes the (expensive) extraction likelihood. Defaults to `True`.
+        overwrite_output: Allow saves (`save_model`, checkpoints, Hub pushes) to overwrite files in the target folder
+            that peft_unlearn did not write, and to save an adapter into a folder that holds a base model. Without it
+            such a save is refused before anything is written. A user's `README.md` is never replaced. Defaults to
+            `False`.
+        model_init_kwargs: Keyword arguments for `AutoModelForCausalLM.from_pretrained` when `model` is given as a string.
+        fila_batch_size: Batch size of the Fisher-estimation pass over the forget and retain sets. Defaults to `4`.
+        fila_max_batches: Cap on the number of Fisher batches per set (`None`: the whole set).
+        fila_cache: Path where the Fisher statistics are cached and reused.
+        fila_seed: Seed of FILA's randomized SVD; None keeps the adapter config's `fila_config.seed` (42 by default). The
             global RNG state is restored afterwards.
+            Defaults to `None`.
 
-    > [!NOTE]
-    > Defaults that differ from [`~transformers.TrainingArguments`]: `logging_steps=10` (instead of 500),
-    > `remove_unused_columns=False` (the trainer feeds `forget_*`/`retain_*` columns), and
-    > `activation_checkpointing_kwargs={"use_reentrant": False}` when activation checkpointing is on.
+    Note:
+        Defaults that differ from `TrainingArguments`: `logging_steps=10` (instead of 500),
+        `remove_unused_columns=False` (the trainer feeds `forget_*`/`retain_*` columns), and
+        `activation_checkpointing_kwargs={"use_reentrant": False}` when activation checkpointing is on.
 
     Examples:
         >>> args = UnlearningConfig(output_dir="out", forget_loss="simnpo", retain_loss=None, report_to="none")
@@ -160,7 +136,10 @@ class UnlearningConfig(TrainingArguments):
     )
     retain_loss: str | None = field(
         default="nll",
-        metadata={"help": f"Retain-set loss: {', '.join(map(repr, RETAIN_LOSSES))} or None (no retain term)."},
+        metadata={
+            "help": f"Retain-set loss: {', '.join(map(repr, RETAIN_LOSSES))} or None / 'none' (no retain term).",
+            "choices": [*RETAIN_LOSSES, "none", "None"],
+        },
     )
     forget_weight: float = field(default=1.0, metadata={"help": "Weight of the forget loss."})
     retain_weight: float = field(default=1.0, metadata={"help": "Weight of the retain loss."})

@@ -178,6 +178,7 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
     }
     # compute_loss divides by the token/sequence counts of the whole accumulated batch (see get_batch_samples)
     loss_is_scaled_for_ga = True
+    # adapters the save paths never write (UnlearningSavingMixin)
 
     def __init__(
         self,

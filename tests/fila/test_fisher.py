@@ -564,3 +564,97 @@ def test_cache_mismatch_error_mode_and_foreign_files(tiny_llama, tmp_path):
     stats.save(legacy)
     with pytest.warns(UserWarning, match="written without a key"):
         estimate_fisher(tiny_llama, _batches(1, 0), cache_path=legacy, show_progress=False)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_dense_weight_is_the_weight_the_quantized_layer_multiplies_with(bits, tmp_path):
+    from peft_unlearn.fila.state import copy_into_, dense_weight
+
+    quantized, dense = _quantized_and_dequantized(bits, tmp_path)
+    layer = quantized.model.layers[0].mlp.up_proj
+    x = torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = layer(x).detach()  # the training path (input requires grad), as in the Fisher pass
+    weight = dense_weight(layer)
+    assert weight.shape == (layer.out_features, layer.in_features) and weight.dtype == torch.float32
+    torch.testing.assert_close(weight, dense.model.layers[0].mlp.up_proj.weight)
+    rel = float((out - x.detach() @ weight.T).norm() / out.norm())
+    assert rel < (1e-6 if bits == 4 else 2e-2), rel  # 8-bit also rounds the activations
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        layer(x.detach())  # a CPU inference forward may repack a 4-bit weight (absmax rounded to bf16)
+    repacked = dense_weight(layer)
+    assert float((repacked - weight).norm() / weight.norm()) < 1e-2
+    conv = Conv1D(3, 2)
+    assert torch.equal(dense_weight(conv), conv.weight.T)
+    target = torch.nn.Parameter(torch.zeros(2, 3))
+    copy_into_(target, torch.ones(2, 3, dtype=torch.float64))
+    assert target.dtype == torch.float32 and bool((target == 1).all())
+    with pytest.raises(ValueError, match=r"shape \(3, 2\) into a parameter of shape \(2, 3\)"):
+        copy_into_(target, torch.ones(3, 2))
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_train_mode_with_activation_checkpointing(reentrant):
+    model = tiny_causal_lm("llama", vocab_size=VOCAB)  # no dropout: train mode is deterministic
+    forget = _batches(2, seed=30)
+    model.train()
+    expected = _autograd_reference(model, forget)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.eval()
+    flags = {n: m.gradient_checkpointing for n, m in model.named_modules() if hasattr(m, "gradient_checkpointing")}
+    assert any(flags.values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # use_cache vs checkpointing notice
+        stats = estimate_fisher(model, forget, show_progress=False, train_mode=True)
+    _assert_close_stats(stats, expected)
+    assert {
+        n: m.gradient_checkpointing for n, m in model.named_modules() if hasattr(m, "gradient_checkpointing")
+    } == flags
+    assert not model.training
+
+
+def test_trainer_fila_cache_is_not_reused_for_another_forget_set(tokenizer, tmp_path):
+    from peft_unlearn.testing import TINY_CORPUS
+    from peft_unlearn.trainer import UnlearningConfig, UnlearningTrainer
+
+    cache = tmp_path / "fisher.safetensors"
+    retain = [{"text": t} for t in TINY_CORPUS[:4]]
+
+    def run(forget_texts):
+        model = get_peft_model(
+            tiny_causal_lm("llama", vocab_size=len(tokenizer)),
+            LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights="fila"),
+        )
+        args = UnlearningConfig(
+            output_dir=str(tmp_path / "out"),
+            report_to="none",
+            save_strategy="no",
+            use_cpu=True,
+            max_steps=1,
+            per_device_train_batch_size=2,
+            fila_batch_size=2,
+            fila_cache=str(cache),
+            disable_tqdm=True,
+        )
+        trainer = UnlearningTrainer(
+            model=model,
+            args=args,
+            forget_dataset=[{"text": t} for t in forget_texts],
+            retain_dataset=retain,
+            processing_class=tokenizer,
+        )
+        trainer.train()
+        return FisherStatistics.load(cache)
+
+    first = run(TINY_CORPUS[4:6])
+    with warnings.catch_warnings(record=True) as caught:  # same data: reused silently
+        warnings.simplefilter("always")
+        run(TINY_CORPUS[4:6])
+    assert not [w for w in caught if "Fisher cache" in str(w.message)]
+    with pytest.warns(UserWarning, match="Not reusing the Fisher cache.*forget_data"):
+        second = run(TINY_CORPUS[6:8])
+    assert second.f_count != first.f_count or not torch.equal(
+        second.importance_f[second.names[0]], first.importance_f[first.names[0]]
+    )

@@ -23,7 +23,7 @@ from peft_unlearn.metrics import (
     sequence_nll,
     token_log_probs,
 )
-from peft_unlearn.metrics.memorization import _ngram_overlap
+from peft_unlearn.metrics.extraction import _ngram_overlap
 
 V = 20
 

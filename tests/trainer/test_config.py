@@ -46,7 +46,7 @@ def test_every_field_documented():
     for f in dataclasses.fields(UnlearningConfig):
         if f.name in own:
             assert f.metadata.get("help"), f"field {f.name} has no help"
-            assert f"{f.name} (" in doc, f"field {f.name} missing from the class docstring"
+            assert f"        {f.name}: " in doc, f"field {f.name} missing from the Args of the class docstring"
 
 
 @pytest.mark.parametrize(("loss", "beta"), [("npo", 0.1), ("simnpo", 4.5), ("gradient_ascent", None)])
