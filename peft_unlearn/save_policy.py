@@ -3,10 +3,12 @@
 The policy (applied by `UnlearningTrainer`'s save, checkpoint, push and model-card paths, FILA's portable save,
 and the CLI's `--output`):
 
-1. **Record what is written.** Every save lists the files it wrote in `_peft_unlearn_manifest.json` in the
-   save folder (size and SHA-256; above 8 MiB the hash covers the first and last MiB). The leading underscore keeps it
-   out of `Trainer` Hub uploads. A file counts as *ours* only while it still matches its record, so a file the
-   user edited afterwards is theirs again.
+1. **Record what is written.** Every save records the files it wrote (size and SHA-256; above 8 MiB the hash
+   covers the size and the first and last MiB) in a small JSON record kept **outside** the save folder, under
+   `$PEFT_UNLEARN_CACHE/save_records/` (default `~/.cache/peft_unlearn/save_records/`), keyed by the folder's
+   absolute path. The save folder holds exactly what PEFT / transformers write, so no push path uploads any
+   bookkeeping. A file counts as *ours* only while it still matches its record: a file the user edited
+   afterwards is theirs again, and a copied or moved folder is treated as the user's.
 2. **Refuse to overwrite a file that is not ours.** Saving stages the new files in a temporary folder inside
    the target, then checks each one: if the target already holds a file of that name that peft_unlearn did not
    write, nothing is moved and [`SaveConflictError`][peft_unlearn.save_policy.SaveConflictError] names the
@@ -48,13 +50,13 @@ from typing import Any
 
 __all__ = [
     "FILA_OVERWRITE_SWITCH",
-    "MANIFEST_NAME",
     "OVERWRITE_SWITCH",
     "SaveConflictError",
     "check_save_folder",
     "is_ours",
     "policy_write",
     "record_written",
+    "records_dir",
     "remove_if_ours",
     "staged_save",
     "write_model_card",
@@ -62,8 +64,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = "_peft_unlearn_manifest.json"
-"""File (in a save folder) listing the files peft_unlearn wrote there."""
+CACHE_ENV_VAR = "PEFT_UNLEARN_CACHE"
 
 OVERWRITE_SWITCH = "UnlearningConfig(overwrite_output=True) (command line: --overwrite_output True)"
 """How the trainer and the CLI allow overwriting files peft_unlearn did not write."""
@@ -71,7 +72,8 @@ OVERWRITE_SWITCH = "UnlearningConfig(overwrite_output=True) (command line: --ove
 FILA_OVERWRITE_SWITCH = "save_pretrained(..., overwrite_output=True)"
 """How a FILA model's `save_pretrained` allows overwriting files peft_unlearn did not write."""
 
-_FORMAT = "peft_unlearn.manifest/1"
+_FORMAT = "peft_unlearn.save_record/1"
+_PRUNE_ABOVE = 256
 _HASH_LIMIT = 8 * 1024 * 1024
 _EDGE = 1024 * 1024
 _STAGE_PREFIX = "_peft_unlearn_staging-"
@@ -107,31 +109,61 @@ class SaveConflictError(FileExistsError):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# manifest
+# save records (kept outside the save folder)
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _read_manifest(directory: Path) -> dict[str, dict[str, Any]]:
-    path = directory / MANIFEST_NAME
+def records_dir() -> Path:
+    """Folder of the save records: ``$PEFT_UNLEARN_CACHE/save_records`` (default ``~/.cache/peft_unlearn``)."""
+    env = os.environ.get(CACHE_ENV_VAR, "").strip()
+    base = Path(env).expanduser() if env else Path.home() / ".cache" / "peft_unlearn"
+    return base / "save_records"
+
+
+def _record_path(directory: Path) -> Path:
+    key = hashlib.sha256(str(directory.resolve()).encode()).hexdigest()[:40]
+    return records_dir() / f"{key}.json"
+
+
+def _read_record(directory: Path) -> dict[str, dict[str, Any]]:
+    path = _record_path(directory)
     if not path.is_file():
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         logger.warning(
-            "Ignoring the unreadable %s in %s; its files are treated as not ours.", MANIFEST_NAME, directory
+            "Ignoring the unreadable save record %s; the files of %s are treated as not ours.", path, directory
         )
         return {}
-    files = data.get("files") if isinstance(data, dict) and data.get("format") == _FORMAT else None
+    valid = isinstance(data, dict) and data.get("format") == _FORMAT and data.get("folder") == str(directory.resolve())
+    files = data.get("files") if valid else None
     return files if isinstance(files, dict) else {}
 
 
-def _write_manifest(directory: Path, files: dict[str, dict[str, Any]]) -> None:
-    payload = json.dumps({"format": _FORMAT, "files": dict(sorted(files.items()))}, indent=1)
-    fd, tmp = tempfile.mkstemp(prefix=".manifest-", dir=directory)
+def _prune_records(folder: Path) -> None:
+    records = list(folder.glob("*.json"))
+    if len(records) <= _PRUNE_ABOVE:
+        return
+    for record in records:  # drop the records of folders that no longer exist (temporary saves)
+        try:
+            if not Path(json.loads(record.read_text(encoding="utf-8")).get("folder", "")).is_dir():
+                record.unlink()
+        except (OSError, ValueError, AttributeError):
+            record.unlink(missing_ok=True)
+
+
+def _write_record(directory: Path, files: dict[str, dict[str, Any]]) -> None:
+    if directory.name.startswith(_STAGE_PREFIX):
+        return  # a staging folder: its files are recorded where they are moved to
+    path = _record_path(directory)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = json.dumps({"format": _FORMAT, "folder": str(directory.resolve()), "files": dict(sorted(files.items()))})
+    fd, tmp = tempfile.mkstemp(prefix=".record-", dir=path.parent)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(payload)
-    os.replace(tmp, directory / MANIFEST_NAME)
+    os.replace(tmp, path)
+    _prune_records(path.parent)
 
 
 def _digest(path: Path, size: int) -> str:
@@ -172,35 +204,35 @@ def is_ours(directory: str | os.PathLike[str], relpath: str | os.PathLike[str]) 
     """Whether `directory/relpath` is a file peft_unlearn wrote and nobody changed since.
 
     Args:
-        directory: The save folder (holding the manifest).
+        directory: The save folder.
         relpath: Path of the file inside it.
 
     Returns:
         True for a recorded, unchanged file; False otherwise (including a missing file).
     """
     root = Path(directory)
-    record = _read_manifest(root).get(_rel(relpath))
+    record = _read_record(root).get(_rel(relpath))
     return record is not None and _matches(root / relpath, record)
 
 
 def record_written(directory: str | os.PathLike[str], relpaths: Iterable[str | os.PathLike[str]]) -> None:
-    """Add files that peft_unlearn just wrote in `directory` to its manifest (missing paths are skipped).
+    """Add files that peft_unlearn just wrote in `directory` to its save record (missing paths are skipped).
 
     Args:
         directory: The save folder.
         relpaths: Paths of the written files, relative to `directory`; folders are recorded file by file.
     """
     root = Path(directory)
-    files = _read_manifest(root)
+    files = _read_record(root)
     for relpath in relpaths:
         path = root / relpath
         targets = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
         for target in targets:
-            if target.is_file() and target.name != MANIFEST_NAME:
+            if target.is_file():
                 files[target.relative_to(root).as_posix()] = _fingerprint(target)
     if files:
         root.mkdir(parents=True, exist_ok=True)
-        _write_manifest(root, files)
+        _write_record(root, files)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -269,8 +301,7 @@ def check_save_folder(
 
 
 def _staged_files(stage: Path) -> list[str]:
-    # a nested save's manifest is not moved (it would replace the target's records); its files are recorded anew
-    return sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
+    return sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())
 
 
 @contextlib.contextmanager
@@ -283,7 +314,7 @@ def staged_save(
     staged file is checked against `directory`: a file of the same name that is not ours is a conflict (unless
     `overwrite`), a user's `README.md` is kept (the staged card is dropped, even with `overwrite`), and a staged
     adapter next to a base model that is not ours is refused (unless `overwrite`). Without conflicts the files
-    are moved and recorded in the manifest; with conflicts nothing is moved. The staging folder is removed in
+    are moved and recorded; with conflicts nothing is moved. The staging folder is removed in
     every case.
 
     Args:
@@ -387,7 +418,7 @@ def remove_if_ours(directory: str | os.PathLike[str], relpath: str | os.PathLike
     """Delete `directory/relpath` (a file or a folder) only if every file in it was written by peft_unlearn.
 
     Args:
-        directory: The save folder holding the manifest.
+        directory: The save folder.
         relpath: The file or folder to remove, relative to `directory`.
 
     Returns:
@@ -412,7 +443,7 @@ def remove_if_ours(directory: str | os.PathLike[str], relpath: str | os.PathLike
     else:
         path.unlink()
     files_left = {
-        k: v for k, v in _read_manifest(root).items() if not (k == _rel(relpath) or k.startswith(_rel(relpath) + "/"))
+        k: v for k, v in _read_record(root).items() if not (k == _rel(relpath) or k.startswith(_rel(relpath) + "/"))
     }
-    _write_manifest(root, files_left)
+    _write_record(root, files_left)
     return True

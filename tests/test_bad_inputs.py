@@ -20,7 +20,7 @@ from peft import LoraConfig
 
 from peft_unlearn.metrics import evaluate_memorization, extraction_likelihood, memorization_accuracy, privleak
 from peft_unlearn.metrics.mia import min_k_prob_scores
-from peft_unlearn.save_policy import MANIFEST_NAME, SaveConflictError, is_ours, remove_if_ours, staged_save
+from peft_unlearn.save_policy import SaveConflictError, is_ours, remove_if_ours, staged_save
 from peft_unlearn.testing import TINY_CORPUS, tiny_causal_lm
 from peft_unlearn.trainer import UnlearningConfig, UnlearningTrainer
 from peft_unlearn.trainer.finite_guard import NonFiniteTrainingError
@@ -365,7 +365,7 @@ def test_staged_save_unit_rules(tmp_path):
         (stage / "sub").mkdir()
         (stage / "sub" / "a.safetensors").write_text("x")
     assert (folder / "README.md").read_text() == "user" and is_ours(folder, "sub/a.safetensors")
-    assert (folder / MANIFEST_NAME).is_file()
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "sub", "user.json"]  # no bookkeeping inside
 
 
 def test_remove_if_ours_never_deletes_a_users_folder(tmp_path):
@@ -675,3 +675,34 @@ def test_policy_write_stages_on_the_main_process_only(tmp_path):
     seen = []
     policy_write(folder, seen.append, is_main_process=False)  # other ranks write nothing: no staging
     assert seen == [folder]
+
+
+def test_fila_save_pretrained_follows_the_policy(tokenizer, tmp_path):
+    trainer = _fila_trainer(tokenizer, tmp_path / "run", max_steps=1)
+    trainer.train()
+    model = trainer.model
+    out = tmp_path / "out"
+    before = _user_files(out, {"adapter_config.json": "user", "README.md": "mine", "_fila_init/fila_meta.json": "u"})
+    with pytest.raises(
+        SaveConflictError, match=r"'adapter_config.json'.*save_pretrained\(\.\.\., overwrite_output=True\)"
+    ):
+        model.save_pretrained(str(out))
+    assert _snapshot(out) == before
+    with pytest.warns(UserWarning, match="Leaving"):  # the foreign _fila_init/ is never deleted
+        model.save_pretrained(str(out), overwrite_output=True)
+    assert json.loads((out / "adapter_config.json").read_text())["init_lora_weights"] is True
+    assert (out / "README.md").read_text() == "mine" and (out / "_fila_init" / "fila_meta.json").read_text() == "u"
+    raw = tmp_path / "raw"
+    model.save_pretrained(str(raw), fila_portable=False)
+    model.save_pretrained(str(raw))  # portable over our own raw save: our _fila_init/ is removed
+    assert not (raw / "_fila_init").exists()
+
+
+def test_a_copied_folder_is_the_users(tmp_path):
+    import shutil
+
+    folder = tmp_path / "a"
+    with staged_save(folder) as stage:
+        (stage / "adapter_config.json").write_text("{}")
+    shutil.copytree(folder, tmp_path / "b")
+    assert is_ours(folder, "adapter_config.json") and not is_ours(tmp_path / "b", "adapter_config.json")

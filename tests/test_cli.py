@@ -301,7 +301,14 @@ def test_error_no_recognised_columns(capsys, tmp_path, data_files):
 
 def test_error_unknown_init(capsys, tmp_path, data_files):
     _expect_usage_error(
-        capsys, _train_argv(*data_files, tmp_path, "--init", "pissa"), "--init", "pissa", "fila", "default", "none"
+        capsys,
+        _train_argv(*data_files, tmp_path, "--init", "pissa"),
+        "--init",
+        "pissa",
+        "fila",
+        "vila",
+        "default",
+        "none",
     )
 
 
@@ -536,6 +543,30 @@ def test_eval_plot_and_undefined_metric(tmp_path, tiny_model_dir, data_files):
 
 _FAST_TRAIN = ["--max_steps", "2", "--report_to", "none", "--use_cpu", "--per_device_train_batch_size", "2",
                "--learning_rate", "1e-2", "--save_strategy", "no", "--disable_tqdm", "true"]  # fmt: skip
+
+
+def test_train_vila_in_process_saves_the_portable_adapter(tmp_path, tiny_model_dir, data_files, capsys):
+    forget, retain = data_files
+    out = tmp_path / "vila"
+    argv = ["train", "--model", str(tiny_model_dir), "--forget", str(forget), "--retain", str(retain),
+            "--output", str(out), "--init", "vila", "--lora_r", "2", "--target_modules", "q_proj", "v_proj"]  # fmt: skip
+    assert main([*argv, *_FAST_TRAIN]) == 0
+    assert "VILA adapter as a plain PEFT LoRA (rank 4 = 2 x --lora_r" in capsys.readouterr().out
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["init_lora_weights"]) == (4, True)
+
+
+def test_train_refuses_an_output_with_user_files_before_loading_the_model(tmp_path, data_files, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "adapter_config.json").write_text("{}")  # a file this library did not write
+    argv = _train_argv(*data_files, tmp_path)  # the model path does not exist: the folder check runs first
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "adapter_config.json" in err and "overwrite_output" in err
+    assert (out / "adapter_config.json").read_text() == "{}"
 
 
 def test_train_default_lora_in_process(tmp_path, tiny_model_dir, data_files, capsys):

@@ -52,9 +52,9 @@ class TrainArguments:
     forget: str = field(metadata={"help": f"Forget set: {_FORMATS}.", "metavar": "FILE"})
     retain: str | None = _arg("Retain set (same formats as --forget); needed by retain losses.", None, "FILE")
     heldout: str | None = _arg("Held-out set, scored with the others when --eval_strategy is not 'no'.", None, "FILE")
-    init: Literal["fila", "default", "none"] = _arg(
-        "Adapter: 'fila' (Fisher-weighted LoRA init, the paper's), 'default' (PEFT's LoRA init) or 'none' (full "
-        "fine-tuning, no PEFT).",
+    init: Literal["fila", "vila", "default", "none"] = _arg(
+        "Adapter: 'fila' (Fisher-weighted LoRA init, the paper's), 'vila' (gradient-variance-weighted LoRA init, "
+        "arXiv 2508.21300), 'default' (PEFT's LoRA init) or 'none' (full fine-tuning, no PEFT).",
         "fila",
     )
     lora_r: int = _arg("LoRA rank r (ignored with --init none).", 8, "R")
@@ -144,6 +144,7 @@ def run_train(argv: list[str]) -> int:
     from peft import LoraConfig
 
     from peft_unlearn.losses import reference_users
+    from peft_unlearn.save_policy import check_save_folder
     from peft_unlearn.trainer.unlearning_trainer import UnlearningTrainer
 
     script_args, config = parse_train_args(argv)
@@ -164,6 +165,10 @@ def run_train(argv: list[str]) -> int:
             k: v for k, v in {"forget": forget, "retain": retain, "heldout": heldout}.items() if v is not None
         }
 
+    try:  # refuse an --output that holds files this library did not write before loading the model
+        check_save_folder(config.output_dir, adapter=script_args.init != "none", overwrite=config.overwrite_output)
+    except (FileExistsError, NotADirectoryError) as err:
+        raise CLIError(_one_line(err), EXIT_FAILURE) from err
     _info(f"Loading model {script_args.model!r}...")
     model, tokenizer = _load_model(script_args.model, script_args.dtype, script_args.trust_remote_code)
     peft_config = None
@@ -174,7 +179,7 @@ def run_train(argv: list[str]) -> int:
             lora_alpha=script_args.lora_alpha,
             lora_dropout=script_args.lora_dropout,
             target_modules=targets[0] if len(targets) == 1 else targets,
-            init_lora_weights="fila" if script_args.init == "fila" else True,
+            init_lora_weights=script_args.init if script_args.init in ("fila", "vila") else True,
             task_type="CAUSAL_LM",
         )
     ref_model = None
@@ -195,13 +200,16 @@ def run_train(argv: list[str]) -> int:
     except (ValueError, TypeError) as err:  # data or configuration the trainer rejects
         raise CLIError(_one_line(err)) from err
 
-    what = {"fila": "FILA LoRA", "default": "LoRA", "none": "full fine-tuning"}[script_args.init]
+    what = {"fila": "FILA LoRA", "vila": "VILA LoRA", "default": "LoRA", "none": "full fine-tuning"}[script_args.init]
     with_retain = f" with {len(retain)} retain examples" if retain is not None else ""
     _info(
         f"Unlearning {len(forget)} forget examples{with_retain} ({what}, forget_loss={config.forget_loss}, "
         f"retain_loss={config.retain_loss})"
     )
-    trainer.train()
+    try:
+        trainer.train()
+    except (FileExistsError, NotADirectoryError) as err:  # the save policy refused the output folder
+        raise CLIError(_one_line(err), EXIT_FAILURE) from err
     if trainer.state.global_step == 0:
         raise CLIError(
             f"training ran zero optimizer steps (max_steps={config.max_steps}, num_train_epochs="
@@ -226,8 +234,8 @@ def _report_saved(output_dir: Path, args: TrainArguments) -> None:
     cfg = json.loads(adapter_config.read_text(encoding="utf-8"))
     if cfg.get("init_lora_weights") == "fila":
         kind = "raw FILA adapter (needs peft_unlearn and _fila_init/ to load)"
-    elif args.init == "fila":
-        kind = f"FILA adapter as a plain PEFT LoRA (rank {cfg.get('r')} = 2 x --lora_r, portable)"
+    elif args.init in ("fila", "vila"):
+        kind = f"{args.init.upper()} adapter as a plain PEFT LoRA (rank {cfg.get('r')} = 2 x --lora_r, portable)"
     else:
         kind = f"plain PEFT LoRA adapter (rank {cfg.get('r')})"
     print(f"Saved the {kind} and the tokenizer to {output_dir}")

@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..save_policy import FILA_OVERWRITE_SWITCH, policy_write, remove_if_ours
 from .config import get_fila_config
 from .offset import get_offset, set_offset
 from .state import (
@@ -192,6 +192,7 @@ def export_portable_adapter(
     is_main_process: bool = True,
     state_dict: dict[str, torch.Tensor] | None = None,
     save_embedding_layers: str | bool = "auto",
+    overwrite_output: bool = False,
 ) -> Path:
     """Write a FILA/VILA adapter as a plain rank-2r LoRA that stock PEFT loads onto the original base.
 
@@ -206,6 +207,9 @@ def export_portable_adapter(
         is_main_process: Only the main process writes (DDP).
         state_dict: Optional full state dict to take the trained weights from (as PEFT's ``save_pretrained``).
         save_embedding_layers: Passed to ``get_peft_model_state_dict``.
+        overwrite_output: Allow replacing files in `save_directory` that peft_unlearn did not write (see
+            [`peft_unlearn.save_policy`][peft_unlearn.save_policy]); without it such a save raises
+            `SaveConflictError` and writes nothing.
 
     Returns:
         The directory written.
@@ -258,19 +262,23 @@ def export_portable_adapter(
     out = Path(save_directory)
     if not is_main_process:
         return out
-    out.mkdir(parents=True, exist_ok=True)
     converted = {k: v.to("cpu").contiguous() for k, v in converted.items()}
-    if safe_serialization:
-        from safetensors.torch import save_file
-
-        save_file(converted, str(out / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
-    else:
-        torch.save(converted, out / WEIGHTS_NAME)
     portable = portable_lora_config(config)
     if portable.base_model_name_or_path is None:
         base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else None
         portable.base_model_name_or_path = getattr(base, "name_or_path", None) or None
-    portable.save_pretrained(str(out), auto_mapping_dict=_auto_mapping(peft_model, config))
+
+    def write(folder: Path) -> None:
+        if safe_serialization:
+            from safetensors.torch import save_file
+
+            save_file(converted, str(folder / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+        else:
+            torch.save(converted, folder / WEIGHTS_NAME)
+        portable.save_pretrained(str(folder), auto_mapping_dict=_auto_mapping(peft_model, config))
+
+    # the save policy: never overwrite a file peft_unlearn did not write (peft_unlearn.save_policy)
+    policy_write(out, write, overwrite=overwrite_output, switch=FILA_OVERWRITE_SWITCH)
     return out
 
 
@@ -280,7 +288,11 @@ def export_portable_adapter(
 
 
 def save_fila_state(
-    model: nn.Module, directory: str | os.PathLike, adapter_names: Sequence[str] | None = None
+    model: nn.Module,
+    directory: str | os.PathLike,
+    adapter_names: Sequence[str] | None = None,
+    *,
+    overwrite_output: bool = False,
 ) -> Path:
     """Write ``directory/_fila_init/`` with the frozen initial factors of the data-driven adapters.
 
@@ -324,11 +336,18 @@ def save_fila_state(
             "fila_config": get_fila_config(config).to_dict(),
             "layers": layers_meta,
         }
-    folder = Path(directory) / INIT_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / _TENSORS_FILE), metadata={"format": f"peft_unlearn.fila_init/{_FORMAT_VERSION}"})
-    (folder / _META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-    return folder
+
+    def write(root: Path) -> None:
+        folder = root / INIT_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(
+            tensors, str(folder / _TENSORS_FILE), metadata={"format": f"peft_unlearn.fila_init/{_FORMAT_VERSION}"}
+        )
+        (folder / _META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+    # the save policy: a `_fila_init/` that peft_unlearn did not write is never replaced (peft_unlearn.save_policy)
+    policy_write(Path(directory), write, overwrite=overwrite_output, switch=FILA_OVERWRITE_SWITCH)
+    return Path(directory) / INIT_DIR
 
 
 def load_fila_state(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -452,19 +471,26 @@ def fila_save_pretrained(
     path_initial_model_for_weight_conversion: str | None = None,
     *,
     fila_portable: bool = True,
+    overwrite_output: bool = False,
     **kwargs: Any,
 ) -> None:
     """``PeftModel.save_pretrained`` for models with a FILA/VILA adapter (installed by `register_fila`).
 
     * ``fila_portable=True`` (default): every selected data-driven adapter is written as the portable
-      rank-2r plain LoRA (`export_portable_adapter`); a stale ``_fila_init/`` in the folder is removed.
+      rank-2r plain LoRA (`export_portable_adapter`); a stale ``_fila_init/`` in the folder is removed if
+      peft_unlearn wrote it (a folder with other files is left in place, with a warning).
     * ``fila_portable=False``: the raw rank-r adapter (config keeps ``"fila"``) plus ``_fila_init/``.
     * Other selected adapters (all adapters when ``selected_adapters=None``) are saved by PEFT as they
       are: they act on the unmodified base, so they are valid on the original model.
     * ``path_initial_model_for_weight_conversion`` given: PEFT's own conversion runs unchanged.
+    * The [save policy][peft_unlearn.save_policy] applies: files in `save_directory` that peft_unlearn did
+      not write are not overwritten (`SaveConflictError`, nothing written) unless ``overwrite_output=True``;
+      a user's README.md is kept.
     """
     if not isinstance(fila_portable, bool):
         raise TypeError(f"`fila_portable` must be a bool, got {fila_portable!r}.")
+    if not isinstance(overwrite_output, bool):
+        raise TypeError(f"`overwrite_output` must be a bool, got {overwrite_output!r}.")
     passthrough = {
         "safe_serialization": safe_serialization,
         "save_embedding_layers": save_embedding_layers,
@@ -491,32 +517,36 @@ def fila_save_pretrained(
             **passthrough,
         )
         return
-    if plain_selected:
-        original(model, save_directory, selected_adapters=plain_selected, **passthrough)
-    if not fila_selected:
-        return
-    if not fila_portable:
-        original(model, save_directory, selected_adapters=fila_selected, **passthrough)
-        if is_main_process:
-            save_fila_state(model, save_directory, fila_selected)
-        return
     root = Path(save_directory)
     if root.is_file():
         raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
-    for adapter in fila_selected:
-        out = root if adapter == "default" else root / adapter
-        export_portable_adapter(
-            model,
-            out,
-            adapter,
-            safe_serialization=safe_serialization,
-            is_main_process=is_main_process,
-            state_dict=kwargs.get("state_dict"),
-            save_embedding_layers=save_embedding_layers,
-        )
-    if is_main_process:
-        stale = root / INIT_DIR
-        if stale.is_dir():
-            shutil.rmtree(stale)
-        if hasattr(model, "create_or_update_model_card"):
-            model.create_or_update_model_card(str(root))
+
+    def write(folder: Path) -> None:
+        if plain_selected:
+            original(model, str(folder), selected_adapters=plain_selected, **passthrough)
+        if not fila_selected:
+            return
+        if not fila_portable:
+            original(model, str(folder), selected_adapters=fila_selected, **passthrough)
+            if is_main_process:
+                save_fila_state(model, folder, fila_selected)
+            return
+        for adapter in fila_selected:
+            export_portable_adapter(
+                model,
+                folder if adapter == "default" else folder / adapter,
+                adapter,
+                safe_serialization=safe_serialization,
+                is_main_process=is_main_process,
+                state_dict=kwargs.get("state_dict"),
+                save_embedding_layers=save_embedding_layers,
+            )
+        if is_main_process and hasattr(model, "create_or_update_model_card"):
+            model.create_or_update_model_card(str(folder))
+
+    # the save policy (peft_unlearn.save_policy): staged, checked against the folder's files, then moved
+    policy_write(
+        root, write, is_main_process=is_main_process, overwrite=overwrite_output, switch=FILA_OVERWRITE_SWITCH
+    )
+    if is_main_process and fila_selected and fila_portable:
+        remove_if_ours(root, INIT_DIR)  # a raw save's stale initial factors; never a folder we did not write

@@ -131,7 +131,7 @@ class UnlearningSavingMixin:
         check_save_folder(output_dir, adapter=is_peft_model(model))
         if self.args.save_total_limit is not None and output_dir.is_dir():
             for folder in sorted(output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")):
-                files = [p for p in folder.rglob("*") if p.is_file() and p.name != "_peft_unlearn_manifest.json"]
+                files = [p for p in folder.rglob("*") if p.is_file()]
                 if any(not is_ours(folder, p.relative_to(folder)) for p in files):
                     raise SaveConflictError(
                         f"Refusing to train into {str(output_dir)!r}: save_total_limit={self.args.save_total_limit} "
@@ -150,7 +150,6 @@ class UnlearningSavingMixin:
         folder = Path(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         if self.args.should_save and not self._overwrite_allowed() and folder.is_dir():
             foreign = [p for p in folder.rglob("*") if p.is_file() and not is_ours(folder, p.relative_to(folder))]
-            foreign = [p for p in foreign if p.name != "_peft_unlearn_manifest.json"]
             if foreign:
                 raise SaveConflictError(
                     f"Refusing to write the checkpoint {str(folder)!r}: the folder already holds "

@@ -20,6 +20,7 @@ from peft_unlearn.fila import (
 )
 from peft_unlearn.fila.registration import is_registered, register_fila, unregister_fila
 from peft_unlearn.testing import random_lm_batches, tiny_causal_lm
+from tests.helpers import run_python
 
 TARGETS = {"llama": "all-linear", "gpt2": ["c_attn", "c_fc", "c_proj"], "gemma3": "all-linear"}
 
@@ -297,7 +298,5 @@ print(float(inverted_hinge_loss(torch.zeros(1, 3, 5), torch.tensor([[0, 1, 2]]))
 
 
 def test_import_never_fails_when_peft_lacks_a_hooked_method(tmp_path):
-    from tests.helpers import run_python
-
     proc = run_python(["-c", _MISSING_METHOD], cwd=tmp_path)
     assert proc.stdout.strip()  # the losses still work
