@@ -673,7 +673,15 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
                 fila_config = get_fila_config(config)
                 if self.args.fila_seed is not None:
                     fila_config = dataclasses.replace(fila_config, seed=self.args.fila_seed)
-                kwargs.update(cache_path=self.args.fila_cache, fila_config=fila_config)
+                options = {
+                    "accumulator_device": self.args.fila_accumulator_device,
+                    "layers_per_pass": self.args.fila_layers_per_pass,
+                }
+                kwargs.update(
+                    cache_path=self.args.fila_cache,
+                    fila_config=fila_config,
+                    fisher_options={k: v for k, v in options.items() if v is not None},
+                )
             stats[adapter_name] = initialize_adapter_weights(
                 model, forget_dl, retain_dl, adapter_name=adapter_name, **kwargs
             )
