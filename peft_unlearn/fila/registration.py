@@ -49,6 +49,7 @@ from .state import (
     check_target_layer,
     config_targets,
     init_name,
+    iter_lora_layers,
     mark_pending,
     normalize_module_name,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "FilaNotInitializedWarning",
     "FilaUnavailableWarning",
     "is_registered",
+    "iter_lora_layers",  # re-exported from `state` for code written against the earlier layout
     "normalize_module_name",
     "register_fila",
     "unregister_fila",

@@ -57,8 +57,8 @@ def initialize_pending_adapters(
 
     Args:
         model: The unwrapped trained model.
-        args: The `UnlearningConfig` of the run (`output_dir`, `fila_batch_size` via `loaders`, `fila_max_batches`,
-            `fila_seed`, `fila_cache`).
+        args: The `UnlearningConfig` of the run (`output_dir`, `fila_max_batches`, `fila_seed`, `fila_cache`,
+            `fila_accumulator_device`, `fila_layers_per_pass`).
         resume_from_checkpoint: The checkpoint folder being resumed (`True`: the last one in `args.output_dir`).
         loaders: Builds the `(forget, retain)` data loaders of the init (`retain` may be None); called only when an
             adapter is pending.
@@ -88,7 +88,15 @@ def initialize_pending_adapters(
             fila_config = get_fila_config(config)
             if args.fila_seed is not None:
                 fila_config = dataclasses.replace(fila_config, seed=args.fila_seed)
-            kwargs.update(cache_path=args.fila_cache, fila_config=fila_config)
+            options = {
+                "accumulator_device": args.fila_accumulator_device,
+                "layers_per_pass": args.fila_layers_per_pass,
+            }
+            kwargs.update(
+                cache_path=args.fila_cache,
+                fila_config=fila_config,
+                fisher_options={k: v for k, v in options.items() if v is not None},
+            )
         stats[adapter_name] = initialize_adapter_weights(
             model, forget_dl, retain_dl, adapter_name=adapter_name, **kwargs
         )
