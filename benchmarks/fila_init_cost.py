@@ -205,7 +205,7 @@ def run_phase(spec: dict[str, Any]) -> dict[str, Any]:
     from transformers import TrainerCallback
 
     from peft_unlearn import estimate_fisher, initialize_fila_weights
-    from peft_unlearn.trainer.data import CausalLMCollator, TokenizedDataset, tokenize_dataset
+    from peft_unlearn.trainer import CausalLMCollator, TokenizedDataset, tokenize_dataset
 
     phase = spec["phase"]
     with tempfile.TemporaryDirectory() as tmp:

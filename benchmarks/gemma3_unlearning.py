@@ -93,6 +93,9 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
         )
     model, tokenizer = load_model_and_tokenizer(spec["model"], dtype=spec["dtype"], **quant)
+    for module in model.modules():  # bitsandbytes 0.50 on AVX512-BF16 CPUs repacks 4-bit weights at eval-mode
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # no-grad forwards, after which no gradient flows
+            module.support_avx512bf16_for_cpu = False  # through them: keep the trainable layout
     load_seconds = time.time() - t_load
 
     forget_texts = _read_jsonl(DATA / "forget.jsonl", spec["n_forget"])

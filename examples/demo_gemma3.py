@@ -171,6 +171,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model, tokenizer = load_model_and_tokenizer(
         "gemma3-270m", cache_dir=args.cache_dir, device=None if quant else device, **quant
     )
+    for module in model.modules():  # bitsandbytes 0.50 on AVX512-BF16 CPUs repacks 4-bit weights at eval-mode
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # no-grad forwards, after which no gradient flows
+            module.support_avx512bf16_for_cpu = False  # through them: keep the trainable layout
     timings["load_model"] = time.perf_counter() - t0
     model_path = model.config._name_or_path
     pad_id = tokenizer.pad_token_id

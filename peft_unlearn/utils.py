@@ -18,6 +18,7 @@ from torch import nn
 
 __all__ = [
     "IGNORE_INDEX",
+    "has_peft_adapters",
     "is_conv1d",
     "is_linear_like",
     "is_peft_model",
@@ -31,22 +32,42 @@ IGNORE_INDEX = -100
 
 
 def is_peft_model(model: Any) -> bool:
-    """Whether `model` is a `peft.PeftModel` (any task-specific subclass included).
+    """Whether `model` is a `peft.PeftModel` (any task-specific subclass included) or a `peft.PeftMixedModel`.
 
     Args:
         model: Any object.
 
     Returns:
-        `True` for a `PeftModel`.
+        `True` for a `PeftModel` or `PeftMixedModel`.
 
     Examples:
         >>> import torch
         >>> is_peft_model(torch.nn.Linear(2, 2))
         False
     """
-    from peft import PeftModel
+    from peft import PeftMixedModel, PeftModel
 
-    return isinstance(model, PeftModel)
+    return isinstance(model, (PeftModel, PeftMixedModel))
+
+
+def has_peft_adapters(model: Any) -> bool:
+    """Whether `model` behaves as a PEFT model: it has a `peft_config` and a `disable_adapter()` context.
+
+    Unlike `is_peft_model`, this also holds for a `PeftModel` behind a wrapper that forwards attribute access
+    (FSDP1's `FullyShardedDataParallel`).
+
+    Args:
+        model: Any object.
+
+    Returns:
+        `True` when both attributes are there.
+
+    Examples:
+        >>> import torch
+        >>> has_peft_adapters(torch.nn.Linear(2, 2))
+        False
+    """
+    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -60,25 +60,15 @@ def _raw_markup(page: Path) -> list[str]:
     ]
 
 
-# API pages whose modules still carry Sphinx roles (fila/, unlearning_trainer.py, model_card.py, metrics/mia.py
-# belong to work merged separately); once they are restyled this xfail turns into an XPASS failure: move the
-# pages to CLEAN_PAGES then.
-PENDING_PAGES = ("fila", "trainer", "metrics")
-CLEAN_PAGES = ("losses", "utils")
+CLEAN_PAGES = ("fila", "losses", "metrics", "trainer", "utils")
 
 
 @pytest.mark.parametrize("name", CLEAN_PAGES)
 def test_api_pages_have_no_raw_markup(site, name):
     """Docstrings are Markdown for mkdocstrings: no Sphinx roles or HF doc-builder syntax reaches the pages."""
-    assert set(PENDING_PAGES) | set(CLEAN_PAGES) == {p.parent.name for p in (site / "api").glob("*/index.html")}
+    assert set(CLEAN_PAGES) == {p.parent.name for p in (site / "api").glob("*/index.html")}
     found = _raw_markup(site / "api" / name / "index.html")
     assert not found, "\n".join(found[:30]) + f"\n({len(found)} in all)"
-
-
-@pytest.mark.xfail(strict=True, reason="docstrings of these pages are restyled after the branches are merged")
-@pytest.mark.parametrize("name", PENDING_PAGES)
-def test_pending_api_pages_have_no_raw_markup(site, name):
-    assert not _raw_markup(site / "api" / name / "index.html")
 
 
 def test_api_headings_are_short_and_public(site):

@@ -52,7 +52,7 @@ def main() -> None:
 
     import peft_unlearn  # noqa: F401  (registers init_lora_weights="fila")
     from peft_unlearn import UnlearningConfig, UnlearningTrainer, estimate_fisher, initialize_fila_weights
-    from peft_unlearn.trainer.data import CausalLMCollator, TokenizedDataset, tokenize_dataset
+    from peft_unlearn.trainer import CausalLMCollator, TokenizedDataset, tokenize_dataset
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if tokenizer.pad_token is None:

@@ -36,7 +36,7 @@ FILA_INIT_NAME = "fila"
 
 @dataclass
 class FilaConfig:
-    """Settings of the FILA initialisation (paper-notes section 3).
+    """Settings of the FILA initialisation (Fisher-weighted low-rank init, arXiv 2408.06621, Section 3).
 
     Args:
         niter: Subspace iterations of the randomized SVD (``torch.svd_lowrank``; the official code uses 2).

@@ -51,8 +51,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..utils import has_peft_adapters, is_conv1d, is_linear_like
 from .fisher_cache import FisherCacheKey, architecture, combine_over_ranks, settings_json, targets_digest
-from .fisher_passes import DataDigest, compute_statistics, is_peft_model, plan_passes, rank
+from .fisher_passes import DataDigest, compute_statistics, plan_passes, rank
 from .state import normalize_module_name
 
 __all__ = ["FisherStatistics", "estimate_fisher", "resolve_fisher_targets"]
@@ -271,15 +272,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-_is_peft_model = is_peft_model
-
-
-def _linear_like(module: nn.Module) -> bool:
-    from transformers.pytorch_utils import Conv1D
-
-    return isinstance(module, (nn.Linear, Conv1D))
-
-
 def resolve_fisher_targets(model: nn.Module, target_modules: Iterable[str] | None = None) -> dict[str, nn.Module]:
     """Find the weight-holding modules whose Fisher information is needed.
 
@@ -299,16 +291,16 @@ def resolve_fisher_targets(model: nn.Module, target_modules: Iterable[str] | Non
 
     model = _unwrap(model)
     candidates: dict[str, nn.Module] = {}
-    if _is_peft_model(model):
+    if has_peft_adapters(model):
         for name, module in model.named_modules():
-            if isinstance(module, LoraLayer) and _linear_like(module.get_base_layer()):
+            if isinstance(module, LoraLayer) and is_linear_like(module.get_base_layer()):
                 candidates[normalize_module_name(name)] = module.get_base_layer()
         if not candidates and target_modules is None:
             raise ValueError("The PeftModel has no LoRA layer on an nn.Linear/Conv1D module to estimate Fisher for.")
     else:
         output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         for name, module in model.named_modules():
-            if _linear_like(module) and module is not output:
+            if is_linear_like(module) and module is not output:
                 candidates[normalize_module_name(name)] = module
     if target_modules is None:
         if not candidates:
@@ -331,7 +323,7 @@ def resolve_fisher_targets(model: nn.Module, target_modules: Iterable[str] | Non
                 f"`target_modules` entry {name!r} is not a module of the model; expected names such as "
                 f"{list(candidates)[:3]}."
             )
-        if not _linear_like(module):
+        if not is_linear_like(module):
             raise ValueError(
                 f"`target_modules` entry {name!r} is a {type(module).__name__}; FILA supports nn.Linear and "
                 "Conv1D layers only."
@@ -344,9 +336,7 @@ def resolve_fisher_targets(model: nn.Module, target_modules: Iterable[str] | Non
 
 def _weight_shape(module: nn.Module) -> tuple[int, int]:
     """``(out, in)`` of a linear layer, whatever its weight's storage (packed 4-bit, ZeRO-3, DTensor)."""
-    from transformers.pytorch_utils import Conv1D
-
-    if isinstance(module, Conv1D):
+    if is_conv1d(module):
         return int(module.nf), int(module.weight.shape[0] if module.weight.dim() == 2 else module.nx)
     if hasattr(module, "out_features") and hasattr(module, "in_features"):
         return int(module.out_features), int(module.in_features)

@@ -17,15 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..utils import IGNORE_INDEX, has_peft_adapters
 from .fisher_cache import DataDigest
 from .fisher_hooks import WeightGradientHooks, input_embedding_roots
 
 __all__ = ["PassResult", "compute_statistics", "plan_passes"]
-
-
-def is_peft_model(model: nn.Module) -> bool:
-    """True for a PeftModel (has ``peft_config`` and ``disable_adapter``)."""
-    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
 
 
 def weight_dtype(module: nn.Module) -> torch.dtype:
@@ -76,8 +72,8 @@ def _prepare_batch(batch: Any, device: torch.device, role: str) -> tuple[dict[st
         )
     inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
     labels = inputs["labels"]
-    count = int((labels != -100).sum().item())
-    shifted = int((labels[..., 1:] != -100).sum().item()) if labels.dim() >= 1 else 0
+    count = int((labels != IGNORE_INDEX).sum().item())
+    shifted = int((labels[..., 1:] != IGNORE_INDEX).sum().item()) if labels.dim() >= 1 else 0
     return inputs, (count if shifted > 0 else 0)
 
 
@@ -133,7 +129,7 @@ def _fisher_mode(model: nn.Module, train_mode: bool) -> Iterator[None]:
     # such layers run without checkpointing during the pass; non-reentrant checkpointing is kept
     reentrant = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True and _reentrant(m)]
     saved_modes = [(module, module.training) for module in model.modules()]
-    disable = model.disable_adapter() if is_peft_model(model) else contextlib.nullcontext()
+    disable = model.disable_adapter() if has_peft_adapters(model) else contextlib.nullcontext()
     try:
         for param, _ in saved_flags:
             param.requires_grad_(False)

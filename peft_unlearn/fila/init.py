@@ -343,6 +343,23 @@ def _peak_memory(devices: set[torch.device]) -> int:
         return 0
 
 
+_FISHER_OPTIONS = ("accumulator_device", "layers_per_pass", "max_accumulator_bytes", "train_mode", "on_cache_mismatch")
+
+
+def _checked_fisher_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise TypeError(f"`fisher_options` must be a dict of estimate_fisher options, got {type(options).__name__}.")
+    unknown = sorted(set(options) - set(_FISHER_OPTIONS))
+    if unknown:
+        raise ValueError(
+            f"`fisher_options` has unknown keys {unknown}; expected a subset of {list(_FISHER_OPTIONS)} (the other "
+            "estimate_fisher arguments are set by initialize_fila_weights itself)."
+        )
+    return dict(options)
+
+
 @torch.no_grad()
 def initialize_fila_weights(
     peft_model: nn.Module,
@@ -354,6 +371,7 @@ def initialize_fila_weights(
     cache_path: str | os.PathLike | None = None,
     show_progress: bool = True,
     fila_config: FilaConfig | Mapping[str, Any] | None = None,
+    fisher_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Compute the FILA weights of one adapter of a PeftModel (modelled on ``initialize_lora_eva_weights``).
 
@@ -379,6 +397,10 @@ def initialize_fila_weights(
         cache_path: Fisher cache file (see `estimate_fisher`).
         show_progress: Show a progress bar.
         fila_config: FILA settings; default: the adapter config's ``fila_config`` or `FilaConfig`.
+        fisher_options: Extra keyword arguments of `estimate_fisher` for the Fisher pass, e.g. the
+            low-memory modes ``{"accumulator_device": "cpu"}`` (fp32 accumulators in host memory) or
+            ``{"layers_per_pass": 8}`` / ``{"max_accumulator_bytes": 8 * 2**30}`` (target layers in groups,
+            one pass over the data per group), ``train_mode`` or ``on_cache_mismatch``.
 
     Returns:
         Statistics: ``fisher_seconds``, ``svd_seconds``, ``seconds`` (total), ``peak_memory_bytes`` (CUDA
@@ -419,6 +441,7 @@ def initialize_fila_weights(
                 show_progress=show_progress,
                 cache_path=cache_path,
                 fp32_accumulation=cfg.fp32_accumulation,
+                **_checked_fisher_options(fisher_options),
             )
         owned = True
     elif isinstance(fisher, (str, os.PathLike)):

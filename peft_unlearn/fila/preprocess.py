@@ -17,8 +17,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
+from ..utils import is_linear_like
 from .config import get_fila_config, validate_fila_lora_config
 from .fisher import FisherStatistics, estimate_fisher, resolve_fisher_targets
 from .init import _AttachedImportance
@@ -73,7 +73,7 @@ def preprocess_fila(
         )
     validate_fila_lora_config(lora_config)
     fila_config = get_fila_config(lora_config)
-    names = [n for n, m in config_targets(model, lora_config) if isinstance(m, (nn.Linear, Conv1D))]
+    names = [n for n, m in config_targets(model, lora_config) if is_linear_like(m)]
     if not names:
         raise ValueError(
             f"`lora_config.target_modules`={lora_config.target_modules!r} matches no nn.Linear/Conv1D module of the "

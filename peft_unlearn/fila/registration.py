@@ -36,8 +36,8 @@ import warnings
 from typing import Any
 
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
+from ..utils import is_linear_like
 from .config import validate_fila_lora_config
 from .init import init_layer_from_attached_importance
 from .offset import remove_offset, unwrap_delta_weights
@@ -49,6 +49,7 @@ from .state import (
     check_target_layer,
     config_targets,
     init_name,
+    iter_lora_layers,
     mark_pending,
     normalize_module_name,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "FilaNotInitializedWarning",
     "FilaUnavailableWarning",
     "is_registered",
+    "iter_lora_layers",  # re-exported from `state` for code written against the earlier layout
     "normalize_module_name",
     "register_fila",
     "unregister_fila",
@@ -124,7 +126,7 @@ def validate_targets(model: nn.Module, config: Any) -> None:
         return
     for name, module in targets:
         base = module.get_base_layer() if isinstance(module, LoraLayer) else module
-        if isinstance(module, _ConvNd) or not isinstance(base, (nn.Linear, Conv1D)):
+        if isinstance(module, _ConvNd) or not is_linear_like(base):
             raise ValueError(
                 f"init_lora_weights={init!r} supports nn.Linear and transformers Conv1D targets only, but "
                 f"`target_modules`={config.target_modules!r} matches {name} ({type(base).__name__}). Restrict "

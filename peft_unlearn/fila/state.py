@@ -1,6 +1,7 @@
 """Names, per-layer flags and weight access shared by the data-driven LoRA inits (FILA, VILA).
 
-The bottom of the `fila` package: it imports nothing from the package except `config`, and
+The bottom of the `fila` package: it imports nothing from the package except `config` (and the shared
+`peft_unlearn.utils`), and
 every other module (fisher, offset, init, saving, registration) may import it.
 
 * `DATA_DRIVEN_INITS` / `is_data_driven_init`: the `init_lora_weights` values whose factors
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..utils import is_conv1d, is_linear_like
 from .config import FILA_INIT_NAME
 
 __all__ = [
@@ -189,7 +191,6 @@ def check_target_layer(layer: nn.Module, adapter_name: str, init: str = FILA_INI
     ``Conv1D`` with a float or bitsandbytes-quantized weight.
     """
     from peft.tuners.lora.layer import _ConvNd
-    from transformers.pytorch_utils import Conv1D
 
     base = layer.get_base_layer()
     kind = type(base).__name__
@@ -199,7 +200,7 @@ def check_target_layer(layer: nn.Module, adapter_name: str, init: str = FILA_INI
             f"target (LoRA layer {type(layer).__name__}). Remove it from `target_modules` (e.g. use "
             "target_modules='all-linear')."
         )
-    if adapter_name not in layer.lora_A or not isinstance(base, (nn.Linear, Conv1D)):
+    if adapter_name not in layer.lora_A or not is_linear_like(base):
         raise ValueError(
             f"init_lora_weights={init!r} supports nn.Linear and transformers Conv1D targets only, got {kind}; "
             "restrict `target_modules` to linear layers."
@@ -251,8 +252,6 @@ def dense_weight(base_layer: nn.Module) -> torch.Tensor:
     Returns:
         A detached float tensor on the weight's device.
     """
-    from transformers.pytorch_utils import Conv1D
-
     weight = base_layer.weight
     if _is_quantized(weight):
         weight = _dequantize_bnb(base_layer)
@@ -263,7 +262,7 @@ def dense_weight(base_layer: nn.Module) -> torch.Tensor:
         raise ValueError(f"Cannot read a float weight from {type(base_layer).__name__} (dtype {weight.dtype}).")
     if hasattr(base_layer.weight, "ds_id"):  # a ZeRO-3 partition gathered by the caller: keep a copy
         weight = weight.clone()
-    return weight.mT if isinstance(base_layer, Conv1D) else weight
+    return weight.mT if is_conv1d(base_layer) else weight
 
 
 def _is_dtensor(tensor: Any) -> bool:
@@ -330,7 +329,6 @@ def config_targets(model: nn.Module, lora_config: Any) -> list[tuple[str, nn.Mod
     """
     from peft.tuners.lora.model import LoraModel
     from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
-    from transformers.pytorch_utils import Conv1D
 
     targets = lora_config.target_modules
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -351,7 +349,7 @@ def config_targets(model: nn.Module, lora_config: Any) -> list[tuple[str, nn.Mod
             inside.append(name + ".")
         if all_linear:
             base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-            hit = isinstance(base, (nn.Linear, Conv1D)) and base is not output
+            hit = is_linear_like(base) and base is not output
             hit = hit and not _is_excluded(lora_config, name)
         else:
             hit = bool(check_target_module_exists(probe, name))

@@ -15,7 +15,7 @@ with a pass over the LoRA factors only:
    mismatch, not importance).
 4. The full-shape importance of a layer is ``I_B @ I_A`` ([out, r] @ [r, in]), separately for forget
    and retain; from there FILA's relative importance ``F_f / (eps + F_r)`` and its weighted
-   low-rank init (:func:`peft_unlearn.fila.fila_init_layer`) apply unchanged, so the output is
+   low-rank init ([`fila_init_layer`][peft_unlearn.fila.init.fila_init_layer]) apply unchanged, so the output is
    unchanged at init and the adapter saves as a portable plain LoRA.
 
 The factors are restored after the pass (the weighted init then overwrites them anyway).
@@ -30,7 +30,7 @@ Choices where the official code and the paper leave room (all documented on the 
   per-token mean) by ``N`` once more before taking the ratio, which only changes how much the
   ``1e-5`` stabiliser weighs; here ``F_f / (eps + F_r)`` uses the variances themselves
   (``FisherStatistics`` holds ``N * (I_B @ I_A)`` with count ``N``).
-* **Eval mode** by default (dropout off, deterministic), like :func:`peft_unlearn.fila.estimate_fisher`.
+* **Eval mode** by default (dropout off, deterministic), like [`estimate_fisher`][peft_unlearn.fila.fisher.estimate_fisher].
 * The random factors come from a private generator seeded by ``seed``; the global RNG is untouched.
 
 Cost: forward and backward passes like FILA's Fisher pass, but no ``[out, in]`` weight gradients (only
@@ -160,7 +160,7 @@ def estimate_vila_importance(
         train_mode: Run in train mode (dropout on) instead of eval mode.
         show_progress: Show a tqdm bar (rank 0 only).
         cache_path: If the file exists, load and validate it instead of computing; otherwise compute and
-            save there (rank 0). Same format as :meth:`FisherStatistics.save`.
+            save there (rank 0). Same format as [`FisherStatistics.save`][peft_unlearn.fila.fisher.FisherStatistics.save].
 
     Returns:
         [`FisherStatistics`][peft_unlearn.FisherStatistics] with ``importance_f[name] = N_f * (I_B @ I_A)``

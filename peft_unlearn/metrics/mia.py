@@ -38,7 +38,7 @@ def min_k_prob_scores(
     Args:
         model: A causal LM.
         data: Token-id lists, a list of dicts / ``datasets.Dataset`` with ``input_ids`` (+ optional ``labels``:
-            only supervised tokens count), as in :func:`~peft_unlearn.metrics.evaluate_memorization`.
+            only supervised tokens count), as in [`evaluate_memorization`][peft_unlearn.metrics.memorization.evaluate_memorization].
         k: Fraction in (0, 1] of the lowest-probability tokens to average (MUSE default 0.4).
         batch_size: Sequences per forward pass.
         pad_token_id: Padding id for batching.

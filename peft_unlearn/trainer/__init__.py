@@ -15,7 +15,7 @@ from ..utils import lazy_exports
 _LAZY_EXPORTS: dict[str, str] = {
     "UnlearningConfig": "peft_unlearn.trainer.unlearning_config",
     "UnlearningTrainer": "peft_unlearn.trainer.unlearning_trainer",
-    "UnlearningItemCounts": "peft_unlearn.trainer.unlearning_trainer",
+    "UnlearningItemCounts": "peft_unlearn.trainer.item_counts",
     "PairedUnlearningDataset": "peft_unlearn.trainer.pairing",
     "UnlearningDataCollator": "peft_unlearn.trainer.collators",
     "CausalLMCollator": "peft_unlearn.trainer.collators",
@@ -50,10 +50,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from .callbacks import StopWhenForgottenCallback, UnlearningEvalCallback
     from .collators import CausalLMCollator, UnlearningDataCollator, collate_causal_lm
     from .formats import DEFAULT_IDK_ANSWERS, tokenize_dataset, tokenize_idk_dataset
+    from .item_counts import UnlearningItemCounts
     from .model_card import build_model_card
     from .pairing import PairedUnlearningDataset, TokenizedDataset
     from .unlearning_config import UnlearningConfig
-    from .unlearning_trainer import UnlearningItemCounts, UnlearningTrainer
+    from .unlearning_trainer import UnlearningTrainer
 
 
 __getattr__, __dir__ = lazy_exports(globals(), _LAZY_EXPORTS)

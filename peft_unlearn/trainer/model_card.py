@@ -1,4 +1,4 @@
-"""Model card (README.md) text for adapters trained with :class:`~peft_unlearn.UnlearningTrainer`.
+"""Model card (README.md) text for adapters trained with [`UnlearningTrainer`][peft_unlearn.UnlearningTrainer].
 
 Examples:
     >>> card = build_model_card(base_model="google/gemma-3-270m", forget_loss="inverted_hinge", retain_loss="nll")

@@ -9,12 +9,14 @@ Examples:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 from torch.utils.data import Dataset
+from transformers import TrainerCallback
 
-__all__ = ["PairedUnlearningDataset", "TokenizedDataset"]
+__all__ = ["PairedUnlearningDataset", "PairingEpochCallback", "TokenizedDataset"]
 
 
 class TokenizedDataset(Dataset):
@@ -136,3 +138,13 @@ class PairedUnlearningDataset(Dataset):
             item["idk_input_ids"] = idk["input_ids"]
             item["idk_labels"] = idk["labels"]
         return item
+
+
+class PairingEpochCallback(TrainerCallback):
+    """Selects the forget/retain pairing of the epoch that starts (`set_epoch` on the paired dataset)."""
+
+    def __init__(self, dataset: PairedUnlearningDataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.set_epoch(int(math.floor((state.epoch or 0.0) + 1e-6)))

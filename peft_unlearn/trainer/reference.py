@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 from peft.tuners.lora.layer import LoraLayer
@@ -25,17 +24,9 @@ from torch import nn
 
 from ..fila.offset import has_offset
 from ..fila.state import is_data_driven_init
+from ..utils import is_peft_model
 
-__all__ = ["check_reference", "is_peft_model", "reference_forward"]
-
-
-def is_peft_model(model: Any) -> bool:
-    """Return True for a ``peft.PeftModel`` (mixed models included)."""
-    try:
-        from peft import PeftMixedModel, PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    return isinstance(model, (PeftModel, PeftMixedModel))
+__all__ = ["check_reference", "reference_forward"]
 
 
 def _changing_layer(model: nn.Module, adapter_names: list[str]) -> str | None:

@@ -14,6 +14,7 @@ Examples:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import warnings
 from collections.abc import Sequence
@@ -21,15 +22,20 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from ..utils import is_peft_model
 
 __all__ = [
     "CorruptCheckpointError",
+    "check_causal_lm",
     "check_checkpoint_files",
     "check_reference_vocab",
     "check_resume_checkpoint",
     "check_sequence_lengths",
     "check_token_ids",
     "check_tokenizer_fits",
+    "check_trainer_options",
     "check_trained_some_steps",
     "check_trains_some_steps",
     "embedding_size",
@@ -37,6 +43,9 @@ __all__ = [
     "max_positions",
     "warn_ignored_run_options",
 ]
+
+
+logger = logging.getLogger(__name__)
 
 
 class CorruptCheckpointError(ValueError):
@@ -344,3 +353,55 @@ def warn_ignored_run_options(args: Any, *, has_retain_data: bool, is_fila: bool)
     for message in messages:
         warnings.warn(message, UserWarning, stacklevel=3)
     return messages
+
+
+def _causal_lm_class_names() -> set[str]:
+    names: set[str] = set()
+    for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        names.update(value if isinstance(value, (list, tuple)) else [value])
+    return names
+
+
+def check_causal_lm(model: Any) -> None:
+    """Raise unless `model` (or the base model of a PeftModel) is a causal language model.
+
+    Raises:
+        ValueError: For any other model class.
+    """
+    base = model.get_base_model() if is_peft_model(model) else model
+    name = type(base).__name__
+    if name in _causal_lm_class_names() or name.endswith(("ForCausalLM", "LMHeadModel")):
+        return
+    raise ValueError(
+        f"`model` must be a causal language model (a `*ForCausalLM`, e.g. loaded with "
+        f"`AutoModelForCausalLM.from_pretrained`), got {name}. Unlearning needs next-token logits over the "
+        "vocabulary; load the checkpoint with AutoModelForCausalLM instead."
+    )
+
+
+def check_trainer_options(args: Any, *, is_fila: bool) -> None:
+    """Options of `UnlearningTrainer` that cannot work together: raise, or warn where the run still makes sense.
+
+    Raises:
+        ValueError: For `load_best_model_at_end` on `eval_loss` (never logged), or a checkpoint Hub strategy with a
+            FILA adapter (it would upload raw FILA checkpoints).
+    """
+    if args.load_best_model_at_end and args.metric_for_best_model in ("loss", "eval_loss"):
+        raise ValueError(
+            "UnlearningTrainer logs per-set metrics (eval_forget_loss, eval_forget_ma, ...) but no `eval_loss`; "
+            "set `metric_for_best_model`, e.g. metric_for_best_model='eval_forget_ma' with "
+            "greater_is_better=False."
+        )
+
+    hub_strategy = str(getattr(args.hub_strategy, "value", args.hub_strategy))
+    if is_fila and args.push_to_hub and hub_strategy in ("checkpoint", "all_checkpoints"):
+        raise ValueError(
+            f"hub_strategy={hub_strategy!r} uploads raw FILA checkpoints as the model; use "
+            "hub_strategy='every_save' or 'end', which push the portable plain-LoRA adapter."
+        )
+
+    if args.dataloader_persistent_workers and args.dataloader_num_workers > 0 and args.retain_pairing == "random":
+        logger.warning(
+            "dataloader_persistent_workers=True keeps the workers' copy of the paired dataset, so the random "
+            "forget/retain pairing is not redrawn after the first epoch; set it to False to redraw it."
+        )

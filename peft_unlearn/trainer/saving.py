@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..fila.saving import is_fila_model
 from ..fila.state import init_name
 from ..save_policy import (
     OVERWRITE_SWITCH,
@@ -87,9 +88,8 @@ def hub_errors(action: str) -> Iterator[None]:
         ) from None
 
 
-def _is_fila_model(model: Any) -> bool:
-    from peft_unlearn.fila.saving import is_fila_model
-
+def is_fila_peft_model(model: Any) -> bool:
+    """Whether `model` is a PeftModel with a FILA/VILA adapter (pending or initialised)."""
     return is_peft_model(model) and is_fila_model(model)
 
 
@@ -183,7 +183,7 @@ class UnlearningSavingMixin:
         with staged_save(output_dir, overwrite=self._overwrite_allowed()) as stage:
             self._write_model(str(stage), state_dict)
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        if _is_fila_model(model) and not self._in_checkpoint_save:
+        if is_fila_peft_model(model) and not self._in_checkpoint_save:
             from peft_unlearn.fila.saving import INIT_DIR
 
             remove_if_ours(output_dir, INIT_DIR)  # a raw save's stale initial factors: ours only
@@ -194,7 +194,7 @@ class UnlearningSavingMixin:
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         if not is_peft_model(model):
             return super()._save(output_dir, state_dict)
-        is_fila = _is_fila_model(model)
+        is_fila = is_fila_peft_model(model)
         if not any(name in model.peft_config for name in self._helper_adapters) and not is_fila:
             return super()._save(output_dir, state_dict)
         if not self.args.should_save:
@@ -250,7 +250,7 @@ class UnlearningSavingMixin:
         gets a temporary folder holding the portable rank-2r export instead of the raw rank-r checkpoint.
         """
         model = self.accelerator.unwrap_model(self.model)
-        if not _is_fila_model(model):
+        if not is_fila_peft_model(model):
             return self._push_files_from(checkpoint_folder)
         # the early exits of Trainer._push_from_checkpoint, checked before paying for the export
         hub_strategy = str(getattr(self.args.hub_strategy, "value", self.args.hub_strategy))

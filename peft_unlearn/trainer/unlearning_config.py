@@ -95,6 +95,10 @@ class UnlearningConfig(TrainingArguments):
         fila_batch_size: Batch size of the Fisher-estimation pass over the forget and retain sets. Defaults to `4`.
         fila_max_batches: Cap on the number of Fisher batches per set (`None`: the whole set).
         fila_cache: Path where the Fisher statistics are cached and reused.
+        fila_accumulator_device: Where the fp32 Fisher accumulators live: `None` (next to each weight) or
+            `"cpu"` (host memory, the low-memory mode; identical statistics).
+        fila_layers_per_pass: Process the target layers in groups of this many, one data pass per group
+            (identical statistics); `None`: one pass.
         fila_seed: Seed of FILA's randomized SVD; None keeps the adapter config's `fila_config.seed` (42 by default). The
             global RNG state is restored afterwards.
             Defaults to `None`.
@@ -226,6 +230,21 @@ class UnlearningConfig(TrainingArguments):
     fila_cache: str | None = field(
         default=None, metadata={"help": "Path where the FILA Fisher statistics are cached and reused."}
     )
+    fila_accumulator_device: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where the fp32 Fisher accumulators of the FILA pass live: None (next to each weight) or 'cpu' "
+            "(host memory: the low-memory mode, identical statistics; the accelerator then needs no more memory "
+            "than one unlearning step)."
+        },
+    )
+    fila_layers_per_pass: int | None = field(
+        default=None,
+        metadata={
+            "help": "Process the FILA target layers in groups of this many, one pass over the data per group "
+            "(identical statistics, accumulators for one group at a time). None: all layers in one pass."
+        },
+    )
     fila_seed: int | None = field(
         default=None,
         metadata={
@@ -277,6 +296,24 @@ class UnlearningConfig(TrainingArguments):
             raise ValueError(f"`eval_el_prefix_stride` must be an integer >= 1, got {self.eval_el_prefix_stride!r}.")
         if not isinstance(self.fila_batch_size, int) or self.fila_batch_size < 1:
             raise ValueError(f"`fila_batch_size` must be an integer >= 1, got {self.fila_batch_size!r}.")
+        if self.fila_layers_per_pass is not None and (
+            isinstance(self.fila_layers_per_pass, bool)
+            or not isinstance(self.fila_layers_per_pass, int)
+            or self.fila_layers_per_pass < 1
+        ):
+            raise ValueError(
+                f"`fila_layers_per_pass` must be an integer >= 1 or None, got {self.fila_layers_per_pass!r}."
+            )
+        if self.fila_accumulator_device is not None:
+            import torch
+
+            try:
+                torch.device(self.fila_accumulator_device)
+            except (RuntimeError, TypeError) as err:
+                raise ValueError(
+                    f"`fila_accumulator_device` must be None or a torch device such as 'cpu', got "
+                    f"{self.fila_accumulator_device!r} ({err})."
+                ) from None
         if self.fila_max_batches is not None and (
             not isinstance(self.fila_max_batches, int) or self.fila_max_batches < 1
         ):

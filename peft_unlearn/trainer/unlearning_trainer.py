@@ -1,7 +1,7 @@
 """`UnlearningTrainer`: a Hugging Face `Trainer` for LLM unlearning (IHL, GA, NPO, SimNPO, IDK + NLL/KL retain).
 
 Each training item is one forget example paired with one retain example (see
-:class:`~peft_unlearn.trainer.data.PairedUnlearningDataset`). The loss of a step is
+[`PairedUnlearningDataset`][peft_unlearn.trainer.pairing.PairedUnlearningDataset]). The loss of a step is
 
     forget_weight * forget_loss(forget batch) + retain_weight * retain_loss(retain batch)
 
@@ -25,12 +25,9 @@ Examples:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
-import math
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,41 +42,34 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-from transformers.trainer_utils import get_last_checkpoint
 
 from .. import losses as L
-from ..fila.config import get_fila_config
-from ..fila.dispatch import initialize_adapter_weights
-from ..fila.saving import INIT_DIR, is_fila_model, pending_fila_adapters, restore_fila_state
-from ..fila.state import init_name
-from .data import (
-    CausalLMCollator,
-    PairedUnlearningDataset,
-    TokenizedDataset,
-    UnlearningDataCollator,
-    ensure_pad_token,
-    tokenize_dataset,
-    tokenize_idk_dataset,
-)
+from ..utils import is_peft_model
+from .adapter_init import init_metrics, initialize_pending_adapters
+from .collators import CausalLMCollator, UnlearningDataCollator
+from .evaluation import causal_lm_dataloader, memorization_metrics, tokenize_eval_sets
 from .finite_guard import FiniteGuard
+from .formats import ensure_pad_token, tokenize_dataset, tokenize_idk_dataset
+from .item_counts import UnlearningItemCounts, count_items
 from .model_card import PAPER_CITATION
+from .pairing import PairedUnlearningDataset, PairingEpochCallback, TokenizedDataset
 from .reference import check_reference, reference_forward
-from .reference import is_peft_model as _is_peft_model
 from .run_checks import (
+    check_causal_lm,
     check_reference_vocab,
     check_resume_checkpoint,
     check_sequence_lengths,
     check_token_ids,
     check_tokenizer_fits,
     check_trained_some_steps,
+    check_trainer_options,
     check_trains_some_steps,
     embedding_size,
     load_causal_lm,
     max_positions,
     warn_ignored_run_options,
 )
-from .saving import UnlearningSavingMixin
+from .saving import UnlearningSavingMixin, is_fila_peft_model
 from .unlearning_config import UnlearningConfig
 
 __all__ = ["UnlearningItemCounts", "UnlearningTrainer"]
@@ -89,71 +79,21 @@ logger = logging.getLogger(__name__)
 _BATCH_PREFIXES = ("forget", "retain", "idk")
 
 
-@dataclass
-class UnlearningItemCounts:
-    """Normalisers of one optimizer step, passed to ``compute_loss`` as ``num_items_in_batch``.
-
-    Attributes:
-        forget: Supervised forget tokens (IHL, GA, IDK tokens) or forget sequences (NPO, SimNPO) of the whole
-            accumulated batch, summed over processes.
-        retain: Supervised retain tokens (NLL, KL with ``kl_mask="labels"``) or retain positions (KL with
-            ``kl_mask="none"``), or None without retain loss.
-        loss_scale: Factor compensating the gradient averaging of data parallelism (the number of processes).
-    """
-
-    forget: torch.Tensor
-    retain: torch.Tensor | None = None
-    loss_scale: float = 1.0
-
-
-class _PairingEpochCallback(TrainerCallback):
-    """Selects the forget/retain pairing of the epoch that starts (`set_epoch` on the paired dataset)."""
-
-    def __init__(self, dataset: PairedUnlearningDataset):
-        self.dataset = dataset
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        self.dataset.set_epoch(int(math.floor((state.epoch or 0.0) + 1e-6)))
-
-
-def _causal_lm_class_names() -> set[str]:
-    names: set[str] = set()
-    for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
-        names.update(value if isinstance(value, (list, tuple)) else [value])
-    return names
-
-
-def _check_causal_lm(model: Any) -> None:
-    base = model.get_base_model() if _is_peft_model(model) else model
-    name = type(base).__name__
-    if name in _causal_lm_class_names() or name.endswith(("ForCausalLM", "LMHeadModel")):
-        return
-    raise ValueError(
-        f"`model` must be a causal language model (a `*ForCausalLM`, e.g. loaded with "
-        f"`AutoModelForCausalLM.from_pretrained`), got {name}. Unlearning needs next-token logits over the "
-        "vocabulary; load the checkpoint with AutoModelForCausalLM instead."
-    )
-
-
-def _is_fila_model(model: Any) -> bool:
-    return _is_peft_model(model) and is_fila_model(model)
-
-
 class UnlearningTrainer(UnlearningSavingMixin, Trainer):
     """Trainer for knowledge unlearning with forget/retain objectives, PEFT and FILA support.
 
     Args:
         model: A causal LM, a PeftModel, or a Hub id / local path (loaded with ``AutoModelForCausalLM`` and
             ``args.model_init_kwargs``).
-        args: An :class:`UnlearningConfig` (a plain ``TrainingArguments`` is upcast). Default:
+        args: An [`UnlearningConfig`][peft_unlearn.trainer.unlearning_config.UnlearningConfig] (a plain ``TrainingArguments`` is upcast). Default:
             ``UnlearningConfig(output_dir="<model name>-Unlearning")``.
-        forget_dataset: Data to forget, in any format of :mod:`peft_unlearn.trainer.data`.
+        forget_dataset: Data to forget, in any format of [`peft_unlearn.trainer.formats`][peft_unlearn.trainer.formats].
         retain_dataset: Data to retain (needed by ``retain_loss``; also used by FILA's Fisher estimate).
         processing_class: Tokenizer (or a processor with a ``tokenizer``); loaded from the model when None.
             Without a pad token, EOS is used for padding (with a warning).
-        data_collator: Collator of the paired items; default :class:`UnlearningDataCollator`.
+        data_collator: Collator of the paired items; default [`UnlearningDataCollator`][peft_unlearn.trainer.collators.UnlearningDataCollator].
         eval_dataset: A dataset (named ``"forget"``) or a dict name -> dataset, any supported format;
-            :meth:`evaluate` logs ``eval_{name}_loss``, ``_ma``, ``_el{n}``, ``_nll``, ``_ppl``.
+            `evaluate` logs ``eval_{name}_loss``, ``_ma``, ``_el{n}``, ``_nll``, ``_ppl``.
         callbacks: Extra callbacks.
         peft_config: A ``peft.PeftConfig`` to wrap ``model`` with (not allowed when ``model`` already is a
             PeftModel).
@@ -178,7 +118,6 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
     }
     # compute_loss divides by the token/sequence counts of the whole accumulated batch (see get_batch_samples)
     loss_is_scaled_for_ga = True
-    # adapters the save paths never write (UnlearningSavingMixin)
 
     def __init__(
         self,
@@ -213,7 +152,7 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
             logger.warning("`model_init_kwargs` is ignored because `model` is already instantiated.")
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module or a model id/path, got {type(model).__name__}.")
-        _check_causal_lm(model)
+        check_causal_lm(model)
 
         # ---- tokenizer ----
         if processing_class is None:
@@ -237,7 +176,7 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
                 raise TypeError(
                     f"`peft_config` must be a peft.PeftConfig (e.g. peft.LoraConfig), got {type(peft_config).__name__}."
                 )
-            if _is_peft_model(model):
+            if is_peft_model(model):
                 raise ValueError(
                     "You passed a PeftModel together with `peft_config`. Either pass the PeftModel alone (its active "
                     "adapter is trained) or pass the base model with `peft_config`."
@@ -301,7 +240,7 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
         if self._retain_examples is not None:
             self._check_examples("retain", self._retain_examples, args)
         check_reference_vocab(model, ref_model if not isinstance(ref_model, str) else None)
-        warn_ignored_run_options(args, has_retain_data=args.retain_loss is not None, is_fila=_is_fila_model(model))
+        warn_ignored_run_options(args, has_retain_data=args.retain_loss is not None, is_fila=is_fila_peft_model(model))
         self._eval_sets = self._tokenize_eval_sets(eval_dataset, args) if eval_dataset is not None else None
         self._memorization_target: list[dict[str, list[int]]] | None = None
         self._in_checkpoint_save = False
@@ -316,30 +255,11 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
         if self._retain_examples is not None:
             self._dataset_sizes["retain"] = len(self._retain_examples)
 
-        if args.load_best_model_at_end and args.metric_for_best_model in ("loss", "eval_loss"):
-            raise ValueError(
-                "UnlearningTrainer logs per-set metrics (eval_forget_loss, eval_forget_ma, ...) but no `eval_loss`; "
-                "set `metric_for_best_model`, e.g. metric_for_best_model='eval_forget_ma' with "
-                "greater_is_better=False."
-            )
-
-        hub_strategy = str(getattr(args.hub_strategy, "value", args.hub_strategy))
-        if _is_fila_model(model) and args.push_to_hub and hub_strategy in ("checkpoint", "all_checkpoints"):
-            raise ValueError(
-                f"hub_strategy={hub_strategy!r} uploads raw FILA checkpoints as the model; use "
-                "hub_strategy='every_save' or 'end', which push the portable plain-LoRA adapter."
-            )
-
-        if args.dataloader_persistent_workers and args.dataloader_num_workers > 0 and args.retain_pairing == "random":
-            logger.warning(
-                "dataloader_persistent_workers=True keeps the workers' copy of the paired dataset, so the random "
-                "forget/retain pairing is not redrawn after the first epoch; set it to False to redraw it."
-            )
-
+        check_trainer_options(args, is_fila=is_fila_peft_model(model))
         if data_collator is None:
             data_collator = UnlearningDataCollator(pad_token_id)
 
-        if _is_peft_model(model) and args.activation_checkpointing:
+        if is_peft_model(model) and args.activation_checkpointing:
             model.enable_input_require_grads()
 
         super().__init__(
@@ -353,7 +273,7 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
             optimizers=optimizers,
             optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
         )
-        self.add_callback(_PairingEpochCallback(train_dataset))
+        self.add_callback(PairingEpochCallback(train_dataset))
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
 
@@ -375,35 +295,13 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
 
     def _tokenize_eval_sets(self, eval_dataset: Any, args: UnlearningConfig | None = None) -> dict[str, list]:
         args = args or self.args
-        sets = eval_dataset if isinstance(eval_dataset, Mapping) else {"forget": eval_dataset}
-        if not sets:
-            raise ValueError("`eval_dataset` is an empty dict; pass at least one named evaluation set, or None.")
-        kwargs = {
-            "max_length": args.max_length,
-            "completion_only_loss": args.completion_only_loss,
-            "assistant_turns": args.assistant_turns,
-        }
-        tokenized = {
-            str(name): tokenize_dataset(ds, self._tokenizer, name=f"eval {name!r}", **kwargs)
-            for name, ds in sets.items()
-        }
-        for name, examples in tokenized.items():
-            if len(examples) == 0:
-                raise ValueError(
-                    f"The evaluation set {name!r} is empty, so its metrics would be NaN; pass a non-empty set or drop it."
-                )
-            self._check_examples(f"eval {name!r}", examples, args)
-        return tokenized
+        return tokenize_eval_sets(
+            eval_dataset, self._tokenizer, args, lambda name, ex: self._check_examples(name, ex, args)
+        )
 
     def _causal_lm_dataloader(self, examples: list, batch_size: int, shard: bool = False) -> DataLoader:
-        if shard and self.args.world_size > 1:
-            examples = examples[self.args.process_index :: self.args.world_size]
-        return DataLoader(
-            TokenizedDataset(examples),
-            batch_size=batch_size,
-            shuffle=False,
-            collate_fn=CausalLMCollator(self._pad_token_id),
-        )
+        shards = (self.args.process_index, self.args.world_size) if shard else None
+        return causal_lm_dataloader(examples, batch_size, self._pad_token_id, shard=shards)
 
     def _set_signature_columns_if_needed(self) -> None:
         if self._signature_columns is None:
@@ -471,22 +369,8 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
         batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
         if not batch_samples or "forget_input_ids" not in batch_samples[0]:
             return batch_samples, None
-        has_retain = self.args.retain_loss is not None and "retain_input_ids" in batch_samples[0]
-        specs = self._loss_specs(batch_samples[0])
-        forget = sum(specs["forget"].count(b, self.args).to(device) for b in batch_samples)
-        retain = (
-            sum(specs["retain"].count(b, self.args).to(device) for b in batch_samples)
-            if has_retain
-            else torch.zeros((), device=device)
-        )
-        counts = torch.stack([torch.as_tensor(forget, device=device), torch.as_tensor(retain, device=device)]).long()
-        scale = 1.0
-        if self.args.world_size > 1:
-            counts = self.accelerator.gather(counts).reshape(-1, 2).sum(0)
-            scale = float(self.accelerator.num_processes)
-        return batch_samples, UnlearningItemCounts(
-            forget=counts[0], retain=counts[1] if has_retain else None, loss_scale=scale
-        )
+        counts = count_items(batch_samples, self._loss_specs(batch_samples[0]), self.args, device, self.accelerator)
+        return batch_samples, counts
 
     def compute_loss(
         self,
@@ -497,7 +381,7 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Weighted forget + retain loss of a paired batch.
 
-        With ``num_items_in_batch`` an :class:`UnlearningItemCounts` (training), the sums are divided by the
+        With ``num_items_in_batch`` an [`UnlearningItemCounts`][peft_unlearn.trainer.item_counts.UnlearningItemCounts] (training), the sums are divided by the
         counts of the whole accumulated batch; otherwise (evaluation, direct calls) by the counts of this batch.
         """
         args = self.args
@@ -624,67 +508,34 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
         return output
 
     def _maybe_initialize_fila(self, resume_from_checkpoint: str | bool | None = None) -> dict[str, Any] | None:
-        """Compute the weights of pending data-driven adapters (FILA, VILA) from the forget/retain data.
-
-        When resuming, the frozen initial factors are re-attached from ``<checkpoint>/_fila_init`` instead; a pending
-        adapter with a checkpoint lacking that folder is an error, because re-running the init would not reproduce
-        the checkpoint's initial factors in general.
+        """Initialise pending FILA/VILA adapters (or re-attach them on resume); see `trainer.adapter_init`.
 
         Args:
-            resume_from_checkpoint: The checkpoint folder being resumed (``True``: the last one in ``output_dir``).
+            resume_from_checkpoint: The checkpoint folder being resumed (`True`: the last one in `output_dir`).
 
         Returns:
-            The statistics of the initialisation per adapter, or None when nothing was computed.
-
-        Raises:
-            ValueError: If a pending adapter is resumed from a checkpoint without ``_fila_init/``.
+            The statistics of the initialisation per adapter (also in `fila_stats`), or None when nothing was
+            computed.
         """
-        model = self.accelerator.unwrap_model(self.model)
-        if not _is_peft_model(model) or not is_fila_model(model):
-            return None
-        checkpoint = resume_from_checkpoint
-        if isinstance(checkpoint, bool):
-            checkpoint = get_last_checkpoint(self.args.output_dir) if checkpoint else None
-        if checkpoint is not None:
-            if (Path(checkpoint) / INIT_DIR).is_dir():
-                restore_fila_state(model, checkpoint)
-            elif pending_fila_adapters(model):
-                raise ValueError(
-                    f"Cannot resume the adapter(s) {pending_fila_adapters(model)} from {str(checkpoint)!r}: the "
-                    f"checkpoint has no `{INIT_DIR}/` folder with the initial factors A0/B0 (re-running the init would "
-                    "not reproduce them). Resume from a checkpoint written by UnlearningTrainer (or "
-                    "save_pretrained(..., fila_portable=False)), or start a new run without `resume_from_checkpoint`."
-                )
-        pending = pending_fila_adapters(model)
-        if not pending:
-            return None
-        forget_dl = self._causal_lm_dataloader(self._forget_examples, self.args.fila_batch_size, shard=True)
-        retain_dl = (
-            self._causal_lm_dataloader(self._retain_examples, self.args.fila_batch_size, shard=True)
-            if self._retain_examples is not None
-            else None
+        stats = initialize_pending_adapters(
+            self.accelerator.unwrap_model(self.model),
+            self.args,
+            resume_from_checkpoint,
+            loaders=self._fila_loaders,
+            show_progress=not self.args.disable_tqdm and self.is_world_process_zero(),
         )
-        stats: dict[str, Any] = {}
-        show_progress = not self.args.disable_tqdm and self.is_world_process_zero()
-        for adapter_name in pending:
-            config = model.peft_config[adapter_name]
-            kwargs: dict[str, Any] = {"max_batches": self.args.fila_max_batches, "show_progress": show_progress}
-            if init_name(config.init_lora_weights) == "fila":
-                fila_config = get_fila_config(config)
-                if self.args.fila_seed is not None:
-                    fila_config = dataclasses.replace(fila_config, seed=self.args.fila_seed)
-                kwargs.update(cache_path=self.args.fila_cache, fila_config=fila_config)
-            stats[adapter_name] = initialize_adapter_weights(
-                model, forget_dl, retain_dl, adapter_name=adapter_name, **kwargs
-            )
+        if stats is None:
+            return None
         self.fila_stats = stats
-        for adapter_name, adapter_stats in stats.items():
-            logger.info("FILA initialisation of adapter %r: %s", adapter_name, adapter_stats)
-            suffix = "" if len(stats) == 1 else f"_{adapter_name}"
-            for key, value in (adapter_stats or {}).items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._metrics["train"][f"fila_{key}{suffix}"].append(float(value))
+        for key, value in init_metrics(stats).items():
+            self._metrics["train"][key].append(value)
         return stats
+
+    def _fila_loaders(self) -> tuple[DataLoader, DataLoader | None]:
+        batch_size = self.args.fila_batch_size
+        forget = self._causal_lm_dataloader(self._forget_examples, batch_size, shard=True)
+        retain = self._retain_examples
+        return forget, None if retain is None else self._causal_lm_dataloader(retain, batch_size, shard=True)
 
     # ------------------------------------------------------------------------------------------------------------
     # evaluation
@@ -706,7 +557,7 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
 
         Returns:
             Per set ``name``: ``{prefix}_{name}_loss`` (token NLL, mean of batch means), ``_ma``, ``_el{n}``,
-            ``_nll`` (token-pooled), ``_ppl`` (from :func:`peft_unlearn.metrics.evaluate_memorization`) and the
+            ``_nll`` (token-pooled), ``_ppl`` (from [`evaluate_memorization`][peft_unlearn.metrics.memorization.evaluate_memorization]) and the
             usual runtime entries.
         """
         if eval_dataset is None:
@@ -745,17 +596,5 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
         return output
 
     def _memorization_metrics(self, examples: list, prefix: str) -> dict[str, float]:
-        from peft_unlearn.metrics import evaluate_memorization
-
         sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
-        result = evaluate_memorization(
-            self.model,
-            examples,
-            batch_size=self.args.per_device_eval_batch_size,
-            el_n=tuple(self.args.eval_el_n),
-            el_prefix_stride=self.args.eval_el_prefix_stride,
-            pad_token_id=self._pad_token_id,
-            compute_el=self.args.eval_compute_el,
-            distributed="none" if sharded else "shard",
-        )
-        return {f"{prefix}_{key}": float(value) for key, value in result.items()}
+        return memorization_metrics(self.model, examples, prefix, self.args, self._pad_token_id, sharded)

@@ -608,3 +608,16 @@ def test_vila_adapter_initialised_by_fila_weights_keeps_its_name():
     initialize_fila_weights(peft_model, fisher=stats, show_progress=False)
     assert peft_model.peft_config["default"].init_lora_weights == "vila"
     assert pending_fila_adapters(peft_model) == []
+
+
+def test_fisher_options_are_checked_before_the_fisher_pass():
+    model = get_peft_model(
+        tiny_causal_lm("llama", vocab_size=64), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="fila")
+    )
+    batches = random_lm_batches(1, 1, vocab_size=64)
+    with pytest.raises(ValueError, match=r"unknown keys \['max_batch'\]"):
+        initialize_fila_weights(model, batches, fisher_options={"max_batch": 3}, show_progress=False)
+    with pytest.raises(TypeError, match="fisher_options"):
+        initialize_fila_weights(model, batches, fisher_options=["cpu"], show_progress=False)
+    info = initialize_fila_weights(model, batches, fisher_options={"accumulator_device": "cpu"}, show_progress=False)
+    assert info["num_layers"] == 2

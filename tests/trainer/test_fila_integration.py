@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import peft_unlearn.fila
-import peft_unlearn.trainer.unlearning_trainer
+import peft_unlearn.trainer.adapter_init
 from peft_unlearn.fila import FilaNotInitializedWarning, pending_fila_adapters
 from peft_unlearn.fila.saving import INIT_DIR
 from peft_unlearn.testing import TINY_CORPUS, tiny_causal_lm
@@ -318,7 +318,7 @@ def test_fresh_process_resume_reattaches_the_initial_factors(tmp_path, tokenizer
     def no_fila(*args, **kwargs):
         raise AssertionError("resuming must re-attach A0/B0 from _fila_init, not re-run FILA")
 
-    monkeypatch.setattr(peft_unlearn.trainer.unlearning_trainer, "initialize_adapter_weights", no_fila)
+    monkeypatch.setattr(peft_unlearn.trainer.adapter_init, "initialize_adapter_weights", no_fila)
     resumed = run(tmp_path / "b", resume=str(checkpoint))
     assert resumed.state.global_step == 4 and resumed.fila_stats == {}
     resumed_logs = [h for h in resumed.state.log_history if h.get("step", 0) > 2]  # earlier ones come from A
@@ -363,3 +363,39 @@ def test_fila_seed_sets_the_randomized_svd_seed(tmp_path, tokenizer):
     assert torch.equal(default, again)  # seeded: reproducible
     assert torch.equal(default, seed_42)  # None keeps the adapter config's seed (42)
     assert not torch.allclose(default, other)  # another seed gives another randomized SVD
+
+
+def test_low_memory_fisher_options_reach_the_fisher_pass_and_keep_the_init(tmp_path, tokenizer, monkeypatch):
+    """`fila_accumulator_device` / `fila_layers_per_pass` select estimate_fisher's low-memory modes; same init."""
+    import peft_unlearn.fila.init as fila_init
+
+    seen = []
+    original = fila_init.estimate_fisher
+
+    def recording(*args, **kwargs):
+        seen.append({k: kwargs.get(k) for k in ("accumulator_device", "layers_per_pass")})
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fila_init, "estimate_fisher", recording)
+
+    def factors(**options):
+        model = _fila_model(_base(tokenizer))
+        trainer = _trainer(
+            model, tokenizer, _args(tmp_path / str(len(seen)), max_steps=1, learning_rate=0.0, **options)
+        )
+        trainer.train()
+        return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+
+    default = factors()
+    low_memory = factors(fila_accumulator_device="cpu", fila_layers_per_pass=3)
+    assert seen == [
+        {"accumulator_device": None, "layers_per_pass": None},
+        {"accumulator_device": "cpu", "layers_per_pass": 3},
+    ]
+    assert default.keys() == low_memory.keys() and len(default) == 2 * NUM_TARGETS
+    for key, value in default.items():
+        torch.testing.assert_close(low_memory[key], value, rtol=1e-6, atol=1e-7, msg=key)
+    with pytest.raises(ValueError, match="fila_layers_per_pass"):
+        _args(tmp_path, fila_layers_per_pass=0)
+    with pytest.raises(ValueError, match="fila_accumulator_device"):
+        _args(tmp_path, fila_accumulator_device="nowhere")

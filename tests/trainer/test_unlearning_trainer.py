@@ -11,7 +11,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import BertConfig, BertForSequenceClassification, BertModel, TrainingArguments
 
-from peft_unlearn.losses import nll_loss, rmu_control_vector
+from peft_unlearn.losses import nll_loss, reference_users, rmu_control_vector
 from peft_unlearn.testing import TINY_CORPUS, tiny_causal_lm, tiny_tokenizer
 from peft_unlearn.trainer import (
     UnlearningConfig,
@@ -145,9 +145,8 @@ def _one_sgd_step(tmp_path, tokenizer, batch_size, accumulation, forget_loss, re
         retain_pairing="cycle",
         **extra,
     )
-    # random B: the adapter is not a no-op, so losses with a reference (NPO, KL, RMU's retain term) get an explicit
-    # frozen copy of the starting model
-    ref = copy.deepcopy(model) if forget_loss == "npo" or retain_loss in ("kl", "rmu") else None
+    # random B: the adapter is not a no-op, so losses with a reference get an explicit frozen copy of the start
+    ref = copy.deepcopy(model) if reference_users(forget_loss, retain_loss) else None
     trainer = UnlearningTrainer(
         model, args, forget_dataset=FORGET, retain_dataset=RETAIN[:4], processing_class=tokenizer, ref_model=ref
     )
