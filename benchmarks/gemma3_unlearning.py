@@ -133,13 +133,18 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
 
     method, rank = spec["method"], spec["rank"]
     if method != "full":
-        lora = LoraConfig(
+        common = dict(
             r=rank,
             lora_alpha=2 * rank,
             lora_dropout=0.0,
             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-            init_lora_weights="fila" if method == "fila" else True,
         )
+        if method == "fila":  # this grid measured the paper's factor magnitudes (the library default is "stable")
+            from peft_unlearn.fila import FilaConfig, FilaLoraConfig
+
+            lora = FilaLoraConfig(**common, fila_config=FilaConfig(factor_scale="paper"))
+        else:
+            lora = LoraConfig(**common, init_lora_weights=True)
         model = get_peft_model(model, lora)
 
     forget_loss, retain_loss = LOSSES[spec["loss"]]

@@ -124,9 +124,12 @@ def _lora_config(init: str, rank: int):
     common = dict(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=TARGETS)
     if init == "lora":
         return LoraConfig(**common, init_lora_weights=True)
-    if init in ("vila", "vila-stable"):
-        return LoraConfig(**common, init_lora_weights="vila")
     from peft_unlearn.fila import FilaConfig, FilaLoraConfig
+
+    if init == "vila":  # the paper's factor magnitudes, explicitly (the library default is now "stable")
+        return FilaLoraConfig(**common, init_lora_weights="vila", fila_config=FilaConfig(factor_scale="paper"))
+    if init == "vila-stable":  # initialised before the trainer starts, see run_one
+        return LoraConfig(**common, init_lora_weights="vila")
 
     if "factor_scale" in FilaConfig.__dataclass_fields__:
         scale = "paper" if init == "fila-paper" else "stable"

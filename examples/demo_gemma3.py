@@ -25,7 +25,7 @@ prefix, about 4x cheaper); the stride is the same for the thresholds and the for
 Usage::
 
     python examples/demo_gemma3.py                      # defaults below, outputs in outputs/demo/
-    python examples/demo_gemma3.py --n-forget 4 --lr 5e-5 --max-length 48 --cache-dir /tmp/models
+    python examples/demo_gemma3.py --n-forget 4 --lr 5e-4 --max-length 48 --cache-dir /tmp/models
 
 Outputs (``--output-dir``, default ``outputs/demo``): ``adapter/`` (portable LoRA, ``adapter_config.json``
 with ``init_lora_weights: true``), ``tradeoff.png`` (forget MA and retain MA over the steps) and
@@ -75,7 +75,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-forget", type=int, default=8, help="number of forget passages (the most memorized ones)")
     p.add_argument("--max-length", type=int, default=32, help="token budget per passage (BOS included)")
     p.add_argument("--max-steps", type=int, default=20, help="step cap when the forget set is not forgotten")
-    p.add_argument("--lr", type=float, default=1e-4, help="learning rate of the LoRA adapter (AdamW, constant)")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=1e-3,
+        help="learning rate of the LoRA adapter (AdamW, constant); 1e-3 suits FILA at its default "
+        "factor_scale='stable' as well as default LoRA",
+    )
     p.add_argument("--rank", type=int, default=8, help="LoRA rank r (lora_alpha = 2r)")
     p.add_argument("--retain-probe", type=int, default=8, help="retain passages scored after every step (plot)")
     p.add_argument("--el-stride", type=int, default=4, help="prefix stride of the extraction likelihood EL10")

@@ -348,3 +348,28 @@ def test_trainer_initialises_a_vila_adapter_automatically(tmp_path, tokenizer):
     assert stats["num_layers"] == 14 and 0 < stats["importance_seconds"] <= stats["seconds"]
     layer = iter_lora_layers(model, "default")[0][1]
     assert float(layer.lora_B["default"].weight.detach().abs().max()) > 0  # no longer PEFT's B = 0
+
+
+def test_fila_lora_config_carries_the_factor_scale_of_a_vila_adapter():
+    """`FilaLoraConfig(init_lora_weights="vila", fila_config=...)`: the scale reaches the VILA init; output kept."""
+    from peft_unlearn.fila import FilaConfig, FilaLoraConfig
+
+    forget, retain = _batches(2, 1), _batches(2, 2)
+    ids = _batches(1, 5)[0]["input_ids"]
+    norms = {}
+    for scale in ("paper", "stable"):
+        base = tiny_causal_lm("llama", vocab_size=VOCAB, seed=3)
+        with torch.no_grad():
+            reference = base(input_ids=ids).logits
+        config = FilaLoraConfig(
+            r=2, lora_alpha=4, target_modules=TARGETS["llama"], init_lora_weights="vila",
+            fila_config=FilaConfig(factor_scale=scale),
+        )  # fmt: skip
+        model = get_peft_model(base, config)
+        initialize_vila_weights(model, forget, retain, show_progress=False)
+        with torch.no_grad():
+            assert (model(input_ids=ids).logits - reference).abs().max() < 1e-4
+        norms[scale] = sum(float(b.norm()) for _, _, b in _factors(model))
+    assert norms["stable"] < 0.5 * norms["paper"]  # the stable scale starts with smaller factors
+    with pytest.raises(ValueError, match="'fila' or 'vila'"):
+        FilaLoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa")
