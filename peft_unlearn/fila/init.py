@@ -130,7 +130,8 @@ def fila_init_layer(
     Examples:
         >>> import torch
         >>> W, F = torch.randn(6, 4), torch.ones(6, 4)
-        >>> A, B = fila_init_layer(W, F, rank=4, scaling=2.0)  # full rank, uniform importance
+        >>> paper = FilaConfig(factor_scale="paper")  # c = 1: s * B0 @ A0 is the weighted rank-r approximation
+        >>> A, B = fila_init_layer(W, F, rank=4, scaling=2.0, config=paper)  # full rank, uniform importance
         >>> torch.allclose(2.0 * B @ A, W, atol=1e-4)
         True
     """
