@@ -635,7 +635,7 @@ def test_cli_train_then_eval_end_to_end(tmp_path, tiny_model_dir, data_files):
         ["-m", "peft_unlearn.cli", "train", "--model", str(tiny_model_dir), "--forget", str(forget),
          "--retain", str(retain), "--output", str(out), "--init", "fila", "--forget-loss", "inverted_hinge",
          "--lora-r", "4", "--lora-alpha", "8", "--max_steps", "3", "--report_to", "none", "--use_cpu",
-         "--learning-rate", "2e-2", "--per-device-train-batch-size", "2", "--seed", "0"],
+         "--learning-rate", "1e-1", "--per-device-train-batch-size", "2", "--seed", "0"],
         tmp_path,
     )  # fmt: skip
     assert f"to {out}" in train.stdout and "rank 8 = 2 x --lora_r" in train.stdout
