@@ -356,10 +356,27 @@ def load_results(path: Path) -> dict[str, Any]:
 
 
 def save_results(path: Path, results: dict[str, Any]) -> None:
+    """Write ``results``, merged with what other runners wrote to the same file meanwhile.
+
+    Several runners (one per core or GPU, each with its own ``--inits/--lrs/--seeds``) may share one
+    results file: under an exclusive lock the file on disk is re-read, its finished runs and commands
+    are kept, and ``results`` is updated in place to the merged state before it is written back.
+    """
+    import fcntl
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2, sort_keys=True))
-    tmp.replace(path)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        disk = load_results(path)
+        results["runs"] = {**disk.get("runs", {}), **results.get("runs", {})}
+        failures = {**disk.get("failures", {}), **results.get("failures", {})}
+        results["failures"] = {k: v for k, v in failures.items() if k not in results["runs"]}
+        commands = list(disk.get("commands", []))
+        commands += [c for c in results.get("commands", []) if c not in commands]
+        results["commands"] = commands
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(results, indent=2, sort_keys=True))
+        tmp.replace(path)
 
 
 def child(spec: dict[str, Any], timeout: int) -> dict[str, Any]:
