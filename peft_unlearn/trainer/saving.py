@@ -96,11 +96,9 @@ def is_fila_peft_model(model: Any) -> bool:
 class UnlearningSavingMixin:
     """The save / checkpoint / Hub / model-card paths of `UnlearningTrainer` (mixed in before `Trainer`).
 
-    Needs from the trainer: `args` (an `UnlearningConfig`), `_finite_guard`, `_dataset_sizes`, and the class
-    attribute `_helper_adapters` (adapters that are never saved, e.g. the frozen reference).
+    Needs from the trainer: `args` (an `UnlearningConfig`), `_finite_guard` and `_dataset_sizes`.
     """
 
-    _helper_adapters: tuple[str, ...] = ()
     _in_checkpoint_save: bool = False
 
     # ---- policy helpers ----------------------------------------------------------------------------------------
@@ -190,24 +188,16 @@ class UnlearningSavingMixin:
         return None
 
     def _write_model(self, output_dir: str, state_dict: dict | None) -> None:
-        """Write only the trained adapter(s): never a helper adapter; raw FILA state in checkpoints."""
+        """Write the adapter(s): FILA ones as portable LoRA, or raw with their initial factors in checkpoints."""
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        if not is_peft_model(model):
-            return super()._save(output_dir, state_dict)
-        is_fila = is_fila_peft_model(model)
-        if not any(name in model.peft_config for name in self._helper_adapters) and not is_fila:
+        if not is_fila_peft_model(model):
             return super()._save(output_dir, state_dict)
         if not self.args.should_save:
             return None
         os.makedirs(output_dir, exist_ok=True)
-        kwargs: dict[str, Any] = {
-            "selected_adapters": [name for name in model.peft_config if name not in self._helper_adapters],
-            "is_main_process": True,
-        }
+        kwargs: dict[str, Any] = {"is_main_process": True, "fila_portable": not self._in_checkpoint_save}
         if state_dict is not None:
             kwargs["state_dict"] = state_dict
-        if is_fila:
-            kwargs["fila_portable"] = not self._in_checkpoint_save
         model.save_pretrained(output_dir, **kwargs)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
@@ -265,11 +255,7 @@ class UnlearningSavingMixin:
         if not self.args.hub_always_push and push_in_progress is not None and not push_in_progress.is_done():
             return None
         with tempfile.TemporaryDirectory(prefix="fila_portable_") as portable:
-            model.save_pretrained(
-                portable,
-                selected_adapters=[name for name in model.peft_config if name not in self._helper_adapters],
-                fila_portable=True,
-            )
+            model.save_pretrained(portable, fila_portable=True)
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(portable)
             return self._push_files_from(portable)
