@@ -24,21 +24,39 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import os
-import platform
-import subprocess
-import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "examples" / "data"
-DEFAULT_RESULTS = ROOT / "benchmarks" / "results" / "gemma3_unlearning.json"
+from common import (
+    RESULTS,
+    add_child_arguments,
+    check_settings,
+    child_env,
+    command_line,
+    fmt,
+    forget_monitor,
+    init_stats,
+    load_results,
+    lora_kwargs,
+    machine_info,
+    mean_std,
+    memorization,
+    peak_rss_bytes,
+    pyplot,
+    read_texts,
+    record_command,
+    report_head,
+    run_as_child,
+    run_child,
+    save_results,
+    say,
+    tokenize,
+    unlearning_config,
+)
+
+DEFAULT_RESULTS = RESULTS / "gemma3_unlearning.json"
 
 LOSSES = {
     # name: (forget_loss, retain_loss); the paper's method first, so a partial run still compares it
@@ -53,33 +71,14 @@ METHODS = ("full", "lora", "fila")
 # ----------------------------------------------------------------------------------------------
 # one run (child process)
 # ----------------------------------------------------------------------------------------------
-def _peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _read_jsonl(path: Path, limit: int | None = None) -> list[str]:
-    rows = [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
-    return rows[:limit] if limit else rows
-
-
-def _tokenize(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
-    return [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
-
-
 def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     """Train one configuration until forgotten (or the step cap) and measure it."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
-    from transformers import TrainerCallback
 
     import peft_unlearn  # noqa: F401  (registers "fila")
-    from peft_unlearn import UnlearningConfig, UnlearningTrainer
-    from peft_unlearn.metrics import evaluate_memorization, extraction_likelihood, memorization_accuracy
+    from peft_unlearn import UnlearningTrainer
     from peft_unlearn.models import load_model_and_tokenizer
 
     torch.set_num_threads(spec["threads"])
@@ -98,47 +97,27 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
             module.support_avx512bf16_for_cpu = False  # through them: keep the trainable layout
     load_seconds = time.time() - t_load
 
-    forget_texts = _read_jsonl(DATA / "forget.jsonl", spec["n_forget"])
-    retain_texts = _read_jsonl(DATA / "retain.jsonl")
-    heldout_texts = _read_jsonl(DATA / "heldout.jsonl")
-    kept_ids = _tokenize(tokenizer, _read_jsonl(DATA / "memorized_heldout.jsonl"), spec["max_length"])
-    forget_ids = _tokenize(tokenizer, forget_texts, spec["max_length"])
-    retain_ids = _tokenize(tokenizer, retain_texts, spec["max_length"])
-    heldout_ids = _tokenize(tokenizer, heldout_texts, spec["max_length"])
+    forget_ids = tokenize(tokenizer, read_texts("forget.jsonl", spec["n_forget"]), spec["max_length"])
+    retain_ids = tokenize(tokenizer, read_texts("retain.jsonl"), spec["max_length"])
+    heldout_ids = tokenize(tokenizer, read_texts("heldout.jsonl"), spec["max_length"])
+    kept_ids = tokenize(tokenizer, read_texts("memorized_heldout.jsonl"), spec["max_length"])
     pad_id = tokenizer.pad_token_id
-    el_n = spec["el_n"]
-    stride = spec["el_prefix_stride"]
+    el_key = f"el{spec['el_n']}"
 
     if spec.get("baseline_mheldout"):  # added to an existing baseline: the memorized-heldout set alone
-        return evaluate_memorization(
-            model, kept_ids, batch_size=8, el_n=(el_n,), el_prefix_stride=stride, pad_token_id=pad_id
-        )
+        return memorization(model, kept_ids, spec, pad_id)
     if spec.get("baseline"):
-        out = {}
-        for name, ids in (("forget", forget_ids), ("retain", retain_ids), ("heldout", heldout_ids)):
-            out[name] = evaluate_memorization(  # EL (greedy generation) is costly: not needed on retain
-                model,
-                ids,
-                batch_size=8,
-                el_n=(el_n,),
-                el_prefix_stride=stride,
-                pad_token_id=pad_id,
-                compute_el=name != "retain",
-            )
-        out["mheldout"] = evaluate_memorization(
-            model, kept_ids, batch_size=8, el_n=(el_n,), el_prefix_stride=stride, pad_token_id=pad_id
-        )
+        out = {  # EL (greedy generation) is costly: not needed on retain
+            name: memorization(model, ids, spec, pad_id, compute_el=name != "retain")
+            for name, ids in (("forget", forget_ids), ("retain", retain_ids), ("heldout", heldout_ids))
+        }
+        out["mheldout"] = memorization(model, kept_ids, spec, pad_id)
         out["load_seconds"] = load_seconds
         return out
 
     method, rank = spec["method"], spec["rank"]
     if method != "full":
-        common = dict(
-            r=rank,
-            lora_alpha=2 * rank,
-            lora_dropout=0.0,
-            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        )
+        common = lora_kwargs(rank)
         if method == "fila":  # this grid measured the paper's factor magnitudes (the library default is "stable")
             from peft_unlearn.fila import FilaConfig, FilaLoraConfig
 
@@ -148,59 +127,16 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         model = get_peft_model(model, lora)
 
     forget_loss, retain_loss = LOSSES[spec["loss"]]
-    thresholds = spec["thresholds"]
-
-    class ForgetMonitor(TrainerCallback):
-        """Checks forget MA after every step; EL only once MA is low enough; stops when forgotten."""
-
-        def __init__(self):
-            self.eval_seconds = 0.0
-            self.history: list[dict[str, float]] = []
-            self.forgotten_at: int | None = None
-            self.train_start = None
-
-        def on_train_begin(self, args, state, control, **kw):
-            self.train_start = time.time()
-
-        def on_step_end(self, args, state, control, model=None, **kw):
-            t0 = time.time()
-            ma = float(memorization_accuracy(model, forget_ids_t, attention_mask=forget_mask_t).mean())
-            row = {"step": state.global_step, "forget_ma": ma}
-            if ma <= thresholds["ma"]:
-                el = float(
-                    extraction_likelihood(
-                        model, forget_ids_t, attention_mask=forget_mask_t, n=el_n, prefix_stride=stride
-                    ).mean()
-                )
-                row[f"forget_el{el_n}"] = el
-                if el <= thresholds["el"]:
-                    self.forgotten_at = state.global_step
-                    control.should_training_stop = True
-            self.history.append(row)
-            self.eval_seconds += time.time() - t0
-            return control
-
-    forget_ids_t, forget_mask_t = _padded(forget_ids, pad_id)
-    monitor = ForgetMonitor()
-    args = UnlearningConfig(
-        output_dir=spec["output_dir"],
+    monitor = forget_monitor(
+        forget_ids, pad_id, spec["thresholds"], el_n=spec["el_n"], prefix_stride=spec["el_prefix_stride"]
+    )
+    args = unlearning_config(
+        spec["output_dir"],
+        spec,
         forget_loss=forget_loss,
         retain_loss=retain_loss,
-        learning_rate=spec["lr"],
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
-        per_device_train_batch_size=spec["batch_size"],
-        gradient_accumulation_steps=1,
         max_steps=spec["max_steps"],
-        max_length=spec["max_length"],
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=spec["seed"],
         data_seed=spec["seed"],
-        use_cpu=True,
-        disable_tqdm=True,
         fila_batch_size=spec["batch_size"],
     )
     ref_model = None
@@ -215,28 +151,18 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         ref_model=ref_model,
         callbacks=[monitor],
     )
-    t0 = time.time()
+    t0 = time.perf_counter()
     trainer.train()
-    wall = time.time() - t0
-    fila_stats = (getattr(trainer, "fila_stats", None) or {}).get("default", {}) or {}
+    wall = time.perf_counter() - t0
+    fila_stats = init_stats(trainer)
     fila_seconds = float(fila_stats.get("seconds", 0.0))
-    final = {}
     m = trainer.model
     # EL is the costly part (greedy generation): reuse the monitor's value when it stopped the run
-    final["forget"] = evaluate_memorization(
-        m,
-        forget_ids,
-        batch_size=8,
-        el_n=(el_n,),
-        el_prefix_stride=stride,
-        pad_token_id=pad_id,
-        compute_el=monitor.forgotten_at is None,
-    )
+    final = {"forget": memorization(m, forget_ids, spec, pad_id, compute_el=monitor.forgotten_at is None)}
     if monitor.forgotten_at is not None:
-        final["forget"][f"el{el_n}"] = monitor.history[-1][f"forget_el{el_n}"]
-    final["retain"] = evaluate_memorization(m, retain_ids, batch_size=8, compute_el=False, pad_token_id=pad_id)
-    final["heldout"] = evaluate_memorization(m, heldout_ids, batch_size=8, compute_el=False, pad_token_id=pad_id)
-    final["mheldout"] = evaluate_memorization(m, kept_ids, batch_size=8, compute_el=False, pad_token_id=pad_id)
+        final["forget"][el_key] = monitor.history[-1][f"forget_{el_key}"]
+    for name, ids in (("retain", retain_ids), ("heldout", heldout_ids), ("mheldout", kept_ids)):
+        final[name] = memorization(m, ids, spec, pad_id, compute_el=False)
     steps = trainer.state.global_step
     return {
         "forgotten": monitor.forgotten_at is not None,
@@ -244,11 +170,11 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         "steps_run": steps,
         "train_seconds": wall - monitor.eval_seconds - fila_seconds,
         "fila_init_seconds": fila_seconds,
-        "fila_stats": {k: v for k, v in fila_stats.items() if isinstance(v, (int, float, str))},
+        "fila_stats": fila_stats,
         "monitor_seconds": monitor.eval_seconds,
-        "peak_rss_bytes": _peak_rss_bytes(),
+        "peak_rss_bytes": peak_rss_bytes(),
         "forget_ma": final["forget"]["ma"],
-        f"forget_el{el_n}": final["forget"][f"el{el_n}"],
+        f"forget_{el_key}": final["forget"][el_key],
         "retain_ma": final["retain"]["ma"],
         "retain_nll": final["retain"]["nll"],
         "heldout_ppl": final["heldout"]["ppl"],
@@ -256,18 +182,6 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         "history": monitor.history,
         "trainable_params": sum(p.numel() for p in m.parameters() if p.requires_grad),
     }
-
-
-def _padded(ids: list[list[int]], pad_id: int):
-    import torch
-
-    width = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, x in enumerate(ids):
-        input_ids[i, : len(x)] = torch.tensor(x)
-        mask[i, : len(x)] = 1
-    return input_ids, mask
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,57 +262,13 @@ def _rank_runs(args, lr_for) -> list[dict[str, Any]]:
     ]
 
 
-def load_results(path: Path) -> dict[str, Any]:
-    if path.exists():
-        return json.loads(path.read_text())
-    return {"runs": {}}
-
-
-def save_results(path: Path, results: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2, sort_keys=True))
-    tmp.replace(path)
-
-
 def child(spec: dict[str, Any], timeout: int) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as tmp:
-        spec = {**spec, "output_dir": tmp}
-        out = Path(tmp) / "result.json"
-        cmd = [sys.executable, __file__, "--child", json.dumps(spec), "--child-out", str(out)]
-        t0 = time.time()
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        if proc.returncode != 0 or not out.exists():
-            return {"error": proc.stderr[-3000:], "returncode": proc.returncode, "wall_seconds": time.time() - t0}
-        result = json.loads(out.read_text())
-        result["wall_seconds"] = time.time() - t0
-        return result
-
-
-def _say(msg: str) -> None:
-    sys.stdout.write(f"[{time.strftime('%H:%M:%S')}] {msg}\n")  # one write: threads do not interleave lines
-    sys.stdout.flush()
+    return run_child(__file__, spec, timeout, env=child_env(spec["threads"]))
 
 
 def _timed_child(key: str, spec: dict[str, Any], timeout: int) -> dict[str, Any]:
-    _say(f"start {key}")
+    say(f"start {key}")
     return child(spec, timeout)
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    if not values:
-        return float("nan"), float("nan")
-    m = sum(values) / len(values)
-    if len(values) < 2:
-        return m, 0.0
-    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
-
-
-def _fmt(values: list[float], digits: int = 2) -> str:
-    if not values:
-        return "–"
-    m, s = _mean_std(values)
-    return f"{m:.{digits}f}" if len(values) == 1 else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
 def _tags(run: dict[str, Any]) -> list[str]:
@@ -410,18 +280,11 @@ def report(results: dict[str, Any], path: Path) -> None:
     """Write the markdown table and the plot next to the JSON."""
     runs = [r for r in results["runs"].values() if "error" not in r["result"]]
     base = results.get("baseline", {})
-    lines = [
-        "# Memorized-text unlearning on Gemma-3 270M (CPU)",
-        "",
-        "Commands (each resumes the same results file; finished runs are skipped):",
-        "",
-        *[f"    {cmd}" for cmd in results.get("commands", [results.get("command", "")])],
-        "",
-        f"Machine: {results.get('machine', {})}",
-        "",
-        f"Settings: {json.dumps(results.get('settings', {}))}",
-        "",
-    ]
+    lines = report_head(
+        "Memorized-text unlearning on Gemma-3 270M (CPU)",
+        results.get("commands", [results.get("command", "")]),
+        results,
+    )
     if base:
         el_key = f"el{results['settings']['el_n']}"
         lines += [
@@ -467,11 +330,11 @@ def report(results: dict[str, Any], path: Path) -> None:
             rs = groups[key]
             lines.append(
                 "| " + " | ".join(str(k) for k in key) + f" | {len(rs)} | {sum(r['forgotten'] for r in rs)}/{len(rs)}"
-                f" | {_fmt([r['steps'] for r in rs], 1)} | {_fmt([r['train_seconds'] for r in rs], 0)}"
-                f" | {_fmt([r['fila_init_seconds'] for r in rs], 1)} | {_fmt([r['retain_ma'] for r in rs], 3)}"
-                f" | {_fmt([r['mheldout_ma'] for r in rs if 'mheldout_ma' in r], 3)}"
-                f" | {_fmt([r['heldout_ppl'] for r in rs], 1)} | {_fmt([r['forget_ma'] for r in rs], 3)}"
-                f" | {_fmt([r['peak_rss_bytes'] / 2**30 for r in rs], 2)} |"
+                f" | {fmt([r['steps'] for r in rs], 1)} | {fmt([r['train_seconds'] for r in rs], 0)}"
+                f" | {fmt([r['fila_init_seconds'] for r in rs], 1)} | {fmt([r['retain_ma'] for r in rs], 3)}"
+                f" | {fmt([r['mheldout_ma'] for r in rs if 'mheldout_ma' in r], 3)}"
+                f" | {fmt([r['heldout_ppl'] for r in rs], 1)} | {fmt([r['forget_ma'] for r in rs], 3)}"
+                f" | {fmt([r['peak_rss_bytes'] / 2**30 for r in rs], 2)} |"
             )
         lines.append("")
 
@@ -494,16 +357,10 @@ def report(results: dict[str, Any], path: Path) -> None:
 
 
 def _plot(runs: list[dict[str, Any]], png: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
+    plt = pyplot()
     grid = [r for r in runs if "grid" in _tags(r)]
     ranks = [r for r in runs if {"ranks", "grid"} & set(_tags(r)) and r["spec"]["loss"] == "IHL+retain"]
-    if not grid:
+    if plt is None or not grid:
         return
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     colors = {"full": "tab:gray", "lora": "tab:blue", "fila": "tab:orange"}
@@ -519,7 +376,7 @@ def _plot(runs: list[dict[str, Any]], png: Path) -> None:
                 vals = [
                     r["result"][metric] for r in grid if r["spec"]["loss"] == loss and r["spec"]["method"] == method
                 ]
-                m, s = _mean_std(vals)
+                m, s = mean_std(vals)
                 means.append(m)
                 stds.append(s)
             xs = [i + (j - 1) * width for i in range(len(losses))]
@@ -583,13 +440,9 @@ def main(argv: list[str] | None = None) -> None:
         metavar="KEY",
         help="measure these finished runs again (keys as printed, e.g. 'IHL+retain|lora|r8|lr0.001|s0|bs4|cap20')",
     )
-    p.add_argument("--child", help=argparse.SUPPRESS)
-    p.add_argument("--child-out", help=argparse.SUPPRESS)
+    add_child_arguments(p)
     args = p.parse_args(argv)
-
-    if args.child:
-        result = run_one(json.loads(args.child))
-        Path(args.child_out).write_text(json.dumps(result))
+    if run_as_child(args, run_one):
         return
 
     results = load_results(args.results)
@@ -607,11 +460,7 @@ def main(argv: list[str] | None = None) -> None:
         "lora": "all attention+MLP projections, alpha = 2r, dropout 0",
     }
     eval_keys = ("model", "dtype", "n_forget", "max_length", "el_n", "el_prefix_stride")
-    old = results.get("settings")
-    if old and any(old.get(k) != settings[k] for k in eval_keys):
-        raise SystemExit(
-            f"--results {args.results} was measured with other evaluation settings {old}; use another file."
-        )
+    check_settings(results, settings, eval_keys, args.results)
     common = {
         k: settings[k]
         for k in (
@@ -632,25 +481,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.report_only:
         report(results, args.results)
         return
-    import torch
-    import transformers
-
-    import peft_unlearn
-
     results["settings"] = settings
-    results.setdefault("commands", [results["command"]] if "command" in results else [])
-    results["command"] = "python " + " ".join(
-        [os.path.relpath(__file__, ROOT), *(argv if argv is not None else sys.argv[1:])]
-    )
-    if results["command"] not in results["commands"]:
-        results["commands"].append(results["command"])
-    results["machine"] = {
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft_unlearn": peft_unlearn.__version__,
-    }
+    if "command" in results:  # files from before "commands" existed hold the one command that filled them
+        results.setdefault("commands", [results["command"]])
+    results["command"] = command_line(__file__, argv)
+    record_command(results, results["command"])
+    results["machine"] = machine_info()
     if "baseline" not in results:
         print("measuring the base model (thresholds) ...", flush=True)
         base = child({**common, "baseline": True, "seed": 0}, args.timeout)
@@ -696,7 +532,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"forgotten={result['forgotten']} steps={result['steps']} train_s={result['train_seconds']:.0f} "
                 f"retain_ma={result['retain_ma']:.3f} ppl={result['heldout_ppl']:.1f} forget_ma={result['forget_ma']:.3f}"
             )
-            _say(f"done {key}: {msg}")
+            say(f"done {key}: {msg}")
     report(results, args.results)
 
 

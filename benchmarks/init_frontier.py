@@ -28,20 +28,41 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import platform
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "examples" / "data"
-DEFAULT_RESULTS = ROOT / "benchmarks" / "results" / "init_frontier.json"
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from common import (
+    RESULTS,
+    ROOT,
+    add_child_arguments,
+    check_settings,
+    child_env,
+    command_line,
+    fmt,
+    forget_monitor,
+    init_stats,
+    load_results,
+    lora_kwargs,
+    machine_info,
+    mean_std,
+    memorization,
+    peak_rss_bytes,
+    pyplot,
+    read_texts,
+    record_command,
+    report_head,
+    run_as_child,
+    run_child,
+    save_results,
+    say,
+    tokenize,
+    unlearning_config,
+)
+
+DEFAULT_RESULTS = RESULTS / "init_frontier.json"
 
 #: init name -> label in tables and plots
 INITS = {
@@ -92,9 +113,8 @@ def available(init: str) -> tuple[bool, str]:
     """Whether ``init`` can run with the code as it is now (a fresh interpreter decides)."""
     if init == "lora":
         return True, ""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-c", _PROBE, init], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT
+        [sys.executable, "-c", _PROBE, init], capture_output=True, text=True, env=child_env(1), timeout=300, cwd=ROOT
     )
     if proc.returncode != 0:
         return False, proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "probe failed"
@@ -105,23 +125,14 @@ def available(init: str) -> tuple[bool, str]:
 # ----------------------------------------------------------------------------------------------
 # one run (child process)
 # ----------------------------------------------------------------------------------------------
-def _peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def _texts(name: str) -> list[str]:
-    path = DATA / FILES[name]
-    return [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
+    return read_texts(FILES[name])
 
 
 def _lora_config(init: str, rank: int):
     from peft import LoraConfig
 
-    common = dict(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=TARGETS)
+    common = lora_kwargs(rank)
     if init == "lora":
         return LoraConfig(**common, init_lora_weights=True)
     from peft_unlearn.fila import FilaConfig, FilaLoraConfig
@@ -144,27 +155,20 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     from datasets import Dataset
     from peft import get_peft_model
-    from transformers import TrainerCallback
 
-    from peft_unlearn import UnlearningConfig, UnlearningTrainer
-    from peft_unlearn.metrics import evaluate_memorization, extraction_likelihood, memorization_accuracy, pad_batch
+    from peft_unlearn import UnlearningTrainer
+    from peft_unlearn.metrics import memorization_accuracy, pad_batch
     from peft_unlearn.models import load_model_and_tokenizer
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(spec["seed"])
     model, tokenizer = load_model_and_tokenizer(spec["model"], dtype=spec["dtype"], show_progress=False)
-    ids = {
-        name: [tokenizer(t, truncation=True, max_length=spec["max_length"])["input_ids"] for t in _texts(name)]
-        for name in SETS
-    }
+    ids = {name: tokenize(tokenizer, _texts(name), spec["max_length"]) for name in SETS}
     pad_id = tokenizer.pad_token_id
-    el_n, stride = spec["el_n"], spec["el_prefix_stride"]
-    el_key = f"el{el_n}"
+    el_key = f"el{spec['el_n']}"
 
     def score(m, name: str, with_el: bool) -> dict[str, float]:
-        return evaluate_memorization(
-            m, ids[name], batch_size=8, el_n=(el_n,), el_prefix_stride=stride, pad_token_id=pad_id, compute_el=with_el
-        )
+        return memorization(m, ids[name], spec, pad_id, compute_el=with_el)
 
     if spec.get("baseline"):
         out = {name: score(model, name, name != "retain") for name in SETS}
@@ -188,56 +192,14 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
             fila_config=FilaConfig(factor_scale="stable"),
         )
         explicit_init_seconds = time.perf_counter() - t_init
-    thresholds = spec["thresholds"]
-    forget_input, forget_mask, _ = pad_batch([{"input_ids": x} for x in ids["forget"]], pad_token_id=pad_id)
-
-    class ForgetMonitor(TrainerCallback):
-        """Forget MA after every step, EL only once MA is at the threshold; stops when both are."""
-
-        def __init__(self) -> None:
-            self.history: list[dict[str, float]] = []
-            self.forgotten_at: int | None = None
-            self.eval_seconds = 0.0
-            self.train_begin: float | None = None
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.train_begin = time.perf_counter()
-
-        def on_step_end(self, args, state, control, model=None, **kwargs):
-            t0 = time.perf_counter()
-            ma = float(memorization_accuracy(model, forget_input, forget_mask).mean())
-            row = {"step": state.global_step, "forget_ma": ma}
-            if ma <= thresholds["ma"]:
-                el = extraction_likelihood(
-                    model, forget_input, forget_mask, n=el_n, prefix_stride=stride, pad_token_id=pad_id
-                )
-                row[f"forget_{el_key}"] = float(el.mean())
-                if row[f"forget_{el_key}"] <= thresholds["el"]:
-                    self.forgotten_at = state.global_step
-                    control.should_training_stop = True
-            self.history.append(row)
-            self.eval_seconds += time.perf_counter() - t0
-            return control
-
-    monitor = ForgetMonitor()
-    args = UnlearningConfig(
-        output_dir=spec["output_dir"],
-        forget_loss="inverted_hinge",
-        retain_loss="nll",
-        learning_rate=spec["lr"],
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
-        per_device_train_batch_size=spec["batch_size"],
+    monitor = forget_monitor(
+        ids["forget"], pad_id, spec["thresholds"], el_n=spec["el_n"], prefix_stride=spec["el_prefix_stride"]
+    )
+    args = unlearning_config(
+        spec["output_dir"],
+        spec,
         max_steps=spec["max_steps"],
-        max_length=spec["max_length"],
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=spec["seed"],
         data_seed=spec["seed"],
-        use_cpu=True,
-        disable_tqdm=True,
         fila_batch_size=spec["batch_size"],
     )
     trainer = UnlearningTrainer(
@@ -272,16 +234,15 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     held_input, held_mask, _ = pad_batch([{"input_ids": x} for x in ids["mheldout"]], pad_token_id=pad_id)
     per_passage = memorization_accuracy(m, held_input, held_mask)
     final["mheldout"]["ma_per_passage"] = [float(v) for v in per_passage]
-    init_stats = (getattr(trainer, "fila_stats", None) or {}).get("default") or {}
     return {
         "forgotten": forgotten,
         "steps": monitor.forgotten_at if forgotten else trainer.state.global_step,
         "steps_run": trainer.state.global_step,
         "init_seconds": init_seconds,
-        "init_stats": {k: v for k, v in init_stats.items() if isinstance(v, (int, float, str))},
+        "init_stats": init_stats(trainer),
         "train_seconds": train_seconds,
         "monitor_seconds": monitor.eval_seconds,
-        "peak_rss_bytes": _peak_rss_bytes(),
+        "peak_rss_bytes": peak_rss_bytes(),
         "metrics": final,
         "history": monitor.history,
         "code": _code_version(),
@@ -351,71 +312,8 @@ def plan(args: argparse.Namespace, results: dict[str, Any] | None = None) -> lis
     return sorted(runs, key=priority)  # stable: the order within a priority is kept
 
 
-def load_results(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.exists() else {"runs": {}, "failures": {}}
-
-
-def save_results(path: Path, results: dict[str, Any]) -> None:
-    """Write ``results``, merged with what other runners wrote to the same file meanwhile.
-
-    Several runners (one per core or GPU, each with its own ``--inits/--lrs/--seeds``) may share one
-    results file: under an exclusive lock the file on disk is re-read, its finished runs and commands
-    are kept, and ``results`` is updated in place to the merged state before it is written back.
-    """
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        disk = load_results(path)
-        results["runs"] = {**disk.get("runs", {}), **results.get("runs", {})}
-        failures = {**disk.get("failures", {}), **results.get("failures", {})}
-        results["failures"] = {k: v for k, v in failures.items() if k not in results["runs"]}
-        commands = list(disk.get("commands", []))
-        commands += [c for c in results.get("commands", []) if c not in commands]
-        results["commands"] = commands
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(results, indent=2, sort_keys=True))
-        tmp.replace(path)
-
-
 def child(spec: dict[str, Any], timeout: int) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(spec["threads"])}
-    with tempfile.TemporaryDirectory() as tmp:
-        spec = {**spec, "output_dir": tmp}
-        out = Path(tmp) / "result.json"
-        cmd = [sys.executable, __file__, "--child", json.dumps(spec), "--child-out", str(out)]
-        t0 = time.time()
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-        except subprocess.TimeoutExpired:
-            return {"error": f"timeout after {timeout} s", "wall_seconds": time.time() - t0}
-        if proc.returncode != 0 or not out.exists():
-            return {"error": proc.stderr[-3000:], "returncode": proc.returncode, "wall_seconds": time.time() - t0}
-        result = json.loads(out.read_text())
-        result["wall_seconds"] = time.time() - t0
-        return result
-
-
-def _say(msg: str) -> None:
-    sys.stdout.write(f"[{time.strftime('%H:%M:%S')}] {msg}\n")
-    sys.stdout.flush()
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    if not values:
-        return float("nan"), float("nan")
-    m = sum(values) / len(values)
-    if len(values) < 2:
-        return m, 0.0
-    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
-
-
-def _fmt(values: list[float], digits: int = 2) -> str:
-    if not values:
-        return "–"
-    m, s = _mean_std(values)
-    return f"{m:.{digits}f}" if len(values) == 1 else f"{m:.{digits}f} ± {s:.{digits}f}"
+    return run_child(__file__, spec, timeout, env=child_env(spec["threads"]))
 
 
 def group_runs(results: dict[str, Any]) -> dict[tuple[str, float], list[dict[str, Any]]]:
@@ -440,10 +338,10 @@ def frontier(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     for (init, lr), rs in group_runs(results).items():
         if not all(r["forgotten"] for r in rs):
             continue
-        held = _mean_std([r["metrics"]["mheldout"]["ma"] for r in rs])[0]
+        held = mean_std([r["metrics"]["mheldout"]["ma"] for r in rs])[0]
         if held < base - KEEP_MARGIN:
             continue
-        steps = _mean_std([r["steps"] for r in rs])[0]
+        steps = mean_std([r["steps"] for r in rs])[0]
         cur = best.get(init)
         if cur is None or (steps, -held) < (cur["steps"], -cur["mheldout_ma"]):
             best[init] = {"lr": lr, "steps": steps, "mheldout_ma": held, "seeds": len(rs)}
@@ -458,15 +356,15 @@ def sound_points(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     base_ppl = results["baseline"]["neverseen"]["ppl"]
     out: dict[str, list[dict[str, Any]]] = {}
     for (init, lr), rs in group_runs(results).items():
-        ppl = _mean_std([r["metrics"]["neverseen"]["ppl"] for r in rs])[0]
+        ppl = mean_std([r["metrics"]["neverseen"]["ppl"] for r in rs])[0]
         if not all(r["forgotten"] for r in rs) or ppl > PPL_MARGIN * base_ppl:
             continue
         out.setdefault(init, []).append(
             {
                 "lr": lr,
                 "seeds": len(rs),
-                "steps": _mean_std([r["steps"] for r in rs])[0],
-                "mheldout_ma": _mean_std([r["metrics"]["mheldout"]["ma"] for r in rs])[0],
+                "steps": mean_std([r["steps"] for r in rs])[0],
+                "mheldout_ma": mean_std([r["metrics"]["mheldout"]["ma"] for r in rs])[0],
                 "ppl": ppl,
             }
         )
@@ -477,18 +375,11 @@ def report(results: dict[str, Any], path: Path) -> None:
     """Write the markdown tables and the frontier plot next to the JSON."""
     base = results.get("baseline")
     el_key = f"el{results['settings']['el_n']}"
-    lines = [
-        "# Forget-versus-keep frontier of LoRA inits on Gemma-3 270M (IHL + retain NLL, CPU)",
-        "",
-        "Commands (each resumes the same results file; finished runs are skipped):",
-        "",
-        *[f"    {cmd}" for cmd in results.get("commands", [])],
-        "",
-        f"Machine: {results.get('machine', {})}",
-        "",
-        f"Settings: {json.dumps(results.get('settings', {}))}",
-        "",
-    ]
+    lines = report_head(
+        "Forget-versus-keep frontier of LoRA inits on Gemma-3 270M (IHL + retain NLL, CPU)",
+        results.get("commands", []),
+        results,
+    )
     if not base:
         path.with_suffix(".md").write_text("\n".join(lines))
         return
@@ -519,10 +410,10 @@ def report(results: dict[str, Any], path: Path) -> None:
         met = [r["metrics"] for r in rs]
         lines.append(
             f"| {INITS.get(init, init)} | {lr:g} | {len(rs)} | {sum(r['forgotten'] for r in rs)}/{len(rs)} "
-            f"| {_fmt([r['steps'] for r in rs], 1)} | {_fmt([x['mheldout']['ma'] for x in met], 3)} "
-            f"| {_fmt([x['mheldout'][el_key] for x in met], 3)} | {_fmt([x['neverseen']['ppl'] for x in met], 1)} "
-            f"| {_fmt([x['retain']['ma'] for x in met], 3)} | {_fmt([x['forget']['ma'] for x in met], 3)} "
-            f"| {_fmt([r['init_seconds'] for r in rs], 1)} | {_fmt([r['train_seconds'] for r in rs], 0)} |"
+            f"| {fmt([r['steps'] for r in rs], 1)} | {fmt([x['mheldout']['ma'] for x in met], 3)} "
+            f"| {fmt([x['mheldout'][el_key] for x in met], 3)} | {fmt([x['neverseen']['ppl'] for x in met], 1)} "
+            f"| {fmt([x['retain']['ma'] for x in met], 3)} | {fmt([x['forget']['ma'] for x in met], 3)} "
+            f"| {fmt([r['init_seconds'] for r in rs], 1)} | {fmt([r['train_seconds'] for r in rs], 0)} |"
         )
     best = frontier(results)
     lines += [
@@ -594,15 +485,9 @@ def report(results: dict[str, Any], path: Path) -> None:
 
 
 def _plot(results: dict[str, Any], png: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
+    plt = pyplot()
     groups = group_runs(results)
-    if not groups:
+    if plt is None or not groups:
         return
     base = results["baseline"]["mheldout"]["ma"]
     cap = results["settings"]["max_steps"]
@@ -620,8 +505,8 @@ def _plot(results: dict[str, Any], png: Path) -> None:
             continue
         xs, ys, xe, ye, full = [], [], [], [], []
         for _, rs in pts:
-            mx, sx = _mean_std([r["steps"] for r in rs])
-            my, sy = _mean_std([r["metrics"]["mheldout"]["ma"] for r in rs])
+            mx, sx = mean_std([r["steps"] for r in rs])
+            my, sy = mean_std([r["metrics"]["mheldout"]["ma"] for r in rs])
             xs.append(mx), ys.append(my), xe.append(sx), ye.append(sy), full.append(all(r["forgotten"] for r in rs))
         ax.plot(xs, ys, "-", color=colors[init], alpha=0.6)
         for (lr, _), x, y, dx, dy, ok in zip(pts, xs, ys, xe, ye, full):
@@ -676,12 +561,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--retries", type=int, default=1, help="how often a failed run is retried")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--time-one", metavar="INIT:LR", help="time one seed-0 run and print it (no results written)")
-    p.add_argument("--child", help=argparse.SUPPRESS)
-    p.add_argument("--child-out", help=argparse.SUPPRESS)
+    add_child_arguments(p)
     args = p.parse_args(argv)
-
-    if args.child:
-        Path(args.child_out).write_text(json.dumps(run_one(json.loads(args.child))))
+    if run_as_child(args, run_one):
         return
 
     settings = {
@@ -705,13 +587,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.report_only:
         report(results, args.results)
         return
-    eval_keys = ("model", "dtype", "max_length", "el_n", "el_prefix_stride")
-    old = results.get("settings")
-    if old and any(old.get(k) != settings[k] for k in eval_keys):
-        raise SystemExit(f"--results {args.results} was measured with other evaluation settings {old}.")
+    check_settings(results, settings, ("model", "dtype", "max_length", "el_n", "el_prefix_stride"), args.results)
 
     if "baseline" not in results:
-        _say("measuring the base model (thresholds) ...")
+        say("measuring the base model (thresholds) ...")
         base = child({**common, "baseline": True, "seed": 0}, args.timeout)
         if "error" in base:
             raise SystemExit(base["error"])
@@ -733,23 +612,9 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps({"wall_seconds": time.time() - t0, **out}, indent=1)[:4000])
         return
 
-    import torch
-    import transformers
-
-    import peft_unlearn
-
-    command = "python " + " ".join([os.path.relpath(__file__, ROOT), *(argv if argv is not None else sys.argv[1:])])
-    results.setdefault("commands", [])
-    if command not in results["commands"]:
-        results["commands"].append(command)
+    record_command(results, command_line(__file__, argv))
     results["settings"] = settings
-    results["machine"] = {
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft_unlearn": peft_unlearn.__version__,
-    }
+    results["machine"] = machine_info()
     save_results(args.results, results)
     _safe_report(results, args.results)
 
@@ -771,30 +636,30 @@ def main(argv: list[str] | None = None) -> None:
                 ok, why = available(spec["init"])
                 checked[spec["init"]] = (time.time(), ok, why)
                 if not ok:
-                    _say(f"{spec['init']} not available yet: {why}")
+                    say(f"{spec['init']} not available yet: {why}")
             if ok:
                 picked = (key, spec)
                 break
         if picked is None:
             if waited >= args.max_wait:
-                _say(f"giving up: {len(todo)} runs wait for inits that never became available")
+                say(f"giving up: {len(todo)} runs wait for inits that never became available")
                 break
             time.sleep(args.wait)
             waited += args.wait
             continue
         key, spec = picked
-        _say(f"start {key}")
+        say(f"start {key}")
         result = child({**common, **spec, "thresholds": thresholds}, args.timeout)
         if "error" in result:
             entry = results["failures"].setdefault(key, {"count": 0})
             entry["count"] += 1
             entry["error"] = result["error"]
-            _say(f"FAILED {key}: {result['error'][-800:]}")
+            say(f"FAILED {key}: {result['error'][-800:]}")
         else:
             results["failures"].pop(key, None)
             results["runs"][key] = {"spec": spec, "result": result}
             met = result["metrics"]
-            _say(
+            say(
                 f"done {key}: forgotten={result['forgotten']} steps={result['steps']} "
                 f"heldout_ma={met['mheldout']['ma']:.3f} ppl={met['neverseen']['ppl']:.1f} "
                 f"init_s={result['init_seconds']:.1f} train_s={result['train_seconds']:.0f} "
@@ -810,7 +675,7 @@ def _safe_report(results: dict[str, Any], path: Path) -> None:
     try:
         report(results, path)
     except Exception as exc:  # noqa: BLE001
-        _say(f"report failed ({type(exc).__name__}: {exc}); the JSON is saved, rerun with --report-only")
+        say(f"report failed ({type(exc).__name__}: {exc}); the JSON is saved, rerun with --report-only")
 
 
 if __name__ == "__main__":
