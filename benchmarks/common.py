@@ -182,9 +182,13 @@ def lora_kwargs(rank: int) -> dict[str, Any]:
     return {"r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0, "target_modules": list(PROJECTIONS)}
 
 
-def lora_layers(model: Any, adapter: str = "default") -> list[Any]:
-    """The LoRA layers of ``model`` that hold ``adapter``, in module order."""
-    return [m for m in model.modules() if hasattr(m, "lora_A") and adapter in m.lora_A]
+def lora_layers(model: Any, adapter: str = "default") -> dict[str, Any]:
+    """The LoRA layers of a PeftModel that hold ``adapter``, in module order.
+
+    Keyed by module name in the base model (``model.layers.0.mlp.up_proj``), the names `FisherStatistics` uses.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {name: m for name, m in base.named_modules() if hasattr(m, "lora_A") and adapter in m.lora_A}
 
 
 def unlearning_config(

@@ -35,21 +35,32 @@ import math
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "examples" / "data"
-DEFAULT_RESULTS = ROOT / "benchmarks" / "results" / "fila_init_cost.json"
-ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from common import (
+    GIB,
+    PROJECTIONS,
+    RESULTS,
+    add_child_arguments,
+    command_line,
+    load_results,
+    machine_info,
+    proc_status,
+    pyplot,
+    read_texts,
+    reset_peak_rss,
+    run_as_child,
+    run_child,
+    unlearning_config,
+    write_json,
+)
+
+DEFAULT_RESULTS = RESULTS / "fila_init_cost.json"
 PHASES = ("fila", "epoch")
 TARGETS = {"time": 1.5, "memory": 1.3}
-GIB = 2**30
-MIB = 2**20
 
 
 # ----------------------------------------------------------------------------------------------
@@ -60,26 +71,7 @@ _MEM_FIELDS = ("VmRSS", "VmHWM", "RssAnon", "RssFile")
 
 def _mem() -> dict[str, int]:
     """``VmRSS``, ``VmHWM``, ``RssAnon``, ``RssFile`` of ``/proc/self/status`` in bytes (missing fields: 0)."""
-    values = dict.fromkeys(_MEM_FIELDS, 0)
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                key = line.split(":", 1)[0]
-                if key in values:
-                    values[key] = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return values
-
-
-def _reset_peak() -> bool:
-    """Reset ``VmHWM`` to the current RSS (Linux >= 4.0); returns False when not permitted."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
+    return proc_status(*_MEM_FIELDS)
 
 
 class PeakSampler:
@@ -125,9 +117,8 @@ class PeakSampler:
 # ----------------------------------------------------------------------------------------------
 # child process: one measurement
 # ----------------------------------------------------------------------------------------------
-def _read_texts(path: Path, limit: int | None = None) -> list[dict[str, str]]:
-    rows = [{"text": json.loads(line)["text"]} for line in path.read_text().splitlines() if line.strip()]
-    return rows[:limit] if limit else rows
+def _read_texts(name: str, limit: int | None = None) -> list[dict[str, str]]:
+    return [{"text": text} for text in read_texts(name, limit)]
 
 
 def _setup(spec: dict[str, Any], init: bool | str, output_dir: str) -> dict[str, Any]:
@@ -137,7 +128,7 @@ def _setup(spec: dict[str, Any], init: bool | str, output_dir: str) -> dict[str,
     from peft import LoraConfig, get_peft_model
 
     import peft_unlearn  # noqa: F401  (registers init_lora_weights="fila")
-    from peft_unlearn import UnlearningConfig, UnlearningTrainer
+    from peft_unlearn import UnlearningTrainer
     from peft_unlearn.models import load_model_and_tokenizer
 
     torch.set_num_threads(spec["threads"])
@@ -156,31 +147,12 @@ def _setup(spec: dict[str, Any], init: bool | str, output_dir: str) -> dict[str,
         init_lora_weights=init,
     )
     model = get_peft_model(model, lora)
-    args = UnlearningConfig(
-        output_dir=output_dir,
-        forget_loss="inverted_hinge",
-        retain_loss="nll",
-        learning_rate=spec["lr"],
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
-        per_device_train_batch_size=spec["batch_size"],
-        gradient_accumulation_steps=1,
-        num_train_epochs=1,
-        max_length=spec["max_length"],
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=spec["seed"],
-        use_cpu=True,
-        disable_tqdm=True,
-        fila_batch_size=spec["fila_batch_size"],
-    )
+    args = unlearning_config(output_dir, spec, num_train_epochs=1, fila_batch_size=spec["fila_batch_size"])
     trainer = UnlearningTrainer(
         model=model,
         args=args,
-        forget_dataset=Dataset.from_list(_read_texts(DATA / "forget.jsonl", spec["n_forget"])),
-        retain_dataset=Dataset.from_list(_read_texts(DATA / "retain.jsonl")),
+        forget_dataset=Dataset.from_list(_read_texts("forget.jsonl", spec["n_forget"])),
+        retain_dataset=Dataset.from_list(_read_texts("retain.jsonl")),
         processing_class=tokenizer,
     )
     base = model.get_base_model()
@@ -217,16 +189,16 @@ def run_phase(spec: dict[str, Any]) -> dict[str, Any]:
         if phase == "fila":
             pad = tokenizer.pad_token_id
 
-            def loader(path: Path, limit: int | None, name: str) -> DataLoader:
+            def loader(file: str, limit: int | None, name: str) -> DataLoader:
                 examples = tokenize_dataset(
-                    _read_texts(path, limit), tokenizer, max_length=spec["max_length"], name=name
+                    _read_texts(file, limit), tokenizer, max_length=spec["max_length"], name=name
                 )
                 return DataLoader(
                     TokenizedDataset(examples), batch_size=spec["fila_batch_size"], collate_fn=CausalLMCollator(pad)
                 )
 
-            forget_loader = loader(DATA / "forget.jsonl", spec["n_forget"], "forget")
-            retain_loader = loader(DATA / "retain.jsonl", None, "retain")
+            forget_loader = loader("forget.jsonl", spec["n_forget"], "forget")
+            retain_loader = loader("retain.jsonl", None, "retain")
             del trainer
         gc.collect()
         before = _mem()
@@ -250,7 +222,7 @@ def run_phase(spec: dict[str, Any]) -> dict[str, Any]:
             def on_step_end(self, args, state, control, **kwargs):
                 step_times.append(time.perf_counter() - self.t0)
 
-        reset_ok = _reset_peak()
+        reset_ok = reset_peak_rss(required=False)
         with PeakSampler() as sampler:
             cpu0, wall0 = time.process_time(), time.perf_counter()
             if phase == "fila":
@@ -259,7 +231,7 @@ def run_phase(spec: dict[str, Any]) -> dict[str, Any]:
                 fisher = estimate_fisher(model, forget_loader, retain_loader, show_progress=False)
                 fisher_seconds = time.perf_counter() - wall0
                 fisher_mark = {f"{k}_after_fisher_bytes": v for k, v in _mem().items()}
-                fisher_mark["reset_ok"] = _reset_peak()  # the SVD phase gets its own peak
+                fisher_mark["reset_ok"] = reset_peak_rss(required=False)  # the SVD phase gets its own peak
                 info = initialize_fila_weights(model, fisher=fisher, show_progress=False)
                 out["fila_stats"] = {
                     "fisher_seconds": fisher_seconds,
@@ -301,25 +273,14 @@ def run_phase(spec: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 # parent: subprocess runner, summary, report
 # ----------------------------------------------------------------------------------------------
-def child(spec: dict[str, Any], timeout: int, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run one measurement in a fresh interpreter and return its result (or ``{"error": ...}``)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        cmd = [sys.executable, __file__, "--child", json.dumps(spec), "--child-out", str(out)]
-        env = {**os.environ, **(extra_env or {})}
-        load_before = list(os.getloadavg())
-        t0 = time.time()
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-        except subprocess.TimeoutExpired:
-            return {"error": f"timed out after {timeout} s", "loadavg_before": load_before}
-        if proc.returncode != 0 or not out.exists():
-            return {"error": proc.stderr[-3000:], "returncode": proc.returncode, "loadavg_before": load_before}
-        result = json.loads(out.read_text())
-        result["child_wall_seconds"] = time.time() - t0
-        result["loadavg_before"] = load_before
+def child(spec: dict[str, Any], timeout: int) -> dict[str, Any]:
+    """Run one measurement in a fresh interpreter and return its result (or ``{"error": ...}``) with the load."""
+    load_before = list(os.getloadavg())
+    result = run_child(__file__, spec, timeout, wall_key="child_wall_seconds")  # the phase has "wall_seconds"
+    result["loadavg_before"] = load_before
+    if "error" not in result:
         result["loadavg_after"] = list(os.getloadavg())
-        return result
+    return result
 
 
 def _median(values: list[Any]) -> float:
@@ -507,15 +468,9 @@ def report(results: dict[str, Any], path: Path) -> None:
 
 def _plot(summaries: dict[int, dict[str, Any]], png: Path, rank: Any = "?") -> None:
     """Bar plot: time (Fisher + SVD vs epoch) and peak RSS (loaded + increment), one group per thread count."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
+    plt = pyplot()
     groups = [(t, s["medians"]) for t, s in summaries.items() if {"fila", "epoch"} <= set(s.get("medians", {}))]
-    if not groups:
+    if plt is None or not groups:
         return
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(5 + 3 * len(groups), 4.6))
     width = 0.35
@@ -575,20 +530,13 @@ def _plot(summaries: dict[int, dict[str, Any]], png: Path, rank: Any = "?") -> N
     plt.close(fig)
 
 
-def _save(path: Path, results: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2, sort_keys=True))
-    tmp.replace(path)
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="gemma3-270m", help="alias, local directory or Hub id")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 * rank)")
-    p.add_argument("--targets", nargs="+", default=list(ALL_TARGETS))
+    p.add_argument("--targets", nargs="+", default=list(PROJECTIONS))
     p.add_argument("--batch-size", type=int, default=4, help="training batch size and FILA Fisher batch size")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--n-forget", type=int, default=None, help="first N forget passages (default: all)")
@@ -610,38 +558,26 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
     p.add_argument("--notes-file", type=Path, help="markdown stored with the results and shown in the report")
     p.add_argument("--report-only", action="store_true")
-    p.add_argument("--child", help=argparse.SUPPRESS)
-    p.add_argument("--child-out", help=argparse.SUPPRESS)
+    add_child_arguments(p)
     args = p.parse_args(argv)
-
-    if args.child:
-        spec = json.loads(args.child)
-        result = run_phase(spec)
-        Path(args.child_out).write_text(json.dumps(result))
+    if run_as_child(args, run_phase):
         return
 
     if args.rank < 1 or args.batch_size < 1 or args.max_length < 2 or args.repeats < 1:
         p.error("--rank, --batch-size and --repeats must be >= 1 and --max-length >= 2")
-    unknown = sorted(set(args.targets) - set(ALL_TARGETS))
+    unknown = sorted(set(args.targets) - set(PROJECTIONS))
     if unknown:
-        p.error(f"--targets {unknown} unknown; choose from {list(ALL_TARGETS)}")
+        p.error(f"--targets {unknown} unknown; choose from {list(PROJECTIONS)}")
 
-    results: dict[str, Any] = {"runs": {}}
-    if args.results.exists() and not args.fresh:
-        results = json.loads(args.results.read_text())
+    results = {"runs": {}} if args.fresh else load_results(args.results)
     for run in results.get("runs", {}).values():  # drop a value distorted by the peak reset (older files)
         run["result"].get("fila_stats", {}).pop("peak_memory_bytes", None)
     if args.notes_file is not None:
         results["notes"] = args.notes_file.read_text()
     if args.report_only:
         report(results, args.results)
-        _save(args.results, results)
+        write_json(args.results, results)
         return
-
-    import torch
-    import transformers
-
-    import peft_unlearn
 
     settings = {
         "model": args.model,
@@ -663,14 +599,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"--results {args.results} holds other settings; starting over.", flush=True)
         results = {"runs": {}}
     results["settings"] = settings
-    command = "python " + " ".join([os.path.relpath(__file__, ROOT), *(argv if argv is not None else sys.argv[1:])])
+    command = command_line(__file__, argv)
     machine = {
-        "platform": platform.platform(),
+        **machine_info(),
         "processor": platform.processor(),
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft_unlearn": peft_unlearn.__version__,
         "python": platform.python_version(),
         "loadavg_at_start": list(os.getloadavg()),
         "note": args.note,
@@ -687,9 +619,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {key} (load {os.getloadavg()[0]:.1f}) ...", flush=True)
         result = child({**settings, "phase": phase, "threads": n_threads}, args.timeout)
         results["runs"][key] = {"phase": phase, "repeat": rep, "threads": n_threads, "result": result}
-        _save(args.results, results)
+        write_json(args.results, results)
         report(results, args.results)
-        _save(args.results, results)
+        write_json(args.results, results)
         msg = result.get("error", "")[-800:] or (
             f"wall {result['wall_seconds']:.1f} s, cpu {result['cpu_seconds']:.1f} s, "
             f"phase peak {result['phase_peak_rss_bytes'] / GIB:.2f} GiB, loaded {result['rss_loaded_bytes'] / GIB:.2f} GiB"
@@ -697,7 +629,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"    {msg}", flush=True)
     machine["loadavg_at_end"] = list(os.getloadavg())
     report(results, args.results)
-    _save(args.results, results)
+    write_json(args.results, results)
 
 
 if __name__ == "__main__":

@@ -35,21 +35,31 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_RESULTS = ROOT / "benchmarks" / "results" / "fila_memory.json"
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-GIB = 2**30
-MIB = 2**20
+from common import (
+    GIB,
+    MIB,
+    PROJECTIONS,
+    RESULTS,
+    PeakMemory,
+    add_child_arguments,
+    child_env,
+    command_line,
+    ihl_nll_step,
+    lora_kwargs,
+    lora_layers,
+    pyplot,
+    run_as_child,
+    run_child,
+)
+
+DEFAULT_RESULTS = RESULTS / "fila_memory.json"
 
 # Llama-3-8B shapes for the projection
 LLAMA3_8B = {
@@ -68,52 +78,6 @@ LLAMA3_8B = {
 # ----------------------------------------------------------------------------------------------
 
 
-def _status(field: str) -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _reset_host_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")
-
-
-class Meter:
-    """Peak bytes of one phase above the memory in use when it starts (CUDA allocator or process RSS)."""
-
-    def __init__(self, device: str):
-        self.device = device
-
-    def __enter__(self) -> Meter:
-        import torch
-
-        gc.collect()
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            self.before = torch.cuda.memory_allocated()
-        else:
-            _reset_host_peak()
-            self.before = _status("VmRSS")
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        import torch
-
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated()
-        else:
-            self.peak = _status("VmHWM")
-        self.seconds = time.perf_counter() - self.start
-        self.delta = self.peak - self.before
-
-
 def run_config(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one configuration in this (fresh) process and return its measurement."""
     import torch
@@ -121,7 +85,6 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
 
     import peft_unlearn
     from peft_unlearn import estimate_fisher, initialize_fila_weights
-    from peft_unlearn.losses import inverted_hinge_loss, nll_loss
     from peft_unlearn.models import load_model_and_tokenizer
     from peft_unlearn.testing import random_lm_batches
 
@@ -130,7 +93,7 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
     device = spec["device"]
     model, _ = load_model_and_tokenizer(spec["model"], dtype=torch.bfloat16, device=device, show_progress=False)
     init = "fila" if spec["config"] == "fila_init" else True
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, init_lora_weights=init))
+    model = get_peft_model(model, LoraConfig(**lora_kwargs(8), init_lora_weights=init))
     vocab = model.get_input_embeddings().weight.shape[0]
 
     def batches(seed: int) -> list[dict[str, torch.Tensor]]:
@@ -147,25 +110,15 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
     forget, retain = batches(1), batches(2)
     with torch.no_grad():  # warm-up: lazy allocations of the first forward are not the phase's
         model(input_ids=forget[0]["input_ids"][:1, :16])
-    target_params = sum(
-        m.get_base_layer().weight.numel() for m in model.modules() if hasattr(m, "lora_A") and "default" in m.lora_A
-    )
+    target_params = sum(m.get_base_layer().weight.numel() for m in lora_layers(model).values())
     off = "meta" if device == "cpu" else "cpu"
     config = spec["config"]
     info: dict[str, Any] = {}
-    with Meter(device) as meter:
+    with PeakMemory(device) as meter:
         if config == "lora_step":
             model.train()
             optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-            f, r = forget[0], retain[0]
-            loss = inverted_hinge_loss(
-                model(input_ids=f["input_ids"], attention_mask=f["attention_mask"]).logits, f["labels"]
-            )
-            loss = loss + nll_loss(
-                model(input_ids=r["input_ids"], attention_mask=r["attention_mask"]).logits, r["labels"]
-            )
-            loss.backward()
-            optimizer.step()
+            loss = ihl_nll_step(model, optimizer, forget[0], retain[0])
             optimizer.zero_grad(set_to_none=True)
             info["loss"] = float(loss)
         elif config == "fisher_default":
@@ -174,7 +127,7 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
             stats = estimate_fisher(model, forget, retain, show_progress=False, accumulator_device=off)
         elif config.startswith("fisher_groups"):
             groups = int(config[len("fisher_groups") :])
-            per_pass = -(-len(TARGETS) * model.config.num_hidden_layers // groups)
+            per_pass = -(-len(PROJECTIONS) * model.config.num_hidden_layers // groups)
             stats = estimate_fisher(
                 model, forget, retain, show_progress=False, layers_per_pass=per_pass, accumulator_device=off
             )
@@ -276,7 +229,7 @@ def report(data: dict[str, Any], json_path: Path) -> None:
         "",
         f"Device: {spec['device']} ({data.get('machine', '')}); measure: "
         f"{next(iter(results.values()), {}).get('measure', '?')}; {spec['batches']} forget + {spec['batches']} retain "
-        f"batches of {spec['batch_size']} x {spec['seq_len']} tokens; LoRA r=8 on {', '.join(TARGETS)}; "
+        f"batches of {spec['batch_size']} x {spec['seq_len']} tokens; LoRA r=8 on {', '.join(PROJECTIONS)}; "
         f"{spec['threads']} thread(s). Each row is a fresh process.",
         "",
         "| configuration | peak above loaded model | bytes / target param | vs LoRA step | time (s) |",
@@ -343,15 +296,9 @@ def report(data: dict[str, Any], json_path: Path) -> None:
 
 
 def _plot(data: dict[str, Any], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
+    plt = pyplot()
     configs = [c for c in data["order"] if "peak_delta_bytes" in data["results"].get(c, {})]
-    if not configs:
+    if plt is None or not configs:
         return
     values = [data["results"][c]["peak_delta_bytes"] / MIB for c in configs]
     fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -385,12 +332,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     parser.add_argument("--fresh", action="store_true", help="redo every configuration")
     parser.add_argument("--report-only", action="store_true")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--timeout", type=int, default=3600)
+    add_child_arguments(parser)
     args = parser.parse_args(argv)
-
-    if args.child:
-        print("RESULT " + json.dumps(run_config(json.loads(args.child))), flush=True)
+    if run_as_child(args, run_config):
         return
 
     spec = {
@@ -408,14 +353,7 @@ def main(argv: list[str] | None = None) -> None:
         if data.get("spec") != spec:
             print(f"settings differ from {args.results}; starting over", file=sys.stderr)
             data = {}
-    command = " ".join(
-        [
-            f"OMP_NUM_THREADS={args.threads}",
-            "python",
-            "benchmarks/fila_memory.py",
-            *(argv if argv is not None else sys.argv[1:]),
-        ]
-    )
+    command = command_line(__file__, argv, OMP_NUM_THREADS=str(args.threads))
     data.update(
         spec=spec,
         order=order,
@@ -430,23 +368,11 @@ def main(argv: list[str] | None = None) -> None:
             if config in data["results"] and "peak_delta_bytes" in data["results"][config]:
                 print(f"{config}: done, skipped", flush=True)
                 continue
-            child_spec = dict(spec, config=config)
-            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1")
-            env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-            proc = subprocess.run(
-                [sys.executable, __file__, "--child", json.dumps(child_spec)],
-                capture_output=True,
-                text=True,
-                env=env,
-                timeout=args.timeout,
-            )
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            if proc.returncode != 0 or not lines:
-                data["results"][config] = {"error": proc.stderr[-2000:]}
-                print(f"{config}: FAILED\n{proc.stderr[-2000:]}", file=sys.stderr, flush=True)
+            env = child_env(args.threads, HF_HUB_OFFLINE="1")
+            r = data["results"][config] = run_child(__file__, dict(spec, config=config), args.timeout, env=env)
+            if "error" in r:
+                print(f"{config}: FAILED\n{r['error']}", file=sys.stderr, flush=True)
             else:
-                data["results"][config] = json.loads(lines[-1][len("RESULT ") :])
-                r = data["results"][config]
                 print(f"{config}: {r['peak_delta_bytes'] / MIB:.0f} MiB, {r['seconds']:.1f} s", flush=True)
             report(data, args.results)
     report(data, args.results)

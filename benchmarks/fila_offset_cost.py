@@ -20,15 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
+from common import RESULTS, command_line, lora_layers
 
 
 def _build(name: str, init: str, rank: int, seed: int):
@@ -36,7 +33,6 @@ def _build(name: str, init: str, rank: int, seed: int):
 
     import peft_unlearn  # noqa: F401  (registers init_lora_weights="fila")
     from peft_unlearn.fila import FisherStatistics, initialize_fila_weights
-    from peft_unlearn.fila.state import iter_lora_layers
 
     if name == "tiny":
         from peft_unlearn.testing import tiny_causal_lm
@@ -53,9 +49,9 @@ def _build(name: str, init: str, rank: int, seed: int):
     )
     peft_model = get_peft_model(model, config)
     if init == "fila":  # uniform importance: the init cost is not measured here, only the training step
-        layers = iter_lora_layers(peft_model, "default")
         importance = {
-            n: torch.ones(m.lora_B["default"].weight.shape[0], m.lora_A["default"].weight.shape[1]) for n, m in layers
+            n: torch.ones(m.lora_B["default"].weight.shape[0], m.lora_A["default"].weight.shape[1])
+            for n, m in lora_layers(peft_model).items()
         }
         initialize_fila_weights(peft_model, fisher=FisherStatistics(importance, f_count=1), show_progress=False)
     return peft_model, vocab
@@ -79,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=7, help="measured steps per model (after --warmup)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fila_offset_cost"))
+    parser.add_argument("--out", default=str(RESULTS / "fila_offset_cost"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -100,9 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
             if step >= args.warmup:
                 times[key].append(seconds)
     median = {k: statistics.median(v) for k, v in times.items()}
-    cli = " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     result = {
-        "command": f"OMP_NUM_THREADS={args.threads} python benchmarks/fila_offset_cost.py {cli}",
+        "command": command_line(__file__, argv, OMP_NUM_THREADS=str(args.threads)),
         "model": args.model,
         "rank": args.rank,
         "batch_size": args.batch_size,

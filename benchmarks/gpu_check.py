@@ -36,11 +36,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "examples" / "data"
-DEFAULT_RESULTS = ROOT / "benchmarks" / "results" / "gpu_check.json"
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-GIB = 2**30
+from common import GIB, RESULTS, PeakMemory, command_line, ihl_nll_step, lora_kwargs, lora_layers, read_texts
+
+DEFAULT_RESULTS = RESULTS / "gpu_check.json"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,10 +75,6 @@ def _load(args: argparse.Namespace, quantized: bool = False) -> tuple[Any, Any]:
     return model.eval(), tokenizer
 
 
-def _texts(name: str) -> list[str]:
-    return [json.loads(line)["text"] for line in (DATA / name).read_text().splitlines() if line.strip()]
-
-
 def _batches(tokenizer: Any, texts: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
     out = []
     for i in range(0, len(texts), args.batch_size):
@@ -107,30 +101,6 @@ def _finite_fp32(stats: Any) -> bool:
     return all(t.dtype == torch.float32 and bool(torch.isfinite(t).all()) for t in tensors)
 
 
-def _peak(device: str):
-    """Context manager measuring peak CUDA bytes above the start (None on CPU)."""
-    import contextlib
-
-    import torch
-
-    @contextlib.contextmanager
-    def meter():
-        box: dict[str, Any] = {"bytes": None}
-        if device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-        start = time.perf_counter()
-        yield box
-        if device == "cuda":
-            torch.cuda.synchronize()
-            box["bytes"] = torch.cuda.max_memory_allocated() - before
-        box["seconds"] = time.perf_counter() - start
-
-    return meter()
-
-
 def _train(model: Any, tokenizer: Any, args: argparse.Namespace, steps: int) -> dict[str, Any]:
     """A few IHL + retain NLL steps with UnlearningTrainer on the already-initialised PeftModel."""
     from datasets import Dataset
@@ -155,8 +125,8 @@ def _train(model: Any, tokenizer: Any, args: argparse.Namespace, steps: int) -> 
     trainer = UnlearningTrainer(
         model=model,
         args=config,
-        forget_dataset=Dataset.from_dict({"text": _texts("forget.jsonl")[: args.batch_size * args.batches]}),
-        retain_dataset=Dataset.from_dict({"text": _texts("retain.jsonl")[: args.batch_size * args.batches]}),
+        forget_dataset=Dataset.from_dict({"text": read_texts("forget.jsonl")[: args.batch_size * args.batches]}),
+        retain_dataset=Dataset.from_dict({"text": read_texts("retain.jsonl")[: args.batch_size * args.batches]}),
         processing_class=tokenizer,
     )
     before = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -182,14 +152,12 @@ def check_bf16_fila_ihl(args: argparse.Namespace) -> dict[str, Any]:
     from peft_unlearn import estimate_fisher, initialize_fila_weights
 
     model, tokenizer = _load(args)
-    forget = [_to(b, args.device) for b in _batches(tokenizer, _texts("forget.jsonl"), args)]
-    retain = [_to(b, args.device) for b in _batches(tokenizer, _texts("retain.jsonl"), args)]
+    forget = [_to(b, args.device) for b in _batches(tokenizer, read_texts("forget.jsonl"), args)]
+    retain = [_to(b, args.device) for b in _batches(tokenizer, read_texts("retain.jsonl"), args)]
     with torch.no_grad():
         base_logits = model(input_ids=forget[0]["input_ids"], attention_mask=forget[0]["attention_mask"]).logits
-    peft_model = get_peft_model(
-        model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, init_lora_weights="fila")
-    )
-    with _peak(args.device) as fisher_peak:
+    peft_model = get_peft_model(model, LoraConfig(**lora_kwargs(8), init_lora_weights="fila"))
+    with PeakMemory(args.device, host=False) as fisher_peak:
         stats = estimate_fisher(peft_model, forget, retain, show_progress=False)
     init = initialize_fila_weights(peft_model, fisher=stats, show_progress=False)
     with torch.no_grad():
@@ -202,8 +170,8 @@ def check_bf16_fila_ihl(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "ok": bool(ok),
         "fisher_fp32_finite": _finite_fp32(stats),
-        "fisher_peak_bytes": fisher_peak["bytes"],
-        "fisher_seconds": fisher_peak["seconds"],
+        "fisher_peak_bytes": fisher_peak.delta,
+        "fisher_seconds": fisher_peak.seconds,
         "init_seconds": init.get("seconds"),
         "init_max_abs_logit_diff": diff,
         "base_max_abs_logit": scale,
@@ -218,17 +186,15 @@ def check_qlora_4bit_fila(args: argparse.Namespace) -> dict[str, Any]:
 
     model, tokenizer = _load(args, quantized=True)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    forget = [_to(b, args.device) for b in _batches(tokenizer, _texts("forget.jsonl"), args)]
-    retain = [_to(b, args.device) for b in _batches(tokenizer, _texts("retain.jsonl"), args)]
-    peft_model = get_peft_model(
-        model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, init_lora_weights="fila")
-    )
-    with _peak(args.device) as fisher_peak:
+    forget = [_to(b, args.device) for b in _batches(tokenizer, read_texts("forget.jsonl"), args)]
+    retain = [_to(b, args.device) for b in _batches(tokenizer, read_texts("retain.jsonl"), args)]
+    peft_model = get_peft_model(model, LoraConfig(**lora_kwargs(8), init_lora_weights="fila"))
+    with PeakMemory(args.device, host=False) as fisher_peak:
         stats = estimate_fisher(peft_model, forget, retain, show_progress=False, accumulator_device="cpu")
     result: dict[str, Any] = {
         "fisher_fp32_finite": _finite_fp32(stats),
-        "fisher_peak_bytes": fisher_peak["bytes"],
-        "fisher_seconds": fisher_peak["seconds"],
+        "fisher_peak_bytes": fisher_peak.delta,
+        "fisher_seconds": fisher_peak.seconds,
     }
     init = initialize_fila_weights(peft_model, fisher=stats, show_progress=False)
     result["init_seconds"] = init.get("seconds")
@@ -242,18 +208,14 @@ def check_low_memory_fisher(args: argparse.Namespace) -> dict[str, Any]:
     from peft import LoraConfig, get_peft_model
 
     from peft_unlearn import estimate_fisher
-    from peft_unlearn.losses import inverted_hinge_loss, nll_loss
 
     model, tokenizer = _load(args)
-    forget = [_to(b, args.device) for b in _batches(tokenizer, _texts("forget.jsonl"), args)]
-    retain = [_to(b, args.device) for b in _batches(tokenizer, _texts("retain.jsonl"), args)]
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
-    num_layers = sum(1 for m in peft_model.modules() if hasattr(m, "lora_A") and "default" in m.lora_A)
-    target_params = sum(
-        m.get_base_layer().weight.numel()
-        for m in peft_model.modules()
-        if hasattr(m, "lora_A") and "default" in m.lora_A
-    )
+    forget = [_to(b, args.device) for b in _batches(tokenizer, read_texts("forget.jsonl"), args)]
+    retain = [_to(b, args.device) for b in _batches(tokenizer, read_texts("retain.jsonl"), args)]
+    peft_model = get_peft_model(model, LoraConfig(**lora_kwargs(8)))
+    layers = list(lora_layers(peft_model).values())
+    num_layers = len(layers)
+    target_params = sum(m.get_base_layer().weight.numel() for m in layers)
     modes = {
         "default": {},
         "accumulator_device_cpu": {"accumulator_device": "cpu"},
@@ -262,10 +224,10 @@ def check_low_memory_fisher(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"target_params": target_params, "modes": {}}
     reference = None
     for mode, kwargs in modes.items():
-        with _peak(args.device) as peak:
+        with PeakMemory(args.device, host=False) as peak:
             stats = estimate_fisher(peft_model, forget, retain, show_progress=False, **kwargs)
         stats = stats.to("cpu")
-        entry = {"peak_bytes": peak["bytes"], "seconds": peak["seconds"], "finite": _finite_fp32(stats)}
+        entry = {"peak_bytes": peak.delta, "seconds": peak.seconds, "finite": _finite_fp32(stats)}
         if reference is None:
             reference = stats
         else:
@@ -280,19 +242,11 @@ def check_low_memory_fisher(args: argparse.Namespace) -> dict[str, Any]:
         del stats
     peft_model.train()
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-5)
-    with _peak(args.device) as peak:
-        f, r = forget[0], retain[0]
-        loss = inverted_hinge_loss(
-            peft_model(input_ids=f["input_ids"], attention_mask=f["attention_mask"]).logits, f["labels"]
-        )
-        loss = loss + nll_loss(
-            peft_model(input_ids=r["input_ids"], attention_mask=r["attention_mask"]).logits, r["labels"]
-        )
-        loss.backward()
-        optimizer.step()
-    out["lora_step"] = {"peak_bytes": peak["bytes"], "seconds": peak["seconds"]}
+    with PeakMemory(args.device, host=False) as peak:
+        ihl_nll_step(peft_model, optimizer, forget[0], retain[0])
+    out["lora_step"] = {"peak_bytes": peak.delta, "seconds": peak.seconds}
     low = out["modes"]["accumulator_device_cpu"]["peak_bytes"]
-    out["low_memory_below_lora_step"] = None if low is None else bool(low <= peak["bytes"])
+    out["low_memory_below_lora_step"] = None if low is None else bool(low <= peak.delta)
     # statistics identical up to the GPU/CPU difference of the fused multiply-add
     out["ok"] = all(m["finite"] for m in out["modes"].values()) and all(
         m.get("max_rel_diff_vs_default", 0.0) < 1e-5 for m in out["modes"].values()
@@ -379,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     data: dict[str, Any] = {
-        "command": "python benchmarks/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command_line(__file__, argv),
         "device_name": torch.cuda.get_device_name(0) if args.device == "cuda" else f"CPU ({platform.machine()})",
         "torch": torch.__version__,
         "smoke": args.smoke,

@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import platform
-import shlex
 import statistics
 import subprocess
 import sys
@@ -39,9 +38,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import RESULTS, command_line, peak_rss_bytes, proc_status, pyplot, reset_peak_rss
 
 METHODS = ("cross_entropy", "ihl", "ihl_naive")
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 NAME = "ihl_vs_cross_entropy"
 
 
@@ -87,19 +86,6 @@ def _loss_fn(method: str):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not found in /proc/self/status")
-
-
-def _reset_peak_rss() -> None:
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-
-
 def run_worker(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -130,13 +116,13 @@ def run_worker(args: argparse.Namespace) -> dict:
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
         else:
-            before = _status_kb("VmRSS") * 1024
-            _reset_peak_rss()
+            before = proc_status("VmRSS")["VmRSS"]
+            reset_peak_rss()
         t0, c0 = time.perf_counter(), time.process_time()
         loss_value = step()
         sync()
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        peak = torch.cuda.max_memory_allocated() if cuda else _status_kb("VmHWM") * 1024
+        peak = torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()
         peaks.append(peak - before)
         if i >= args.warmup:
             wall_times.append(wall)
@@ -240,12 +226,8 @@ def _write_outputs(report: dict, out_dir: Path, stem: str) -> None:
         lines += ["", f"Note: {report['note']}"]
     (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover
+    plt = pyplot()
+    if plt is None:
         print("matplotlib not installed: skipping the plot", file=sys.stderr)
         return
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -276,7 +258,7 @@ def _write_outputs(report: dict, out_dir: Path, stem: str) -> None:
     plt.close(fig)
 
 
-def run_driver(args: argparse.Namespace) -> dict:
+def run_driver(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     rounds: list[dict[str, dict]] = []
     for r in range(args.rounds):
         results = {}
@@ -313,7 +295,7 @@ def run_driver(args: argparse.Namespace) -> dict:
         )
     tokens = args.batch * args.seq_len
     return {
-        "command": shlex.join(["python", "benchmarks/ihl_vs_cross_entropy.py", *sys.argv[1:]]),
+        "command": command_line(__file__, argv),
         "config": {
             "vocab": args.vocab,
             "batch": args.batch,
@@ -349,7 +331,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=2, help="how many times the whole comparison is repeated")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads in each worker")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--output-dir", type=Path, default=RESULTS)
     parser.add_argument("--stem", default=None, help=f"output file stem (default {NAME}, + _<dtype> if not fp32)")
     parser.add_argument("--note", default="", help="free text stored in the results (e.g. machine load)")
     parser.add_argument(
@@ -367,7 +349,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.from_json is not None:
         _write_outputs(json.loads(args.from_json.read_text()), args.from_json.parent, args.from_json.stem)
         return
-    report = run_driver(args)
+    report = run_driver(args, argv)
     stem = args.stem or (NAME if args.dtype == "float32" else f"{NAME}_{args.dtype}")
     _write_outputs(report, args.output_dir, stem)
     for method in METHODS:
