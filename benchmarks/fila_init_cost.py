@@ -40,25 +40,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import (
-    GIB,
-    PROJECTIONS,
-    RESULTS,
-    add_child_arguments,
-    command_line,
-    load_results,
-    machine_info,
-    proc_status,
-    pyplot,
-    read_texts,
-    reset_peak_rss,
-    run_as_child,
-    run_child,
-    unlearning_config,
-    write_json,
-)
+import common
 
-DEFAULT_RESULTS = RESULTS / "fila_init_cost.json"
+DEFAULT_RESULTS = common.RESULTS / "fila_init_cost.json"
 PHASES = ("fila", "epoch")
 TARGETS = {"time": 1.5, "memory": 1.3}
 
@@ -71,7 +55,7 @@ _MEM_FIELDS = ("VmRSS", "VmHWM", "RssAnon", "RssFile")
 
 def _mem() -> dict[str, int]:
     """``VmRSS``, ``VmHWM``, ``RssAnon``, ``RssFile`` of ``/proc/self/status`` in bytes (missing fields: 0)."""
-    return proc_status(*_MEM_FIELDS)
+    return common.proc_status(*_MEM_FIELDS)
 
 
 class PeakSampler:
@@ -118,7 +102,7 @@ class PeakSampler:
 # child process: one measurement
 # ----------------------------------------------------------------------------------------------
 def _read_texts(name: str, limit: int | None = None) -> list[dict[str, str]]:
-    return [{"text": text} for text in read_texts(name, limit)]
+    return [{"text": text} for text in common.read_texts(name, limit)]
 
 
 def _setup(spec: dict[str, Any], init: bool | str, output_dir: str) -> dict[str, Any]:
@@ -147,7 +131,7 @@ def _setup(spec: dict[str, Any], init: bool | str, output_dir: str) -> dict[str,
         init_lora_weights=init,
     )
     model = get_peft_model(model, lora)
-    args = unlearning_config(output_dir, spec, num_train_epochs=1, fila_batch_size=spec["fila_batch_size"])
+    args = common.unlearning_config(output_dir, spec, num_train_epochs=1, fila_batch_size=spec["fila_batch_size"])
     trainer = UnlearningTrainer(
         model=model,
         args=args,
@@ -222,7 +206,7 @@ def run_phase(spec: dict[str, Any]) -> dict[str, Any]:
             def on_step_end(self, args, state, control, **kwargs):
                 step_times.append(time.perf_counter() - self.t0)
 
-        reset_ok = reset_peak_rss(required=False)
+        reset_ok = common.reset_peak_rss(required=False)
         with PeakSampler() as sampler:
             cpu0, wall0 = time.process_time(), time.perf_counter()
             if phase == "fila":
@@ -231,7 +215,7 @@ def run_phase(spec: dict[str, Any]) -> dict[str, Any]:
                 fisher = estimate_fisher(model, forget_loader, retain_loader, show_progress=False)
                 fisher_seconds = time.perf_counter() - wall0
                 fisher_mark = {f"{k}_after_fisher_bytes": v for k, v in _mem().items()}
-                fisher_mark["reset_ok"] = reset_peak_rss(required=False)  # the SVD phase gets its own peak
+                fisher_mark["reset_ok"] = common.reset_peak_rss(required=False)  # the SVD phase gets its own peak
                 info = initialize_fila_weights(model, fisher=fisher, show_progress=False)
                 out["fila_stats"] = {
                     "fisher_seconds": fisher_seconds,
@@ -276,7 +260,7 @@ def run_phase(spec: dict[str, Any]) -> dict[str, Any]:
 def child(spec: dict[str, Any], timeout: int) -> dict[str, Any]:
     """Run one measurement in a fresh interpreter and return its result (or ``{"error": ...}``) with the load."""
     load_before = list(os.getloadavg())
-    result = run_child(__file__, spec, timeout, wall_key="child_wall_seconds")  # the phase has "wall_seconds"
+    result = common.run_child(__file__, spec, timeout, wall_key="child_wall_seconds")  # the phase has "wall_seconds"
     result["loadavg_before"] = load_before
     if "error" not in result:
         result["loadavg_after"] = list(os.getloadavg())
@@ -350,7 +334,7 @@ def _status(value: float, target: float) -> str:
 
 
 def _g(value: Any) -> str:
-    return f"{value / GIB:.2f}" if isinstance(value, (int, float)) and not math.isnan(value) else "–"
+    return f"{value / common.GIB:.2f}" if isinstance(value, (int, float)) and not math.isnan(value) else "–"
 
 
 def _s(value: Any) -> str:
@@ -468,7 +452,7 @@ def report(results: dict[str, Any], path: Path) -> None:
 
 def _plot(summaries: dict[int, dict[str, Any]], png: Path, rank: Any = "?") -> None:
     """Bar plot: time (Fisher + SVD vs epoch) and peak RSS (loaded + increment), one group per thread count."""
-    plt = pyplot()
+    plt = common.pyplot()
     groups = [(t, s["medians"]) for t, s in summaries.items() if {"fila", "epoch"} <= set(s.get("medians", {}))]
     if plt is None or not groups:
         return
@@ -498,11 +482,11 @@ def _plot(summaries: dict[int, dict[str, Any]], png: Path, rank: Any = "?") -> N
         )
         ax_t.text(x_f, f["wall_seconds"] * 1.02, f"{f['wall_seconds'] / e['wall_seconds']:.2f}x", ha="center")
         for x, m, color in ((x_f, f, "tab:orange"), (x_e, e, "tab:blue")):
-            loaded = m["rss_loaded_bytes"] / GIB
+            loaded = m["rss_loaded_bytes"] / common.GIB
             ax_m.bar(x, loaded, width, color="tab:gray", label="RSS after loading" if first and m is f else None)
-            ax_m.bar(x, m["phase_increment_bytes"] / GIB, width, bottom=loaded, color=color)
+            ax_m.bar(x, m["phase_increment_bytes"] / common.GIB, width, bottom=loaded, color=color)
         ax_m.hlines(
-            TARGETS["memory"] * e["phase_peak_rss_bytes"] / GIB,
+            TARGETS["memory"] * e["phase_peak_rss_bytes"] / common.GIB,
             i - width,
             i + width,
             colors="k",
@@ -511,7 +495,7 @@ def _plot(summaries: dict[int, dict[str, Any]], png: Path, rank: Any = "?") -> N
         )
         ax_m.text(
             x_f,
-            f["phase_peak_rss_bytes"] / GIB * 1.02,
+            f["phase_peak_rss_bytes"] / common.GIB * 1.02,
             f"{f['phase_peak_rss_bytes'] / e['phase_peak_rss_bytes']:.2f}x",
             ha="center",
         )
@@ -536,7 +520,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 * rank)")
-    p.add_argument("--targets", nargs="+", default=list(PROJECTIONS))
+    p.add_argument("--targets", nargs="+", default=list(common.PROJECTIONS))
     p.add_argument("--batch-size", type=int, default=4, help="training batch size and FILA Fisher batch size")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--n-forget", type=int, default=None, help="first N forget passages (default: all)")
@@ -558,25 +542,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
     p.add_argument("--notes-file", type=Path, help="markdown stored with the results and shown in the report")
     p.add_argument("--report-only", action="store_true")
-    add_child_arguments(p)
+    common.add_child_arguments(p)
     args = p.parse_args(argv)
-    if run_as_child(args, run_phase):
+    if common.run_as_child(args, run_phase):
         return
 
     if args.rank < 1 or args.batch_size < 1 or args.max_length < 2 or args.repeats < 1:
         p.error("--rank, --batch-size and --repeats must be >= 1 and --max-length >= 2")
-    unknown = sorted(set(args.targets) - set(PROJECTIONS))
+    unknown = sorted(set(args.targets) - set(common.PROJECTIONS))
     if unknown:
-        p.error(f"--targets {unknown} unknown; choose from {list(PROJECTIONS)}")
+        p.error(f"--targets {unknown} unknown; choose from {list(common.PROJECTIONS)}")
 
-    results = {"runs": {}} if args.fresh else load_results(args.results)
+    results = {"runs": {}} if args.fresh else common.load_results(args.results)
     for run in results.get("runs", {}).values():  # drop a value distorted by the peak reset (older files)
         run["result"].get("fila_stats", {}).pop("peak_memory_bytes", None)
     if args.notes_file is not None:
         results["notes"] = args.notes_file.read_text()
     if args.report_only:
         report(results, args.results)
-        write_json(args.results, results)
+        common.write_json(args.results, results)
         return
 
     settings = {
@@ -599,9 +583,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"--results {args.results} holds other settings; starting over.", flush=True)
         results = {"runs": {}}
     results["settings"] = settings
-    command = command_line(__file__, argv)
+    command = common.command_line(__file__, argv)
     machine = {
-        **machine_info(),
+        **common.machine_info(),
         "processor": platform.processor(),
         "python": platform.python_version(),
         "loadavg_at_start": list(os.getloadavg()),
@@ -619,17 +603,17 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {key} (load {os.getloadavg()[0]:.1f}) ...", flush=True)
         result = child({**settings, "phase": phase, "threads": n_threads}, args.timeout)
         results["runs"][key] = {"phase": phase, "repeat": rep, "threads": n_threads, "result": result}
-        write_json(args.results, results)
+        common.write_json(args.results, results)
         report(results, args.results)
-        write_json(args.results, results)
+        common.write_json(args.results, results)
         msg = result.get("error", "")[-800:] or (
             f"wall {result['wall_seconds']:.1f} s, cpu {result['cpu_seconds']:.1f} s, "
-            f"phase peak {result['phase_peak_rss_bytes'] / GIB:.2f} GiB, loaded {result['rss_loaded_bytes'] / GIB:.2f} GiB"
+            f"phase peak {result['phase_peak_rss_bytes'] / common.GIB:.2f} GiB, loaded {result['rss_loaded_bytes'] / common.GIB:.2f} GiB"
         )
         print(f"    {msg}", flush=True)
     machine["loadavg_at_end"] = list(os.getloadavg())
     report(results, args.results)
-    write_json(args.results, results)
+    common.write_json(args.results, results)
 
 
 if __name__ == "__main__":

@@ -42,24 +42,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common import (
-    GIB,
-    MIB,
-    PROJECTIONS,
-    RESULTS,
-    PeakMemory,
-    add_child_arguments,
-    child_env,
-    command_line,
-    ihl_nll_step,
-    lora_kwargs,
-    lora_layers,
-    pyplot,
-    run_as_child,
-    run_child,
-)
+import common
 
-DEFAULT_RESULTS = RESULTS / "fila_memory.json"
+DEFAULT_RESULTS = common.RESULTS / "fila_memory.json"
 
 # Llama-3-8B shapes for the projection
 LLAMA3_8B = {
@@ -93,7 +78,7 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
     device = spec["device"]
     model, _ = load_model_and_tokenizer(spec["model"], dtype=torch.bfloat16, device=device, show_progress=False)
     init = "fila" if spec["config"] == "fila_init" else True
-    model = get_peft_model(model, LoraConfig(**lora_kwargs(8), init_lora_weights=init))
+    model = get_peft_model(model, LoraConfig(**common.lora_kwargs(8), init_lora_weights=init))
     vocab = model.get_input_embeddings().weight.shape[0]
 
     def batches(seed: int) -> list[dict[str, torch.Tensor]]:
@@ -110,15 +95,15 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
     forget, retain = batches(1), batches(2)
     with torch.no_grad():  # warm-up: lazy allocations of the first forward are not the phase's
         model(input_ids=forget[0]["input_ids"][:1, :16])
-    target_params = sum(m.get_base_layer().weight.numel() for m in lora_layers(model).values())
+    target_params = sum(m.get_base_layer().weight.numel() for m in common.lora_layers(model).values())
     off = "meta" if device == "cpu" else "cpu"
     config = spec["config"]
     info: dict[str, Any] = {}
-    with PeakMemory(device) as meter:
+    with common.PeakMemory(device) as meter:
         if config == "lora_step":
             model.train()
             optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-            loss = ihl_nll_step(model, optimizer, forget[0], retain[0])
+            loss = common.ihl_nll_step(model, optimizer, forget[0], retain[0])
             optimizer.zero_grad(set_to_none=True)
             info["loss"] = float(loss)
         elif config == "fisher_default":
@@ -127,7 +112,7 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
             stats = estimate_fisher(model, forget, retain, show_progress=False, accumulator_device=off)
         elif config.startswith("fisher_groups"):
             groups = int(config[len("fisher_groups") :])
-            per_pass = -(-len(PROJECTIONS) * model.config.num_hidden_layers // groups)
+            per_pass = -(-len(common.PROJECTIONS) * model.config.num_hidden_layers // groups)
             stats = estimate_fisher(
                 model, forget, retain, show_progress=False, layers_per_pass=per_pass, accumulator_device=off
             )
@@ -201,15 +186,15 @@ def project(results: dict[str, Any], spec: dict[str, Any], tokens: int = 1024) -
             above += 16 * 8 * LLAMA3_8B["layers"] * 2 * 9 * LLAMA3_8B["hidden"]
         rows[config] = {
             "activation_constant_bytes": a,
-            "above_model_gib": above / GIB,
-            "bf16_80gb_gib": (weights_bf16 + above) / GIB,
-            "qlora_24gb_gib": (weights_4bit + above) / GIB,
+            "above_model_gib": above / common.GIB,
+            "bf16_80gb_gib": (weights_bf16 + above) / common.GIB,
+            "qlora_24gb_gib": (weights_4bit + above) / common.GIB,
         }
     return {
         "tokens_per_batch": tokens,
         "target_params": target_params,
-        "weights_bf16_gib": weights_bf16 / GIB,
-        "weights_4bit_gib": weights_4bit / GIB,
+        "weights_bf16_gib": weights_bf16 / common.GIB,
+        "weights_4bit_gib": weights_4bit / common.GIB,
         "rows": rows,
     }
 
@@ -229,7 +214,7 @@ def report(data: dict[str, Any], json_path: Path) -> None:
         "",
         f"Device: {spec['device']} ({data.get('machine', '')}); measure: "
         f"{next(iter(results.values()), {}).get('measure', '?')}; {spec['batches']} forget + {spec['batches']} retain "
-        f"batches of {spec['batch_size']} x {spec['seq_len']} tokens; LoRA r=8 on {', '.join(PROJECTIONS)}; "
+        f"batches of {spec['batch_size']} x {spec['seq_len']} tokens; LoRA r=8 on {', '.join(common.PROJECTIONS)}; "
         f"{spec['threads']} thread(s). Each row is a fresh process.",
         "",
         "| configuration | peak above loaded model | bytes / target param | vs LoRA step | time (s) |",
@@ -242,7 +227,7 @@ def report(data: dict[str, Any], json_path: Path) -> None:
             continue
         ratio = f"{r['peak_delta_bytes'] / lora:.2f}x" if lora else "n/a"
         lines.append(
-            f"| `{config}` | {r['peak_delta_bytes'] / MIB:,.0f} MiB | {r['bytes_per_target_param']:.2f} | {ratio} | "
+            f"| `{config}` | {r['peak_delta_bytes'] / common.MIB:,.0f} MiB | {r['bytes_per_target_param']:.2f} | {ratio} | "
             f"{r['seconds']:.1f} |"
         )
     if spec["device"] == "cpu":
@@ -278,13 +263,13 @@ def report(data: dict[str, Any], json_path: Path) -> None:
             continue
         lines.append(
             f"| `{config}` | {row['activation_constant_bytes']:.1f} | {row['above_model_gib']:.1f} GiB | "
-            f"{row['bf16_80gb_gib']:.1f} GiB | {'yes' if row['bf16_80gb_gib'] < 80 * 1e9 / GIB else 'no'} | "
-            f"{row['qlora_24gb_gib']:.1f} GiB | {'yes' if row['qlora_24gb_gib'] < 24 * 1e9 / GIB else 'no'} |"
+            f"{row['bf16_80gb_gib']:.1f} GiB | {'yes' if row['bf16_80gb_gib'] < 80 * 1e9 / common.GIB else 'no'} | "
+            f"{row['qlora_24gb_gib']:.1f} GiB | {'yes' if row['qlora_24gb_gib'] < 24 * 1e9 / common.GIB else 'no'} |"
         )
     lines += [
         "",
         "In the offload and group modes the host holds the finished accumulators: 8 B x target params = "
-        f"{8 * proj['target_params'] / GIB:.0f} GiB of host RAM for these shapes.",
+        f"{8 * proj['target_params'] / common.GIB:.0f} GiB of host RAM for these shapes.",
         "",
         "The projection is a one-point calibration of the activation term (CPU allocator, bf16); treat it as an",
         "estimate. `benchmarks/gpu_check.py` measures the low-memory mode with `torch.cuda.max_memory_allocated`.",
@@ -296,17 +281,17 @@ def report(data: dict[str, Any], json_path: Path) -> None:
 
 
 def _plot(data: dict[str, Any], path: Path) -> None:
-    plt = pyplot()
+    plt = common.pyplot()
     configs = [c for c in data["order"] if "peak_delta_bytes" in data["results"].get(c, {})]
     if plt is None or not configs:
         return
-    values = [data["results"][c]["peak_delta_bytes"] / MIB for c in configs]
+    values = [data["results"][c]["peak_delta_bytes"] / common.MIB for c in configs]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     colors = ["tab:gray" if c == "lora_step" else "tab:blue" for c in configs]
     ax.barh(configs, values, color=colors)
     lora = data["results"].get("lora_step", {}).get("peak_delta_bytes")
     if lora:
-        ax.axvline(lora / MIB, color="tab:gray", linestyle="--", linewidth=1)
+        ax.axvline(lora / common.MIB, color="tab:gray", linestyle="--", linewidth=1)
     ax.set_xlabel("peak memory above the loaded model (MiB)")
     ax.set_title(f"Gemma-3 270M bf16 ({data['spec']['device']}): FILA init vs one LoRA unlearning step")
     ax.invert_yaxis()
@@ -333,9 +318,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fresh", action="store_true", help="redo every configuration")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--timeout", type=int, default=3600)
-    add_child_arguments(parser)
+    common.add_child_arguments(parser)
     args = parser.parse_args(argv)
-    if run_as_child(args, run_config):
+    if common.run_as_child(args, run_config):
         return
 
     spec = {
@@ -353,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
         if data.get("spec") != spec:
             print(f"settings differ from {args.results}; starting over", file=sys.stderr)
             data = {}
-    command = command_line(__file__, argv, OMP_NUM_THREADS=str(args.threads))
+    command = common.command_line(__file__, argv, OMP_NUM_THREADS=str(args.threads))
     data.update(
         spec=spec,
         order=order,
@@ -368,12 +353,12 @@ def main(argv: list[str] | None = None) -> None:
             if config in data["results"] and "peak_delta_bytes" in data["results"][config]:
                 print(f"{config}: done, skipped", flush=True)
                 continue
-            env = child_env(args.threads, HF_HUB_OFFLINE="1")
-            r = data["results"][config] = run_child(__file__, dict(spec, config=config), args.timeout, env=env)
+            env = common.child_env(args.threads, HF_HUB_OFFLINE="1")
+            r = data["results"][config] = common.run_child(__file__, dict(spec, config=config), args.timeout, env=env)
             if "error" in r:
                 print(f"{config}: FAILED\n{r['error']}", file=sys.stderr, flush=True)
             else:
-                print(f"{config}: {r['peak_delta_bytes'] / MIB:.0f} MiB, {r['seconds']:.1f} s", flush=True)
+                print(f"{config}: {r['peak_delta_bytes'] / common.MIB:.0f} MiB, {r['seconds']:.1f} s", flush=True)
             report(data, args.results)
     report(data, args.results)
 

@@ -24,8 +24,8 @@ import statistics
 import time
 from pathlib import Path
 
+import common
 import torch
-from common import RESULTS, command_line, lora_layers
 
 
 def _build(name: str, init: str, rank: int, seed: int):
@@ -51,7 +51,7 @@ def _build(name: str, init: str, rank: int, seed: int):
     if init == "fila":  # uniform importance: the init cost is not measured here, only the training step
         importance = {
             n: torch.ones(m.lora_B["default"].weight.shape[0], m.lora_A["default"].weight.shape[1])
-            for n, m in lora_layers(peft_model).items()
+            for n, m in common.lora_layers(peft_model).items()
         }
         initialize_fila_weights(peft_model, fisher=FisherStatistics(importance, f_count=1), show_progress=False)
     return peft_model, vocab
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=7, help="measured steps per model (after --warmup)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=str(RESULTS / "fila_offset_cost"))
+    parser.add_argument("--out", default=str(common.RESULTS / "fila_offset_cost"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
                 times[key].append(seconds)
     median = {k: statistics.median(v) for k, v in times.items()}
     result = {
-        "command": command_line(__file__, argv, OMP_NUM_THREADS=str(args.threads)),
+        "command": common.command_line(__file__, argv, OMP_NUM_THREADS=str(args.threads)),
         "model": args.model,
         "rank": args.rank,
         "batch_size": args.batch_size,

@@ -29,34 +29,9 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-from common import (
-    RESULTS,
-    add_child_arguments,
-    check_settings,
-    child_env,
-    command_line,
-    fmt,
-    forget_monitor,
-    init_stats,
-    load_results,
-    lora_kwargs,
-    machine_info,
-    mean_std,
-    memorization,
-    peak_rss_bytes,
-    pyplot,
-    read_texts,
-    record_command,
-    report_head,
-    run_as_child,
-    run_child,
-    save_results,
-    say,
-    tokenize,
-    unlearning_config,
-)
+import common
 
-DEFAULT_RESULTS = RESULTS / "gemma3_unlearning.json"
+DEFAULT_RESULTS = common.RESULTS / "gemma3_unlearning.json"
 
 LOSSES = {
     # name: (forget_loss, retain_loss); the paper's method first, so a partial run still compares it
@@ -97,40 +72,40 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
             module.support_avx512bf16_for_cpu = False  # through them: keep the trainable layout
     load_seconds = time.time() - t_load
 
-    forget_ids = tokenize(tokenizer, read_texts("forget.jsonl", spec["n_forget"]), spec["max_length"])
-    retain_ids = tokenize(tokenizer, read_texts("retain.jsonl"), spec["max_length"])
-    heldout_ids = tokenize(tokenizer, read_texts("heldout.jsonl"), spec["max_length"])
-    kept_ids = tokenize(tokenizer, read_texts("memorized_heldout.jsonl"), spec["max_length"])
+    forget_ids = common.tokenize(tokenizer, common.read_texts("forget.jsonl", spec["n_forget"]), spec["max_length"])
+    retain_ids = common.tokenize(tokenizer, common.read_texts("retain.jsonl"), spec["max_length"])
+    heldout_ids = common.tokenize(tokenizer, common.read_texts("heldout.jsonl"), spec["max_length"])
+    kept_ids = common.tokenize(tokenizer, common.read_texts("memorized_heldout.jsonl"), spec["max_length"])
     pad_id = tokenizer.pad_token_id
     el_key = f"el{spec['el_n']}"
 
     if spec.get("baseline_mheldout"):  # added to an existing baseline: the memorized-heldout set alone
-        return memorization(model, kept_ids, spec, pad_id)
+        return common.memorization(model, kept_ids, spec, pad_id)
     if spec.get("baseline"):
         out = {  # EL (greedy generation) is costly: not needed on retain
-            name: memorization(model, ids, spec, pad_id, compute_el=name != "retain")
+            name: common.memorization(model, ids, spec, pad_id, compute_el=name != "retain")
             for name, ids in (("forget", forget_ids), ("retain", retain_ids), ("heldout", heldout_ids))
         }
-        out["mheldout"] = memorization(model, kept_ids, spec, pad_id)
+        out["mheldout"] = common.memorization(model, kept_ids, spec, pad_id)
         out["load_seconds"] = load_seconds
         return out
 
     method, rank = spec["method"], spec["rank"]
     if method != "full":
-        common = lora_kwargs(rank)
+        kw = common.lora_kwargs(rank)
         if method == "fila":  # this grid measured the paper's factor magnitudes (the library default is "stable")
             from peft_unlearn.fila import FilaConfig, FilaLoraConfig
 
-            lora = FilaLoraConfig(**common, fila_config=FilaConfig(factor_scale="paper"))
+            lora = FilaLoraConfig(**kw, fila_config=FilaConfig(factor_scale="paper"))
         else:
-            lora = LoraConfig(**common, init_lora_weights=True)
+            lora = LoraConfig(**kw, init_lora_weights=True)
         model = get_peft_model(model, lora)
 
     forget_loss, retain_loss = LOSSES[spec["loss"]]
-    monitor = forget_monitor(
+    monitor = common.forget_monitor(
         forget_ids, pad_id, spec["thresholds"], el_n=spec["el_n"], prefix_stride=spec["el_prefix_stride"]
     )
-    args = unlearning_config(
+    args = common.unlearning_config(
         spec["output_dir"],
         spec,
         forget_loss=forget_loss,
@@ -154,15 +129,15 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - t0
-    fila_stats = init_stats(trainer)
+    fila_stats = common.init_stats(trainer)
     fila_seconds = float(fila_stats.get("seconds", 0.0))
     m = trainer.model
     # EL is the costly part (greedy generation): reuse the monitor's value when it stopped the run
-    final = {"forget": memorization(m, forget_ids, spec, pad_id, compute_el=monitor.forgotten_at is None)}
+    final = {"forget": common.memorization(m, forget_ids, spec, pad_id, compute_el=monitor.forgotten_at is None)}
     if monitor.forgotten_at is not None:
         final["forget"][el_key] = monitor.history[-1][f"forget_{el_key}"]
     for name, ids in (("retain", retain_ids), ("heldout", heldout_ids), ("mheldout", kept_ids)):
-        final[name] = memorization(m, ids, spec, pad_id, compute_el=False)
+        final[name] = common.memorization(m, ids, spec, pad_id, compute_el=False)
     steps = trainer.state.global_step
     return {
         "forgotten": monitor.forgotten_at is not None,
@@ -172,7 +147,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         "fila_init_seconds": fila_seconds,
         "fila_stats": fila_stats,
         "monitor_seconds": monitor.eval_seconds,
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_bytes": common.peak_rss_bytes(),
         "forget_ma": final["forget"]["ma"],
         f"forget_{el_key}": final["forget"][el_key],
         "retain_ma": final["retain"]["ma"],
@@ -231,7 +206,7 @@ def plan(args: argparse.Namespace, phase: str | None = None) -> list[dict[str, A
     return runs
 
 
-def tags_by_key(args: argparse.Namespace, common: dict[str, Any]) -> dict[str, list[str]]:
+def tags_by_key(args: argparse.Namespace, base_spec: dict[str, Any]) -> dict[str, list[str]]:
     """Which tables each run belongs to under the current settings.
 
     A run can serve two tables (the probe's FILA lr may be the grid's FILA lr), and a run measured
@@ -240,7 +215,7 @@ def tags_by_key(args: argparse.Namespace, common: dict[str, Any]) -> dict[str, l
     """
     tags: dict[str, list[str]] = {}
     for spec in plan(args, "all") + plan(args, "grid") + plan(args, "lr-probe") + plan(args, "qlora"):
-        key = run_key({**common, **spec})
+        key = run_key({**base_spec, **spec})
         if spec["tag"] not in tags.setdefault(key, []):
             tags[key].append(spec["tag"])
     return tags
@@ -263,11 +238,11 @@ def _rank_runs(args, lr_for) -> list[dict[str, Any]]:
 
 
 def child(spec: dict[str, Any], timeout: int) -> dict[str, Any]:
-    return run_child(__file__, spec, timeout, env=child_env(spec["threads"]))
+    return common.run_child(__file__, spec, timeout, env=common.child_env(spec["threads"]))
 
 
 def _timed_child(key: str, spec: dict[str, Any], timeout: int) -> dict[str, Any]:
-    say(f"start {key}")
+    common.say(f"start {key}")
     return child(spec, timeout)
 
 
@@ -280,7 +255,7 @@ def report(results: dict[str, Any], path: Path) -> None:
     """Write the markdown table and the plot next to the JSON."""
     runs = [r for r in results["runs"].values() if "error" not in r["result"]]
     base = results.get("baseline", {})
-    lines = report_head(
+    lines = common.report_head(
         "Memorized-text unlearning on Gemma-3 270M (CPU)",
         results.get("commands", [results.get("command", "")]),
         results,
@@ -330,11 +305,11 @@ def report(results: dict[str, Any], path: Path) -> None:
             rs = groups[key]
             lines.append(
                 "| " + " | ".join(str(k) for k in key) + f" | {len(rs)} | {sum(r['forgotten'] for r in rs)}/{len(rs)}"
-                f" | {fmt([r['steps'] for r in rs], 1)} | {fmt([r['train_seconds'] for r in rs], 0)}"
-                f" | {fmt([r['fila_init_seconds'] for r in rs], 1)} | {fmt([r['retain_ma'] for r in rs], 3)}"
-                f" | {fmt([r['mheldout_ma'] for r in rs if 'mheldout_ma' in r], 3)}"
-                f" | {fmt([r['heldout_ppl'] for r in rs], 1)} | {fmt([r['forget_ma'] for r in rs], 3)}"
-                f" | {fmt([r['peak_rss_bytes'] / 2**30 for r in rs], 2)} |"
+                f" | {common.fmt([r['steps'] for r in rs], 1)} | {common.fmt([r['train_seconds'] for r in rs], 0)}"
+                f" | {common.fmt([r['fila_init_seconds'] for r in rs], 1)} | {common.fmt([r['retain_ma'] for r in rs], 3)}"
+                f" | {common.fmt([r['mheldout_ma'] for r in rs if 'mheldout_ma' in r], 3)}"
+                f" | {common.fmt([r['heldout_ppl'] for r in rs], 1)} | {common.fmt([r['forget_ma'] for r in rs], 3)}"
+                f" | {common.fmt([r['peak_rss_bytes'] / 2**30 for r in rs], 2)} |"
             )
         lines.append("")
 
@@ -357,7 +332,7 @@ def report(results: dict[str, Any], path: Path) -> None:
 
 
 def _plot(runs: list[dict[str, Any]], png: Path) -> None:
-    plt = pyplot()
+    plt = common.pyplot()
     grid = [r for r in runs if "grid" in _tags(r)]
     ranks = [r for r in runs if {"ranks", "grid"} & set(_tags(r)) and r["spec"]["loss"] == "IHL+retain"]
     if plt is None or not grid:
@@ -376,7 +351,7 @@ def _plot(runs: list[dict[str, Any]], png: Path) -> None:
                 vals = [
                     r["result"][metric] for r in grid if r["spec"]["loss"] == loss and r["spec"]["method"] == method
                 ]
-                m, s = mean_std(vals)
+                m, s = common.mean_std(vals)
                 means.append(m)
                 stds.append(s)
             xs = [i + (j - 1) * width for i in range(len(losses))]
@@ -440,12 +415,12 @@ def main(argv: list[str] | None = None) -> None:
         metavar="KEY",
         help="measure these finished runs again (keys as printed, e.g. 'IHL+retain|lora|r8|lr0.001|s0|bs4|cap20')",
     )
-    add_child_arguments(p)
+    common.add_child_arguments(p)
     args = p.parse_args(argv)
-    if run_as_child(args, run_one):
+    if common.run_as_child(args, run_one):
         return
 
-    results = load_results(args.results)
+    results = common.load_results(args.results)
     settings = {
         "model": args.model,
         "dtype": args.dtype,
@@ -460,8 +435,8 @@ def main(argv: list[str] | None = None) -> None:
         "lora": "all attention+MLP projections, alpha = 2r, dropout 0",
     }
     eval_keys = ("model", "dtype", "n_forget", "max_length", "el_n", "el_prefix_stride")
-    check_settings(results, settings, eval_keys, args.results)
-    common = {
+    common.check_settings(results, settings, eval_keys, args.results)
+    base_spec = {  # what every run shares
         k: settings[k]
         for k in (
             "model",
@@ -475,7 +450,7 @@ def main(argv: list[str] | None = None) -> None:
             "threads",
         )
     }
-    tags = tags_by_key(args, common)
+    tags = tags_by_key(args, base_spec)
     for key, run in results["runs"].items():
         run["spec"]["tags"] = tags.get(key, ["other"])
     if args.report_only:
@@ -484,31 +459,31 @@ def main(argv: list[str] | None = None) -> None:
     results["settings"] = settings
     if "command" in results:  # files from before "commands" existed hold the one command that filled them
         results.setdefault("commands", [results["command"]])
-    results["command"] = command_line(__file__, argv)
-    record_command(results, results["command"])
-    results["machine"] = machine_info()
+    results["command"] = common.command_line(__file__, argv)
+    common.record_command(results, results["command"])
+    results["machine"] = common.machine_info()
     if "baseline" not in results:
         print("measuring the base model (thresholds) ...", flush=True)
-        base = child({**common, "baseline": True, "seed": 0}, args.timeout)
+        base = child({**base_spec, "baseline": True, "seed": 0}, args.timeout)
         if "error" in base:
             raise SystemExit(base["error"])
         results["baseline"] = base
         results["thresholds"] = {"ma": base["heldout"]["ma"], "el": base["heldout"][f"el{args.el_n}"]}
-        save_results(args.results, results)
+        common.save_results(args.results, results)
     if "mheldout" not in results["baseline"]:  # a baseline measured before the memorized-heldout set existed
         print("measuring the base model on the memorized-heldout set ...", flush=True)
-        kept = child({**common, "baseline_mheldout": True, "seed": 0}, args.timeout)
+        kept = child({**base_spec, "baseline_mheldout": True, "seed": 0}, args.timeout)
         if "error" in kept:
             raise SystemExit(kept["error"])
         kept.pop("wall_seconds", None)
         results["baseline"]["mheldout"] = kept
-        save_results(args.results, results)
+        common.save_results(args.results, results)
     unknown = [key for key in args.redo if key not in results["runs"]]
     if unknown:
         raise SystemExit(f"--redo: no run {unknown} in {args.results}; finished runs: {sorted(results['runs'])}")
     todo = []  # a run to redo keeps its old result until the new one replaces it
     for spec in [*plan(args), *(results["runs"][key]["spec"] for key in args.redo)]:
-        spec = {**common, **spec, "thresholds": results["thresholds"]}
+        spec = {**base_spec, **spec, "thresholds": results["thresholds"]}
         key = run_key(spec)
         done = key in results["runs"] and "error" not in results["runs"][key]["result"] and key not in args.redo
         if not done and key not in (k for k, _ in todo):
@@ -526,13 +501,13 @@ def main(argv: list[str] | None = None) -> None:
                 "spec": {**{k: spec[k] for k in kept}, "tags": tags.get(key, ["other"])},
                 "result": result,
             }
-            save_results(args.results, results)
+            common.save_results(args.results, results)
             report(results, args.results)
             msg = result.get("error", "")[-500:] or (
                 f"forgotten={result['forgotten']} steps={result['steps']} train_s={result['train_seconds']:.0f} "
                 f"retain_ma={result['retain_ma']:.3f} ppl={result['heldout_ppl']:.1f} forget_ma={result['forget_ma']:.3f}"
             )
-            say(f"done {key}: {msg}")
+            common.say(f"done {key}: {msg}")
     report(results, args.results)
 
 

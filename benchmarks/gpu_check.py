@@ -36,9 +36,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from common import GIB, RESULTS, PeakMemory, command_line, ihl_nll_step, lora_kwargs, lora_layers, read_texts
+import common
 
-DEFAULT_RESULTS = RESULTS / "gpu_check.json"
+DEFAULT_RESULTS = common.RESULTS / "gpu_check.json"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,8 +125,12 @@ def _train(model: Any, tokenizer: Any, args: argparse.Namespace, steps: int) -> 
     trainer = UnlearningTrainer(
         model=model,
         args=config,
-        forget_dataset=Dataset.from_dict({"text": read_texts("forget.jsonl")[: args.batch_size * args.batches]}),
-        retain_dataset=Dataset.from_dict({"text": read_texts("retain.jsonl")[: args.batch_size * args.batches]}),
+        forget_dataset=Dataset.from_dict(
+            {"text": common.read_texts("forget.jsonl")[: args.batch_size * args.batches]}
+        ),
+        retain_dataset=Dataset.from_dict(
+            {"text": common.read_texts("retain.jsonl")[: args.batch_size * args.batches]}
+        ),
         processing_class=tokenizer,
     )
     before = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -152,12 +156,12 @@ def check_bf16_fila_ihl(args: argparse.Namespace) -> dict[str, Any]:
     from peft_unlearn import estimate_fisher, initialize_fila_weights
 
     model, tokenizer = _load(args)
-    forget = [_to(b, args.device) for b in _batches(tokenizer, read_texts("forget.jsonl"), args)]
-    retain = [_to(b, args.device) for b in _batches(tokenizer, read_texts("retain.jsonl"), args)]
+    forget = [_to(b, args.device) for b in _batches(tokenizer, common.read_texts("forget.jsonl"), args)]
+    retain = [_to(b, args.device) for b in _batches(tokenizer, common.read_texts("retain.jsonl"), args)]
     with torch.no_grad():
         base_logits = model(input_ids=forget[0]["input_ids"], attention_mask=forget[0]["attention_mask"]).logits
-    peft_model = get_peft_model(model, LoraConfig(**lora_kwargs(8), init_lora_weights="fila"))
-    with PeakMemory(args.device, host=False) as fisher_peak:
+    peft_model = get_peft_model(model, LoraConfig(**common.lora_kwargs(8), init_lora_weights="fila"))
+    with common.PeakMemory(args.device, host=False) as fisher_peak:
         stats = estimate_fisher(peft_model, forget, retain, show_progress=False)
     init = initialize_fila_weights(peft_model, fisher=stats, show_progress=False)
     with torch.no_grad():
@@ -186,10 +190,10 @@ def check_qlora_4bit_fila(args: argparse.Namespace) -> dict[str, Any]:
 
     model, tokenizer = _load(args, quantized=True)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    forget = [_to(b, args.device) for b in _batches(tokenizer, read_texts("forget.jsonl"), args)]
-    retain = [_to(b, args.device) for b in _batches(tokenizer, read_texts("retain.jsonl"), args)]
-    peft_model = get_peft_model(model, LoraConfig(**lora_kwargs(8), init_lora_weights="fila"))
-    with PeakMemory(args.device, host=False) as fisher_peak:
+    forget = [_to(b, args.device) for b in _batches(tokenizer, common.read_texts("forget.jsonl"), args)]
+    retain = [_to(b, args.device) for b in _batches(tokenizer, common.read_texts("retain.jsonl"), args)]
+    peft_model = get_peft_model(model, LoraConfig(**common.lora_kwargs(8), init_lora_weights="fila"))
+    with common.PeakMemory(args.device, host=False) as fisher_peak:
         stats = estimate_fisher(peft_model, forget, retain, show_progress=False, accumulator_device="cpu")
     result: dict[str, Any] = {
         "fisher_fp32_finite": _finite_fp32(stats),
@@ -210,10 +214,10 @@ def check_low_memory_fisher(args: argparse.Namespace) -> dict[str, Any]:
     from peft_unlearn import estimate_fisher
 
     model, tokenizer = _load(args)
-    forget = [_to(b, args.device) for b in _batches(tokenizer, read_texts("forget.jsonl"), args)]
-    retain = [_to(b, args.device) for b in _batches(tokenizer, read_texts("retain.jsonl"), args)]
-    peft_model = get_peft_model(model, LoraConfig(**lora_kwargs(8)))
-    layers = list(lora_layers(peft_model).values())
+    forget = [_to(b, args.device) for b in _batches(tokenizer, common.read_texts("forget.jsonl"), args)]
+    retain = [_to(b, args.device) for b in _batches(tokenizer, common.read_texts("retain.jsonl"), args)]
+    peft_model = get_peft_model(model, LoraConfig(**common.lora_kwargs(8)))
+    layers = list(common.lora_layers(peft_model).values())
     num_layers = len(layers)
     target_params = sum(m.get_base_layer().weight.numel() for m in layers)
     modes = {
@@ -224,7 +228,7 @@ def check_low_memory_fisher(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"target_params": target_params, "modes": {}}
     reference = None
     for mode, kwargs in modes.items():
-        with PeakMemory(args.device, host=False) as peak:
+        with common.PeakMemory(args.device, host=False) as peak:
             stats = estimate_fisher(peft_model, forget, retain, show_progress=False, **kwargs)
         stats = stats.to("cpu")
         entry = {"peak_bytes": peak.delta, "seconds": peak.seconds, "finite": _finite_fp32(stats)}
@@ -242,8 +246,8 @@ def check_low_memory_fisher(args: argparse.Namespace) -> dict[str, Any]:
         del stats
     peft_model.train()
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-5)
-    with PeakMemory(args.device, host=False) as peak:
-        ihl_nll_step(peft_model, optimizer, forget[0], retain[0])
+    with common.PeakMemory(args.device, host=False) as peak:
+        common.ihl_nll_step(peft_model, optimizer, forget[0], retain[0])
     out["lora_step"] = {"peak_bytes": peak.delta, "seconds": peak.seconds}
     low = out["modes"]["accumulator_device_cpu"]["peak_bytes"]
     out["low_memory_below_lora_step"] = None if low is None else bool(low <= peak.delta)
@@ -267,7 +271,7 @@ CHECKS = {
 
 
 def _gib(value: Any) -> str:
-    return "n/a (CPU)" if value is None else f"{value / GIB:.2f} GiB"
+    return "n/a (CPU)" if value is None else f"{value / common.GIB:.2f} GiB"
 
 
 def write_report(data: dict[str, Any], path: Path) -> None:
@@ -333,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     data: dict[str, Any] = {
-        "command": command_line(__file__, argv),
+        "command": common.command_line(__file__, argv),
         "device_name": torch.cuda.get_device_name(0) if args.device == "cuda" else f"CPU ({platform.machine()})",
         "torch": torch.__version__,
         "smoke": args.smoke,

@@ -36,9 +36,9 @@ import sys
 import time
 from pathlib import Path
 
+import common
 import torch
 import torch.nn.functional as F
-from common import RESULTS, command_line, peak_rss_bytes, proc_status, pyplot, reset_peak_rss
 
 METHODS = ("cross_entropy", "ihl", "ihl_naive")
 NAME = "ihl_vs_cross_entropy"
@@ -116,13 +116,13 @@ def run_worker(args: argparse.Namespace) -> dict:
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
         else:
-            before = proc_status("VmRSS")["VmRSS"]
-            reset_peak_rss()
+            before = common.proc_status("VmRSS")["VmRSS"]
+            common.reset_peak_rss()
         t0, c0 = time.perf_counter(), time.process_time()
         loss_value = step()
         sync()
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        peak = torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()
+        peak = torch.cuda.max_memory_allocated() if cuda else common.peak_rss_bytes()
         peaks.append(peak - before)
         if i >= args.warmup:
             wall_times.append(wall)
@@ -226,7 +226,7 @@ def _write_outputs(report: dict, out_dir: Path, stem: str) -> None:
         lines += ["", f"Note: {report['note']}"]
     (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
-    plt = pyplot()
+    plt = common.pyplot()
     if plt is None:
         print("matplotlib not installed: skipping the plot", file=sys.stderr)
         return
@@ -295,7 +295,7 @@ def run_driver(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
         )
     tokens = args.batch * args.seq_len
     return {
-        "command": command_line(__file__, argv),
+        "command": common.command_line(__file__, argv),
         "config": {
             "vocab": args.vocab,
             "batch": args.batch,
@@ -331,7 +331,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=2, help="how many times the whole comparison is repeated")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads in each worker")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-dir", type=Path, default=RESULTS)
+    parser.add_argument("--output-dir", type=Path, default=common.RESULTS)
     parser.add_argument("--stem", default=None, help=f"output file stem (default {NAME}, + _<dtype> if not fp32)")
     parser.add_argument("--note", default="", help="free text stored in the results (e.g. machine load)")
     parser.add_argument(

@@ -34,35 +34,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import (
-    RESULTS,
-    ROOT,
-    add_child_arguments,
-    check_settings,
-    child_env,
-    command_line,
-    fmt,
-    forget_monitor,
-    init_stats,
-    load_results,
-    lora_kwargs,
-    machine_info,
-    mean_std,
-    memorization,
-    peak_rss_bytes,
-    pyplot,
-    read_texts,
-    record_command,
-    report_head,
-    run_as_child,
-    run_child,
-    save_results,
-    say,
-    tokenize,
-    unlearning_config,
-)
+import common
 
-DEFAULT_RESULTS = RESULTS / "init_frontier.json"
+DEFAULT_RESULTS = common.RESULTS / "init_frontier.json"
 
 #: init name -> label in tables and plots
 INITS = {
@@ -114,7 +88,12 @@ def available(init: str) -> tuple[bool, str]:
     if init == "lora":
         return True, ""
     proc = subprocess.run(
-        [sys.executable, "-c", _PROBE, init], capture_output=True, text=True, env=child_env(1), timeout=300, cwd=ROOT
+        [sys.executable, "-c", _PROBE, init],
+        capture_output=True,
+        text=True,
+        env=common.child_env(1),
+        timeout=300,
+        cwd=common.ROOT,
     )
     if proc.returncode != 0:
         return False, proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "probe failed"
@@ -126,28 +105,28 @@ def available(init: str) -> tuple[bool, str]:
 # one run (child process)
 # ----------------------------------------------------------------------------------------------
 def _texts(name: str) -> list[str]:
-    return read_texts(FILES[name])
+    return common.read_texts(FILES[name])
 
 
 def _lora_config(init: str, rank: int):
     from peft import LoraConfig
 
-    common = lora_kwargs(rank)
+    kw = common.lora_kwargs(rank)
     if init == "lora":
-        return LoraConfig(**common, init_lora_weights=True)
+        return LoraConfig(**kw, init_lora_weights=True)
     from peft_unlearn.fila import FilaConfig, FilaLoraConfig
 
     if init == "vila":  # the paper's factor magnitudes, explicitly (the library default is now "stable")
-        return FilaLoraConfig(**common, init_lora_weights="vila", fila_config=FilaConfig(factor_scale="paper"))
+        return FilaLoraConfig(**kw, init_lora_weights="vila", fila_config=FilaConfig(factor_scale="paper"))
     if init == "vila-stable":  # initialised before the trainer starts, see run_one
-        return LoraConfig(**common, init_lora_weights="vila")
+        return LoraConfig(**kw, init_lora_weights="vila")
 
     if "factor_scale" in FilaConfig.__dataclass_fields__:
         scale = "paper" if init == "fila-paper" else "stable"
-        return FilaLoraConfig(**common, fila_config=FilaConfig(factor_scale=scale))
+        return FilaLoraConfig(**kw, fila_config=FilaConfig(factor_scale=scale))
     if init == "fila-stable":
         raise RuntimeError("FilaConfig has no factor_scale: the stable FILA scale is not available")
-    return FilaLoraConfig(**common)  # before factor_scale existed FILA always used the paper's magnitudes
+    return FilaLoraConfig(**kw)  # before factor_scale existed FILA always used the paper's magnitudes
 
 
 def run_one(spec: dict[str, Any]) -> dict[str, Any]:
@@ -163,12 +142,12 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(spec["seed"])
     model, tokenizer = load_model_and_tokenizer(spec["model"], dtype=spec["dtype"], show_progress=False)
-    ids = {name: tokenize(tokenizer, _texts(name), spec["max_length"]) for name in SETS}
+    ids = {name: common.tokenize(tokenizer, _texts(name), spec["max_length"]) for name in SETS}
     pad_id = tokenizer.pad_token_id
     el_key = f"el{spec['el_n']}"
 
     def score(m, name: str, with_el: bool) -> dict[str, float]:
-        return memorization(m, ids[name], spec, pad_id, compute_el=with_el)
+        return common.memorization(m, ids[name], spec, pad_id, compute_el=with_el)
 
     if spec.get("baseline"):
         out = {name: score(model, name, name != "retain") for name in SETS}
@@ -192,10 +171,10 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
             fila_config=FilaConfig(factor_scale="stable"),
         )
         explicit_init_seconds = time.perf_counter() - t_init
-    monitor = forget_monitor(
+    monitor = common.forget_monitor(
         ids["forget"], pad_id, spec["thresholds"], el_n=spec["el_n"], prefix_stride=spec["el_prefix_stride"]
     )
-    args = unlearning_config(
+    args = common.unlearning_config(
         spec["output_dir"],
         spec,
         max_steps=spec["max_steps"],
@@ -239,10 +218,10 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         "steps": monitor.forgotten_at if forgotten else trainer.state.global_step,
         "steps_run": trainer.state.global_step,
         "init_seconds": init_seconds,
-        "init_stats": init_stats(trainer),
+        "init_stats": common.init_stats(trainer),
         "train_seconds": train_seconds,
         "monitor_seconds": monitor.eval_seconds,
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_bytes": common.peak_rss_bytes(),
         "metrics": final,
         "history": monitor.history,
         "code": _code_version(),
@@ -270,9 +249,9 @@ def _lm_batches(rows: list[list[int]], batch_size: int, pad_id: int) -> list[dic
 def _code_version() -> str:
     """The commit the run's code came from (``+dirty`` with uncommitted changes), for runs that span commits."""
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=common.ROOT, capture_output=True, text=True)
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "peft_unlearn"], cwd=ROOT, capture_output=True, text=True
+            ["git", "status", "--porcelain", "--", "peft_unlearn"], cwd=common.ROOT, capture_output=True, text=True
         )
         return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except OSError:
@@ -313,7 +292,7 @@ def plan(args: argparse.Namespace, results: dict[str, Any] | None = None) -> lis
 
 
 def child(spec: dict[str, Any], timeout: int) -> dict[str, Any]:
-    return run_child(__file__, spec, timeout, env=child_env(spec["threads"]))
+    return common.run_child(__file__, spec, timeout, env=common.child_env(spec["threads"]))
 
 
 def group_runs(results: dict[str, Any]) -> dict[tuple[str, float], list[dict[str, Any]]]:
@@ -338,10 +317,10 @@ def frontier(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     for (init, lr), rs in group_runs(results).items():
         if not all(r["forgotten"] for r in rs):
             continue
-        held = mean_std([r["metrics"]["mheldout"]["ma"] for r in rs])[0]
+        held = common.mean_std([r["metrics"]["mheldout"]["ma"] for r in rs])[0]
         if held < base - KEEP_MARGIN:
             continue
-        steps = mean_std([r["steps"] for r in rs])[0]
+        steps = common.mean_std([r["steps"] for r in rs])[0]
         cur = best.get(init)
         if cur is None or (steps, -held) < (cur["steps"], -cur["mheldout_ma"]):
             best[init] = {"lr": lr, "steps": steps, "mheldout_ma": held, "seeds": len(rs)}
@@ -356,15 +335,15 @@ def sound_points(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     base_ppl = results["baseline"]["neverseen"]["ppl"]
     out: dict[str, list[dict[str, Any]]] = {}
     for (init, lr), rs in group_runs(results).items():
-        ppl = mean_std([r["metrics"]["neverseen"]["ppl"] for r in rs])[0]
+        ppl = common.mean_std([r["metrics"]["neverseen"]["ppl"] for r in rs])[0]
         if not all(r["forgotten"] for r in rs) or ppl > PPL_MARGIN * base_ppl:
             continue
         out.setdefault(init, []).append(
             {
                 "lr": lr,
                 "seeds": len(rs),
-                "steps": mean_std([r["steps"] for r in rs])[0],
-                "mheldout_ma": mean_std([r["metrics"]["mheldout"]["ma"] for r in rs])[0],
+                "steps": common.mean_std([r["steps"] for r in rs])[0],
+                "mheldout_ma": common.mean_std([r["metrics"]["mheldout"]["ma"] for r in rs])[0],
                 "ppl": ppl,
             }
         )
@@ -375,7 +354,7 @@ def report(results: dict[str, Any], path: Path) -> None:
     """Write the markdown tables and the frontier plot next to the JSON."""
     base = results.get("baseline")
     el_key = f"el{results['settings']['el_n']}"
-    lines = report_head(
+    lines = common.report_head(
         "Forget-versus-keep frontier of LoRA inits on Gemma-3 270M (IHL + retain NLL, CPU)",
         results.get("commands", []),
         results,
@@ -410,10 +389,10 @@ def report(results: dict[str, Any], path: Path) -> None:
         met = [r["metrics"] for r in rs]
         lines.append(
             f"| {INITS.get(init, init)} | {lr:g} | {len(rs)} | {sum(r['forgotten'] for r in rs)}/{len(rs)} "
-            f"| {fmt([r['steps'] for r in rs], 1)} | {fmt([x['mheldout']['ma'] for x in met], 3)} "
-            f"| {fmt([x['mheldout'][el_key] for x in met], 3)} | {fmt([x['neverseen']['ppl'] for x in met], 1)} "
-            f"| {fmt([x['retain']['ma'] for x in met], 3)} | {fmt([x['forget']['ma'] for x in met], 3)} "
-            f"| {fmt([r['init_seconds'] for r in rs], 1)} | {fmt([r['train_seconds'] for r in rs], 0)} |"
+            f"| {common.fmt([r['steps'] for r in rs], 1)} | {common.fmt([x['mheldout']['ma'] for x in met], 3)} "
+            f"| {common.fmt([x['mheldout'][el_key] for x in met], 3)} | {common.fmt([x['neverseen']['ppl'] for x in met], 1)} "
+            f"| {common.fmt([x['retain']['ma'] for x in met], 3)} | {common.fmt([x['forget']['ma'] for x in met], 3)} "
+            f"| {common.fmt([r['init_seconds'] for r in rs], 1)} | {common.fmt([r['train_seconds'] for r in rs], 0)} |"
         )
     best = frontier(results)
     lines += [
@@ -485,7 +464,7 @@ def report(results: dict[str, Any], path: Path) -> None:
 
 
 def _plot(results: dict[str, Any], png: Path) -> None:
-    plt = pyplot()
+    plt = common.pyplot()
     groups = group_runs(results)
     if plt is None or not groups:
         return
@@ -505,8 +484,8 @@ def _plot(results: dict[str, Any], png: Path) -> None:
             continue
         xs, ys, xe, ye, full = [], [], [], [], []
         for _, rs in pts:
-            mx, sx = mean_std([r["steps"] for r in rs])
-            my, sy = mean_std([r["metrics"]["mheldout"]["ma"] for r in rs])
+            mx, sx = common.mean_std([r["steps"] for r in rs])
+            my, sy = common.mean_std([r["metrics"]["mheldout"]["ma"] for r in rs])
             xs.append(mx), ys.append(my), xe.append(sx), ye.append(sy), full.append(all(r["forgotten"] for r in rs))
         ax.plot(xs, ys, "-", color=colors[init], alpha=0.6)
         for (lr, _), x, y, dx, dy, ok in zip(pts, xs, ys, xe, ye, full):
@@ -561,9 +540,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--retries", type=int, default=1, help="how often a failed run is retried")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--time-one", metavar="INIT:LR", help="time one seed-0 run and print it (no results written)")
-    add_child_arguments(p)
+    common.add_child_arguments(p)
     args = p.parse_args(argv)
-    if run_as_child(args, run_one):
+    if common.run_as_child(args, run_one):
         return
 
     settings = {
@@ -580,18 +559,20 @@ def main(argv: list[str] | None = None) -> None:
         "optimizer": "adamw_torch, constant lr, no warmup, no weight decay",
         "lora": "q,k,v,o,gate,up,down projections, alpha = 2r, dropout 0",
     }
-    common = {k: settings[k] for k in ("model", "dtype", "batch_size", "max_length", "el_n", "el_prefix_stride")}
-    common["threads"] = args.threads
-    results = load_results(args.results)
+    base_spec = {k: settings[k] for k in ("model", "dtype", "batch_size", "max_length", "el_n", "el_prefix_stride")}
+    base_spec["threads"] = args.threads
+    results = common.load_results(args.results)
     results.setdefault("failures", {})
     if args.report_only:
         report(results, args.results)
         return
-    check_settings(results, settings, ("model", "dtype", "max_length", "el_n", "el_prefix_stride"), args.results)
+    common.check_settings(
+        results, settings, ("model", "dtype", "max_length", "el_n", "el_prefix_stride"), args.results
+    )
 
     if "baseline" not in results:
-        say("measuring the base model (thresholds) ...")
-        base = child({**common, "baseline": True, "seed": 0}, args.timeout)
+        common.say("measuring the base model (thresholds) ...")
+        base = child({**base_spec, "baseline": True, "seed": 0}, args.timeout)
         if "error" in base:
             raise SystemExit(base["error"])
         base.pop("wall_seconds", None)
@@ -605,17 +586,17 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.time_one:
         init, lr = args.time_one.split(":")
-        spec = {**common, "init": init, "lr": float(lr), "seed": 0, "rank": args.rank, "max_steps": args.max_steps}
+        spec = {**base_spec, "init": init, "lr": float(lr), "seed": 0, "rank": args.rank, "max_steps": args.max_steps}
         t0 = time.time()
         out = child({**spec, "thresholds": thresholds}, args.timeout)
         out.pop("history", None)
         print(json.dumps({"wall_seconds": time.time() - t0, **out}, indent=1)[:4000])
         return
 
-    record_command(results, command_line(__file__, argv))
+    common.record_command(results, common.command_line(__file__, argv))
     results["settings"] = settings
-    results["machine"] = machine_info()
-    save_results(args.results, results)
+    results["machine"] = common.machine_info()
+    common.save_results(args.results, results)
     _safe_report(results, args.results)
 
     checked: dict[str, tuple[float, bool, str]] = {}
@@ -636,36 +617,36 @@ def main(argv: list[str] | None = None) -> None:
                 ok, why = available(spec["init"])
                 checked[spec["init"]] = (time.time(), ok, why)
                 if not ok:
-                    say(f"{spec['init']} not available yet: {why}")
+                    common.say(f"{spec['init']} not available yet: {why}")
             if ok:
                 picked = (key, spec)
                 break
         if picked is None:
             if waited >= args.max_wait:
-                say(f"giving up: {len(todo)} runs wait for inits that never became available")
+                common.say(f"giving up: {len(todo)} runs wait for inits that never became available")
                 break
             time.sleep(args.wait)
             waited += args.wait
             continue
         key, spec = picked
-        say(f"start {key}")
-        result = child({**common, **spec, "thresholds": thresholds}, args.timeout)
+        common.say(f"start {key}")
+        result = child({**base_spec, **spec, "thresholds": thresholds}, args.timeout)
         if "error" in result:
             entry = results["failures"].setdefault(key, {"count": 0})
             entry["count"] += 1
             entry["error"] = result["error"]
-            say(f"FAILED {key}: {result['error'][-800:]}")
+            common.say(f"FAILED {key}: {result['error'][-800:]}")
         else:
             results["failures"].pop(key, None)
             results["runs"][key] = {"spec": spec, "result": result}
             met = result["metrics"]
-            say(
+            common.say(
                 f"done {key}: forgotten={result['forgotten']} steps={result['steps']} "
                 f"heldout_ma={met['mheldout']['ma']:.3f} ppl={met['neverseen']['ppl']:.1f} "
                 f"init_s={result['init_seconds']:.1f} train_s={result['train_seconds']:.0f} "
                 f"wall_s={result['wall_seconds']:.0f}"
             )
-        save_results(args.results, results)
+        common.save_results(args.results, results)
         _safe_report(results, args.results)
     _safe_report(results, args.results)
 
@@ -675,7 +656,7 @@ def _safe_report(results: dict[str, Any], path: Path) -> None:
     try:
         report(results, path)
     except Exception as exc:  # noqa: BLE001
-        say(f"report failed ({type(exc).__name__}: {exc}); the JSON is saved, rerun with --report-only")
+        common.say(f"report failed ({type(exc).__name__}: {exc}); the JSON is saved, rerun with --report-only")
 
 
 if __name__ == "__main__":
