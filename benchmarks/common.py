@@ -191,6 +191,10 @@ def lora_layers(model: Any, adapter: str = "default") -> dict[str, Any]:
     return {name: m for name, m in base.named_modules() if hasattr(m, "lora_A") and adapter in m.lora_A}
 
 
+#: how `unlearning_config` trains, in words (for the settings a results file records)
+RECIPE = "adamw_torch, constant lr, no warmup, no weight decay"
+
+
 def unlearning_config(
     output_dir: str,
     spec: dict[str, Any],
@@ -453,6 +457,17 @@ def save_results(path: Path, results: dict[str, Any]) -> None:
         write_json(path, results)
 
 
+def or_exit(result: dict[str, Any]) -> dict[str, Any]:
+    """``result`` of `run_child`, or exit with its error (for a measurement nothing else can go on without).
+
+    Raises:
+        SystemExit: With the child's error when it failed.
+    """
+    if "error" in result:
+        raise SystemExit(result["error"])
+    return result
+
+
 def check_settings(results: dict[str, Any], settings: dict[str, Any], keys: tuple[str, ...], path: Path) -> None:
     """Refuse to add runs to a results file measured with other evaluation settings.
 
@@ -556,6 +571,37 @@ def report_head(title: str, commands: list[str], results: dict[str, Any]) -> lis
     ]
 
 
+def benchmark_parser(doc: str, default_results: Path) -> argparse.ArgumentParser:
+    """The parser of a resumable benchmark: ``doc`` as its help, ``--model``, ``--dtype`` and ``--results``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="gemma3-270m")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--results", type=Path, default=default_results)
+    return parser
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, max_steps: int) -> None:
+    """Add what every run of an unlearning benchmark is measured with: batch, lengths, step cap, EL, threads."""
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--max-steps", type=int, default=max_steps)
+    parser.add_argument("--el-n", type=int, default=10)
+    parser.add_argument("--el-prefix-stride", type=int, default=8)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per run (1 is much faster on a shared, oversubscribed CPU)",
+    )
+    parser.add_argument("--timeout", type=int, default=1800, help="per-run timeout in seconds")
+
+
+def run_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The values of the `add_run_arguments` arguments, for the settings a results file records."""
+    keys = ("batch_size", "max_length", "max_steps", "el_n", "el_prefix_stride", "threads")
+    return {k: getattr(args, k) for k in keys}
+
+
 def pyplot() -> Any:
     """``matplotlib.pyplot`` on the non-interactive Agg backend, or None when matplotlib is not installed."""
     try:
@@ -566,3 +612,10 @@ def pyplot() -> Any:
     except ImportError:
         return None
     return plt
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 110) -> None:
+    """Lay out ``fig``, write it to ``path`` (PNG) and close it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)

@@ -472,27 +472,14 @@ def _plot(summaries: dict[int, dict[str, Any]], png: Path, rank: Any = "?") -> N
             label="FILA: SVD" if first else None,
         )
         ax_t.bar(x_e, e["wall_seconds"], width, color="tab:blue", label="1 epoch IHL + retain NLL" if first else None)
-        ax_t.hlines(
-            TARGETS["time"] * e["wall_seconds"],
-            i - width,
-            i + width,
-            colors="k",
-            linestyles="--",
-            label=f"target {TARGETS['time']}x epoch" if first else None,
-        )
+        _target_line(ax_t, TARGETS["time"] * e["wall_seconds"], i, width, f"target {TARGETS['time']}x epoch", first)
         ax_t.text(x_f, f["wall_seconds"] * 1.02, f"{f['wall_seconds'] / e['wall_seconds']:.2f}x", ha="center")
         for x, m, color in ((x_f, f, "tab:orange"), (x_e, e, "tab:blue")):
             loaded = m["rss_loaded_bytes"] / common.GIB
             ax_m.bar(x, loaded, width, color="tab:gray", label="RSS after loading" if first and m is f else None)
             ax_m.bar(x, m["phase_increment_bytes"] / common.GIB, width, bottom=loaded, color=color)
-        ax_m.hlines(
-            TARGETS["memory"] * e["phase_peak_rss_bytes"] / common.GIB,
-            i - width,
-            i + width,
-            colors="k",
-            linestyles="--",
-            label=f"target {TARGETS['memory']}x training peak" if first else None,
-        )
+        target = TARGETS["memory"] * e["phase_peak_rss_bytes"] / common.GIB
+        _target_line(ax_m, target, i, width, f"target {TARGETS['memory']}x training peak", first)
         ax_m.text(
             x_f,
             f["phase_peak_rss_bytes"] / common.GIB * 1.02,
@@ -509,9 +496,12 @@ def _plot(summaries: dict[int, dict[str, Any]], png: Path, rank: Any = "?") -> N
     ax_m.set_ylabel("peak RSS GiB (median, phase)")
     ax_m.set_title("peak memory (label: FILA / epoch)")
     fig.suptitle(f"Gemma-3 270M, LoRA r={rank}, CPU: FILA initialisation vs one unlearning epoch")
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, png)
+
+
+def _target_line(ax: Any, y: float, i: int, width: float, label: str, first: bool) -> None:
+    """The dashed target line over bar group ``i`` (labelled in the legend for the first group only)."""
+    ax.hlines(y, i - width, i + width, colors="k", linestyles="--", label=label if first else None)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -295,9 +295,7 @@ def _plot(data: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("peak memory above the loaded model (MiB)")
     ax.set_title(f"Gemma-3 270M bf16 ({data['spec']['device']}): FILA init vs one LoRA unlearning step")
     ax.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=120)
 
 
 # ----------------------------------------------------------------------------------------------

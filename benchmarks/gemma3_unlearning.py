@@ -373,16 +373,11 @@ def _plot(runs: list[dict[str, Any]], png: Path) -> None:
     ax.set_ylabel("steps until forgotten (IHL)")
     ax.legend()
     fig.suptitle("Gemma-3 270M, memorized-text unlearning (CPU)")
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, png)
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="gemma3-270m")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+    p = common.benchmark_parser(__doc__, DEFAULT_RESULTS)
     p.add_argument("--phase", choices=["all", "grid", "ranks", "lr-probe", "qlora"], default="all")
     p.add_argument("--losses", nargs="+", default=list(LOSSES), choices=list(LOSSES))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -395,18 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--probe-lr-full", nargs="+", type=float, default=[1e-4])
     p.add_argument("--jobs", type=int, default=1, help="runs measured in parallel (each a subprocess)")
     p.add_argument("--n-forget", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--max-steps", type=int, default=20)
-    p.add_argument("--el-n", type=int, default=10)
-    p.add_argument("--el-prefix-stride", type=int, default=8)
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch threads per run (1 is much faster on a shared, oversubscribed CPU)",
-    )
-    p.add_argument("--timeout", type=int, default=1800, help="per-run timeout in seconds")
+    common.add_run_arguments(p, max_steps=20)
     p.add_argument("--report-only", action="store_true")
     p.add_argument(
         "--redo",
@@ -425,13 +409,8 @@ def main(argv: list[str] | None = None) -> None:
         "model": args.model,
         "dtype": args.dtype,
         "n_forget": args.n_forget,
-        "batch_size": args.batch_size,
-        "max_length": args.max_length,
-        "max_steps": args.max_steps,
-        "el_n": args.el_n,
-        "el_prefix_stride": args.el_prefix_stride,
-        "threads": args.threads,
-        "optimizer": "adamw_torch, constant lr, no warmup, no weight decay",
+        **common.run_settings(args),
+        "optimizer": common.RECIPE,
         "lora": "all attention+MLP projections, alpha = 2r, dropout 0",
     }
     eval_keys = ("model", "dtype", "n_forget", "max_length", "el_n", "el_prefix_stride")
@@ -464,17 +443,13 @@ def main(argv: list[str] | None = None) -> None:
     results["machine"] = common.machine_info()
     if "baseline" not in results:
         print("measuring the base model (thresholds) ...", flush=True)
-        base = child({**base_spec, "baseline": True, "seed": 0}, args.timeout)
-        if "error" in base:
-            raise SystemExit(base["error"])
+        base = common.or_exit(child({**base_spec, "baseline": True, "seed": 0}, args.timeout))
         results["baseline"] = base
         results["thresholds"] = {"ma": base["heldout"]["ma"], "el": base["heldout"][f"el{args.el_n}"]}
         common.save_results(args.results, results)
     if "mheldout" not in results["baseline"]:  # a baseline measured before the memorized-heldout set existed
         print("measuring the base model on the memorized-heldout set ...", flush=True)
-        kept = child({**base_spec, "baseline_mheldout": True, "seed": 0}, args.timeout)
-        if "error" in kept:
-            raise SystemExit(kept["error"])
+        kept = common.or_exit(child({**base_spec, "baseline_mheldout": True, "seed": 0}, args.timeout))
         kept.pop("wall_seconds", None)
         results["baseline"]["mheldout"] = kept
         common.save_results(args.results, results)

@@ -90,6 +90,12 @@ def _batches(tokenizer: Any, texts: list[str], args: argparse.Namespace) -> list
     return out[: args.batches]
 
 
+def _forget_retain(tokenizer: Any, args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The forget and the retain batches, on ``args.device``."""
+    forget, retain = (_batches(tokenizer, common.read_texts(name), args) for name in ("forget.jsonl", "retain.jsonl"))
+    return [_to(b, args.device) for b in forget], [_to(b, args.device) for b in retain]
+
+
 def _to(batch: dict[str, Any], device: str) -> dict[str, Any]:
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -156,8 +162,7 @@ def check_bf16_fila_ihl(args: argparse.Namespace) -> dict[str, Any]:
     from peft_unlearn import estimate_fisher, initialize_fila_weights
 
     model, tokenizer = _load(args)
-    forget = [_to(b, args.device) for b in _batches(tokenizer, common.read_texts("forget.jsonl"), args)]
-    retain = [_to(b, args.device) for b in _batches(tokenizer, common.read_texts("retain.jsonl"), args)]
+    forget, retain = _forget_retain(tokenizer, args)
     with torch.no_grad():
         base_logits = model(input_ids=forget[0]["input_ids"], attention_mask=forget[0]["attention_mask"]).logits
     peft_model = get_peft_model(model, LoraConfig(**common.lora_kwargs(8), init_lora_weights="fila"))
@@ -190,8 +195,7 @@ def check_qlora_4bit_fila(args: argparse.Namespace) -> dict[str, Any]:
 
     model, tokenizer = _load(args, quantized=True)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    forget = [_to(b, args.device) for b in _batches(tokenizer, common.read_texts("forget.jsonl"), args)]
-    retain = [_to(b, args.device) for b in _batches(tokenizer, common.read_texts("retain.jsonl"), args)]
+    forget, retain = _forget_retain(tokenizer, args)
     peft_model = get_peft_model(model, LoraConfig(**common.lora_kwargs(8), init_lora_weights="fila"))
     with common.PeakMemory(args.device, host=False) as fisher_peak:
         stats = estimate_fisher(peft_model, forget, retain, show_progress=False, accumulator_device="cpu")
@@ -214,8 +218,7 @@ def check_low_memory_fisher(args: argparse.Namespace) -> dict[str, Any]:
     from peft_unlearn import estimate_fisher
 
     model, tokenizer = _load(args)
-    forget = [_to(b, args.device) for b in _batches(tokenizer, common.read_texts("forget.jsonl"), args)]
-    retain = [_to(b, args.device) for b in _batches(tokenizer, common.read_texts("retain.jsonl"), args)]
+    forget, retain = _forget_retain(tokenizer, args)
     peft_model = get_peft_model(model, LoraConfig(**common.lora_kwargs(8)))
     layers = list(common.lora_layers(peft_model).values())
     num_layers = len(layers)

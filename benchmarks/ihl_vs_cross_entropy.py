@@ -253,9 +253,7 @@ def _write_outputs(report: dict, out_dir: Path, stem: str) -> None:
         ax.set_title(title)
         ax.set_ylabel(unit)
     fig.suptitle(f"vocab {cfg['vocab']}, {cfg['tokens']} tokens, {cfg['dtype']}, {cfg['device']}")
-    fig.tight_layout()
-    fig.savefig(out_dir / f"{stem}.png", dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, out_dir / f"{stem}.png", dpi=120)
 
 
 def run_driver(args: argparse.Namespace, argv: list[str] | None = None) -> dict:

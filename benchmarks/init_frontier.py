@@ -409,11 +409,9 @@ def report(results: dict[str, Any], path: Path) -> None:
     for init in INITS:
         b = best.get(init)
         if b is None:
-            done = any(k[0] == init for k in groups)
-            lines.append(f"| {INITS[init]} | {'none qualifies' if done else 'not run yet'} | | | | | |")
+            lines.append(_missing_row(init, groups, "none qualifies", 5))
             continue
-        ratio = f"{b['steps'] / ref['steps']:.2f}" if ref else "–"
-        dheld = f"{b['mheldout_ma'] - ref['mheldout_ma']:+.3f}" if ref else "–"
+        ratio, dheld = _vs_lora(b, ref)
         lines.append(
             f"| {INITS[init]} | {b['lr']:g} | {b['seeds']} | {b['steps']:.1f} | {b['mheldout_ma']:.3f} "
             f"| {ratio} | {dheld} |"
@@ -437,11 +435,9 @@ def report(results: dict[str, Any], path: Path) -> None:
     for init in INITS:
         f, k = fastest.get(init), keeping.get(init)
         if f is None:
-            done = any(key[0] == init for key in groups)
-            lines.append(f"| {INITS[init]} | {'none' if done else 'not run yet'} | | | | | | | | |")
+            lines.append(_missing_row(init, groups, "none", 8))
             continue
-        ratio = f"{f['steps'] / ref['steps']:.2f}" if ref else "–"
-        dheld = f"{f['mheldout_ma'] - ref['mheldout_ma']:+.3f}" if ref else "–"
+        ratio, dheld = _vs_lora(f, ref)
         lrs = ", ".join(f"{p['lr']:g}" for p in sorted(sound[init], key=lambda p: p["lr"]))
         lines.append(
             f"| {INITS[init]} | {f['lr']:g} | {f['steps']:.1f} | {f['mheldout_ma']:.3f} | {ratio} | {dheld} "
@@ -461,6 +457,19 @@ def report(results: dict[str, Any], path: Path) -> None:
         lines.append("")
     path.with_suffix(".md").write_text("\n".join(lines))
     _plot(results, path.with_suffix(".png"))
+
+
+def _missing_row(init: str, groups: dict[tuple[str, float], Any], none: str, empty: int) -> str:
+    """A table row for an init without a value (``none`` when it has runs, else "not run yet"), ``empty`` cells after."""
+    done = any(key[0] == init for key in groups)
+    return f"| {INITS[init]} | {none if done else 'not run yet'} |" + " |" * empty
+
+
+def _vs_lora(point: dict[str, Any], ref: dict[str, Any] | None) -> tuple[str, str]:
+    """Steps relative to default LoRA's and the heldout-MA difference to it ("–" without a LoRA value)."""
+    if not ref:
+        return "–", "–"
+    return f"{point['steps'] / ref['steps']:.2f}", f"{point['mheldout_ma'] - ref['mheldout_ma']:+.3f}"
 
 
 def _plot(results: dict[str, Any], png: Path) -> None:
@@ -508,16 +517,11 @@ def _plot(results: dict[str, Any], png: Path) -> None:
     ax.set_ylabel("memorized-heldout MA at the stop (kept knowledge)")
     ax.set_title("Gemma-3 270M, IHL + retain NLL, r = 8: forget speed vs knowledge kept\n(labels: learning rate)")
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, png)
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="gemma3-270m")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+    p = common.benchmark_parser(__doc__, DEFAULT_RESULTS)
     p.add_argument("--inits", nargs="+", default=list(INITS), choices=list(INITS))
     p.add_argument(
         "--lrs",
@@ -528,13 +532,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--max-steps", type=int, default=10)
-    p.add_argument("--el-n", type=int, default=10)
-    p.add_argument("--el-prefix-stride", type=int, default=8)
-    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    p.add_argument("--timeout", type=int, default=1800, help="per-run timeout in seconds")
+    common.add_run_arguments(p, max_steps=10)
     p.add_argument("--wait", type=int, default=120, help="seconds between checks while only unavailable inits remain")
     p.add_argument("--max-wait", type=int, default=7200, help="give up waiting for unavailable inits after this")
     p.add_argument("--retries", type=int, default=1, help="how often a failed run is retried")
@@ -549,14 +547,9 @@ def main(argv: list[str] | None = None) -> None:
         "model": args.model,
         "dtype": args.dtype,
         "rank": args.rank,
-        "batch_size": args.batch_size,
-        "max_length": args.max_length,
-        "max_steps": args.max_steps,
-        "el_n": args.el_n,
-        "el_prefix_stride": args.el_prefix_stride,
-        "threads": args.threads,
+        **common.run_settings(args),
         "loss": "IHL + retain NLL (weights 1)",
-        "optimizer": "adamw_torch, constant lr, no warmup, no weight decay",
+        "optimizer": common.RECIPE,
         "lora": "q,k,v,o,gate,up,down projections, alpha = 2r, dropout 0",
     }
     base_spec = {k: settings[k] for k in ("model", "dtype", "batch_size", "max_length", "el_n", "el_prefix_stride")}
@@ -572,9 +565,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if "baseline" not in results:
         common.say("measuring the base model (thresholds) ...")
-        base = child({**base_spec, "baseline": True, "seed": 0}, args.timeout)
-        if "error" in base:
-            raise SystemExit(base["error"])
+        base = common.or_exit(child({**base_spec, "baseline": True, "seed": 0}, args.timeout))
         base.pop("wall_seconds", None)
         if args.time_one is None:
             results["baseline"] = base
