@@ -35,18 +35,7 @@ MIB = 2**20
 # process memory (Linux /proc)
 # ----------------------------------------------------------------------------------------------
 def proc_status(*fields: str) -> dict[str, int]:
-    """Read fields of ``/proc/self/status`` in bytes.
-
-    Args:
-        *fields: Field names such as ``"VmRSS"`` (resident now) or ``"VmHWM"`` (resident high-water mark).
-
-    Returns:
-        ``{field: bytes}``; a field that is missing, or every field without ``/proc``, reads 0.
-
-    Examples:
-        >>> sorted(proc_status("VmRSS", "VmHWM"))
-        ['VmHWM', 'VmRSS']
-    """
+    """``{field: bytes}`` of ``/proc/self/status`` fields such as ``VmRSS`` or ``VmHWM`` (missing, no /proc: 0)."""
     values = dict.fromkeys(fields, 0)
     try:
         with open("/proc/self/status") as handle:
@@ -67,15 +56,7 @@ def peak_rss_bytes() -> int:
 def reset_peak_rss(required: bool = True) -> bool:
     """Reset ``VmHWM`` to the current RSS through ``/proc/self/clear_refs`` (Linux >= 4.0).
 
-    Args:
-        required: Raise when the reset is not possible (a peak measured without it would be wrong);
-            False returns False instead.
-
-    Returns:
-        True when the high-water mark was reset.
-
-    Raises:
-        OSError: When ``required`` and ``/proc/self/clear_refs`` cannot be written.
+    Returns True; where that is not possible it raises `OSError`, or returns False when not ``required``.
     """
     try:
         with open("/proc/self/clear_refs", "w") as handle:
@@ -94,21 +75,8 @@ class PeakMemory:
     the process RSS high-water mark (``VmHWM``, reset on entry) minus ``VmRSS`` at the start, which counts
     everything the process touches (allocator slack included); with ``host=False`` no memory is measured there.
 
-    Args:
-        device: ``"cuda"`` or another torch device name.
-        host: Measure the process RSS when ``device`` is not CUDA.
-
-    Attributes:
-        before: Bytes in use at the start (None when not measured).
-        peak: Peak bytes during the block (None when not measured).
-        delta: ``peak - before`` (None when not measured).
-        seconds: Wall time of the block.
-
-    Examples:
-        >>> with PeakMemory("cpu", host=False) as meter:
-        ...     pass
-        >>> meter.delta is None and meter.seconds >= 0
-        True
+    After the block: ``before``, ``peak`` and ``delta = peak - before`` in bytes (None when not measured) and
+    ``seconds``.
     """
 
     def __init__(self, device: str, host: bool = True):
@@ -150,19 +118,7 @@ class PeakMemory:
 # data and training
 # ----------------------------------------------------------------------------------------------
 def read_texts(name: str, limit: int | None = None) -> list[str]:
-    """The ``text`` fields of the JSON-lines file ``examples/data/<name>``.
-
-    Args:
-        name: File name in ``examples/data``, e.g. ``"forget.jsonl"``.
-        limit: Keep the first ``limit`` rows (None or 0: all).
-
-    Returns:
-        The texts in file order.
-
-    Examples:
-        >>> len(read_texts("forget.jsonl", 2))
-        2
-    """
+    """The ``text`` fields of ``examples/data/<name>`` (JSON lines), the first ``limit`` when given."""
     rows = [json.loads(line)["text"] for line in (DATA / name).read_text().splitlines() if line.strip()]
     return rows[:limit] if limit else rows
 
@@ -173,12 +129,7 @@ def tokenize(tokenizer: Any, texts: list[str], max_length: int) -> list[list[int
 
 
 def lora_kwargs(rank: int) -> dict[str, Any]:
-    """Keyword arguments of a `LoraConfig` on `PROJECTIONS` with ``lora_alpha = 2 * rank`` and no dropout.
-
-    Examples:
-        >>> lora_kwargs(8)["lora_alpha"]
-        16
-    """
+    """Keyword arguments of a `LoraConfig` on `PROJECTIONS` with ``lora_alpha = 2 * rank`` and no dropout."""
     return {"r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0, "target_modules": list(PROJECTIONS)}
 
 
@@ -203,20 +154,10 @@ def unlearning_config(
     retain_loss: str | None = "nll",
     **overrides: Any,
 ) -> Any:
-    """The benchmarks' CPU recipe as an `UnlearningConfig`.
+    """The benchmarks' CPU recipe (`RECIPE`) as an `UnlearningConfig`: one log per step, no checkpoints.
 
-    Constant learning rate without warmup or weight decay, one log entry per step, no checkpoints, no
-    progress bar.
-
-    Args:
-        output_dir: The trainer's output folder (nothing is saved there).
-        spec: The run; ``lr``, ``batch_size``, ``max_length`` and ``seed`` are read.
-        forget_loss: Forget loss name.
-        retain_loss: Retain loss name (None: no retain term).
-        **overrides: Further (or different) `UnlearningConfig` arguments, e.g. ``max_steps``.
-
-    Returns:
-        The `peft_unlearn.UnlearningConfig`.
+    ``spec`` gives ``lr``, ``batch_size``, ``max_length`` and ``seed``; ``overrides`` are further (or
+    different) `UnlearningConfig` arguments, e.g. ``max_steps``.
     """
     from peft_unlearn import UnlearningConfig
 
@@ -266,13 +207,6 @@ def forget_monitor(
     measures EL_n (greedy generation, the costly part), and it stops training when that is at most
     ``thresholds["el"]``.
 
-    Args:
-        forget_ids: Token ids of the forget passages.
-        pad_token_id: The tokenizer's pad id.
-        thresholds: ``{"ma": ..., "el": ...}``, the levels that count as forgotten.
-        el_n: n of EL_n.
-        prefix_stride: EL prefix stride.
-
     Returns:
         A `transformers.TrainerCallback` with ``history`` (per step: ``step``, ``forget_ma`` and, where
         measured, ``forget_el{n}``), ``forgotten_at`` (the step, or None), ``eval_seconds`` (time spent in
@@ -321,12 +255,7 @@ def init_stats(trainer: Any) -> dict[str, Any]:
 
 
 def ihl_nll_step(model: Any, optimizer: Any, forget: dict[str, Any], retain: dict[str, Any]) -> Any:
-    """One unlearning step as `UnlearningTrainer` takes it: IHL on ``forget`` + NLL on ``retain``, one backward,
-    one optimizer step.
-
-    Returns:
-        The loss tensor.
-    """
+    """One unlearning step as `UnlearningTrainer` takes it (IHL on ``forget`` + NLL on ``retain``); the loss."""
     from peft_unlearn.losses import inverted_hinge_loss, nll_loss
 
     def logits(batch: dict[str, Any]) -> Any:
@@ -354,11 +283,7 @@ def add_child_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_as_child(args: argparse.Namespace, measure: Callable[[dict[str, Any]], dict[str, Any]]) -> bool:
-    """When called as a child (``--child``): measure the spec and write the result as JSON to ``--child-out``.
-
-    Returns:
-        True when this process is a child and the result is written (the script then returns).
-    """
+    """As a child (``--child``): measure the spec, write the result as JSON to ``--child-out`` and return True."""
     if not args.child:
         return False
     Path(args.child_out).write_text(json.dumps(measure(json.loads(args.child))))
@@ -384,11 +309,10 @@ def run_child(
         spec: The measurement, JSON-serialisable.
         timeout: Seconds before the child is killed.
         env: The child's environment (None: this one), e.g. from `child_env`.
-        wall_key: Key under which the child's wall time is added to the result.
+        wall_key: Key of the child's wall time in the result.
 
     Returns:
-        The child's result, or ``{"error": ..., "returncode": ...}`` when it failed or timed out; both with
-        ``wall_key``. A failing child never raises here.
+        The child's result, or ``{"error": ...}`` when it failed or timed out (never raised); with ``wall_key``.
     """
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
@@ -437,9 +361,7 @@ def save_results(path: Path, results: dict[str, Any]) -> None:
     written back. A run in ``results`` replaces the one on disk with the same key, and a failure is dropped
     once its run is finished. ``failures`` is only written when either side has it.
 
-    Args:
-        path: The JSON file.
-        results: This runner's results (``runs``: key -> run; optional ``failures`` and ``commands``).
+    ``results`` holds ``runs`` (key -> run) and optionally ``failures`` and ``commands``.
     """
     import fcntl
 
@@ -458,37 +380,24 @@ def save_results(path: Path, results: dict[str, Any]) -> None:
 
 
 def or_exit(result: dict[str, Any]) -> dict[str, Any]:
-    """``result`` of `run_child`, or exit with its error (for a measurement nothing else can go on without).
-
-    Raises:
-        SystemExit: With the child's error when it failed.
-    """
+    """``result`` of `run_child`, or exit (`SystemExit`) with its error: for what nothing can go on without."""
     if "error" in result:
         raise SystemExit(result["error"])
     return result
 
 
 def check_settings(results: dict[str, Any], settings: dict[str, Any], keys: tuple[str, ...], path: Path) -> None:
-    """Refuse to add runs to a results file measured with other evaluation settings.
-
-    Raises:
-        SystemExit: When the file's ``settings`` differ from ``settings`` in one of ``keys``.
-    """
+    """Exit (`SystemExit`) when the results file was measured with other ``settings`` in one of ``keys``."""
     old = results.get("settings")
     if old and any(old.get(k) != settings[k] for k in keys):
         raise SystemExit(f"--results {path} was measured with other evaluation settings {old}; use another file.")
 
 
 def command_line(script: str | Path, argv: list[str] | None = None, **env: str) -> str:
-    """The shell command that reproduces this run from the repository root.
+    """The shell command, from the repository root, that reproduces this run of ``script`` with ``argv``.
 
-    Args:
-        script: The benchmark script (``__file__``).
-        argv: Its arguments (None: ``sys.argv[1:]``).
-        **env: Environment assignments written before ``python``, e.g. ``OMP_NUM_THREADS="1"``.
-
-    Returns:
-        E.g. ``OMP_NUM_THREADS=1 python benchmarks/fila_memory.py --fresh``, every word quoted as a shell needs.
+    ``argv`` None means ``sys.argv[1:]``; ``env`` are assignments before ``python``, e.g.
+    ``OMP_NUM_THREADS=1 python benchmarks/fila_memory.py --fresh``. Words are quoted as a shell needs.
     """
     args = sys.argv[1:] if argv is None else argv
     rel = Path(script).resolve().relative_to(ROOT).as_posix()
@@ -528,12 +437,7 @@ def say(msg: str) -> None:
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (NaN, NaN for no values; std 0 for one).
-
-    Examples:
-        >>> mean_std([1.0, 3.0])
-        (2.0, 1.4142135623730951)
-    """
+    """Mean and sample standard deviation (NaN, NaN for no values; std 0 for one)."""
     if not values:
         return float("nan"), float("nan")
     m = sum(values) / len(values)
@@ -543,12 +447,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def fmt(values: list[float], digits: int = 2) -> str:
-    """``mean ± std`` of ``values`` (the value alone for one, ``–`` for none).
-
-    Examples:
-        >>> fmt([1.0, 3.0], 1), fmt([2.0], 1), fmt([])
-        ('2.0 ± 1.4', '2.0', '–')
-    """
+    """``mean ± std`` of ``values`` (the value alone for one, ``–`` for none)."""
     if not values:
         return "–"
     m, s = mean_std(values)

@@ -12,7 +12,8 @@ EL_n only once MA is below its threshold; retain MA and never-seen perplexity on
 Each run is a separate subprocess, so its peak memory (``VmHWM``) is its own.
 
 Results are appended to ``--results`` (JSON) after every run, and the markdown table and plot are
-rewritten from it; finished runs are skipped, so the script resumes where it stopped.
+rewritten from it; finished runs are skipped, so the script resumes where it stopped. Several runners
+(e.g. one per ``--phase``) may share one results file: each save merges with what the others wrote.
 
 Usage::
 
@@ -464,7 +465,7 @@ def main(argv: list[str] | None = None) -> None:
         if not done and key not in (k for k, _ in todo):
             todo.append((key, spec))
     kept = ("loss", "method", "rank", "seed", "lr", "batch_size", "max_steps")
-    # runs are independent subprocesses; this process alone writes the results file
+    # runs are independent subprocesses; only this thread saves (merged with other runners' saves, under a lock)
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         futures = {}
         for key, spec in todo:
