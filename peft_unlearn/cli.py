@@ -24,9 +24,10 @@ import warnings
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 
-from .commands.common import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PROG, CLIError, _Parser, one_line
+from .commands import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PROG, CLIError, _Parser, one_line
 from .commands.evaluate import EvalArguments, format_results_table, parse_eval_args, run_eval
 from .commands.train import TrainArguments, parse_train_args, run_train
+from .data_files import DataFileError
 
 __all__ = [
     "EXIT_FAILURE",
@@ -141,9 +142,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             _COMMANDS[command][0](rest)
         return EXIT_OK
-    except CLIError as err:
-        print(f"{PROG} {command}: error: {err}", file=sys.stderr)
-        raise SystemExit(err.exit_code) from None
+    except (CLIError, DataFileError, FileExistsError, NotADirectoryError) as err:
+        # a bad data file is a usage error; the save policy refusing --output (FileExistsError) is a failure
+        code = getattr(err, "exit_code", EXIT_USAGE if isinstance(err, DataFileError) else EXIT_FAILURE)
+        print(f"{PROG} {command}: error: {one_line(err)}", file=sys.stderr)
+        raise SystemExit(code) from None
     except KeyboardInterrupt:
         print(f"{PROG} {command}: interrupted", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED) from None

@@ -9,13 +9,14 @@ Examples:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .common import EXIT_FAILURE, CLIError, ModelDataArguments, arg, info, load_model, load_sets, one_line, parse
+from . import EXIT_FAILURE, CLIError, ModelDataArguments, arg, info, load_model, load_sets, one_line, parse
 
 __all__ = ["EvalArguments", "format_results_table", "parse_eval_args", "run_eval"]
 
@@ -94,11 +95,8 @@ def parse_eval_args(argv: Sequence[str]) -> EvalArguments:
             torch.device(args.device)
         except (RuntimeError, ValueError) as err:
             raise CLIError(f"--device: invalid device {args.device!r}: {one_line(err)}") from err
-    if args.plot is not None:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError as err:
-            raise CLIError("--plot needs matplotlib: pip install 'peft-unlearn[plot]'") from err
+    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
+        raise CLIError("--plot needs matplotlib: pip install 'peft-unlearn[plot]'")
     for name in ("output", "plot"):
         if getattr(args, name) is not None and Path(getattr(args, name)).expanduser().is_dir():
             raise CLIError(f"--{name}: {getattr(args, name)!r} is a directory; pass a file name")
@@ -154,11 +152,8 @@ def run_eval(argv: list[str]) -> None:
 
     print(format_results_table(results))
     undefined = [f"{name}/{key}" for name, sc in results.items() for key, v in sc.items() if not math.isfinite(v)]
-    if undefined:
-        info(
-            f"not finite: {', '.join(undefined)} (EL_n is undefined when every sequence has n tokens or fewer); "
-            "written as null in the JSON"
-        )
+    if undefined:  # EL_n when every sequence has n tokens or fewer
+        info(f"not finite: {', '.join(undefined)} (EL_n needs more than n tokens); written as null in the JSON")
     if args.output is not None:
         settings = ("el_prefix_stride", "max_length", "batch_size", "max_samples", "completion_only")
         payload = {
@@ -214,6 +209,4 @@ def format_results_table(results: dict[str, dict[str, float]]) -> str:
 def _format_number(value: float | None) -> str:
     if value is None:
         return "-"
-    if not math.isfinite(value):
-        return str(value)
-    return f"{value:.4g}" if abs(value) >= 1000 else f"{value:.4f}"
+    return f"{value:.4f}" if math.isfinite(value) and abs(value) < 1000 else f"{value:.4g}"

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from .common import EXIT_FAILURE, PROG, CLIError, ModelDataArguments, arg, info, load_model, load_sets, one_line, parse
+from . import EXIT_FAILURE, PROG, CLIError, ModelDataArguments, arg, info, load_model, load_sets, one_line, parse
 
 __all__ = ["TrainArguments", "parse_train_args", "run_train"]
 
@@ -106,10 +106,8 @@ def run_train(argv: list[str]) -> None:
         )
     sets = load_sets(args, forget=args.max_forget_samples, retain=args.max_retain_samples)
     forget, retain = sets["forget"], sets.get("retain")
-    try:  # refuse an --output that holds files this library did not write before loading the model
-        check_save_folder(config.output_dir, adapter=args.init != "none", overwrite=config.overwrite_output)
-    except (FileExistsError, NotADirectoryError) as err:
-        raise CLIError(one_line(err), EXIT_FAILURE) from err
+    # refuse an --output that holds files this library did not write before loading the model (exit 1)
+    check_save_folder(config.output_dir, adapter=args.init != "none", overwrite=config.overwrite_output)
 
     info(f"Loading model {args.model!r}...")
     model, tokenizer = load_model(args)
@@ -146,10 +144,7 @@ def run_train(argv: list[str]) -> None:
         f"Unlearning {len(forget)} forget examples{with_retain} ({what}, forget_loss={config.forget_loss}, "
         f"retain_loss={config.retain_loss})"
     )
-    try:
-        trainer.train()
-    except (FileExistsError, NotADirectoryError) as err:  # the save policy refused the output folder
-        raise CLIError(one_line(err), EXIT_FAILURE) from err
+    trainer.train()  # a refusal of the save policy (FileExistsError) is reported by `main` as exit 1
     if trainer.state.global_step == 0:
         raise CLIError(
             f"training ran zero optimizer steps (max_steps={config.max_steps}, num_train_epochs="
