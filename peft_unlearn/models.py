@@ -485,10 +485,7 @@ def load_adapter(model: Any, adapter_dir: str | os.PathLike[str], **kwargs: Any)
 
     raw = is_data_driven_init(read_adapter_config(adapter_dir).get("init_lora_weights"))
     path = str(Path(adapter_dir).expanduser())
-    with warnings.catch_warnings():
-        if raw:  # PEFT warns that the weights are not initialised: they come from the checkpoint and _fila_init/
-            warnings.simplefilter("ignore")
-        peft_model = PeftModel.from_pretrained(model, path, **kwargs)
+    peft_model = PeftModel.from_pretrained(model, path, **kwargs)
     if raw:
         restore_fila_state(peft_model, path)
     return peft_model
