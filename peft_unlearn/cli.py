@@ -24,7 +24,7 @@ import warnings
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 
-from .commands import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PROG, CLIError, _Parser, one_line
+from .commands import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PROG, CLIError, Parser, one_line
 from .commands.evaluate import EvalArguments, format_results_table, parse_eval_args, run_eval
 from .commands.train import TrainArguments, parse_train_args, run_train
 from .data_files import DataFileError
@@ -73,7 +73,7 @@ def environment_info() -> dict[str, str]:
 
 
 def _cmd_env(argv: list[str]) -> None:
-    _Parser(prog=f"{PROG} env", description="Print versions of the ML stack for bug reports.").parse_args(argv)
+    Parser(prog=f"{PROG} env", description="Print versions of the ML stack for bug reports.").parse_args(argv)
     print("\nCopy-paste the following information when reporting a bug:\n")
     print("\n".join(f"- {key}: {value}" for key, value in environment_info().items()) + "\n")
 
@@ -81,7 +81,7 @@ def _cmd_env(argv: list[str]) -> None:
 def _cmd_version(argv: list[str]) -> None:
     from peft_unlearn import __version__
 
-    _Parser(prog=f"{PROG} version", description="Print the peft_unlearn version.").parse_args(argv)
+    Parser(prog=f"{PROG} version", description="Print the peft_unlearn version.").parse_args(argv)
     print(f"{PROG} {__version__}")
 
 

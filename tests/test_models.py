@@ -378,7 +378,9 @@ def test_load_adapter_portable_and_raw_fila_checkpoint_match_the_trained_model(t
     def base():
         return tiny_causal_lm("llama", vocab_size=64, seed=3)
 
-    model = get_peft_model(base(), LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", init_lora_weights="fila"))
+    model = get_peft_model(
+        base(), LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", init_lora_weights="fila")
+    )
     ids = torch.randint(1, 64, (4, 12), generator=torch.Generator().manual_seed(0))
     forget = [{"input_ids": ids[:2], "attention_mask": torch.ones_like(ids[:2]), "labels": ids[:2]}]
     retain = [{"input_ids": ids[2:], "attention_mask": torch.ones_like(ids[2:]), "labels": ids[2:]}]

@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Literal, NoReturn
 
+import yaml
 from trl import TrlParser
 
 __all__ = ["EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "PROG", "CLIError", "ModelDataArguments"]
@@ -95,7 +96,7 @@ class ModelDataArguments:
                 raise ValueError(f"--{name}: must be a positive integer, got {getattr(self, name)}")
 
 
-class _Parser(TrlParser):
+class Parser(TrlParser):
     """`TrlParser` whose argparse errors raise `CLIError` (one line, exit 2) instead of printing the usage."""
 
     def error(self, message: str) -> NoReturn:
@@ -106,9 +107,9 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     """Shows defaults and keeps the line breaks of descriptions and epilogs."""
 
 
-def parse(command: str, dataclass_types: list[type], argv: list[str], **kwargs: Any) -> tuple[_Parser, list]:
+def parse(command: str, dataclass_types: list[type], argv: list[str], **kwargs: Any) -> tuple[Parser, list]:
     """Parse `argv` (and `--config FILE`) into the dataclasses; every problem becomes a `CLIError`."""
-    parser = _Parser(dataclass_types, prog=f"{PROG} {command}", formatter_class=_HelpFormatter, **kwargs)
+    parser = Parser(dataclass_types, prog=f"{PROG} {command}", formatter_class=_HelpFormatter, **kwargs)
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of defaults; keys are field names.")
     try:
         *parsed, from_config, unknown = parser.parse_args_and_config(
@@ -118,10 +119,8 @@ def parse(command: str, dataclass_types: list[type], argv: list[str], **kwargs: 
         raise CLIError(f"--config: cannot read {err.filename or ''!r}: {err.strerror or one_line(err)}") from err
     except (ValueError, TypeError) as err:  # a dataclass __post_init__, or a YAML file that is not a mapping
         raise CLIError(one_line(err)) from err
-    except Exception as err:  # yaml.YAMLError
-        if type(err).__module__.startswith("yaml"):
-            raise CLIError(f"--config: cannot parse the YAML file: {one_line(err)}") from err
-        raise
+    except yaml.YAMLError as err:
+        raise CLIError(f"--config: cannot parse the YAML file: {one_line(err)}") from err
     if from_config:
         keys = ", ".join(repr(k[2:]) for k in from_config[::2])
         raise CLIError(f"--config: unknown key(s) {keys}; keys are field names such as learning_rate or output_dir")
@@ -156,7 +155,5 @@ def load_model(args: ModelDataArguments, show_progress: bool = True) -> tuple[An
     kwargs = {"trust_remote_code": True} if args.trust_remote_code else {}
     try:
         return load_model_and_tokenizer(args.model, dtype=args.dtype, show_progress=show_progress, **kwargs)
-    except FileNotFoundError as err:
+    except (OSError, ValueError, ImportError) as err:  # the messages name the model
         raise CLIError(f"--model: {one_line(err)}") from err
-    except (OSError, ValueError, ImportError) as err:
-        raise CLIError(f"--model: cannot load {args.model!r}: {one_line(err)}") from err

@@ -172,7 +172,7 @@ def run_eval(argv: list[str]) -> None:
 
         metrics = [key for key in next(iter(results.values())) if key not in ("num_examples", "nll", "ppl")]
         plot_method_comparison(
-            {name: {key: scores[key] for key in metrics} for name, scores in results.items()},
+            results,
             metrics,
             title=args.model + (f" + {Path(args.adapter).name}" if args.adapter else ""),
             ylabel="score (lower on forget = more forgotten)",

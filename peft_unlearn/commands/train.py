@@ -138,11 +138,10 @@ def run_train(argv: list[str]) -> None:
     except (ValueError, TypeError) as err:  # data or configuration the trainer rejects
         raise CLIError(one_line(err)) from err
 
-    what = {"fila": "FILA LoRA", "vila": "VILA LoRA", "default": "LoRA", "none": "full fine-tuning"}[args.init]
-    with_retain = f" with {len(retain)} retain examples" if retain is not None else ""
+    retain_size = len(retain) if retain is not None else 0
     info(
-        f"Unlearning {len(forget)} forget examples{with_retain} ({what}, forget_loss={config.forget_loss}, "
-        f"retain_loss={config.retain_loss})"
+        f"Unlearning {len(forget)} forget and {retain_size} retain examples (--init {args.init}, forget_loss="
+        f"{config.forget_loss}, retain_loss={config.retain_loss})"
     )
     # the trainer raises on a run of zero steps, and the save policy on an --output it may not write: `main` reports
     # either as exit 1, and nothing is saved
