@@ -55,6 +55,7 @@ from .offset import get_offset, set_offset
 from .state import (
     FLOAT_DTYPES,
     IMPORTANCE_ATTR,
+    adapter_lora_config,
     check_target_layer,
     clear_pending,
     copy_into_,
@@ -296,15 +297,7 @@ def init_layer_from_attached_importance(layer: nn.Module, adapter_name: str, att
 
 
 def _check_adapter(peft_model: nn.Module, adapter_name: str) -> list[tuple[str, nn.Module]]:
-    configs = getattr(peft_model, "peft_config", None)
-    if not isinstance(configs, Mapping):
-        raise TypeError(
-            f"`peft_model` must be a PeftModel (from get_peft_model), got {type(peft_model).__name__}; wrap the "
-            "model with get_peft_model(model, LoraConfig(init_lora_weights='fila', ...)) first."
-        )
-    if adapter_name not in configs:
-        raise ValueError(f"`adapter_name`={adapter_name!r} is not an adapter of the model; have {sorted(configs)}.")
-    config = configs[adapter_name]
+    config = adapter_lora_config(peft_model, adapter_name, FILA_INIT_NAME)
     init = getattr(config, "init_lora_weights", None)
     if not (init_name(init) is not None or init is True):
         raise ValueError(

@@ -99,6 +99,40 @@ def normalize_module_name(name: str) -> str:
     return ".".join(p for p in name.split(".") if p != "base_layer")
 
 
+def adapter_lora_config(peft_model: nn.Module, adapter_name: str, init: str) -> Any:
+    """The `LoraConfig` of `adapter_name`, after checking that `peft_model` is a PeftModel holding it.
+
+    Args:
+        peft_model: The model passed to a data-driven init.
+        adapter_name: The adapter to initialise.
+        init: The init's name (`"fila"`, `"vila"`), used in the fix the error suggests.
+
+    Returns:
+        `peft_model.peft_config[adapter_name]`.
+
+    Raises:
+        TypeError: `peft_model` is not a PeftModel.
+        ValueError: `adapter_name` is not one of its adapters.
+
+    Examples:
+        >>> adapter_lora_config(nn.Linear(2, 2), "default", "fila")
+        Traceback (most recent call last):
+        ...
+        TypeError: `peft_model` must be a PeftModel (from get_peft_model), got Linear; wrap the model with get_peft_model(model, LoraConfig(init_lora_weights='fila', ...)) first.
+    """
+    from collections.abc import Mapping
+
+    configs = getattr(peft_model, "peft_config", None)
+    if not isinstance(configs, Mapping):
+        raise TypeError(
+            f"`peft_model` must be a PeftModel (from get_peft_model), got {type(peft_model).__name__}; wrap the "
+            f"model with get_peft_model(model, LoraConfig(init_lora_weights={init!r}, ...)) first."
+        )
+    if adapter_name not in configs:
+        raise ValueError(f"`adapter_name`={adapter_name!r} is not an adapter of the model; have {sorted(configs)}.")
+    return configs[adapter_name]
+
+
 def iter_lora_layers(model: nn.Module, adapter_name: str) -> list[tuple[str, nn.Module]]:
     """List the LoRA layers of ``model`` that hold ``adapter_name`` (normalised names, model order).
 

@@ -66,7 +66,7 @@ from .fisher_passes import model_device as _model_device
 from .fisher_passes import rank as _rank
 from .init import initialize_fila_weights
 from .state import VILA_INIT_NAME as VILA_INIT_NAME
-from .state import iter_lora_layers
+from .state import adapter_lora_config, iter_lora_layers
 
 __all__ = ["VILA_INIT_NAME", "estimate_vila_importance", "initialize_vila_weights", "vila_layer_importance"]
 
@@ -111,14 +111,7 @@ def _check_positive_int(name: str, value: Any, allow_none: bool = False) -> None
 
 
 def _vila_layers(peft_model: nn.Module, adapter_name: str) -> list[tuple[str, nn.Module]]:
-    configs = getattr(peft_model, "peft_config", None)
-    if not isinstance(configs, Mapping):
-        raise TypeError(
-            f"`peft_model` must be a PeftModel (from get_peft_model), got {type(peft_model).__name__}; wrap the "
-            "model with get_peft_model(model, LoraConfig(init_lora_weights='vila', ...)) first."
-        )
-    if adapter_name not in configs:
-        raise ValueError(f"`adapter_name`={adapter_name!r} is not an adapter of the model; have {sorted(configs)}.")
+    adapter_lora_config(peft_model, adapter_name, VILA_INIT_NAME)
     layers = [(n, m) for n, m in iter_lora_layers(peft_model, adapter_name) if adapter_name in m.lora_A]
     if not layers:
         raise ValueError(f"Adapter {adapter_name!r} has no LoRA layer with lora_A/lora_B factors.")
