@@ -153,19 +153,15 @@ def run_train(argv: list[str]) -> None:
 
 
 def _report_saved(output_dir: Path, args: TrainArguments) -> None:
-    adapter_config = output_dir / "adapter_config.json"
-    if args.init == "none" or not adapter_config.is_file():
+    if args.init == "none":
         print(f"Saved the model and the tokenizer to {output_dir}")
         print(f"Evaluate it with: {PROG} eval --model {output_dir} --forget {args.forget}")
         return
-    rank = json.loads(adapter_config.read_text(encoding="utf-8")).get("r")
-    kind = (
-        f"{args.init.upper()} adapter as a plain PEFT LoRA (rank {rank} = 2 x --lora_r, portable)"
-        if args.init in ("fila", "vila")
-        else f"plain PEFT LoRA adapter (rank {rank})"
-    )
+    rank = json.loads((output_dir / "adapter_config.json").read_text(encoding="utf-8")).get("r")
+    kind = f"plain PEFT LoRA adapter (rank {rank})"
+    if args.init in ("fila", "vila"):
+        kind = f"{args.init.upper()} adapter as a plain PEFT LoRA (rank {rank} = 2 x --lora_r, portable)"
     print(f"Saved the {kind} and the tokenizer to {output_dir}")
-    print(
-        f"Load it with: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({args.model!r}), {str(output_dir)!r})"
-    )
+    loads = f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({args.model!r}), {str(output_dir)!r})"
+    print(f"Load it with: {loads}")
     print(f"Evaluate it with: {PROG} eval --model {args.model} --adapter {output_dir} --forget {args.forget}")
