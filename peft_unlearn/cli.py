@@ -1,19 +1,11 @@
-"""Command line interface: `peft-unlearn train | eval | env | version`.
+"""Command line interface: `peft-unlearn train | eval | env | version` (reference: `docs/cli.md`).
 
-Built like TRL's scripts: each command parses its dataclasses with `trl.TrlParser` (so `--config FILE.yaml`
-supplies defaults whose keys are field names, and command-line flags win). `train` exposes every
-`UnlearningConfig` field (hence every `transformers.TrainingArguments` field) next to the model, data and LoRA
-options of `TrainArguments`; `eval` scores memorization (MA, EL_n, NLL, perplexity) of a base model, or a base
-model plus an adapter, on forget / retain / held-out sets. See `docs/cli.md`.
-
-Data files (`--forget`, `--retain`, `--heldout`) are read with `datasets.load_dataset`: JSON (a list of records,
-a dict of equally long columns or `{"data": [...]}`) and JSON Lines, CSV / TSV (header row), Parquet, TXT (one
-example per non-empty line, or per blank-line-separated paragraph with `--text_split paragraph`, in a `text`
-column), or a directory written by `datasets.Dataset.save_to_disk`.
+Built like TRL's scripts: each command parses its dataclasses with `trl.TrlParser`, so `--config FILE.yaml`
+supplies defaults (keys are field names) and command-line flags win. `train` exposes every `UnlearningConfig`
+field next to `TrainArguments`; `eval` scores memorization with `EvalArguments`.
 
 Exit codes: 0 success, 1 runtime failure (including a run that trained no step), 2 usage error (bad flag or
-value, missing or unreadable input, unsupported file type, dataset without a recognised column, a model path or
-adapter directory that does not exist), 130 interrupted.
+value, missing or unreadable input, a model path or adapter directory that does not exist), 130 interrupted.
 
 Examples:
     >>> from peft_unlearn.cli import main
@@ -24,18 +16,18 @@ Examples:
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import sys
 import warnings
 from collections.abc import Sequence
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as _dist_version
-from typing import Any
+from importlib.metadata import PackageNotFoundError, version
 
-from .commands.common import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PROG, CLIError, _one_line, _Parser
+from .commands import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PROG, CLIError, Parser, one_line
 from .commands.evaluate import EvalArguments, format_results_table, parse_eval_args, run_eval
 from .commands.train import TrainArguments, parse_train_args, run_train
+from .data_files import DataFileError
 
 __all__ = [
     "EXIT_FAILURE",
@@ -53,6 +45,7 @@ __all__ = [
 ]
 
 _TRACEBACK_ENV = "PEFT_UNLEARN_TRACEBACK"
+_LABELS = {"torch": "PyTorch", "peft": "PEFT", "trl": "TRL"}
 
 
 def environment_info() -> dict[str, str]:
@@ -66,56 +59,51 @@ def environment_info() -> dict[str, str]:
 
     from peft_unlearn import __version__
 
-    def version(name: str) -> str:
+    info = {"Platform": platform.platform(), "Python version": platform.python_version()}
+    info["peft_unlearn version"] = __version__
+    for name in ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "matplotlib"):
+        label = f"{_LABELS.get(name, name.capitalize())} version"
         try:
-            return _dist_version(name)
+            info[label] = version(name)
         except PackageNotFoundError:
-            return "not installed"
-
-    info = {"Platform": platform.platform(), "Python version": platform.python_version(),
-            "peft_unlearn version": __version__}  # fmt: skip
-    for label, name in [("PyTorch", "torch"), ("Transformers", "transformers"), ("PEFT", "peft"), ("TRL", "trl"),
-                        ("Datasets", "datasets"), ("Accelerate", "accelerate"), ("matplotlib", "matplotlib")]:  # fmt: skip
-        info[f"{label} version"] = version(name)
-    if torch.cuda.is_available():
-        info["Accelerator(s)"] = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
-    else:
-        info["Accelerator(s)"] = "MPS" if torch.backends.mps.is_available() else "cpu"
+            info[label] = "not installed"
+    devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    info["Accelerator(s)"] = ", ".join(devices) or ("MPS" if torch.backends.mps.is_available() else "cpu")
     return info
 
 
-def _cmd_env(argv: list[str]) -> int:
-    _Parser(prog=f"{PROG} env", description="Print versions of the ML stack for bug reports.").parse_args(argv)
+def _cmd_env(argv: list[str]) -> None:
+    Parser(prog=f"{PROG} env", description="Print versions of the ML stack for bug reports.").parse_args(argv)
     print("\nCopy-paste the following information when reporting a bug:\n")
     print("\n".join(f"- {key}: {value}" for key, value in environment_info().items()) + "\n")
-    return EXIT_OK
 
 
-def _cmd_version(argv: list[str]) -> int:
+def _cmd_version(argv: list[str]) -> None:
     from peft_unlearn import __version__
 
-    _Parser(prog=f"{PROG} version", description="Print the peft_unlearn version.").parse_args(argv)
+    Parser(prog=f"{PROG} version", description="Print the peft_unlearn version.").parse_args(argv)
     print(f"{PROG} {__version__}")
-    return EXIT_OK
 
 
-_COMMANDS: dict[str, tuple[Any, str]] = {
-    "train": (run_train, "unlearn a forget set (LoRA with FILA or default init, or full fine-tuning)"),
+_COMMANDS = {
+    "train": (run_train, "unlearn a forget set (LoRA with FILA, VILA or default init, or full fine-tuning)"),
     "eval": (run_eval, "measure memorization (MA, EL_n, NLL, perplexity) on forget/retain/held-out sets"),
     "env": (_cmd_env, "print versions of torch, transformers, peft, trl, ... for bug reports"),
     "version": (_cmd_version, "print the peft_unlearn version"),
 }
 
 
-def _top_level_help() -> str:
-    commands = "\n".join(f"  {name:<9} {text}" for name, (_, text) in _COMMANDS.items())
-    return (
-        f"usage: {PROG} [-h] [--version] {{{','.join(_COMMANDS)}}} ...\n\n"
-        "Parameter-efficient knowledge unlearning for LLMs (Inverted Hinge Loss + FILA, arXiv 2408.06621).\n\n"
-        f"commands:\n{commands}\n\noptions:\n  -h, --help  show this help message and exit\n"
-        f"  --version   print the version and exit\n\nRun '{PROG} COMMAND --help' for the options of a command. "
-        "Exit codes: 0 ok, 1 failure, 2 usage error."
+def _help() -> str:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Parameter-efficient knowledge unlearning for LLMs (Inverted Hinge Loss + FILA, arXiv 2408.06621).",
+        epilog=f"Run '{PROG} COMMAND --help' for the options of a command. Exit codes: 0 ok, 1 failure, 2 usage error.",
     )
+    parser.add_argument("-V", "--version", action="store_true", help="print the version and exit")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for name, (_, text) in _COMMANDS.items():
+        commands.add_parser(name, help=text)
+    return parser.format_help()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -136,32 +124,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = list(sys.argv[1:] if argv is None else argv)
     if not args:
-        print(_top_level_help(), file=sys.stderr)
+        print(_help(), file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
-    command, rest = ("version" if args[0] in ("--version", "-V") else args[0]), args[1:]
-    if command in ("-h", "--help"):
-        print(_top_level_help())
+    if args[0] in ("-h", "--help"):
+        print(_help())
         return EXIT_OK
+    command, rest = ("version" if args[0] in ("--version", "-V") else args[0]), args[1:]
     if command not in _COMMANDS:
-        print(f"{PROG}: error: unknown command {command!r}; expected one of {', '.join(_COMMANDS)} (see '{PROG} "
-              "--help')", file=sys.stderr)  # fmt: skip
+        print(
+            f"{PROG}: error: unknown command {command!r}; expected one of {', '.join(_COMMANDS)} (see '{PROG} --help')",
+            file=sys.stderr,
+        )
         raise SystemExit(EXIT_USAGE)
     try:
         with warnings.catch_warnings():
             # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` in PeftModel.__init__
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            return _COMMANDS[command][0](rest)
-    except CLIError as err:
-        print(f"{PROG} {command}: error: {err}", file=sys.stderr)
-        raise SystemExit(err.exit_code) from None
+            _COMMANDS[command][0](rest)
+        return EXIT_OK
+    except (CLIError, DataFileError, FileExistsError, NotADirectoryError) as err:
+        # a bad data file is a usage error; the save policy refusing --output (FileExistsError) is a failure
+        code = getattr(err, "exit_code", EXIT_USAGE if isinstance(err, DataFileError) else EXIT_FAILURE)
+        print(f"{PROG} {command}: error: {one_line(err)}", file=sys.stderr)
+        raise SystemExit(code) from None
     except KeyboardInterrupt:
         print(f"{PROG} {command}: interrupted", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED) from None
     except Exception as err:
         if os.environ.get(_TRACEBACK_ENV, "").strip() not in ("", "0"):
             raise
-        print(f"{PROG} {command}: error: {type(err).__name__}: {_one_line(err)} (set {_TRACEBACK_ENV}=1 for the "
-              "traceback)", file=sys.stderr)  # fmt: skip
+        print(
+            f"{PROG} {command}: error: {type(err).__name__}: {one_line(err)} (set {_TRACEBACK_ENV}=1 for the traceback)",
+            file=sys.stderr,
+        )
         raise SystemExit(EXIT_FAILURE) from None
 
 

@@ -8,11 +8,13 @@ saves a plain Hugging Face copy (safetensors + tokenizer) once into the cache di
 reuse that copy, so loading costs one ``from_pretrained`` of a local directory.
 
 `load_model_and_tokenizer` accepts the alias ``"gemma3-270m"`` (or ``"gemma3-270m-gguf"``),
-a local directory, or a Hub id, and makes sure the tokenizer has a padding token.
+a local directory, or a Hub id, and makes sure the tokenizer has a padding token. `load_adapter` puts a
+saved adapter on top: a portable one, or a raw FILA/VILA checkpoint with its `_fila_init/` folder.
 
 Examples:
-    >>> from peft_unlearn.models import load_model_and_tokenizer
+    >>> from peft_unlearn.models import load_adapter, load_model_and_tokenizer
     >>> model, tokenizer = load_model_and_tokenizer("gemma3-270m")  # doctest: +SKIP
+    >>> model = load_adapter(model, "unlearned")  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -38,8 +40,10 @@ __all__ = [
     "MARKER_FILENAME",
     "default_cache_dir",
     "is_materialized",
+    "load_adapter",
     "load_model_and_tokenizer",
     "materialize_gemma3_270m",
+    "read_adapter_config",
     "resolve_model_path",
 ]
 
@@ -393,3 +397,95 @@ def load_model_and_tokenizer(
         model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def read_adapter_config(adapter_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Check that a folder is a saved PEFT adapter, without loading it, and return its `adapter_config.json`.
+
+    A raw FILA/VILA checkpoint (a Trainer checkpoint, or `save_pretrained(..., fila_portable=False)`: its config
+    still says `"fila"` / `"vila"`) must also hold the `_fila_init/` folder with the frozen initial factors.
+
+    Args:
+        adapter_dir: The adapter folder (`~` is expanded).
+
+    Returns:
+        The parsed `adapter_config.json`.
+
+    Raises:
+        FileNotFoundError: `adapter_dir` does not exist.
+        ValueError: `adapter_dir` is a file, has no readable `adapter_config.json` holding a JSON object, or is a
+            raw FILA/VILA checkpoint without `_fila_init/`.
+
+    Examples:
+        >>> read_adapter_config("no/such/adapter")
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: no such directory: 'no/such/adapter'
+    """
+    from peft_unlearn.fila.saving import INIT_DIR
+    from peft_unlearn.fila.state import init_name
+
+    path = Path(adapter_dir).expanduser()
+    config_path = path / "adapter_config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no such directory: {os.fspath(adapter_dir)!r}")
+    if not path.is_dir():
+        raise ValueError(
+            f"{os.fspath(adapter_dir)!r} is a file; pass the adapter directory (with adapter_config.json)"
+        )
+    if not config_path.is_file():
+        raise ValueError(
+            f"{os.fspath(adapter_dir)!r} has no adapter_config.json, so it is not a PEFT adapter directory; pass a "
+            "folder written by save_pretrained or UnlearningTrainer.save_model (a fully fine-tuned model is loaded "
+            "as the base model instead)"
+        )
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read {str(config_path)!r}: {' '.join(str(err).split())}") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{str(config_path)!r} does not hold a JSON object")
+    init = init_name(config.get("init_lora_weights"))
+    if init is not None and not (path / INIT_DIR).is_dir():
+        raise ValueError(
+            f"{os.fspath(adapter_dir)!r} is a raw {init.upper()} adapter (init_lora_weights={init!r}) without the "
+            f"{INIT_DIR}/ folder holding its initial factors; load the portable adapter that save_pretrained and "
+            "UnlearningTrainer.save_model write instead"
+        )
+    return config
+
+
+def load_adapter(model: Any, adapter_dir: str | os.PathLike[str], **kwargs: Any) -> Any:
+    """Load a saved adapter onto `model` with `PeftModel.from_pretrained`, raw FILA/VILA checkpoints included.
+
+    A portable adapter (what `save_pretrained` / `UnlearningTrainer.save_model` write) is a plain LoRA and loads as
+    is. A raw FILA/VILA checkpoint gets its frozen initial factors back from `_fila_init/`
+    ([`restore_fila_state`][peft_unlearn.fila.saving.restore_fila_state]), so both give the same model.
+
+    Args:
+        model: The original base model (a `transformers` model).
+        adapter_dir: The adapter folder, checked first with `read_adapter_config`.
+        **kwargs: Passed on to `PeftModel.from_pretrained` (e.g. `is_trainable=True`).
+
+    Returns:
+        The `PeftModel`.
+
+    Raises:
+        FileNotFoundError / ValueError: see `read_adapter_config`; PEFT's own errors (`OSError`, `ValueError`,
+            `KeyError`, `RuntimeError`) when the adapter does not fit the model.
+
+    Examples:
+        >>> model, tokenizer = load_model_and_tokenizer("gemma3-270m")  # doctest: +SKIP
+        >>> model = load_adapter(model, "unlearned/checkpoint-20")  # raw FILA checkpoint  # doctest: +SKIP
+    """
+    from peft import PeftModel
+
+    from peft_unlearn.fila.saving import restore_fila_state
+    from peft_unlearn.fila.state import is_data_driven_init
+
+    raw = is_data_driven_init(read_adapter_config(adapter_dir).get("init_lora_weights"))
+    path = str(Path(adapter_dir).expanduser())
+    peft_model = PeftModel.from_pretrained(model, path, **kwargs)
+    if raw:
+        restore_fila_state(peft_model, path)
+    return peft_model

@@ -501,6 +501,44 @@ def test_hub_push_without_network_is_one_line(tokenizer, tmp_path, monkeypatch):
     assert info.value.__suppress_context__
 
 
+def test_failed_background_hub_pushes_are_reported_once(tokenizer, tmp_path, monkeypatch, caplog):
+    """`Trainer` uploads checkpoints with run_as_future=True and never looks at the futures: we report failures."""
+    import types
+    from concurrent.futures import Future
+
+    import requests
+    import transformers.trainer
+
+    uploads: list[Future] = []
+
+    class NoNetworkUploads:
+        def create_repo(self, repo_id, **kwargs):
+            return types.SimpleNamespace(repo_id=repo_id)
+
+        def upload_folder(self, **kwargs):
+            assert kwargs["run_as_future"]
+            job = Future()
+            job.set_exception(requests.exceptions.ConnectionError("Max retries exceeded\n  ... long trace ..."))
+            uploads.append(job)
+            return job
+
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: NoNetworkUploads())
+    trainer = _trainer(
+        tokenizer, tmp_path / "out", push_to_hub=True, hub_model_id="someone/tiny", hub_strategy="every_save",
+        save_strategy="steps", save_steps=1, max_steps=2,
+    )  # fmt: skip
+    with caplog.at_level("WARNING", logger="peft_unlearn.trainer.saving"):
+        trainer.train()
+        trainer._finish_current_push()  # a second wait reports nothing new
+    reports = [r.getMessage() for r in caplog.records if "background push" in r.getMessage()]
+    assert len(uploads) == 2 and len(reports) == 2
+    for message in reports:
+        assert (
+            "\n" not in message and "cannot reach the Hugging Face Hub" in message and str(tmp_path / "out") in message
+        )
+    assert (tmp_path / "out" / "checkpoint-2" / "adapter_model.safetensors").is_file()  # the local save is complete
+
+
 def test_empty_evaluation_sets_raise(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="empty"):
         _trainer(tokenizer, tmp_path / "out", eval_dataset={"forget": []})

@@ -335,3 +335,73 @@ def test_real_gemma3_270m_materialisation(tmp_path):
     with torch.no_grad():
         next_id = model(input_ids=ids).logits[0, -1].argmax().item()
     assert tok.decode([next_id]).strip() == "earth"
+
+
+# --------------------------------------------------------------------------------------------------
+# Saved adapters: read_adapter_config / load_adapter (portable and raw FILA checkpoints)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_read_adapter_config_names_what_is_wrong(tmp_path):
+    from peft_unlearn.models import read_adapter_config
+
+    with pytest.raises(FileNotFoundError, match="no such directory: .*missing"):
+        read_adapter_config(tmp_path / "missing")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file; pass the adapter directory"):
+        read_adapter_config(tmp_path / "file")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    with pytest.raises(ValueError, match="has no adapter_config.json, so it is not a PEFT adapter directory"):
+        read_adapter_config(adapter)
+    config_path = adapter / "adapter_config.json"
+    for content, match in [("{broken", "cannot read"), ("[1, 2]", "does not hold a JSON object")]:
+        config_path.write_text(content)
+        with pytest.raises(ValueError, match=match):
+            read_adapter_config(adapter)
+    for init in ("fila", "VILA"):
+        config_path.write_text(json.dumps({"peft_type": "LORA", "r": 2, "init_lora_weights": init}))
+        with pytest.raises(ValueError, match=f"raw {init.upper()} adapter .* without the _fila_init/ folder"):
+            read_adapter_config(adapter)
+    (adapter / "_fila_init").mkdir()
+    assert read_adapter_config(adapter)["init_lora_weights"] == "VILA"
+    config_path.write_text(json.dumps({"peft_type": "LORA", "r": 2, "init_lora_weights": True}))
+    assert read_adapter_config(str(adapter))["r"] == 2
+
+
+def test_load_adapter_portable_and_raw_fila_checkpoint_match_the_trained_model(tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from peft_unlearn.fila import initialize_fila_weights, pending_fila_adapters
+    from peft_unlearn.models import load_adapter
+
+    def base():
+        return tiny_causal_lm("llama", vocab_size=64, seed=3)
+
+    model = get_peft_model(
+        base(), LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", init_lora_weights="fila")
+    )
+    ids = torch.randint(1, 64, (4, 12), generator=torch.Generator().manual_seed(0))
+    forget = [{"input_ids": ids[:2], "attention_mask": torch.ones_like(ids[:2]), "labels": ids[:2]}]
+    retain = [{"input_ids": ids[2:], "attention_mask": torch.ones_like(ids[2:]), "labels": ids[2:]}]
+    initialize_fila_weights(model, forget, retain, show_progress=False)
+    torch.manual_seed(0)
+    with torch.no_grad():  # stand-in for training: move A and B away from their FILA init
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.add_(0.3 * torch.randn_like(param))
+    model.eval()
+    model.save_pretrained(tmp_path / "portable")
+    model.save_pretrained(tmp_path / "raw", fila_portable=False)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        assert not torch.allclose(expected, base()(input_ids=ids).logits, atol=1e-4)  # the adapter matters
+        for kind in ("portable", "raw"):
+            loaded = load_adapter(base(), tmp_path / kind)
+            assert isinstance(loaded, PeftModel) and pending_fila_adapters(loaded) == []
+            torch.testing.assert_close(loaded.eval()(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+    (tmp_path / "raw" / "_fila_init" / "fila_meta.json").unlink()
+    (tmp_path / "raw" / "_fila_init" / "fila_init.safetensors").unlink()
+    (tmp_path / "raw" / "_fila_init").rmdir()
+    with pytest.raises(ValueError, match="raw FILA adapter"):
+        load_adapter(base(), tmp_path / "raw")

@@ -3,7 +3,6 @@
 [`UnlearningSavingMixin`][peft_unlearn.trainer.saving.UnlearningSavingMixin] holds the `Trainer` save paths of
 [`UnlearningTrainer`][peft_unlearn.UnlearningTrainer]:
 
-- only the trained adapter(s) are saved, never the frozen reference adapter;
 - a FILA adapter is written as the portable plain LoRA by `save_model`, in the raw format (with `_fila_init/`)
   in checkpoints; the trainer knows when it writes a checkpoint, so the folder name plays no part;
 - every write follows [`peft_unlearn.save_policy`][peft_unlearn.save_policy]: no user file is overwritten
@@ -12,12 +11,15 @@
 - a run that diverged (NaN/inf loss or gradient, see `finite_guard`) is never saved, pushed or described by a
   model card, and a model with non-finite trainable weights is never written;
 - a Hub call without network fails with one line
-  ([`HubConnectionError`][peft_unlearn.trainer.saving.HubConnectionError]) instead of a connection trace.
+  ([`HubConnectionError`][peft_unlearn.trainer.saving.HubConnectionError]) instead of a connection trace, and a
+  background checkpoint upload (`hub_strategy="every_save"`) that failed is logged as one warning line (`Trainer`
+  itself never looks at the outcome of those uploads).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -45,6 +47,8 @@ from .finite_guard import check_finite_parameters
 
 __all__ = ["HubConnectionError", "UnlearningSavingMixin"]
 
+logger = logging.getLogger(__name__)
+
 _TRAINING_ARGS_NAME = "training_args.bin"
 # files Trainer writes only into checkpoint folders (never copied into output_dir by _push_from_checkpoint)
 _CHECKPOINT_ONLY = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "README.md")
@@ -67,6 +71,15 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def _hub_failure_message(action: str, err: BaseException) -> str:
+    first = (str(err).strip().splitlines() or [""])[0][:200]
+    return (
+        f"{action}: cannot reach the Hugging Face Hub ({type(err).__name__}: {first}). Check the network (and "
+        "HF_HUB_OFFLINE / HF_ENDPOINT), or set push_to_hub=False and upload the saved folder later with "
+        "`hf upload <repo_id> <folder>`."
+    )
+
+
 @contextlib.contextmanager
 def hub_errors(action: str) -> Iterator[None]:
     """Turn a connection failure of a Hub call into a one-line `HubConnectionError`.
@@ -80,12 +93,7 @@ def hub_errors(action: str) -> Iterator[None]:
     try:
         yield
     except _connection_errors() as err:
-        first = (str(err).strip().splitlines() or [""])[0][:200]
-        raise HubConnectionError(
-            f"{action}: cannot reach the Hugging Face Hub ({type(err).__name__}: {first}). Check the network (and "
-            "HF_HUB_OFFLINE / HF_ENDPOINT), or set push_to_hub=False and upload the saved folder later with "
-            "`hf upload <repo_id> <folder>`."
-        ) from None
+        raise HubConnectionError(_hub_failure_message(action, err)) from None
 
 
 def is_fila_peft_model(model: Any) -> bool:
@@ -260,8 +268,33 @@ class UnlearningSavingMixin:
                 self.processing_class.save_pretrained(portable)
             return self._push_files_from(portable)
 
+    def _finish_current_push(self) -> None:
+        """`Trainer._finish_current_push` (wait for background uploads), then report the ones that failed."""
+        super()._finish_current_push()
+        self._report_failed_pushes()
+
+    def _report_failed_pushes(self) -> None:
+        """Log one warning line for each finished background upload that raised (each reported once).
+
+        `Trainer` uploads checkpoints with `run_as_future=True` and drops the futures unexamined, so without this
+        a push that failed (no network, no permission) would go unnoticed.
+        """
+        progress = getattr(self, "push_in_progress", None)
+        reported = self.__dict__.setdefault("_reported_push_failures", set())
+        for job in getattr(progress, "jobs", None) or []:
+            if not job.done() or job.cancelled() or id(job) in reported or job.exception() is None:
+                continue
+            reported.add(id(job))
+            err = job.exception()
+            if isinstance(err, _connection_errors()):
+                message = _hub_failure_message("background push of a checkpoint to the Hub", err)
+            else:
+                message = f"background push of a checkpoint to the Hub failed: {type(err).__name__}: {err}"
+            logger.warning(" ".join(message.split()) + f" The local save in {self.args.output_dir} is complete.")
+
     def _push_files_from(self, folder: str) -> None:
         self._refuse_broken_model("pushing to the Hub", check_weights=False)
+        self._report_failed_pushes()  # the previous uploads: Trainer replaces their futures once they are done
         names = [p.name for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith("rng_state")]
         names = [n for n in names if n not in _CHECKPOINT_ONLY] + [_TRAINING_ARGS_NAME]
         if self.is_world_process_zero():
