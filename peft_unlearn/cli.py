@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import warnings
 from collections.abc import Sequence
-from importlib.metadata import PackageNotFoundError, version
 
 from .commands import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PROG, CLIError, Parser, one_line
 from .commands.evaluate import EvalArguments, format_results_table, parse_eval_args, run_eval
@@ -37,7 +35,6 @@ __all__ = [
     "CLIError",
     "EvalArguments",
     "TrainArguments",
-    "environment_info",
     "format_results_table",
     "main",
     "parse_eval_args",
@@ -45,37 +42,21 @@ __all__ = [
 ]
 
 _TRACEBACK_ENV = "PEFT_UNLEARN_TRACEBACK"
-_LABELS = {"torch": "PyTorch", "peft": "PEFT", "trl": "TRL"}
-
-
-def environment_info() -> dict[str, str]:
-    """Versions and hardware worth pasting into a bug report (what `peft-unlearn env` prints).
-
-    Examples:
-        >>> "PyTorch version" in environment_info()
-        True
-    """
-    import torch
-
-    from peft_unlearn import __version__
-
-    info = {"Platform": platform.platform(), "Python version": platform.python_version()}
-    info["peft_unlearn version"] = __version__
-    for name in ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "matplotlib"):
-        label = f"{_LABELS.get(name, name.capitalize())} version"
-        try:
-            info[label] = version(name)
-        except PackageNotFoundError:
-            info[label] = "not installed"
-    devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    info["Accelerator(s)"] = ", ".join(devices) or ("MPS" if torch.backends.mps.is_available() else "cpu")
-    return info
 
 
 def _cmd_env(argv: list[str]) -> None:
+    import contextlib
+    import io
+
+    from trl.scripts.env import print_env
+
+    from peft_unlearn import __version__
+
     Parser(prog=f"{PROG} env", description="Print versions of the ML stack for bug reports.").parse_args(argv)
-    print("\nCopy-paste the following information when reporting a bug:\n")
-    print("\n".join(f"- {key}: {value}" for key, value in environment_info().items()) + "\n")
+    report = io.StringIO()
+    with contextlib.redirect_stdout(report):
+        print_env()  # what `trl env` prints: platform, torch, accelerators, transformers, peft, bitsandbytes, ...
+    print(f"{report.getvalue().rstrip()}\n- peft_unlearn version: {__version__}\n")
 
 
 def _cmd_version(argv: list[str]) -> None:
