@@ -141,7 +141,9 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(spec["seed"])
+    device = spec.get("device", "cpu")
     model, tokenizer = load_model_and_tokenizer(spec["model"], dtype=spec["dtype"], show_progress=False)
+    model.to(device)
     ids = {name: common.tokenize(tokenizer, _texts(name), spec["max_length"]) for name in SETS}
     pad_id = tokenizer.pad_token_id
     el_key = f"el{spec['el_n']}"
@@ -180,6 +182,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         max_steps=spec["max_steps"],
         data_seed=spec["seed"],
         fila_batch_size=spec["batch_size"],
+        use_cpu=device == "cpu",
     )
     trainer = UnlearningTrainer(
         model=model,
@@ -532,6 +535,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--rank", type=int, default=8)
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where every run trains and is measured, e.g. cuda; results of another device than cpu go to "
+        "init_frontier_<device>.json unless --results is given (steps and metrics are compared within one file)",
+    )
     common.add_run_arguments(p, max_steps=10)
     p.add_argument("--wait", type=int, default=120, help="seconds between checks while only unavailable inits remain")
     p.add_argument("--max-wait", type=int, default=7200, help="give up waiting for unavailable inits after this")
@@ -542,6 +551,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if common.run_as_child(args, run_one):
         return
+    if args.device != "cpu" and args.results == DEFAULT_RESULTS:
+        args.results = DEFAULT_RESULTS.with_name(f"init_frontier_{args.device.replace(':', '')}.json")
 
     settings = {
         "model": args.model,
@@ -554,6 +565,8 @@ def main(argv: list[str] | None = None) -> None:
     }
     base_spec = {k: settings[k] for k in ("model", "dtype", "batch_size", "max_length", "el_n", "el_prefix_stride")}
     base_spec["threads"] = args.threads
+    if args.device != "cpu":  # the CPU results file predates the option: its specs have no device
+        settings["device"] = base_spec["device"] = args.device
     results = common.load_results(args.results)
     results.setdefault("failures", {})
     if args.report_only:
