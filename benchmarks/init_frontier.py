@@ -446,6 +446,7 @@ def report(results: dict[str, Any], path: Path) -> None:
             f"| {INITS[init]} | {f['lr']:g} | {f['steps']:.1f} | {f['mheldout_ma']:.3f} | {ratio} | {dheld} "
             f"| {k['lr']:g} | {k['steps']:.1f} | {k['mheldout_ma']:.3f} | {lrs} |"
         )
+    lines += _equal_speed_table(results)
     lines += [
         "",
         "Columns: `steps` = optimizer steps until forgotten (the cap when not forgotten); heldout = the memorized "
@@ -460,6 +461,40 @@ def report(results: dict[str, Any], path: Path) -> None:
         lines.append("")
     path.with_suffix(".md").write_text("\n".join(lines))
     _plot(results, path.with_suffix(".png"))
+
+
+def equal_speed(results: dict[str, Any]) -> dict[int, dict[str, list[float]]]:
+    """``steps -> init -> [heldout MA, ...]`` over the single runs that forgot in ``steps`` without being destroyed.
+
+    A run counts whatever its learning rate (never-seen perplexity at most ``PPL_MARGIN`` times the base model's):
+    this compares the inits at equal forgetting speed, which is what a better init must win.
+    """
+    limit = PPL_MARGIN * results["baseline"]["neverseen"]["ppl"]
+    out: dict[int, dict[str, list[float]]] = {}
+    for (init, _lr), rs in group_runs(results).items():
+        for r in rs:
+            if r["forgotten"] and r["metrics"]["neverseen"]["ppl"] <= limit:
+                out.setdefault(int(r["steps"]), {}).setdefault(init, []).append(r["metrics"]["mheldout"]["ma"])
+    return out
+
+
+def _equal_speed_table(results: dict[str, Any]) -> list[str]:
+    table = equal_speed(results)
+    lines = [
+        "",
+        "## Heldout MA at equal forgetting speed",
+        "",
+        f"Every single run that forgot without being destroyed (never-seen PPL <= {PPL_MARGIN:g} x base), whatever "
+        "its learning rate, grouped by the step at which it forgot: mean heldout MA (number of runs). A better "
+        "init keeps more at the same speed.",
+        "",
+        "| steps | " + " | ".join(INITS.values()) + " |",
+        "|---|" + "---|" * len(INITS),
+    ]
+    for steps in sorted(table):
+        cells = [f"{sum(v) / len(v):.3f} ({len(v)})" if (v := table[steps].get(init)) else "–" for init in INITS]
+        lines.append(f"| {steps} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _missing_row(init: str, groups: dict[tuple[str, float], Any], none: str, empty: int) -> str:
