@@ -113,3 +113,28 @@ def test_fmt_is_mean_and_sample_std(common):
     assert common.mean_std([1.0, 2.0, 6.0]) == (3.0, pytest.approx(2.6457513))
     assert common.fmt([1.0, 2.0, 6.0], 1) == "3.0 ± 2.6"
     assert common.fmt([], 1) == "–"
+
+
+def test_frontier_equal_speed_groups_sound_runs_by_their_step(common):
+    frontier = _script("init_frontier")
+
+    def run(init, lr, seed, steps, forgotten, held, ppl):
+        spec = {"init": init, "lr": lr, "seed": seed, "max_steps": 10}
+        metrics = {"mheldout": {"ma": held}, "neverseen": {"ppl": ppl}}
+        return {"spec": spec, "result": {"steps": steps, "forgotten": forgotten, "metrics": metrics}}
+
+    runs = [
+        run("lora", 1e-3, 0, 4, True, 0.40, 60.0),
+        run("lora", 3e-3, 0, 4, True, 0.30, 65.0),  # another rate, same speed: averaged
+        run("lora", 1e-4, 0, 10, False, 0.70, 60.0),  # not forgotten: left out
+        run("fila-paper", 1e-3, 0, 1, True, 0.10, 1000.0),  # destroyed (PPL > 1.1 x 60): left out
+        run("fila-stable", 1e-3, 0, 2, True, 0.35, 66.0),
+    ]
+    results = {
+        "settings": {"max_steps": 10},
+        "baseline": {"neverseen": {"ppl": 60.0}},
+        "runs": {str(i): r for i, r in enumerate(runs)},
+    }
+    table = frontier.equal_speed(results)
+    assert table.keys() == {2, 4}
+    assert table[4] == {"lora": [0.40, 0.30]} and table[2] == {"fila-stable": [0.35]}
