@@ -109,3 +109,29 @@ def test_drop_in_guide_changes_exactly_two_lines():
     new = "\n".join(line[1:] for line in diff if not line.startswith("-"))
     compile(new, "drop-in.md", "exec")
     assert "UnlearningTrainer as Trainer" in added[0] and "forget_dataset=forget" in added[1]
+
+
+def _prose_lines(path: Path) -> list[tuple[int, str]]:
+    """The lines of a Markdown file outside fenced code blocks, numbered from 1."""
+    lines, fenced = [], False
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.lstrip().startswith(("```", "~~~")):
+            fenced = not fenced
+        elif not fenced:
+            lines.append((number, line))
+    return lines
+
+
+@pytest.mark.parametrize("page", sorted((REPO / "docs").rglob("*.md")), ids=lambda p: p.relative_to(REPO).as_posix())
+def test_lists_render_as_lists(page):
+    """Python-Markdown (mkdocs) nests a list only at 4 spaces, and starts one only after a blank line."""
+    problems, previous = [], ""
+    for number, line in _prose_lines(page):
+        item = re.match(r"^( *)(?:[-*+]|\d+\.) ", line)
+        if item and 0 < len(item.group(1)) < 4:
+            problems.append(f"line {number}: nested item indented {len(item.group(1))} spaces (needs 4)")
+        if item and not item.group(1) and previous.strip() and not previous.startswith((" ", "-", "*", "#", "|")):
+            if not re.match(r"^(?:[-*+]|\d+\.) ", previous):
+                problems.append(f"line {number}: a list right after a paragraph line (add a blank line before it)")
+        previous = line
+    assert not problems, f"{page.relative_to(REPO)}:\n" + "\n".join(problems)
