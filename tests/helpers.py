@@ -48,3 +48,23 @@ def run_python(
         f"python {shown}: {expect!r} not in its output:\n{proc.stdout[-2000:]}"
     )
     return proc
+
+
+def quick_cpu_config(output_dir: str | os.PathLike[str], **overrides):
+    """An `UnlearningConfig` for a few CPU steps on a tiny model: no saving, reporting or progress bars.
+
+    Defaults: 2 examples per batch, lr 1e-2, a log line every step; `overrides` replace or add fields.
+    """
+    from peft_unlearn import UnlearningConfig
+
+    defaults = {
+        "output_dir": str(output_dir),
+        "report_to": "none",
+        "save_strategy": "no",
+        "use_cpu": True,
+        "per_device_train_batch_size": 2,
+        "learning_rate": 1e-2,
+        "logging_steps": 1,
+        "disable_tqdm": True,
+    }
+    return UnlearningConfig(**{**defaults, **overrides})

@@ -22,8 +22,8 @@ import peft_unlearn  # noqa: E402, F401
 from peft_unlearn.fila import FisherStatistics, initialize_fila_weights, pending_fila_adapters  # noqa: E402
 from peft_unlearn.fila.state import dense_weight, iter_lora_layers  # noqa: E402
 from peft_unlearn.testing import TINY_CORPUS, random_lm_batches, tiny_causal_lm  # noqa: E402
-from peft_unlearn.trainer import UnlearningConfig, UnlearningTrainer  # noqa: E402
-from tests.helpers import run_python  # noqa: E402
+from peft_unlearn.trainer import UnlearningTrainer  # noqa: E402
+from tests.helpers import quick_cpu_config, run_python  # noqa: E402
 
 VOCAB = 320
 MODES = ["nf4", "int8"]
@@ -144,19 +144,7 @@ def test_fila_on_quantized_base_trains_and_exports(tmp_path, base_dir, tokenizer
             self.logits = _logits_before_training(model, ids)
 
     # FILA init and a few IHL steps through UnlearningTrainer
-    args = UnlearningConfig(
-        output_dir=str(tmp_path / "out"),
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        max_steps=3,
-        per_device_train_batch_size=2,
-        learning_rate=1e-2,
-        logging_steps=1,
-        disable_tqdm=True,
-        forget_loss="inverted_hinge",
-        retain_loss="nll",
-    )
+    args = quick_cpu_config(tmp_path / "out", max_steps=3, forget_loss="inverted_hinge", retain_loss="nll")
     forget = [{"text": t} for t in TINY_CORPUS[:2]]
     retain = [{"text": t} for t in TINY_CORPUS[2:4]]
     probe = StepZero()

@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import TrainerCallback
 
 import peft_unlearn
-from peft_unlearn import UnlearningConfig, UnlearningTrainer
+from peft_unlearn import UnlearningTrainer
 from peft_unlearn.fila import (
     FisherStatistics,
     estimate_vila_importance,
@@ -24,7 +24,7 @@ from peft_unlearn.fila.state import iter_lora_layers
 from peft_unlearn.fila.vila import vila_layer_importance
 from peft_unlearn.testing import TINY_CORPUS, random_lm_batches, tiny_causal_lm
 
-from ..helpers import run_python
+from ..helpers import quick_cpu_config, run_python
 from .test_saving import PLAIN_PEFT_SCRIPT
 
 VOCAB = 320
@@ -324,18 +324,7 @@ def test_trainer_initialises_a_vila_adapter_automatically(tmp_path, tokenizer):
                 seen["logits"] = model(input_ids=ids).logits
             seen["pending"] = pending_fila_adapters(model)
 
-    args = UnlearningConfig(
-        output_dir=str(tmp_path),
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        max_steps=2,
-        per_device_train_batch_size=2,
-        learning_rate=1e-2,
-        logging_steps=1,
-        disable_tqdm=True,
-        seed=0,
-    )
+    args = quick_cpu_config(tmp_path, max_steps=2, seed=0)
     forget = [{"text": t} for t in TINY_CORPUS[:4]]
     retain = [{"text": t} for t in TINY_CORPUS[4:8]]
     trainer = UnlearningTrainer(
