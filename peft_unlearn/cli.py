@@ -1,17 +1,9 @@
-"""Command line interface: `peft-unlearn train | eval | env | version` (reference: `docs/cli.md`).
+"""`peft-unlearn train | eval | env | version`: the command line (reference: `docs/cli.md`).
 
 Built like TRL's scripts: each command parses its dataclasses with `trl.TrlParser`, so `--config FILE.yaml`
-supplies defaults (keys are field names) and command-line flags win. `train` exposes every `UnlearningConfig`
-field next to `TrainArguments`; `eval` scores memorization with `EvalArguments`.
-
-Exit codes: 0 success, 1 runtime failure (including a run that trained no step), 2 usage error (bad flag or
-value, missing or unreadable input, a model path or adapter directory that does not exist), 130 interrupted.
-
-Examples:
-    >>> from peft_unlearn.cli import main
-    >>> main(["version"])  # doctest: +SKIP
-    peft-unlearn 0.1.0
-    0
+supplies defaults (keys are field names) and command-line flags win. Exit codes: 0 success, 1 runtime failure
+(including a run that trained no step), 2 usage error (bad flag or value, missing or unreadable input, a model
+path or adapter directory that does not exist), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -22,24 +14,13 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from .commands import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PROG, CLIError, Parser, one_line
-from .commands.evaluate import EvalArguments, format_results_table, parse_eval_args, run_eval
+from .commands import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PROG, CLIError, Parser
+from .commands.evaluate import EvalArguments, parse_eval_args, run_eval
 from .commands.train import TrainArguments, parse_train_args, run_train
 from .data_files import DataFileError
+from .utils import one_line
 
-__all__ = [
-    "EXIT_FAILURE",
-    "EXIT_INTERRUPTED",
-    "EXIT_OK",
-    "EXIT_USAGE",
-    "CLIError",
-    "EvalArguments",
-    "TrainArguments",
-    "format_results_table",
-    "main",
-    "parse_eval_args",
-    "parse_train_args",
-]
+__all__ = ["CLIError", "EvalArguments", "TrainArguments", "main", "parse_eval_args", "parse_train_args"]
 
 _TRACEBACK_ENV = "PEFT_UNLEARN_TRACEBACK"
 
@@ -53,8 +34,7 @@ def _cmd_env(argv: list[str]) -> None:
     from peft_unlearn import __version__
 
     Parser(prog=f"{PROG} env", description="Print versions of the ML stack for bug reports.").parse_args(argv)
-    report = io.StringIO()
-    with contextlib.redirect_stdout(report):
+    with contextlib.redirect_stdout(io.StringIO()) as report:
         print_env()  # what `trl env` prints: platform, torch, accelerators, transformers, peft, bitsandbytes, ...
     print(f"{report.getvalue().rstrip()}\n- peft_unlearn version: {__version__}\n")
 
@@ -88,20 +68,10 @@ def _help() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the `peft-unlearn` command line.
+    """Run the `peft-unlearn` command line on `argv` (default `sys.argv[1:]`, without the program name).
 
-    Args:
-        argv: Arguments without the program name; `None` uses `sys.argv[1:]`.
-
-    Returns:
-        `EXIT_OK` on success. Failures raise `SystemExit` with `EXIT_USAGE` (2), `EXIT_FAILURE` (1) or
-        `EXIT_INTERRUPTED` (130) after printing one line to stderr (set `PEFT_UNLEARN_TRACEBACK=1` for the
-        traceback of an unexpected error).
-
-    Examples:
-        >>> main(["version"])  # doctest: +SKIP
-        peft-unlearn 0.1.0
-        0
+    Returns `EXIT_OK`; a failure prints one line to stderr (`PEFT_UNLEARN_TRACEBACK=1` shows the traceback of an
+    unexpected error) and raises `SystemExit` with `EXIT_USAGE` (2), `EXIT_FAILURE` (1) or `EXIT_INTERRUPTED` (130).
     """
     args = list(sys.argv[1:] if argv is None else argv)
     if not args:

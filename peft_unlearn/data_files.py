@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .utils import one_line
+
 if TYPE_CHECKING:
     from datasets import Dataset
 
@@ -39,10 +41,6 @@ DATA_BUILDERS: dict[str, str] = {
 
 class DataFileError(ValueError):
     """A data file that is missing, unsupported, unreadable, empty or without a recognised column."""
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
 
 
 @contextlib.contextmanager
@@ -67,7 +65,9 @@ def _root_cause(err: BaseException) -> BaseException:
     return err
 
 
-def load_data_file(path: str | os.PathLike[str], flag: str = "forget", text_split: str = "line") -> Dataset:
+def load_data_file(
+    path: str | os.PathLike[str], flag: str = "forget", text_split: str = "line", max_samples: int | None = None
+) -> Dataset:
     """Read a data file (with `datasets.load_dataset`) or a saved `datasets` directory into a `datasets.Dataset`.
 
     The extension picks the builder (`DATA_BUILDERS`): `.json` (records, a dict of equally long columns or
@@ -79,6 +79,7 @@ def load_data_file(path: str | os.PathLike[str], flag: str = "forget", text_spli
         path: File or directory.
         flag: The command-line flag the path came from, used in error messages.
         text_split: `"line"` or `"paragraph"`, for `.txt` files.
+        max_samples: Keep only the first `max_samples` examples (`None`: all of them).
 
     Returns:
         The dataset (no column checks; see `check_columns`).
@@ -93,10 +94,20 @@ def load_data_file(path: str | os.PathLike[str], flag: str = "forget", text_spli
         >>> _ = path.write_text('{"text": "a"}\\n{"text": "b"}\\n')
         >>> load_data_file(path).to_list()
         [{'text': 'a'}, {'text': 'b'}]
+        >>> load_data_file(path, max_samples=1).to_list()
+        [{'text': 'a'}]
     """
+    if max_samples is not None and (
+        isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1
+    ):
+        raise ValueError(f"max_samples must be a positive int or None, got {max_samples!r}")
+    dataset = _read_data_file(Path(os.fspath(path)).expanduser(), flag, text_split)
+    return dataset.select(range(max_samples)) if max_samples is not None and max_samples < len(dataset) else dataset
+
+
+def _read_data_file(source: Path, flag: str, text_split: str) -> Dataset:
     from datasets import Dataset, load_dataset
 
-    source = Path(os.fspath(path)).expanduser()
     if not source.exists():
         raise DataFileError(f"{flag}: no such file or directory: {str(source)!r}")
     if source.is_dir():
@@ -123,7 +134,7 @@ def load_data_file(path: str | os.PathLike[str], flag: str = "forget", text_spli
             raise DataFileError(f"{flag}: {str(source)!r} holds no examples") from err
         what = {"json": "valid JSON or JSON Lines records", "csv": "a readable CSV/TSV file with a header row"}
         raise DataFileError(
-            f"{flag}: {str(source)!r} is not {what.get(builder, f'a readable {builder} file')} ({_one_line(cause)})"
+            f"{flag}: {str(source)!r} is not {what.get(builder, f'a readable {builder} file')} ({one_line(cause)})"
         ) from err
     if builder == "text":  # drop blank lines / whitespace around paragraphs, as the line and paragraph modes promise
         texts = ["\n".join(line.rstrip() for line in t.splitlines() if line.strip()) for t in dataset["text"]]
@@ -168,7 +179,7 @@ def _load_saved_dataset(source: Path, flag: str):
     try:
         loaded = load_from_disk(str(source))
     except Exception as err:
-        raise DataFileError(f"{flag}: cannot load the saved dataset {str(source)!r}: {_one_line(err)}") from err
+        raise DataFileError(f"{flag}: cannot load the saved dataset {str(source)!r}: {one_line(err)}") from err
     if isinstance(loaded, DatasetDict):
         if "train" not in loaded and len(loaded) != 1:
             raise DataFileError(

@@ -25,10 +25,23 @@ __all__ = [
     "lazy_exports",
     "linear_weight",
     "model_device",
+    "one_line",
 ]
 
 IGNORE_INDEX = -100
 """Label value excluded from every loss and metric (the `ignore_index` of `torch.nn.CrossEntropyLoss`)."""
+
+
+def one_line(err: BaseException) -> str:
+    """The message of `err` on one line, or its type name when it has none (for one-line error reports).
+
+    Examples:
+        >>> one_line(ValueError("bad\\n  value"))
+        'bad value'
+        >>> one_line(KeyError())
+        'KeyError'
+    """
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def is_peft_model(model: Any) -> bool:

@@ -74,6 +74,20 @@ def test_load_jsonl(tmp_path):
     assert load_data_file(path).to_list() == rows
 
 
+@pytest.mark.parametrize("max_samples", [1, 3, 4, 10])
+def test_load_max_samples_keeps_the_first_examples(tmp_path, max_samples):
+    path = _write_jsonl(tmp_path / "data.jsonl", [{"text": t} for t in FORGET_TEXTS])
+    texts = load_data_file(path, max_samples=max_samples)["text"]
+    assert texts == FORGET_TEXTS[:max_samples]
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_load_max_samples_rejects_non_positive_ints(tmp_path, bad):
+    path = _write_jsonl(tmp_path / "data.jsonl", [{"text": "a"}])
+    with pytest.raises(ValueError, match="max_samples must be a positive int or None"):
+        load_data_file(path, max_samples=bad)
+
+
 def test_load_json_formats(tmp_path):
     rows = [{"prompt": "Q: where?", "completion": " Paris"}, {"prompt": "Q: when?", "completion": " 1970"}]
     records = tmp_path / "records.json"
@@ -404,16 +418,6 @@ def test_help(capsys):
     out = capsys.readouterr().out
     for flag in ("--adapter", "--forget", "--retain", "--heldout", "--el_n", "--batch_size", "--max_length", "--plot"):
         assert flag in out
-
-
-def test_format_results_table():
-    table = cli.format_results_table(
-        {"forget": {"ma": 0.5, "el10": 0.25, "nll": 1.0, "ppl": math.e, "num_examples": 4}, "retain": {"ma": 1 / 3}}
-    )
-    lines = table.splitlines()
-    assert lines[0].split() == ["set", "n", "ma", "el10", "nll", "ppl"]
-    assert lines[1].split() == ["forget", "4", "0.5000", "0.2500", "1.0000", "2.7183"]
-    assert lines[2].split() == ["retain", "0.3333", "-", "-", "-"]
 
 
 # --------------------------------------------------------------------------------------------------

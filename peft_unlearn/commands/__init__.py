@@ -1,10 +1,7 @@
-"""The `peft-unlearn` commands, one module each (`train`, `evaluate`), and what they share: the error type and
-exit codes, the `TrlParser` wrapper that turns every parsing problem into one line, and the model and data options
-of both commands with their loaders. `peft_unlearn.cli.main` dispatches to them.
+"""What the `peft-unlearn` commands (`train`, `evaluate`) share: exit codes, `CLIError`, the `TrlParser` wrapper
+that turns every parsing problem into one line, and the model and data options with their loaders.
 
 Examples:
-    >>> CLIError("--forget: no such file or directory: 'x.jsonl'").exit_code
-    2
     >>> ModelDataArguments(model="gemma3-270m", forget="forget.jsonl").text_split
     'line'
 """
@@ -13,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from typing import Any, Literal, NoReturn
 
 import yaml
 from trl import TrlParser
+
+from ..utils import one_line
 
 __all__ = ["EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "PROG", "CLIError", "ModelDataArguments"]
 
@@ -39,19 +38,15 @@ class CLIError(Exception):
         self.exit_code = exit_code
 
 
-def one_line(err: BaseException) -> str:
-    """The message of `err` on one line (its type name when it has none)."""
-    return " ".join(str(err).split()) or type(err).__name__
-
-
 def info(message: str) -> None:
     """A progress line on stderr."""
     print(f"[{PROG}] {message}", file=sys.stderr, flush=True)
 
 
-def arg(help: str, default: Any = None, metavar: str | None = None) -> Any:
-    """A dataclass field with `TrlParser` help (a list default is copied per instance)."""
-    metadata = {"help": help, **({"metavar": metavar} if metavar else {})}
+def arg(help: str, default: Any = None, metavar: str | None = None, **metadata: Any) -> Any:
+    """A dataclass field with `TrlParser` help; `default=MISSING` makes it required, a list default is copied per
+    instance, and `metadata` adds parser options such as `aliases`."""
+    metadata = {"help": help, **({"metavar": metavar} if metavar else {}), **metadata}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -59,26 +54,22 @@ def arg(help: str, default: Any = None, metavar: str | None = None) -> Any:
 
 @dataclass
 class ModelDataArguments:
-    """Model and data options shared by `peft-unlearn train` and `eval`; validated on construction.
-
-    `_positive` names the fields that must be positive integers when given.
-    """
+    """Model and data options of `peft-unlearn train` and `eval`; `_positive` names the fields that must be
+    positive integers when given (checked on construction)."""
 
     _argument_group_name = "model and data options"
     _positive = ()  # a class attribute, not a field
 
-    model: str = field(
-        metadata={
-            "help": "Base model: a local directory, a Hub id, or the alias 'gemma3-270m'.",
-            "metavar": "NAME_OR_PATH",
-            "aliases": ["--model_name_or_path", "--model-name-or-path"],
-        }
+    model: str = arg(
+        "Base model: a local directory, a Hub id, or the alias 'gemma3-270m'.",
+        MISSING,
+        "NAME_OR_PATH",
+        aliases=["--model_name_or_path", "--model-name-or-path"],
     )
-    forget: str = field(
-        metadata={
-            "help": "Forget set: .json, .jsonl, .csv, .tsv, .parquet or .txt file, or a datasets save_to_disk dir.",
-            "metavar": "FILE",
-        }
+    forget: str = arg(
+        "Forget set: .json, .jsonl, .csv, .tsv, .parquet or .txt file, or a datasets save_to_disk dir.",
+        MISSING,
+        "FILE",
     )
     retain: str | None = arg("Retain set (same formats as --forget); train needs it for --retain_loss.", None, "FILE")
     heldout: str | None = arg("Held-out set, never trained on (train scores it with --eval_strategy).", None, "FILE")
@@ -130,27 +121,23 @@ def parse(command: str, dataclass_types: list[type], argv: list[str], **kwargs: 
 
 
 def load_sets(args: ModelDataArguments, **max_samples: int | None) -> dict[str, Any]:
-    """The forget / retain / held-out sets given in `args`, each cut to `max_samples[name]` examples.
+    """The forget / retain / held-out sets given in `args`, each cut to its first `max_samples[name]` examples.
 
     Raises:
         DataFileError: A file is missing, unreadable or has no recognised column (`main` reports it as exit 2).
     """
-    from peft_unlearn.data_files import check_columns, load_data_file
+    from ..data_files import check_columns, load_data_file
 
     sets = {}
-    for name in ("forget", "retain", "heldout"):
-        path, limit = getattr(args, name), max_samples.get(name)
-        if path is None:
-            continue
-        dataset = load_data_file(path, flag=f"--{name}", text_split=args.text_split)
-        check_columns(dataset, f"--{name}", path)
-        sets[name] = dataset.select(range(limit)) if limit is not None and limit < len(dataset) else dataset
+    for name in [name for name in ("forget", "retain", "heldout") if getattr(args, name) is not None]:
+        sets[name] = load_data_file(getattr(args, name), f"--{name}", args.text_split, max_samples.get(name))
+        check_columns(sets[name], f"--{name}", getattr(args, name))
     return sets
 
 
 def load_model(args: ModelDataArguments, show_progress: bool = True) -> tuple[Any, Any]:
     """`load_model_and_tokenizer(args.model)`; a model that cannot be found or loaded is a usage error."""
-    from peft_unlearn.models import load_model_and_tokenizer
+    from ..models import load_model_and_tokenizer
 
     kwargs = {"trust_remote_code": True} if args.trust_remote_code else {}
     try:

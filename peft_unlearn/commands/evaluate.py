@@ -1,34 +1,23 @@
 """`peft-unlearn eval`: memorization (MA, EL_n, NLL, perplexity) of a base model, or a base model plus an
-adapter, on forget / retain / held-out data files.
-
-Examples:
-    >>> print(format_results_table({"forget": {"ma": 0.5}}))
-    set         ma
-    forget  0.5000
-"""
+adapter, on forget / retain / held-out data files."""
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import EXIT_FAILURE, CLIError, ModelDataArguments, arg, info, load_model, load_sets, one_line, parse
+from ..utils import one_line
+from . import EXIT_FAILURE, CLIError, ModelDataArguments, arg, info, load_model, load_sets, parse
 
-__all__ = ["EvalArguments", "format_results_table", "parse_eval_args", "run_eval"]
+__all__ = ["EvalArguments", "parse_eval_args", "run_eval"]
 
 
 @dataclass
 class EvalArguments(ModelDataArguments):
-    """Options of `peft-unlearn eval`.
-
-    Examples:
-        >>> EvalArguments(model="gemma3-270m", forget="forget.jsonl").el_n
-        [10]
-    """
+    """Options of `peft-unlearn eval`."""
 
     _argument_group_name = "evaluation options"
     _positive = ("batch_size", "el_prefix_stride", "max_samples")
@@ -65,16 +54,9 @@ set means more forgotten. Prints a table; --output writes JSON, --plot a chart. 
 
 
 def parse_eval_args(argv: Sequence[str]) -> EvalArguments:
-    """Parse and check `peft-unlearn eval` arguments without loading anything.
+    """Parse and check the arguments after `peft-unlearn eval` without loading anything.
 
-    Args:
-        argv: The arguments after `eval`.
-
-    Returns:
-        The `EvalArguments`.
-
-    Raises:
-        CLIError: (exit 2) unknown flag, bad value, adapter directory without `adapter_config.json`.
+    Raises `CLIError` (exit 2) for an unknown flag, a bad value or an adapter directory without `adapter_config.json`.
 
     Examples:
         >>> parse_eval_args(["--model", "m", "--forget", "f.jsonl", "--el-n", "5", "10"]).el_n
@@ -107,7 +89,7 @@ def run_eval(argv: list[str]) -> None:
     """Run `peft-unlearn eval ARGV` (errors raise `CLIError`)."""
     import torch
 
-    from peft_unlearn.metrics import evaluate_memorization
+    from peft_unlearn.metrics import evaluate_memorization, format_results_table, write_results_json
     from peft_unlearn.models import load_adapter
     from peft_unlearn.trainer.formats import tokenize_dataset
 
@@ -126,6 +108,14 @@ def run_eval(argv: list[str]) -> None:
     except (RuntimeError, AssertionError, ValueError) as err:
         raise CLIError(f"--device: cannot use {device!r}: {one_line(err)}") from err
 
+    memorization = {
+        "batch_size": args.batch_size,
+        "el_n": tuple(args.el_n),
+        "el_prefix_stride": args.el_prefix_stride,
+        "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+        "compute_el": not args.no_el,
+        "show_progress": not args.no_progress,
+    }
     results: dict[str, dict[str, float]] = {}
     for name, dataset in sets.items():
         try:
@@ -136,16 +126,7 @@ def run_eval(argv: list[str]) -> None:
             raise CLIError(f"--{name}: {one_line(err)}") from err
         info(f"Scoring the {name} set ({len(sequences)} examples)...")
         try:
-            scores = evaluate_memorization(
-                model,
-                sequences,
-                batch_size=args.batch_size,
-                el_n=tuple(args.el_n),
-                el_prefix_stride=args.el_prefix_stride,
-                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-                compute_el=not args.no_el,
-                show_progress=not args.no_progress,
-            )
+            scores = evaluate_memorization(model, sequences, **memorization)
         except (ValueError, TypeError) as err:
             raise CLIError(f"evaluating the {name} set failed: {one_line(err)}", EXIT_FAILURE) from err
         results[name] = {**{key: float(value) for key, value in scores.items()}, "num_examples": len(sequences)}
@@ -155,17 +136,19 @@ def run_eval(argv: list[str]) -> None:
     if undefined:  # EL_n when every sequence has n tokens or fewer
         info(f"not finite: {', '.join(undefined)} (EL_n needs more than n tokens); written as null in the JSON")
     if args.output is not None:
-        settings = ("el_prefix_stride", "max_length", "batch_size", "max_samples", "completion_only")
-        payload = {
-            "model": args.model,
-            "adapter": args.adapter,
-            "data": {name: getattr(args, name) for name in sets},
-            "settings": {"el_n": [] if args.no_el else list(args.el_n), **{k: getattr(args, k) for k in settings}},
-            "results": {n: {k: (v if math.isfinite(v) else None) for k, v in sc.items()} for n, sc in results.items()},
-        }
-        out = Path(args.output).expanduser()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        settings = {k: getattr(args, k) for k in ("el_prefix_stride", "max_length", "batch_size", "max_samples")}
+        out = write_results_json(
+            args.output,
+            results,
+            model=args.model,
+            adapter=args.adapter,
+            data={name: getattr(args, name) for name in sets},
+            settings={
+                "el_n": [] if args.no_el else list(args.el_n),
+                **settings,
+                "completion_only": args.completion_only,
+            },
+        )
         print(f"Wrote results to {out}")
     if args.plot is not None:
         from peft_unlearn.plotting import plot_method_comparison
@@ -179,34 +162,3 @@ def run_eval(argv: list[str]) -> None:
             path=Path(args.plot).expanduser(),
         )
         print(f"Wrote plot to {Path(args.plot).expanduser()}")
-
-
-def format_results_table(results: dict[str, dict[str, float]]) -> str:
-    """Format `{set: {metric: value}}` as an aligned text table (sets as rows).
-
-    Args:
-        results: Per-set metrics, e.g. `{"forget": {"ma": 0.9, "el10": 0.5, "nll": 0.3, "ppl": 1.35}}`.
-
-    Returns:
-        The table, one line per set plus a header.
-
-    Examples:
-        >>> print(format_results_table({"forget": {"ma": 0.5, "nll": 1.0}}))
-        set         ma     nll
-        forget  0.5000  1.0000
-    """
-    metrics = list(dict.fromkeys(key for scores in results.values() for key in scores if key != "num_examples"))
-    show_n = any("num_examples" in scores for scores in results.values())
-    rows = [["set", *(["n"] if show_n else []), *metrics]]
-    for name, scores in results.items():
-        rows.append([name, *([str(scores.get("num_examples", ""))] if show_n else [])])
-        rows[-1] += [_format_number(scores.get(key)) for key in metrics]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = [[row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])] for row in rows]
-    return "\n".join("  ".join(cells).rstrip() for cells in lines)
-
-
-def _format_number(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.4f}" if math.isfinite(value) and abs(value) < 1000 else f"{value:.4g}"

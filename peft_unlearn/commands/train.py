@@ -1,12 +1,4 @@
-"""`peft-unlearn train`: unlearn a forget set with `UnlearningTrainer` and save a portable adapter (or model).
-
-Examples:
-    >>> script_args, config = parse_train_args(
-    ...     ["--model", "m", "--forget", "f.jsonl", "--output", "out", "--report_to", "none"]
-    ... )
-    >>> script_args.init, config.forget_loss
-    ('fila', 'inverted_hinge')
-"""
+"""`peft-unlearn train`: unlearn a forget set with `UnlearningTrainer` and save a portable adapter (or model)."""
 
 from __future__ import annotations
 
@@ -16,19 +8,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from . import PROG, CLIError, ModelDataArguments, arg, info, load_model, load_sets, one_line, parse
+from ..utils import one_line
+from . import PROG, CLIError, ModelDataArguments, arg, info, load_model, load_sets, parse
 
 __all__ = ["TrainArguments", "parse_train_args", "run_train"]
 
 
 @dataclass
 class TrainArguments(ModelDataArguments):
-    """Model, data and LoRA options of `peft-unlearn train` (the rest comes from `UnlearningConfig`).
-
-    Examples:
-        >>> TrainArguments(model="gemma3-270m", forget="forget.jsonl").init
-        'fila'
-    """
+    """Model, data and LoRA options of `peft-unlearn train` (the rest comes from `UnlearningConfig`)."""
 
     _argument_group_name = "model, data and LoRA options"
     _positive = ("lora_r", "lora_alpha", "max_forget_samples", "max_retain_samples")
@@ -60,16 +48,9 @@ _OUTPUT_FLAGS = ("--output_dir", "--output-dir")
 
 
 def parse_train_args(argv: Sequence[str]) -> tuple[TrainArguments, Any]:
-    """Parse and check `peft-unlearn train` arguments without loading anything.
+    """Parse and check the arguments after `peft-unlearn train` into `(TrainArguments, UnlearningConfig)`.
 
-    Args:
-        argv: The arguments after `train`.
-
-    Returns:
-        `(TrainArguments, UnlearningConfig)`.
-
-    Raises:
-        CLIError: (exit 2) unknown flag, bad value, missing `--output`.
+    Nothing is loaded. Raises `CLIError` (exit 2) for an unknown flag, a bad value or a missing `--output`.
 
     Examples:
         >>> script_args, config = parse_train_args(
@@ -146,22 +127,19 @@ def run_train(argv: list[str]) -> None:
     # the trainer raises on a run of zero steps, and the save policy on an --output it may not write: `main` reports
     # either as exit 1, and nothing is saved
     trainer.train()
-    trainer.save_model(config.output_dir)  # FILA/VILA adapters are saved as portable plain LoRA
+    trainer.save_model(config.output_dir)  # FILA/VILA adapters as portable plain LoRA, with the tokenizer
     if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(config.output_dir)
         _report_saved(Path(config.output_dir), args)
 
 
 def _report_saved(output_dir: Path, args: TrainArguments) -> None:
-    if args.init == "none":
-        print(f"Saved the model and the tokenizer to {output_dir}")
-        print(f"Evaluate it with: {PROG} eval --model {output_dir} --forget {args.forget}")
-        return
-    rank = json.loads((output_dir / "adapter_config.json").read_text(encoding="utf-8")).get("r")
-    kind = f"plain PEFT LoRA adapter (rank {rank})"
-    if args.init in ("fila", "vila"):
-        kind = f"{args.init.upper()} adapter as a plain PEFT LoRA (rank {rank} = 2 x --lora_r, portable)"
+    rank = args.init != "none" and json.loads((output_dir / "adapter_config.json").read_text(encoding="utf-8"))["r"]
+    kind = {"none": "model", "default": f"plain PEFT LoRA adapter (rank {rank})"}.get(
+        args.init, f"{args.init.upper()} adapter as a plain PEFT LoRA (rank {rank} = 2 x --lora_r, portable)"
+    )
     print(f"Saved the {kind} and the tokenizer to {output_dir}")
-    loads = f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({args.model!r}), {str(output_dir)!r})"
-    print(f"Load it with: {loads}")
-    print(f"Evaluate it with: {PROG} eval --model {args.model} --adapter {output_dir} --forget {args.forget}")
+    if rank:
+        base = f"AutoModelForCausalLM.from_pretrained({args.model!r})"
+        print(f"Load it with: PeftModel.from_pretrained({base}, {str(output_dir)!r})")
+    model = f"{output_dir} " if args.init == "none" else f"{args.model} --adapter {output_dir} "
+    print(f"Evaluate it with: {PROG} eval --model {model}--forget {args.forget}")

@@ -24,6 +24,7 @@ from .memorization import (
     token_log_probs,
 )
 from .mia import mia_auc, min_k_prob_scores, privleak
+from .report import format_results_table, write_results_json
 from .tofu import (
     answer_probability,
     evaluate_tofu,
@@ -41,6 +42,7 @@ __all__ = [
     "evaluate_tofu",
     "extraction_likelihood",
     "forget_quality",
+    "format_results_table",
     "greedy_generate",
     "load_tofu",
     "memorization_accuracy",
@@ -57,4 +59,5 @@ __all__ = [
     "tofu",
     "token_log_probs",
     "truth_ratio",
+    "write_results_json",
 ]
