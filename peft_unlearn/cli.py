@@ -9,6 +9,8 @@ path or adapter directory that does not exist), 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import sys
 import warnings
@@ -26,9 +28,6 @@ _TRACEBACK_ENV = "PEFT_UNLEARN_TRACEBACK"
 
 
 def _cmd_env(argv: list[str]) -> None:
-    import contextlib
-    import io
-
     from trl.scripts.env import print_env
 
     from peft_unlearn import __version__
@@ -82,10 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     command, rest = ("version" if args[0] in ("--version", "-V") else args[0]), args[1:]
     if command not in _COMMANDS:
-        print(
-            f"{PROG}: error: unknown command {command!r}; expected one of {', '.join(_COMMANDS)} (see '{PROG} --help')",
-            file=sys.stderr,
-        )
+        expected = f"expected one of {', '.join(_COMMANDS)} (see '{PROG} --help')"
+        print(f"{PROG}: error: unknown command {command!r}; {expected}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
     try:
         with warnings.catch_warnings():
@@ -104,10 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:
         if os.environ.get(_TRACEBACK_ENV, "").strip() not in ("", "0"):
             raise
-        print(
-            f"{PROG} {command}: error: {type(err).__name__}: {one_line(err)} (set {_TRACEBACK_ENV}=1 for the traceback)",
-            file=sys.stderr,
-        )
+        hint = f"(set {_TRACEBACK_ENV}=1 for the traceback)"
+        print(f"{PROG} {command}: error: {type(err).__name__}: {one_line(err)} {hint}", file=sys.stderr)
         raise SystemExit(EXIT_FAILURE) from None
 
 

@@ -1,4 +1,4 @@
-"""The README quick start and the offline TOFU example run end to end."""
+"""The README quick start, the offline TOFU example and (on the CPU) the multi-GPU example run end to end."""
 
 from __future__ import annotations
 
@@ -108,3 +108,23 @@ def test_demo_arguments_match_the_forget_file():
     assert demo_gemma3.parse_args([]).n_forget == 8
     with pytest.raises(SystemExit):
         demo_gemma3.parse_args(["--n-forget", "9"])
+
+
+def test_multi_gpu_example_runs_on_cpu_and_saves_a_plain_lora(tmp_path):
+    """`examples/multi_gpu/unlearn.py` parses `UnlearningConfig` flags, runs FILA + IHL and saves a portable LoRA."""
+    from peft_unlearn.testing import tiny_causal_lm, tiny_tokenizer
+
+    model_dir, out = tmp_path / "tiny-llama", tmp_path / "out"
+    tokenizer = tiny_tokenizer()
+    tiny_causal_lm("llama", vocab_size=len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    sys.path.insert(0, str(ROOT / "examples" / "multi_gpu"))
+    try:
+        import unlearn
+    finally:
+        sys.path.pop(0)
+    argv = ["--model", str(model_dir), "--output_dir", str(out), "--rank", "2", "--max_steps", "2"]
+    unlearn.main([*argv, "--max_length", "24", "--use_cpu", "--bf16", "false", "--learning_rate", "1e-3"])
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["init_lora_weights"] is True and config["r"] == 4  # FILA saved as a plain rank-2r LoRA
+    assert sorted(config["target_modules"]) == sorted(unlearn.TARGETS)

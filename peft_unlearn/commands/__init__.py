@@ -67,18 +67,14 @@ class ModelDataArguments:
         aliases=["--model_name_or_path", "--model-name-or-path"],
     )
     forget: str = arg(
-        "Forget set: .json, .jsonl, .csv, .tsv, .parquet or .txt file, or a datasets save_to_disk dir.",
-        MISSING,
-        "FILE",
+        "Forget set: .json(l), .csv, .tsv, .parquet or .txt file, or a save_to_disk dir.", MISSING, "FILE"
     )
     retain: str | None = arg("Retain set (same formats as --forget); train needs it for --retain_loss.", None, "FILE")
     heldout: str | None = arg("Held-out set, never trained on (train scores it with --eval_strategy).", None, "FILE")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = arg(
         "Weight dtype (default: float32 for gemma3-270m, else transformers' default)."
     )
-    text_split: Literal["line", "paragraph"] = arg(
-        "How .txt files split into examples: per line or paragraph.", "line"
-    )
+    text_split: Literal["line", "paragraph"] = arg("How .txt files split: an example per line or paragraph.", "line")
     trust_remote_code: bool = arg("Allow custom model code from the Hub.", False)
 
     def __post_init__(self) -> None:

@@ -30,9 +30,7 @@ class EvalArguments(ModelDataArguments):
     max_length: int = arg("Truncate every example to this many tokens.", 128, "T")
     max_samples: int | None = arg("Use only the first N examples of each set.", None, "N")
     completion_only: bool = arg(
-        "Score only the completion / assistant tokens of prompt-completion and chat data (as the trainer's "
-        "evaluate() does); --no_completion_only scores every token.",
-        True,
+        "Score only the completion / assistant tokens of prompt-completion and chat data, as the trainer does.", True
     )
     output: str | None = arg("Write the results as JSON to this file.", None, "FILE.json")
     plot: str | None = arg("Save a bar chart of MA/EL per set to this image (needs matplotlib).", None, "FILE.png")
@@ -136,29 +134,18 @@ def run_eval(argv: list[str]) -> None:
     if undefined:  # EL_n when every sequence has n tokens or fewer
         info(f"not finite: {', '.join(undefined)} (EL_n needs more than n tokens); written as null in the JSON")
     if args.output is not None:
-        settings = {k: getattr(args, k) for k in ("el_prefix_stride", "max_length", "batch_size", "max_samples")}
+        settings = ("el_prefix_stride", "max_length", "batch_size", "max_samples", "completion_only")
+        settings = {"el_n": [] if args.no_el else list(args.el_n), **{k: getattr(args, k) for k in settings}}
+        data = {name: getattr(args, name) for name in sets}
         out = write_results_json(
-            args.output,
-            results,
-            model=args.model,
-            adapter=args.adapter,
-            data={name: getattr(args, name) for name in sets},
-            settings={
-                "el_n": [] if args.no_el else list(args.el_n),
-                **settings,
-                "completion_only": args.completion_only,
-            },
+            args.output, results, model=args.model, adapter=args.adapter, data=data, settings=settings
         )
         print(f"Wrote results to {out}")
     if args.plot is not None:
         from peft_unlearn.plotting import plot_method_comparison
 
         metrics = [key for key in next(iter(results.values())) if key not in ("num_examples", "nll", "ppl")]
-        plot_method_comparison(
-            results,
-            metrics,
-            title=args.model + (f" + {Path(args.adapter).name}" if args.adapter else ""),
-            ylabel="score (lower on forget = more forgotten)",
-            path=Path(args.plot).expanduser(),
-        )
-        print(f"Wrote plot to {Path(args.plot).expanduser()}")
+        title = args.model + (f" + {Path(args.adapter).name}" if args.adapter else "")
+        ylabel, path = "score (lower on forget = more forgotten)", Path(args.plot).expanduser()
+        plot_method_comparison(results, metrics, title=title, ylabel=ylabel, path=path)
+        print(f"Wrote plot to {path}")

@@ -119,11 +119,8 @@ def run_train(argv: list[str]) -> None:
     except (ValueError, TypeError) as err:  # data or configuration the trainer rejects
         raise CLIError(one_line(err)) from err
 
-    retain_size = len(retain) if retain is not None else 0
-    info(
-        f"Unlearning {len(forget)} forget and {retain_size} retain examples (--init {args.init}, forget_loss="
-        f"{config.forget_loss}, retain_loss={config.retain_loss})"
-    )
+    losses = f"forget_loss={config.forget_loss}, retain_loss={config.retain_loss}"
+    info(f"Unlearning {len(forget)} forget and {len(retain or [])} retain examples (--init {args.init}, {losses})")
     # the trainer raises on a run of zero steps, and the save policy on an --output it may not write: `main` reports
     # either as exit 1, and nothing is saved
     trainer.train()
