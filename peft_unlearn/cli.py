@@ -1,9 +1,7 @@
-"""`peft-unlearn train | eval | env | version`: the command line (reference: `docs/cli.md`).
+"""`peft-unlearn train | eval | env | version` (reference: `docs/cli.md`), built like TRL's scripts on `trl.TrlParser`.
 
-Built like TRL's scripts: each command parses its dataclasses with `trl.TrlParser`, so `--config FILE.yaml`
-supplies defaults (keys are field names) and command-line flags win. Exit codes: 0 success, 1 runtime failure
-(including a run that trained no step), 2 usage error (bad flag or value, missing or unreadable input, a model
-path or adapter directory that does not exist), 130 interrupted.
+Exit codes: 0 success, 1 runtime failure (including a run that trained no step), 2 usage error (bad flag or value,
+missing or unreadable input, a model or adapter that does not exist), 130 interrupted.
 """
 
 from __future__ import annotations

@@ -44,8 +44,7 @@ def info(message: str) -> None:
 
 
 def arg(help: str, default: Any = None, metavar: str | None = None, **metadata: Any) -> Any:
-    """A dataclass field with `TrlParser` help; `default=MISSING` makes it required, a list default is copied per
-    instance, and `metadata` adds parser options such as `aliases`."""
+    """A dataclass field with `TrlParser` help (`MISSING`: required; a list default is copied per instance)."""
     metadata = {"help": help, **({"metavar": metavar} if metavar else {}), **metadata}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
@@ -54,8 +53,7 @@ def arg(help: str, default: Any = None, metavar: str | None = None, **metadata: 
 
 @dataclass
 class ModelDataArguments:
-    """Model and data options of `peft-unlearn train` and `eval`; `_positive` names the fields that must be
-    positive integers when given (checked on construction)."""
+    """Model and data options of `train` and `eval`; `_positive` fields must be positive integers when given."""
 
     _argument_group_name = "model and data options"
     _positive = ()  # a class attribute, not a field
@@ -117,11 +115,7 @@ def parse(command: str, dataclass_types: list[type], argv: list[str], **kwargs: 
 
 
 def load_sets(args: ModelDataArguments, **max_samples: int | None) -> dict[str, Any]:
-    """The forget / retain / held-out sets given in `args`, each cut to its first `max_samples[name]` examples.
-
-    Raises:
-        DataFileError: A file is missing, unreadable or has no recognised column (`main` reports it as exit 2).
-    """
+    """The forget / retain / held-out sets given in `args`, each cut to its first `max_samples[name]` examples."""
     from ..data_files import check_columns, load_data_file
 
     sets = {}

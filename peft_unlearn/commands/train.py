@@ -81,10 +81,8 @@ def run_train(argv: list[str]) -> None:
 
     args, config = parse_train_args(argv)
     if args.retain is None and config.retain_loss is not None:
-        raise CLIError(
-            f"--retain is required with --retain_loss {config.retain_loss}; pass --retain FILE, or --retain_loss none "
-            "to train on the forget set alone"
-        )
+        fix = "pass --retain FILE, or --retain_loss none to train on the forget set alone"
+        raise CLIError(f"--retain is required with --retain_loss {config.retain_loss}; {fix}")
     sets = load_sets(args, forget=args.max_forget_samples, retain=args.max_retain_samples)
     forget, retain = sets["forget"], sets.get("retain")
     # refuse an --output that holds files this library did not write before loading the model (exit 1)
