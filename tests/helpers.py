@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 
 def run_python(
@@ -68,3 +69,21 @@ def quick_cpu_config(output_dir: str | os.PathLike[str], **overrides):
         "disable_tqdm": True,
     }
     return UnlearningConfig(**{**defaults, **overrides})
+
+
+def backward_token_nll(model, batch: Mapping[str, Any]) -> int:
+    """Brute-force reference: backpropagate the float64 token-mean NLL of `batch`; return its supervised tokens.
+
+    The loss is the next-token cross-entropy over the positions whose (unshifted) label is not -100, computed in
+    float64 from the model's logits, so the gradients are a reference for the Fisher and VILA statistics.
+    """
+    import torch.nn.functional as F
+
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"]
+    loss = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).double(), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
+    loss.backward()
+    return int((labels != -100).sum())

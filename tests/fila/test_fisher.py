@@ -16,6 +16,8 @@ from peft_unlearn.fila import FisherStatistics, estimate_fisher
 from peft_unlearn.fila.fisher import resolve_fisher_targets
 from peft_unlearn.testing import tiny_causal_lm
 
+from ..helpers import backward_token_nll
+
 VOCAB = 320
 
 
@@ -93,14 +95,7 @@ def _brute_force(model, forget, retain, names=None):
         }
         count = 0
         for batch in loader:
-            model.zero_grad(set_to_none=True)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            labels = batch["labels"]
-            loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).double(), labels[:, 1:].reshape(-1), ignore_index=-100
-            )
-            loss.backward()
-            n = int((labels != -100).sum())
+            n = backward_token_nll(model, batch)
             for name, module in modules.items():
                 grad = module.weight.grad.double()
                 grad = grad.t() if isinstance(module, Conv1D) else grad

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from transformers import TrainerCallback
 
@@ -24,7 +23,7 @@ from peft_unlearn.fila.state import iter_lora_layers
 from peft_unlearn.fila.vila import vila_layer_importance
 from peft_unlearn.testing import TINY_CORPUS, random_lm_batches, tiny_causal_lm
 
-from ..helpers import quick_cpu_config, run_python
+from ..helpers import backward_token_nll, quick_cpu_config, run_python
 from .test_saving import PLAIN_PEFT_SCRIPT
 
 VOCAB = 320
@@ -67,14 +66,7 @@ def _brute_force(model, forget, retain, sigma=0.05, seed=42):
     for role, loader in (("f", forget), ("r", retain)):
         per_batch = []  # (n, {name: (g_A, g_B)})
         for batch in loader:
-            model.zero_grad(set_to_none=True)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            labels = batch["labels"]
-            loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).double(), labels[:, 1:].reshape(-1), ignore_index=-100
-            )
-            loss.backward()
-            n = int((labels != -100).sum())
+            n = backward_token_nll(model, batch)
             per_batch.append((n, {name: (a.grad.double().clone(), b.grad.double().clone()) for name, a, b in factors}))
         total = sum(n for n, _ in per_batch)
         full = {}
