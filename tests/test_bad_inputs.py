@@ -26,26 +26,14 @@ from peft_unlearn.trainer import UnlearningConfig, UnlearningTrainer
 from peft_unlearn.trainer.finite_guard import NonFiniteTrainingError
 from peft_unlearn.trainer.run_checks import CorruptCheckpointError
 from peft_unlearn.trainer.saving import HubConnectionError
+from tests.helpers import quick_cpu_config
 
 FORGET = [{"text": t} for t in TINY_CORPUS[:4]]
 RETAIN = [{"text": t} for t in TINY_CORPUS[4:]]
 
 
 def _args(output_dir, **kwargs) -> UnlearningConfig:
-    defaults = {
-        "output_dir": str(output_dir),
-        "report_to": "none",
-        "save_strategy": "no",
-        "use_cpu": True,
-        "max_steps": 2,
-        "per_device_train_batch_size": 2,
-        "learning_rate": 1e-3,
-        "logging_steps": 1,
-        "disable_tqdm": True,
-        "seed": 0,
-    }
-    defaults.update(kwargs)
-    return UnlearningConfig(**defaults)
+    return quick_cpu_config(str(output_dir), **{"max_steps": 2, "learning_rate": 1e-3, "seed": 0, **kwargs})
 
 
 def _lora(**kwargs) -> LoraConfig:

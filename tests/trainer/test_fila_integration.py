@@ -28,7 +28,7 @@ from peft_unlearn.fila import FilaNotInitializedWarning, pending_fila_adapters
 from peft_unlearn.fila.saving import INIT_DIR
 from peft_unlearn.testing import TINY_CORPUS, tiny_causal_lm
 from peft_unlearn.trainer import UnlearningConfig, UnlearningTrainer
-from tests.helpers import run_python
+from tests.helpers import quick_cpu_config, run_python
 
 FORGET = [
     {"prompt": "Question: Where was the author born? Answer:", "completion": " She was born in Paris."},
@@ -54,21 +54,10 @@ def _fila_model(base):
 
 
 def _args(output_dir, **kwargs) -> UnlearningConfig:
-    defaults = {
-        "output_dir": str(output_dir),
-        "report_to": "none",
-        "save_strategy": "no",
-        "use_cpu": True,
-        "max_steps": 4,
-        "per_device_train_batch_size": 2,
-        "learning_rate": 5e-2,
-        "lr_scheduler_type": "constant",
-        "logging_steps": 1,
-        "disable_tqdm": True,
-        "seed": 0,
-    }
-    defaults.update(kwargs)
-    return UnlearningConfig(**defaults)
+    return quick_cpu_config(
+        str(output_dir),
+        **{"max_steps": 4, "learning_rate": 5e-2, "lr_scheduler_type": "constant", "seed": 0, **kwargs},
+    )
 
 
 def _trainer(model, tokenizer, args, **kwargs) -> UnlearningTrainer:

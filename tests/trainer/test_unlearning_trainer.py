@@ -19,6 +19,7 @@ from peft_unlearn.trainer import (
     collate_causal_lm,
     tokenize_dataset,
 )
+from tests.helpers import quick_cpu_config
 
 FORGET = [
     {"prompt": "Question: Where was the author born? Answer:", "completion": " She was born in Paris."},
@@ -30,20 +31,7 @@ RETAIN = [{"text": t} for t in TINY_CORPUS]
 
 
 def _args(tmp_path, **kwargs) -> UnlearningConfig:
-    defaults = {
-        "output_dir": str(tmp_path / "out"),
-        "report_to": "none",
-        "save_strategy": "no",
-        "use_cpu": True,
-        "max_steps": 5,
-        "per_device_train_batch_size": 2,
-        "learning_rate": 1e-2,
-        "logging_steps": 1,
-        "disable_tqdm": True,
-        "seed": 0,
-    }
-    defaults.update(kwargs)
-    return UnlearningConfig(**defaults)
+    return quick_cpu_config(str(tmp_path / "out"), **{"max_steps": 5, "seed": 0, **kwargs})
 
 
 def _lora(r: int = 4, **kwargs) -> LoraConfig:
