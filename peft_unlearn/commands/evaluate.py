@@ -52,9 +52,16 @@ set means more forgotten. Prints a table; --output writes JSON, --plot a chart. 
 
 
 def parse_eval_args(argv: Sequence[str]) -> EvalArguments:
-    """Parse and check the arguments after `peft-unlearn eval` without loading anything.
+    """Parse and check `peft-unlearn eval` arguments without loading anything.
 
-    Raises `CLIError` (exit 2) for an unknown flag, a bad value or an adapter directory without `adapter_config.json`.
+    Args:
+        argv: The arguments after `eval`.
+
+    Returns:
+        The `EvalArguments`.
+
+    Raises:
+        CLIError: (exit 2) an unknown flag, a bad value or an adapter directory without `adapter_config.json`.
 
     Examples:
         >>> parse_eval_args(["--model", "m", "--forget", "f.jsonl", "--el-n", "5", "10"]).el_n

@@ -48,9 +48,16 @@ _OUTPUT_FLAGS = ("--output_dir", "--output-dir")
 
 
 def parse_train_args(argv: Sequence[str]) -> tuple[TrainArguments, Any]:
-    """Parse and check the arguments after `peft-unlearn train` into `(TrainArguments, UnlearningConfig)`.
+    """Parse and check `peft-unlearn train` arguments without loading anything.
 
-    Nothing is loaded. Raises `CLIError` (exit 2) for an unknown flag, a bad value or a missing `--output`.
+    Args:
+        argv: The arguments after `train`.
+
+    Returns:
+        `(TrainArguments, UnlearningConfig)`.
+
+    Raises:
+        CLIError: (exit 2) an unknown flag, a bad value or a missing `--output`.
 
     Examples:
         >>> script_args, config = parse_train_args(
