@@ -22,6 +22,7 @@ Usage::
     python benchmarks/init_frontier.py                       # the whole plan (resumes)
     python benchmarks/init_frontier.py --report-only         # rewrite .md/.png from the JSON
     python benchmarks/init_frontier.py --time-one lora:1e-3  # time one run, write nothing
+    python benchmarks/init_frontier.py --forget-loss gradient_ascent  # gradient difference, its own file
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ INITS = {
     "vila-stable": "VILA, stable scale",
 }
 SETS = ("forget", "mheldout", "retain", "neverseen")
+FORGET_LOSS_LABELS = {"inverted_hinge": "IHL", "gradient_ascent": "gradient ascent", "npo": "NPO"}
+"""Forget losses the frontier can run (next to the retain NLL), with their labels in titles."""
 FILES = {
     "forget": "forget.jsonl",
     "mheldout": "memorized_heldout.jsonl",
@@ -104,6 +107,22 @@ def available(init: str) -> tuple[bool, str]:
 # ----------------------------------------------------------------------------------------------
 # one run (child process)
 # ----------------------------------------------------------------------------------------------
+def default_results_path(forget_loss: str = "inverted_hinge", device: str = "cpu") -> Path:
+    """The results file of a loss and device: `init_frontier.json` for IHL on the CPU, else suffixed.
+
+    Steps and metrics are only compared within one file, so another loss or device gets its own, e.g.
+    `init_frontier_gradient_ascent.json` or `init_frontier_cuda0.json`.
+    """
+    suffix = [forget_loss] if forget_loss != "inverted_hinge" else []
+    suffix += [device.replace(":", "")] if device != "cpu" else []
+    return DEFAULT_RESULTS.with_name(f"init_frontier_{'_'.join(suffix)}.json") if suffix else DEFAULT_RESULTS
+
+
+def _loss_label(results: dict[str, Any]) -> str:
+    """The loss of a results file for titles, e.g. "IHL + retain NLL" (files without the setting are IHL)."""
+    return results.get("settings", {}).get("loss", "IHL + retain NLL").replace(" (weights 1)", "")
+
+
 def _texts(name: str) -> list[str]:
     return common.read_texts(FILES[name])
 
@@ -183,6 +202,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         data_seed=spec["seed"],
         fila_batch_size=spec["batch_size"],
         use_cpu=device == "cpu",
+        forget_loss=spec.get("forget_loss", "inverted_hinge"),
     )
     trainer = UnlearningTrainer(
         model=model,
@@ -358,7 +378,7 @@ def report(results: dict[str, Any], path: Path) -> None:
     base = results.get("baseline")
     el_key = f"el{results['settings']['el_n']}"
     lines = common.report_head(
-        "Forget-versus-keep frontier of LoRA inits on Gemma-3 270M (IHL + retain NLL, CPU)",
+        f"Forget-versus-keep frontier of LoRA inits on Gemma-3 270M ({_loss_label(results)}, CPU)",
         results.get("commands", []),
         results,
     )
@@ -553,7 +573,9 @@ def _plot(results: dict[str, Any], png: Path) -> None:
     ax.axvline(cap, color="red", ls=":", lw=1, label=f"step cap {cap} (hollow: not every seed forgot)")
     ax.set_xlabel("optimizer steps until forgotten (mean ± std over seeds)")
     ax.set_ylabel("memorized-heldout MA at the stop (kept knowledge)")
-    ax.set_title("Gemma-3 270M, IHL + retain NLL, r = 8: forget speed vs knowledge kept\n(labels: learning rate)")
+    ax.set_title(
+        f"Gemma-3 270M, {_loss_label(results)}, r = 8: forget speed vs knowledge kept\n(labels: learning rate)"
+    )
     ax.legend(fontsize=8, loc="lower right")
     common.save_figure(fig, png)
 
@@ -571,6 +593,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--rank", type=int, default=8)
     p.add_argument(
+        "--forget-loss",
+        default="inverted_hinge",
+        choices=list(FORGET_LOSS_LABELS),
+        help="forget loss next to the retain NLL (gradient_ascent + retain NLL is gradient difference); another "
+        "loss than inverted_hinge writes init_frontier_<loss>.json unless --results is given",
+    )
+    p.add_argument(
         "--device",
         default="cpu",
         help="where every run trains and is measured, e.g. cuda; results of another device than cpu go to "
@@ -586,15 +615,15 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if common.run_as_child(args, run_one):
         return
-    if args.device != "cpu" and args.results == DEFAULT_RESULTS:
-        args.results = DEFAULT_RESULTS.with_name(f"init_frontier_{args.device.replace(':', '')}.json")
+    if args.results == DEFAULT_RESULTS:
+        args.results = default_results_path(args.forget_loss, args.device)
 
     settings = {
         "model": args.model,
         "dtype": args.dtype,
         "rank": args.rank,
         **common.run_settings(args),
-        "loss": "IHL + retain NLL (weights 1)",
+        "loss": f"{FORGET_LOSS_LABELS[args.forget_loss]} + retain NLL (weights 1)",
         "optimizer": common.RECIPE,
         "lora": "q,k,v,o,gate,up,down projections, alpha = 2r, dropout 0",
     }
@@ -602,6 +631,8 @@ def main(argv: list[str] | None = None) -> None:
     base_spec["threads"] = args.threads
     if args.device != "cpu":  # the CPU results file predates the option: its specs have no device
         settings["device"] = base_spec["device"] = args.device
+    if args.forget_loss != "inverted_hinge":  # likewise for the IHL file: its specs have no forget_loss
+        base_spec["forget_loss"] = args.forget_loss
     results = common.load_results(args.results)
     results.setdefault("failures", {})
     if args.report_only:

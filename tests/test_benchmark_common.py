@@ -138,3 +138,16 @@ def test_frontier_equal_speed_groups_sound_runs_by_their_step(common):
     table = frontier.equal_speed(results)
     assert table.keys() == {2, 4}
     assert table[4] == {"lora": [0.40, 0.30]} and table[2] == {"fila-stable": [0.35]}
+
+
+def test_frontier_results_file_per_loss_and_device():
+    frontier = _script("init_frontier")
+    assert frontier.default_results_path() == frontier.DEFAULT_RESULTS
+    assert frontier.default_results_path("gradient_ascent").name == "init_frontier_gradient_ascent.json"
+    assert frontier.default_results_path(device="cuda:0").name == "init_frontier_cuda0.json"
+    assert frontier.default_results_path("npo", "cuda").name == "init_frontier_npo_cuda.json"
+    # titles name the loss of the file; files written before the setting existed are IHL
+    assert frontier._loss_label({"settings": {"loss": "gradient ascent + retain NLL (weights 1)"}}) == (
+        "gradient ascent + retain NLL"
+    )
+    assert frontier._loss_label({}) == "IHL + retain NLL"
