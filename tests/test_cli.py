@@ -598,7 +598,7 @@ def test_train_full_finetuning_npo_in_process(tmp_path, tiny_model_dir, data_fil
     argv = ["train", "--model", str(tiny_model_dir), "--forget", str(forget), "--output", str(out),
             "--init", "none", "--forget_loss", "npo", "--retain_loss", "none"]  # fmt: skip
     assert main([*argv, *_FAST_TRAIN]) == 0
-    assert not (out / "adapter_config.json").exists()
+    assert not (out / "adapter_config.json").exists() and (out / "tokenizer.json").is_file()
     before, after = load_file(tiny_model_dir / "model.safetensors"), load_file(out / "model.safetensors")
     assert before.keys() == after.keys()
     assert all(not torch.equal(before[k], after[k]) for k in before if k.endswith("q_proj.weight"))

@@ -65,7 +65,9 @@ class ModelDataArguments:
         aliases=["--model_name_or_path", "--model-name-or-path"],
     )
     forget: str = arg(
-        "Forget set: .json(l), .csv, .tsv, .parquet or .txt file, or a save_to_disk dir.", MISSING, "FILE"
+        "Forget set: a .json, .jsonl, .ndjson, .csv, .tsv, .parquet or .txt file, or a save_to_disk dir.",
+        MISSING,
+        "FILE",
     )
     retain: str | None = arg("Retain set (same formats as --forget); train needs it for --retain_loss.", None, "FILE")
     heldout: str | None = arg("Held-out set, never trained on (train scores it with --eval_strategy).", None, "FILE")
