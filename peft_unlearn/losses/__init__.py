@@ -21,6 +21,10 @@ Implemented losses:
   with a hand-written backward that needs a single ``[N, V]`` gradient buffer.
 * `gradient_ascent_loss` (``-NLL``), `nll_loss`, `kl_loss` (retain KL to a reference model),
   `sequence_log_probs`, `npo_loss`, `simnpo_loss`.
+* Fused linear + loss (`peft_unlearn.losses.fused`): `fused_inverted_hinge_loss`, `fused_nll_loss`,
+  `fused_sequence_log_probs`, `fused_kl_loss` take the last hidden states and the output projection
+  (`output_head`) and process tokens in chunks, so the ``[N, V]`` logits are never materialized; the trainer uses
+  them by default (`UnlearningConfig.fused_loss`).
 * `rmu_loss` with `rmu_control_vector`: representation misdirection (RMU, Li et al. 2024), an MSE on the hidden
   states of one layer.
 
@@ -49,6 +53,16 @@ from .functions import (
     sequence_log_probs,
     simnpo_loss,
 )
+from .fused import (
+    FusedLossUnsupportedError,
+    OutputHead,
+    fused_inverted_hinge_loss,
+    fused_kl_loss,
+    fused_nll_loss,
+    fused_sequence_log_probs,
+    model_hidden_states,
+    output_head,
+)
 from .registry import (
     FORGET_LOSSES,
     LOSS_REGISTRY,
@@ -65,18 +79,26 @@ from .registry import (
 __all__ = [
     "FORGET_LOSSES",
     "LOSS_REGISTRY",
+    "FusedLossUnsupportedError",
+    "OutputHead",
     "RETAIN_LOSSES",
     "LossBatch",
     "LossTerm",
     "UnlearningLoss",
+    "fused_inverted_hinge_loss",
+    "fused_kl_loss",
+    "fused_nll_loss",
+    "fused_sequence_log_probs",
     "get_loss",
     "gradient_ascent_loss",
     "inverted_hinge_loss",
     "kl_loss",
     "loss_names",
     "loss_table",
+    "model_hidden_states",
     "nll_loss",
     "npo_loss",
+    "output_head",
     "reference_users",
     "rmu_control_vector",
     "rmu_loss",
