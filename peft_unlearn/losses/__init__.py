@@ -62,6 +62,7 @@ from .fused import (
     fused_sequence_log_probs,
     model_hidden_states,
     output_head,
+    use_fused_loss,
 )
 from .registry import (
     FORGET_LOSSES,
@@ -104,4 +105,5 @@ __all__ = [
     "rmu_loss",
     "sequence_log_probs",
     "simnpo_loss",
+    "use_fused_loss",
 ]

@@ -28,6 +28,8 @@ Examples:
 
 from __future__ import annotations
 
+import inspect
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +38,8 @@ from torch import Tensor
 
 from ..utils import IGNORE_INDEX
 from .fused_kernel import FusedLinearStatsFunction, default_chunk_rows
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "FusedLossUnsupportedError",
@@ -48,7 +52,9 @@ __all__ = [
     "fused_token_statistics",
     "model_hidden_states",
     "output_head",
+    "fused_loss_unsupported_reason",
     "unwrap_causal_lm",
+    "use_fused_loss",
 ]
 
 
@@ -141,6 +147,61 @@ def output_head(model: torch.nn.Module) -> OutputHead:
     bias = getattr(head, "bias", None)
     softcap = getattr(getattr(base, "config", None), "final_logit_softcapping", None)
     return OutputHead(weight=weight, bias=bias if isinstance(bias, Tensor) else None, softcap=softcap)
+
+
+def fused_loss_unsupported_reason(model: torch.nn.Module) -> str | None:
+    """Why `model` cannot use the fused path, or None when it can.
+
+    It can when `output_head` accepts its projection and its forward takes ``logits_to_keep`` (every Hugging Face
+    causal LM of recent `transformers`, and Liger-Kernel's patched forwards).
+
+    Examples:
+        >>> from peft_unlearn.testing import tiny_causal_lm
+        >>> fused_loss_unsupported_reason(tiny_causal_lm("gpt2")) is None
+        True
+    """
+    try:
+        output_head(model)
+    except FusedLossUnsupportedError as err:
+        return str(err)
+    base = unwrap_causal_lm(model)
+    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+        return (
+            f"{type(base).__name__}.forward has no `logits_to_keep` argument, so it would compute the full logits "
+            "anyway. Set `fused_loss=False` (or upgrade transformers / the model code)."
+        )
+    return None
+
+
+def use_fused_loss(setting: bool | str, model: torch.nn.Module, ref_model: torch.nn.Module | None = None) -> bool:
+    """Resolve `UnlearningConfig.fused_loss` for a model (and its explicit reference model, if any).
+
+    Args:
+        setting: ``True`` (required: raise when unsupported), ``False`` or ``"auto"`` (fused when supported).
+        model: The trained model.
+        ref_model: The explicit reference model (None: the model itself with adapters disabled).
+
+    Returns:
+        Whether the loss terms run on the fused path.
+
+    Raises:
+        FusedLossUnsupportedError: With ``setting=True`` when the model (or ``ref_model``) cannot use it.
+
+    Examples:
+        >>> from peft_unlearn.testing import tiny_causal_lm
+        >>> use_fused_loss("auto", tiny_causal_lm("llama")), use_fused_loss(False, tiny_causal_lm("llama"))
+        (True, False)
+    """
+    if setting is False:
+        return False
+    reasons = [fused_loss_unsupported_reason(m) for m in (model, ref_model) if m is not None]
+    reason = next((r for r in reasons if r is not None), None)
+    if reason is None:
+        return True
+    if setting is True:
+        raise FusedLossUnsupportedError(f"fused_loss=True: {reason}")
+    logger.info("fused_loss='auto': using the unfused losses (full logits) because %s", reason)
+    return False
 
 
 def model_hidden_states(model: torch.nn.Module, **inputs: Any) -> Tensor:

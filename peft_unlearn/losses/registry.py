@@ -30,6 +30,15 @@ from .functions import (
     sequence_log_probs,
     simnpo_loss,
 )
+from .fused import (
+    OutputHead,
+    TokenStatistics,
+    fused_nll_loss,
+    fused_sequence_log_probs,
+    fused_token_statistics,
+    model_hidden_states,
+    output_head,
+)
 
 __all__ = [
     "FORGET_LOSSES",
@@ -67,7 +76,9 @@ class LossBatch:
     Args:
         inputs: The collated batch.
         config: An `UnlearningConfig` (the terms read `beta`, `simnpo_delta`, `kl_mask`, `rmu_layer`,
-            `rmu_steering_coeff`, `seed`).
+            `rmu_steering_coeff`, `seed`, `loss_chunk_size`).
+        fused: Compute the token-level losses with the fused linear + loss path (`peft_unlearn.losses.fused`):
+            the model is run for its last hidden states only and the ``[B, T, V]`` logits are never materialized.
 
     Examples:
         >>> batch = LossBatch({"forget_labels": torch.tensor([[-100, 5, 6]])}, config=None)
@@ -75,9 +86,15 @@ class LossBatch:
         2
     """
 
-    def __init__(self, inputs: Mapping[str, Tensor], config: Any):
+    def __init__(self, inputs: Mapping[str, Tensor], config: Any, fused: bool = False):
         self.inputs = inputs
         self.config = config
+        self.fused = fused
+
+    @property
+    def chunk_rows(self) -> int | None:
+        """Tokens per chunk of the fused path (`config.loss_chunk_size`; None: automatic)."""
+        return getattr(self.config, "loss_chunk_size", None)
 
     def labels(self, part: str) -> Tensor:
         """Labels `[B, T]` of one part (`"forget"`, `"retain"` or `"idk"`)."""
@@ -87,22 +104,68 @@ class LossBatch:
         """Number of supervised next-token positions (shifted labels that are not ignored)."""
         return (self.labels(part)[:, 1:] != IGNORE_INDEX).sum()
 
+    def _model_inputs(self, part: str) -> dict[str, Tensor]:
+        return {"input_ids": self.inputs[f"{part}_input_ids"], "attention_mask": self.inputs[f"{part}_attention_mask"]}
+
     def forward(self, model: torch.nn.Module, part: str, **kwargs: Any) -> Any:
         """Run `model` on one part of the batch (no KV cache) and return its output."""
-        return model(
-            input_ids=self.inputs[f"{part}_input_ids"],
-            attention_mask=self.inputs[f"{part}_attention_mask"],
-            use_cache=False,
-            **kwargs,
-        )
+        return model(**self._model_inputs(part), use_cache=False, **kwargs)
 
     def logits(self, model: torch.nn.Module, part: str) -> Tensor:
-        """Logits `[B, T, V]` of `model` on one part."""
-        return self.forward(model, part).logits
+        """Logits `[B, T, V]` of `model` on one part (the unfused path).
+
+        Raises:
+            ValueError: If the model returns ``logits=None`` (e.g. Liger-Kernel's fused cross-entropy forward).
+        """
+        logits = self.forward(model, part).logits
+        if logits is None:
+            raise ValueError(
+                "The model returned logits=None (as a Liger-Kernel or cut-cross-entropy patched forward does), but "
+                "this loss reads the logits. Set `fused_loss='auto'` (the default) or `fused_loss=True` so that the "
+                "losses are computed from the hidden states, or set `use_liger_kernel=False`."
+            )
+        return logits
+
+    def hidden(self, model: torch.nn.Module, part: str) -> tuple[Tensor, OutputHead]:
+        """`(last hidden states [B, T, d], output projection)` of `model` on one part (the fused path)."""
+        return model_hidden_states(model, **self._model_inputs(part)), output_head(model)
+
+    def token_stats(
+        self, model: torch.nn.Module, part: str, runner_up: bool = False, reference: Any = None
+    ) -> TokenStatistics:
+        """Fused per-token statistics of one part (`fused_token_statistics`); ``reference`` = `hidden` of the
+        reference model for the KL (then `kl_mask="none"` selects every position)."""
+        hidden, head = self.hidden(model, part)
+        ref_hidden, ref_head = reference if reference is not None else (None, None)
+        return fused_token_statistics(
+            hidden,
+            head,
+            self.labels(part),
+            runner_up=runner_up,
+            ref_hidden=ref_hidden,
+            ref_head=ref_head,
+            all_positions=reference is not None and self.config.kl_mask == "none",
+            chunk_rows=self.chunk_rows,
+        )
+
+    def nll_sum(self, model: torch.nn.Module, part: str) -> Tensor:
+        """Summed token NLL of `model` on one part (fused or not)."""
+        if self.fused:
+            hidden, head = self.hidden(model, part)
+            return fused_nll_loss(hidden, head, self.labels(part), reduction="sum", chunk_rows=self.chunk_rows)
+        return nll_loss(self.logits(model, part), self.labels(part), reduction="sum")
+
+    def sequence_log_probs(self, model: torch.nn.Module, part: str) -> tuple[Tensor, Tensor]:
+        """`(logps [B], num_tokens [B])` of `model` on one part (fused or not)."""
+        if self.fused:
+            hidden, head = self.hidden(model, part)
+            return fused_sequence_log_probs(hidden, head, self.labels(part), chunk_rows=self.chunk_rows)
+        return sequence_log_probs(self.logits(model, part), self.labels(part))
 
     def layer_output(self, model: torch.nn.Module, part: str) -> tuple[Tensor, Tensor]:
-        """`(hidden states of decoder layer config.rmu_layer [B, T, d], logits)` of `model` on one part."""
-        out = self.forward(model, part, output_hidden_states=True)
+        """`(hidden states of decoder layer config.rmu_layer [B, T, d], detached mean token NLL)` on one part."""
+        extra = {"logits_to_keep": 1} if self.fused else {}
+        out = self.forward(model, part, output_hidden_states=True, **extra)
         states = out.hidden_states
         n_layers = len(states) - 1
         layer = self.config.rmu_layer
@@ -112,7 +175,15 @@ class LossBatch:
                 f"rmu_layer={self.config.rmu_layer} is out of range: the model has {n_layers} decoder layers; pass "
                 f"an index in [0, {n_layers - 1}] (negative values count from the last layer) or None."
             )
-        return states[layer % n_layers + 1], out.logits
+        labels = self.labels(part)
+        with torch.no_grad():
+            if self.fused:
+                nll = fused_nll_loss(states[-1], output_head(model), labels, chunk_rows=self.chunk_rows)
+            else:
+                if out.logits is None:
+                    raise ValueError("The model returned logits=None; set `fused_loss='auto'` or `True`.")
+                nll = nll_loss(out.logits, labels)
+        return states[layer % n_layers + 1], nll
 
 
 TermFn = Callable[[LossBatch, torch.nn.Module, Any], LossTerm]
@@ -179,30 +250,36 @@ def _kl_count(inputs: Mapping[str, Tensor], config: Any) -> Tensor:
 
 
 def _ihl_term(batch: LossBatch, model: torch.nn.Module, reference: Any) -> LossTerm:
-    logits, labels = batch.logits(model, "forget"), batch.labels("forget")
+    labels, count = batch.labels("forget"), batch.supervised_count("forget")
+    if batch.fused:
+        stats = batch.token_stats(model, "forget", runner_up=True)
+        total = (1.0 + (stats.log_p.exp() - stats.runner_up_p)).sum()
+        return LossTerm(total, count, -stats.log_p.detach().sum() / count.clamp_min(1))
+    logits = batch.logits(model, "forget")
     total = inverted_hinge_loss(logits, labels, reduction="sum")
-    return LossTerm(total, batch.supervised_count("forget"), nll_loss(logits.detach(), labels))
+    return LossTerm(total, count, nll_loss(logits.detach(), labels))
 
 
 def _ga_term(batch: LossBatch, model: torch.nn.Module, reference: Any) -> LossTerm:
-    total = gradient_ascent_loss(batch.logits(model, "forget"), batch.labels("forget"), reduction="sum")
+    total = -batch.nll_sum(model, "forget")
     count = batch.supervised_count("forget")
     return LossTerm(total, count, -total.detach() / count.clamp_min(1))
 
 
 def _idk_term(batch: LossBatch, model: torch.nn.Module, reference: Any) -> LossTerm:
-    total = nll_loss(batch.logits(model, "idk"), batch.labels("idk"), reduction="sum")
+    total = batch.nll_sum(model, "idk")
     with torch.no_grad():  # logged: the likelihood of the original forget answers
-        nll = nll_loss(batch.logits(model, "forget"), batch.labels("forget"))
+        count = batch.supervised_count("forget")
+        nll = batch.nll_sum(model, "forget") / count.clamp_min(1)
     return LossTerm(total, batch.supervised_count("idk"), nll)
 
 
 def _forget_logps(batch: LossBatch, model: torch.nn.Module) -> Tensor:
-    return sequence_log_probs(batch.logits(model, "forget"), batch.labels("forget"))[0]
+    return batch.sequence_log_probs(model, "forget")[0]
 
 
 def _npo_like_term(batch: LossBatch, model: torch.nn.Module, reference: Any, npo: bool) -> LossTerm:
-    logps, num_tokens = sequence_log_probs(batch.logits(model, "forget"), batch.labels("forget"))
+    logps, num_tokens = batch.sequence_log_probs(model, "forget")
     config = batch.config
     if npo:
         total = npo_loss(logps, reference, beta=config.beta, reduction="sum")
@@ -213,33 +290,41 @@ def _npo_like_term(batch: LossBatch, model: torch.nn.Module, reference: Any, npo
 
 
 def _rmu_forget_term(batch: LossBatch, model: torch.nn.Module, reference: Any) -> LossTerm:
-    hidden, logits = batch.layer_output(model, "forget")
+    hidden, nll = batch.layer_output(model, "forget")
     target = rmu_control_vector(hidden.shape[-1], batch.config.rmu_steering_coeff, batch.config.seed)
-    labels = batch.labels("forget")
-    mask = labels != IGNORE_INDEX
-    return LossTerm(rmu_loss(hidden, target, mask, reduction="sum"), mask.sum(), nll_loss(logits.detach(), labels))
+    mask = batch.labels("forget") != IGNORE_INDEX
+    return LossTerm(rmu_loss(hidden, target, mask, reduction="sum"), mask.sum(), nll)
 
 
 def _nll_term(batch: LossBatch, model: torch.nn.Module, reference: Any) -> LossTerm:
-    total = nll_loss(batch.logits(model, "retain"), batch.labels("retain"), reduction="sum")
+    total = batch.nll_sum(model, "retain")
     count = batch.supervised_count("retain")
     return LossTerm(total, count, total.detach() / count.clamp_min(1))
 
 
+def _kl_reference(batch: LossBatch, model: torch.nn.Module) -> Any:
+    """The reference side of the KL: full logits, or (hidden states, output projection) on the fused path."""
+    return batch.hidden(model, "retain") if batch.fused else batch.logits(model, "retain")
+
+
 def _kl_term(batch: LossBatch, model: torch.nn.Module, reference: Any) -> LossTerm:
-    logits, labels = batch.logits(model, "retain"), batch.labels("retain")
+    labels = batch.labels("retain")
+    count = _kl_count(batch.inputs, batch.config).to(labels.device)
+    if batch.fused:
+        stats = batch.token_stats(model, "retain", reference=reference)
+        nll = -stats.log_p.detach().sum() / batch.supervised_count("retain").clamp_min(1)
+        return LossTerm(stats.kl.sum(), count, nll)
+    logits = batch.logits(model, "retain")
     kl_labels = labels if batch.config.kl_mask == "labels" else None
     total = kl_loss(logits, reference, labels=kl_labels, reduction="sum")
-    count = _kl_count(batch.inputs, batch.config).to(total.device)
-    return LossTerm(total, count, nll_loss(logits.detach(), labels))
+    return LossTerm(total, count.to(total.device), nll_loss(logits.detach(), labels))
 
 
 def _rmu_retain_term(batch: LossBatch, model: torch.nn.Module, reference: Any) -> LossTerm:
-    hidden, logits = batch.layer_output(model, "retain")
-    labels = batch.labels("retain")
-    mask = labels != IGNORE_INDEX
+    hidden, nll = batch.layer_output(model, "retain")
+    mask = batch.labels("retain") != IGNORE_INDEX
     total = rmu_loss(hidden, reference, mask, reduction="sum")
-    return LossTerm(total, mask.sum(), nll_loss(logits.detach(), labels))
+    return LossTerm(total, mask.sum(), nll)
 
 
 LOSS_REGISTRY: tuple[UnlearningLoss, ...] = (
@@ -341,7 +426,7 @@ LOSS_REGISTRY: tuple[UnlearningLoss, ...] = (
         source="Maini et al. 2024",
         term=_kl_term,
         count=_kl_count,
-        reference=lambda batch, model: batch.logits(model, "retain"),
+        reference=_kl_reference,
     ),
     UnlearningLoss(
         name="rmu",

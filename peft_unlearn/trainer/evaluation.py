@@ -9,14 +9,16 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .. import losses as L
 from .collators import CausalLMCollator
 from .formats import tokenize_dataset
 from .pairing import TokenizedDataset
 
-__all__ = ["causal_lm_dataloader", "memorization_metrics", "tokenize_eval_sets"]
+__all__ = ["causal_lm_dataloader", "causal_lm_nll", "memorization_metrics", "tokenize_eval_sets"]
 
 
 def tokenize_eval_sets(
@@ -80,6 +82,30 @@ def causal_lm_dataloader(
         collate_fn=CausalLMCollator(pad_token_id),
         **kwargs,
     )
+
+
+def causal_lm_nll(
+    model: nn.Module, inputs: Mapping[str, torch.Tensor], *, fused: bool, chunk_rows: int | None = None
+) -> torch.Tensor:
+    """Mean token NLL of a plain causal-LM batch (`input_ids`, `attention_mask`, `labels`).
+
+    Args:
+        model: The (possibly wrapped) model.
+        inputs: The batch.
+        fused: Use the fused path (`peft_unlearn.losses.fused`): no `[B, T, V]` logits.
+        chunk_rows: Tokens per chunk of the fused path (None: automatic).
+
+    Returns:
+        The scalar loss.
+    """
+    batch = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+    if fused:
+        hidden = L.model_hidden_states(model, **batch)
+        return L.fused_nll_loss(hidden, L.output_head(model), inputs["labels"], chunk_rows=chunk_rows)
+    logits = model(**batch, use_cache=False).logits
+    if logits is None:
+        raise ValueError("The model returned logits=None (e.g. a Liger-Kernel forward); set `fused_loss='auto'`.")
+    return L.nll_loss(logits, inputs["labels"])
 
 
 def memorization_metrics(

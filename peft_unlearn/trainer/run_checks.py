@@ -29,6 +29,7 @@ from ..utils import is_peft_model
 __all__ = [
     "CorruptCheckpointError",
     "check_causal_lm",
+    "check_liger_kernel",
     "check_checkpoint_files",
     "check_reference_vocab",
     "check_resume_checkpoint",
@@ -360,6 +361,40 @@ def _causal_lm_class_names() -> set[str]:
     for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
         names.update(value if isinstance(value, (list, tuple)) else [value])
     return names
+
+
+def check_liger_kernel(args: Any, fused_loss: bool) -> None:
+    """Keep a script with `use_liger_kernel=True` working where Liger-Kernel is not installed (CPU, no CUDA).
+
+    Liger's fused cross-entropy only serves the NLL and returns ``logits=None``; the fused linear + loss path of
+    peft_unlearn covers every unlearning loss. With that path active and Liger missing, the flag is switched off
+    with a warning; without it (``fused_loss=False`` or an unsupported model) this is an error that says what to do.
+    With Liger installed nothing changes (its patched forward still feeds the fused path its hidden states).
+
+    Args:
+        args: The `UnlearningConfig` (its `use_liger_kernel` may be set to False).
+        fused_loss: Whether the run uses the fused path.
+
+    Raises:
+        ImportError: If `use_liger_kernel=True`, liger-kernel is missing and the fused path is off.
+    """
+    from transformers.utils import is_liger_kernel_available
+
+    if not getattr(args, "use_liger_kernel", False) or is_liger_kernel_available():
+        return
+    if not fused_loss:
+        raise ImportError(
+            "use_liger_kernel=True, but liger-kernel is not installed (it needs a CUDA GPU: `pip install "
+            "liger-kernel`). peft_unlearn does not need it: set `fused_loss='auto'` (the default) or True, whose fused "
+            "linear + loss path computes every unlearning loss without materializing the logits, and "
+            "`use_liger_kernel=False`."
+        )
+    logger.warning(
+        "use_liger_kernel=True is ignored: liger-kernel is not installed, and the fused linear + loss path "
+        "(fused_loss=%r) already computes the losses without materializing the logits.",
+        args.fused_loss,
+    )
+    args.use_liger_kernel = False
 
 
 def check_causal_lm(model: Any) -> None:

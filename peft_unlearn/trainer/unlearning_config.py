@@ -38,6 +38,15 @@ def _check_choice(name: str, value: Any, choices: tuple, extra: str = "") -> Non
         raise ValueError(f"`{name}` must be one of {', '.join(repr(c) for c in choices)}{extra}, got {value!r}.")
 
 
+def _parse_fused_loss(value: Any) -> bool | str:
+    """`fused_loss` as True, False or "auto" (the command line passes strings)."""
+    if isinstance(value, bool) or value == "auto":
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "auto"):
+        return {"true": True, "false": False, "auto": "auto"}[value.lower()]
+    raise ValueError(f"`fused_loss` must be True, False or 'auto', got {value!r}.")
+
+
 @dataclass
 class UnlearningConfig(TrainingArguments):
     r"""Configuration for `UnlearningTrainer`.
@@ -73,6 +82,15 @@ class UnlearningConfig(TrainingArguments):
         rmu_steering_coeff: RMU's steering coefficient `c`, the norm of the forget target `c * u`; choose it large compared with the
             layer's activation norms (WMDP: 6.5 for Zephyr-7B). RMU's `alpha` is `retain_weight`.
             Defaults to `6.5`.
+        fused_loss: Compute the token-level losses (IHL, NLL, gradient ascent/difference, NPO/SimNPO, KL, IDK, and the
+            logged NLL of RMU) with the fused linear + loss path of `peft_unlearn.losses.fused`: the model runs for its
+            last hidden states only and the `[tokens, vocab]` logits are processed in chunks of `loss_chunk_size`
+            tokens, never materialized (same values and gradients up to rounding). `"auto"` uses it whenever the model
+            supports it (a linear output projection, tied or not, optional soft-capping, a forward with
+            `logits_to_keep`; LoRA on `lm_head` is not supported), `True` requires it (error otherwise), `False`
+            uses the full logits. Also used by `evaluate()`. Defaults to `"auto"`.
+        loss_chunk_size: Tokens per chunk of the fused path. `None` picks about 2**24 logits per chunk (64 tokens at a
+            262,144-token vocabulary). Larger chunks are faster on GPUs and cost `chunk * vocab * 4` bytes each.
         max_length: Maximum tokenized length; longer sequences are truncated on the right. `None`: no truncation. Defaults to `512`.
         completion_only_loss: For prompt/completion and conversational data, supervise only the completion (assistant) tokens. `False`
             supervises every token.
@@ -164,6 +182,22 @@ class UnlearningConfig(TrainingArguments):
         metadata={
             "help": "Positions of the retain KL: 'labels' (supervised positions) or 'none' (all positions).",
             "choices": list(KL_MASKS),
+        },
+    )
+
+    fused_loss: str = field(
+        default="auto",
+        metadata={
+            "help": "Compute the token-level losses from the last hidden states in chunks, never materializing the "
+            "[tokens, vocab] logits: 'auto' (when the model supports it), True (required) or False (full logits).",
+            "choices": ["auto", "true", "false"],
+        },
+    )
+    loss_chunk_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Tokens per chunk of the fused loss path; None picks about 2**24 logits per chunk (64 tokens at "
+            "a 262,144-token vocabulary)."
         },
     )
 
@@ -266,6 +300,16 @@ class UnlearningConfig(TrainingArguments):
         if not isinstance(self.rmu_steering_coeff, (int, float)) or not 0 < self.rmu_steering_coeff < float("inf"):
             raise ValueError(f"`rmu_steering_coeff` must be a finite number > 0, got {self.rmu_steering_coeff!r}.")
         check_finite_fields(self)
+        self.fused_loss = _parse_fused_loss(self.fused_loss)
+        if self.loss_chunk_size is not None and (
+            isinstance(self.loss_chunk_size, bool)
+            or not isinstance(self.loss_chunk_size, int)
+            or self.loss_chunk_size < 1
+        ):
+            raise ValueError(
+                f"`loss_chunk_size` must be an integer >= 1 (tokens per chunk) or None (automatic), got "
+                f"{self.loss_chunk_size!r}."
+            )
         for name in ("forget_weight", "retain_weight"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value >= 0:

@@ -47,7 +47,7 @@ from .. import losses as L
 from ..utils import is_peft_model
 from .adapter_init import init_metrics, initialize_pending_adapters
 from .collators import CausalLMCollator, UnlearningDataCollator
-from .evaluation import causal_lm_dataloader, memorization_metrics, tokenize_eval_sets
+from .evaluation import causal_lm_dataloader, causal_lm_nll, memorization_metrics, tokenize_eval_sets
 from .finite_guard import FiniteGuard
 from .formats import ensure_pad_token, tokenize_dataset, tokenize_idk_dataset
 from .item_counts import UnlearningItemCounts, count_items
@@ -56,6 +56,7 @@ from .pairing import PairedUnlearningDataset, PairingEpochCallback, TokenizedDat
 from .reference import check_reference, reference_forward
 from .run_checks import (
     check_causal_lm,
+    check_liger_kernel,
     check_reference_vocab,
     check_resume_checkpoint,
     check_sequence_lengths,
@@ -202,6 +203,10 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
                 args.retain_loss,
             )
             ref_model = None
+
+        # ---- fused linear + loss (before any data work: an unsupported fused_loss=True fails fast) ----
+        self._fused_loss = L.use_fused_loss(args.fused_loss, model, ref_model)
+        check_liger_kernel(args, self._fused_loss)
 
         # ---- data ----
         if forget_dataset is None:
@@ -387,7 +392,7 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
         args = self.args
         counts = num_items_in_batch if isinstance(num_items_in_batch, UnlearningItemCounts) else None
         mode = "train" if model.training else "eval"
-        batch = L.LossBatch(inputs, args)
+        batch = L.LossBatch(inputs, args, fused=self._fused_loss)
         specs = self._loss_specs(inputs)
 
         # Reference passes first: disabling adapters changes `requires_grad` flags, which must not happen while a
@@ -451,10 +456,7 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
             if "forget_input_ids" in inputs:
                 loss = self.compute_loss(model, inputs)
             else:
-                logits = model(
-                    input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
-                ).logits
-                loss = L.nll_loss(logits, inputs["labels"])
+                loss = causal_lm_nll(model, inputs, fused=self._fused_loss, chunk_rows=self.args.loss_chunk_size)
         return loss.detach(), None, None
 
     def _guard_settings(self) -> dict[str, Any]:
