@@ -29,11 +29,14 @@ Examples:
 from __future__ import annotations
 
 from .config import FilaConfig, FilaLoraConfig
+from .covariance import OutputCovariance, estimate_output_covariance
 from .dispatch import initialize_adapter_weights
 from .fisher import FisherStatistics, estimate_fisher
 from .init import fila_init_layer, initialize_fila_weights
 from .preprocess import preprocess_fila
 from .registration import FilaUnavailableWarning, register_fila
+from .registry import INITS, DataDrivenInit
+from .rila import RILA_INIT_NAME, RilaConfig, RilaLoraConfig, initialize_rila_weights, rila_init_layer
 from .saving import (
     export_portable_adapter,
     is_fila_model,
@@ -44,9 +47,6 @@ from .saving import (
 )
 from .state import DATA_DRIVEN_INITS, FilaNotInitializedWarning, is_data_driven_init
 from .vila import VILA_INIT_NAME, estimate_vila_importance, initialize_vila_weights
-from .covariance import OutputCovariance, estimate_output_covariance
-from .registry import INITS, DataDrivenInit
-from .rila import RILA_INIT_NAME, RilaConfig, RilaLoraConfig, initialize_rila_weights, rila_init_layer
 
 __all__ = [
     "DATA_DRIVEN_INITS",

@@ -32,6 +32,7 @@ from .registry import FILA_INIT_NAME, VILA_INIT_NAME
 
 __all__ = ["FILA_INIT_NAME", "FilaConfig", "FilaLoraConfig", "get_fila_config", "validate_fila_lora_config"]
 
+
 @dataclass
 class FilaConfig:
     """Settings of the FILA initialisation (Fisher-weighted low-rank init, arXiv 2408.06621, Section 3).
@@ -261,7 +262,10 @@ class FilaLoraConfig(LoraConfig):
     def __post_init__(self) -> None:
         if self.init_lora_weights is True:
             self.init_lora_weights = FILA_INIT_NAME
-        if isinstance(self.init_lora_weights, str) and self.init_lora_weights.lower() in (FILA_INIT_NAME, VILA_INIT_NAME):
+        if isinstance(self.init_lora_weights, str) and self.init_lora_weights.lower() in (
+            FILA_INIT_NAME,
+            VILA_INIT_NAME,
+        ):
             self.init_lora_weights = self.init_lora_weights.lower()
         else:
             raise ValueError(

@@ -233,7 +233,9 @@ def rila_init_layer(
     """
     config = config or RilaConfig()
     if weight.dim() != 2 or weight.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"`weight` of {layer_name} must be a 2-D float tensor, got {tuple(weight.shape)} {weight.dtype}.")
+        raise ValueError(
+            f"`weight` of {layer_name} must be a 2-D float tensor, got {tuple(weight.shape)} {weight.dtype}."
+        )
     out_features = weight.shape[0]
     for arg, cov in (("cov_forget", cov_forget), ("cov_retain", cov_retain)):
         if cov is not None and tuple(cov.shape) != (out_features, out_features):
