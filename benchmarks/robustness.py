@@ -46,13 +46,13 @@ RELEARN_GOAL_RECOVERY = 0.25  # goal: at most this fraction of the forget-MA gap
 METHODS = {
     "ihl-lora": ("IHL + retain NLL, LoRA", "inverted_hinge", "nll", "lora", 1e-3),
     "ihl-fila": ("IHL + retain NLL, FILA", "inverted_hinge", "nll", "fila", 1e-3),
-    "ihl-fila-margin": ("IHL + retain NLL + quantization margin, LoRA", "inverted_hinge", "nll", "lora-margin", 1e-3),
+    "ihl-lora-margin": ("IHL + retain NLL + quantization margin, LoRA", "inverted_hinge", "nll", "lora-margin", 1e-3),
     "gd-lora": ("gradient difference, LoRA", "gradient_ascent", "nll", "lora", 3e-4),
     "npo-lora": ("NPO + retain NLL, LoRA", "npo", "nll", "lora", 1e-3),
     "simnpo-lora": ("SimNPO + retain NLL, LoRA", "simnpo", "nll", "lora", 1e-3),
     "rmu-lora": ("RMU, LoRA", "rmu", "rmu", "lora", 1e-3),
 }
-FIRST_SEEDS_ONLY = ("gd-lora", "npo-lora", "simnpo-lora", "rmu-lora", "ihl-fila-margin")
+FIRST_SEEDS_ONLY = ("gd-lora", "npo-lora", "simnpo-lora", "rmu-lora", "ihl-lora-margin")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -343,12 +343,12 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> None:
     p = common.benchmark_parser(__doc__, DEFAULT_RESULTS)
     p.add_argument(
-        "--methods", nargs="+", default=[m for m in METHODS if m != "ihl-fila-margin"], choices=list(METHODS)
+        "--methods", nargs="+", default=[m for m in METHODS if m != "ihl-lora-margin"], choices=list(METHODS)
     )
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--relearn-steps", nargs="+", type=int, default=[1, 5, 15, 50])
-    p.add_argument("--margin", type=float, default=2.0, help="quantization_margin of the ihl-fila-margin method")
+    p.add_argument("--margin", type=float, default=2.0, help="quantization_margin of the ihl-lora-margin method")
     p.add_argument("--retries", type=int, default=1)
     p.add_argument("--report-only", action="store_true")
     common.add_run_arguments(p, max_steps=10)

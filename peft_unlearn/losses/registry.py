@@ -25,6 +25,7 @@ from .functions import (
     kl_loss,
     nll_loss,
     npo_loss,
+    quantization_margin_loss,
     rmu_control_vector,
     rmu_loss,
     sequence_log_probs,
@@ -181,6 +182,9 @@ def _kl_count(inputs: Mapping[str, Tensor], config: Any) -> Tensor:
 def _ihl_term(batch: LossBatch, model: torch.nn.Module, reference: Any) -> LossTerm:
     logits, labels = batch.logits(model, "forget"), batch.labels("forget")
     total = inverted_hinge_loss(logits, labels, reduction="sum")
+    margin = getattr(batch.config, "quantization_margin", None)
+    if margin is not None:  # the QUAIL-style defence (UnlearningConfig.quantization_margin), token-normalised too
+        total = total + quantization_margin_loss(logits, labels, margin, reduction="sum").to(total.dtype)
     return LossTerm(total, batch.supervised_count("forget"), nll_loss(logits.detach(), labels))
 
 

@@ -159,6 +159,14 @@ class UnlearningConfig(TrainingArguments):
     rmu_steering_coeff: float = field(
         default=6.5, metadata={"help": "RMU steering coefficient c: norm of the forget target c * u."}
     )
+    quantization_margin: float | None = field(
+        default=None,
+        metadata={
+            "help": "Defence against the quantization attack (QUAIL-style, arXiv 2601.15538), with "
+            "forget_loss='inverted_hinge': adds max(0, z_y - max_{v != y} z_v + m) per forget token, so the forgotten "
+            "token trails the best other one by m logits. None: off. Measured in docs/guides/robustness.md."
+        },
+    )
     kl_mask: str = field(
         default="labels",
         metadata={
@@ -266,6 +274,15 @@ class UnlearningConfig(TrainingArguments):
         if not isinstance(self.rmu_steering_coeff, (int, float)) or not 0 < self.rmu_steering_coeff < float("inf"):
             raise ValueError(f"`rmu_steering_coeff` must be a finite number > 0, got {self.rmu_steering_coeff!r}.")
         check_finite_fields(self)
+        if self.quantization_margin is not None:
+            margin = self.quantization_margin
+            if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 < margin < float("inf"):
+                raise ValueError(f"`quantization_margin` must be a finite number > 0 or None, got {margin!r}.")
+            if self.forget_loss != "inverted_hinge":
+                raise ValueError(
+                    f"`quantization_margin` is implemented for forget_loss='inverted_hinge' only, got forget_loss="
+                    f"{self.forget_loss!r}; drop quantization_margin or use the inverted hinge loss."
+                )
         for name in ("forget_weight", "retain_weight"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value >= 0:
