@@ -63,6 +63,10 @@ class UnlearningConfig(TrainingArguments):
         retain_weight: Weight of the retain loss. Defaults to `1.0`.
         beta: Inverse temperature of NPO/SimNPO. `None` uses `0.1` for NPO and `4.5` for SimNPO.
         simnpo_delta: Margin `delta` of SimNPO. Defaults to `0.0`.
+        quantization_margin: A defence against the quantization attack (the idea of QUAIL, arXiv 2601.15538),
+            with `forget_loss="inverted_hinge"` only: adds `max(0, z_y - max_{v != y} z_v + m)` per forget token
+            (see `peft_unlearn.losses.quantization_margin_loss`), so the forgotten token trails the best other one by
+            `m` logits. Its measured effect is in docs/guides/robustness.md. Defaults to `None` (off).
         kl_mask: Positions of the retain KL: `"labels"` (only positions predicting a supervised token) or `"none"`
             (every position, padding included: parity with the official code; not exact under gradient
             accumulation because padding depends on the micro-batch).

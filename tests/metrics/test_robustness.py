@@ -386,3 +386,30 @@ def test_reference_with_other_settings_is_refused(memorized, tokenizer):
     report = evaluate_robustness(model, tokenizer, forget, attacks=["export"], **FAST)
     with pytest.raises(ValueError, match="`reference` was measured with other settings"):
         evaluate_robustness(model, tokenizer, forget[:3], attacks=["export"], reference=report, **FAST)
+
+
+def test_export_of_a_fila_adapter_is_identical(memorized, tokenizer):
+    """A FILA adapter (offset ``- s B0 A0``) merges and exports to the portable rank-2r LoRA without any change."""
+    from peft_unlearn.fila import FisherStatistics, initialize_fila_weights
+    from peft_unlearn.fila.state import iter_lora_layers
+
+    base, forget, heldout = memorized
+    with base.disable_adapter():
+        plain = copy.deepcopy(base).unload()
+    model = get_peft_model(plain, LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", init_lora_weights="fila"))
+    gen = torch.Generator().manual_seed(0)
+    importance = {
+        name: torch.rand(
+            layer.lora_B["default"].weight.shape[0], layer.lora_A["default"].weight.shape[1], generator=gen
+        )
+        for name, layer in iter_lora_layers(model, "default")
+    }
+    initialize_fila_weights(model, fisher=FisherStatistics(importance, f_count=1), show_progress=False)
+    with torch.no_grad():  # stand-in for training
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.add_(0.05 * torch.randn(param.shape, generator=gen))
+    report = evaluate_robustness(model, tokenizer, forget, heldout=heldout, attacks=["export"], **FAST)
+    assert any(abs(r.unlearned_before - r.base_before) > 1e-3 for r in report.rows)  # the adapter matters
+    for row in report.rows:
+        assert abs(row.delta) <= 1e-6, row
