@@ -52,7 +52,7 @@ METHODS = {
     "simnpo-lora": ("SimNPO + retain NLL, LoRA", "simnpo", "nll", "lora", 1e-3),
     "rmu-lora": ("RMU, LoRA", "rmu", "rmu", "lora", 1e-3),
 }
-FIRST_SEEDS_ONLY = ("gd-lora", "npo-lora", "simnpo-lora", "rmu-lora", "ihl-lora-margin")
+FIRST_SEEDS_ONLY = ("ihl-lora-margin", "gd-lora", "npo-lora", "simnpo-lora", "rmu-lora")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,20 +331,20 @@ def run_key(spec: dict[str, Any]) -> str:
 
 
 def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The shipped default (IHL, LoRA and FILA) over every seed first, then the other methods on the first seed."""
+    """The shipped default (IHL, LoRA and FILA) over every seed first, then the defence (the quantization margin)
+    and the other losses on the first seed, in the order of ``FIRST_SEEDS_ONLY``."""
     runs = []
     for method in args.methods:
         seeds = args.seeds[:1] if method in FIRST_SEEDS_ONLY else args.seeds
         runs += [{"method": method, "seed": seed, "lr": METHODS[method][4]} for seed in seeds]
     head = [r for r in runs if r["method"] not in FIRST_SEEDS_ONLY]
-    return head + [r for r in runs if r["method"] in FIRST_SEEDS_ONLY]
+    tail = [r for r in runs if r["method"] in FIRST_SEEDS_ONLY]
+    return head + sorted(tail, key=lambda r: FIRST_SEEDS_ONLY.index(r["method"]))
 
 
 def main(argv: list[str] | None = None) -> None:
     p = common.benchmark_parser(__doc__, DEFAULT_RESULTS)
-    p.add_argument(
-        "--methods", nargs="+", default=[m for m in METHODS if m != "ihl-lora-margin"], choices=list(METHODS)
-    )
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--relearn-steps", nargs="+", type=int, default=[1, 5, 15, 50])
