@@ -14,7 +14,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from ..losses import FORGET_LOSSES, LOSS_REGISTRY, RETAIN_LOSSES
+from ..losses import FORGET_LOSSES, LOSS_REGISTRY, RETAIN_LOSSES, get_loss, loss_names
 from .config_checks import check_finite_fields, warn_ignored_options
 
 __all__ = [
@@ -268,8 +268,8 @@ class UnlearningConfig(TrainingArguments):
     def __post_init__(self) -> None:
         if isinstance(self.retain_loss, str) and self.retain_loss.lower() == "none":  # command line
             self.retain_loss = None
-        _check_choice("forget_loss", self.forget_loss, FORGET_LOSSES)
-        _check_choice("retain_loss", self.retain_loss, (*RETAIN_LOSSES, None))
+        get_loss("forget", self.forget_loss)  # built-in or registered with `register_loss`; the error lists them
+        _check_choice("retain_loss", self.retain_loss, (*loss_names("retain"), None))
         _check_choice("kl_mask", self.kl_mask, KL_MASKS)
         _check_choice("retain_pairing", self.retain_pairing, RETAIN_PAIRINGS)
         _check_choice("assistant_turns", self.assistant_turns, ASSISTANT_TURNS)
@@ -292,7 +292,7 @@ class UnlearningConfig(TrainingArguments):
             if not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"`{name}` must be a number >= 0, got {value!r}; use 0 to switch a term off.")
         if self.beta is None:
-            self.beta = DEFAULT_BETA.get(self.forget_loss)
+            self.beta = get_loss("forget", self.forget_loss).default_beta
         elif not isinstance(self.beta, (int, float)) or not self.beta > 0:
             raise ValueError(f"`beta` must be > 0 (or None for the default of the forget loss), got {self.beta!r}.")
         if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 2):
