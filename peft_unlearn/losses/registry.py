@@ -311,6 +311,7 @@ LOSS_REGISTRY: tuple[UnlearningLoss, ...] = (
         description="Inverted Hinge Loss (IHL, Cha et al. 2025)",
         source="Cha et al. 2025",
         term=_ihl_term,
+        options=("quantization_margin",),
     ),
     UnlearningLoss(
         name="gradient_ascent",
