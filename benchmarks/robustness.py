@@ -235,7 +235,7 @@ def report(results: dict[str, Any], path: Path) -> None:
         met = sum(goals(s)["quantization"] for s in ss)
         lines.append(
             f"| {METHODS[method][0]} | {len(rs)} | {sum(r['forgotten'] for r in rs)}/{len(rs)} "
-            f"| {common.fmt([r['steps'] for r in rs], 1)} | {common.fmt([s['forget_ma'] for s in ss], 3)} "
+            f"| {common.fmt([r['steps'] for r in rs], 1)} | {common.fmt([s['forget_ma'] for s in ss], 3)} | "
             + " | ".join(common.fmt([s[f"{m}_delta"] for s in ss], 3) for m in ("nf4", "fp4", "int8"))
             + f" | {common.fmt([s['heldout_ma'] for s in ss], 3)} | {common.fmt([s['nf4_heldout_ma'] for s in ss], 3)} "
             f"| {met}/{len(ss)} |"
