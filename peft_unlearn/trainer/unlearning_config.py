@@ -38,6 +38,27 @@ def _check_choice(name: str, value: Any, choices: tuple, extra: str = "") -> Non
         raise ValueError(f"`{name}` must be one of {', '.join(repr(c) for c in choices)}{extra}, got {value!r}.")
 
 
+_TRUE_STRINGS = ("true", "yes", "1")
+_FALSE_STRINGS = ("false", "no", "0")
+
+
+def _strict_bool(name: str, value: Any) -> bool:
+    """A bool switch that guards user files: bools as they are, only unambiguous strings parsed, all else refused.
+
+    A string such as ``"false"`` (from a YAML file or an environment variable) is truthy in Python, so it would
+    silently switch the protection off; it is parsed here instead.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE_STRINGS + _FALSE_STRINGS:
+        return value.strip().lower() in _TRUE_STRINGS
+    raise TypeError(
+        f"`{name}` must be a bool (True or False; on the command line or in a string 'true'/'false'), got "
+        f"{value!r} of type {type(value).__name__}. Pass {name}=False to keep files peft_unlearn did not write, or "
+        f"{name}=True to allow overwriting them."
+    )
+
+
 @dataclass
 class UnlearningConfig(TrainingArguments):
     r"""Configuration for `UnlearningTrainer`.
@@ -254,6 +275,7 @@ class UnlearningConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        self.overwrite_output = _strict_bool("overwrite_output", self.overwrite_output)
         if isinstance(self.retain_loss, str) and self.retain_loss.lower() == "none":  # command line
             self.retain_loss = None
         _check_choice("forget_loss", self.forget_loss, FORGET_LOSSES)
