@@ -802,3 +802,17 @@ def test_metrics_reject_a_negative_pad_token_id(tiny_llama):
         evaluate_memorization(tiny_llama, data, pad_token_id=-1)
     with pytest.raises(ValueError, match="`pad_token_id` must be a token id >= 0"):
         greedy_generate(tiny_llama, [[5, 6], [7]], max_new_tokens=2, pad_token_id=-100)
+
+
+def test_output_dir_that_is_a_file_is_refused_and_kept(tmp_path):
+    path = tmp_path / "out"
+    path.write_text("mine")
+    with pytest.raises(NotADirectoryError, match="`output_dir` must be a folder"):
+        _args(path)
+    assert path.read_text() == "mine"
+
+
+def test_fila_cache_that_is_a_folder_is_refused(tmp_path):
+    (tmp_path / "cache").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"`fila_cache` must be a file path.*fisher.safetensors"):
+        _args(tmp_path / "out", fila_cache=str(tmp_path / "cache"))
