@@ -59,6 +59,20 @@ def _check_logits_labels(logits: Tensor, labels: Tensor, logits_name: str = "log
         raise TypeError(f"labels must be an integer tensor of token ids, got dtype {labels.dtype}; use labels.long().")
 
 
+def _check_label_range(supervised: Tensor, vocab_size: int, ignore_index: int) -> None:
+    """Raise a clear error for supervised label ids outside ``[0, vocab_size)`` (one host synchronisation)."""
+    if supervised.numel() == 0:
+        return
+    low, high = int(supervised.min()), int(supervised.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(
+            f"labels hold the token id {bad}, outside the vocabulary of the logits [0, {vocab_size}); mask unsupervised "
+            f"positions with ignore_index={ignore_index} and check that the tokenizer matches the model (resize the "
+            "embeddings after adding tokens)."
+        )
+
+
 def _shift_labels(labels: Tensor, ignore_index: int) -> Tensor:
     """Labels aligned with the unshifted logits: ``out[:, t] = labels[:, t + 1]``, ``ignore_index`` at the end."""
     shifted = labels.new_full(labels.shape, ignore_index)
@@ -121,6 +135,7 @@ def inverted_hinge_loss(
         )
     targets = _shift_labels(labels, ignore_index).reshape(-1)
     mask = targets != ignore_index
+    _check_label_range(targets[mask], n_cols, ignore_index)
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
     per_token = InvertedHingeFunction.apply(logits.reshape(-1, n_cols), targets, mask, needs_grad)
     return _reduce(per_token.sum(), mask.sum(), reduction)

@@ -38,6 +38,43 @@ def _check_choice(name: str, value: Any, choices: tuple, extra: str = "") -> Non
         raise ValueError(f"`{name}` must be one of {', '.join(repr(c) for c in choices)}{extra}, got {value!r}.")
 
 
+_TRUE_STRINGS = ("true", "yes", "1")
+_FALSE_STRINGS = ("false", "no", "0")
+
+
+def _strict_bool(name: str, value: Any) -> bool:
+    """A bool switch that guards user files: bools as they are, only unambiguous strings parsed, all else refused.
+
+    A string such as ``"false"`` (from a YAML file or an environment variable) is truthy in Python, so it would
+    silently switch the protection off; it is parsed here instead.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE_STRINGS + _FALSE_STRINGS:
+        return value.strip().lower() in _TRUE_STRINGS
+    raise TypeError(
+        f"`{name}` must be a bool (True or False; on the command line or in a string 'true'/'false'), got "
+        f"{value!r} of type {type(value).__name__}. Pass {name}=False to keep files peft_unlearn did not write, or "
+        f"{name}=True to allow overwriting them."
+    )
+
+
+def _check_paths(output_dir: Any, fila_cache: Any) -> None:
+    """Refuse an `output_dir` that is an existing file and a `fila_cache` that is an existing folder."""
+    import os
+
+    if isinstance(output_dir, (str, os.PathLike)) and os.path.isfile(output_dir):
+        raise NotADirectoryError(
+            f"`output_dir` must be a folder, but {str(output_dir)!r} is an existing file; pass a new or existing "
+            "folder path (the file is left untouched)."
+        )
+    if isinstance(fila_cache, (str, os.PathLike)) and os.path.isdir(fila_cache):
+        raise IsADirectoryError(
+            f"`fila_cache` must be a file path (the Fisher statistics are stored in one safetensors file), but "
+            f"{str(fila_cache)!r} is a folder; pass e.g. {os.path.join(str(fila_cache), 'fisher.safetensors')!r}."
+        )
+
+
 @dataclass
 class UnlearningConfig(TrainingArguments):
     r"""Configuration for `UnlearningTrainer`.
@@ -266,6 +303,8 @@ class UnlearningConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        self.overwrite_output = _strict_bool("overwrite_output", self.overwrite_output)
+        _check_paths(self.output_dir, self.fila_cache)
         if isinstance(self.retain_loss, str) and self.retain_loss.lower() == "none":  # command line
             self.retain_loss = None
         get_loss("forget", self.forget_loss)  # built-in or registered with `register_loss`; the error lists them
