@@ -116,6 +116,13 @@ def records_dir() -> Path:
     """Folder of the save records: ``$PEFT_UNLEARN_CACHE/save_records`` (default ``~/.cache/peft_unlearn``)."""
     env = os.environ.get(CACHE_ENV_VAR, "").strip()
     base = Path(env).expanduser() if env else Path.home() / ".cache" / "peft_unlearn"
+    for path in (base, base / "save_records"):
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(
+                f"The save-record cache {str(path)!r} is an existing file, but peft_unlearn keeps its save records in "
+                f"a folder there; point ${CACHE_ENV_VAR} at a writable folder (or unset it for "
+                "~/.cache/peft_unlearn). Nothing was saved."
+            )
     return base / "save_records"
 
 
@@ -284,6 +291,7 @@ def check_save_folder(
     root = Path(directory)
     if root.exists() and not root.is_dir():
         raise NotADirectoryError(f"The save folder {str(root)!r} is an existing file; pass a folder path.")
+    records_dir()  # an unusable record cache is refused before any work
     if overwrite or not root.is_dir():
         return
     if adapter and _holds_foreign_base_model(root):
@@ -324,6 +332,7 @@ def staged_save(
     root = Path(directory)
     if root.exists() and not root.is_dir():
         raise NotADirectoryError(f"The save folder {str(root)!r} is an existing file; pass a folder path.")
+    records_dir()  # refused before anything is written
     root.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=_STAGE_PREFIX, dir=root))
     try:

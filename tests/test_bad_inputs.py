@@ -816,3 +816,13 @@ def test_fila_cache_that_is_a_folder_is_refused(tmp_path):
     (tmp_path / "cache").mkdir()
     with pytest.raises(IsADirectoryError, match=r"`fila_cache` must be a file path.*fisher.safetensors"):
         _args(tmp_path / "out", fila_cache=str(tmp_path / "cache"))
+
+
+def test_a_record_cache_that_is_a_file_is_refused_before_saving(tmp_path, monkeypatch):
+    cache = tmp_path / "cache_file"
+    cache.write_text("mine")
+    monkeypatch.setenv("PEFT_UNLEARN_CACHE", str(cache))
+    with pytest.raises(NotADirectoryError, match="PEFT_UNLEARN_CACHE at a writable folder"):
+        with staged_save(tmp_path / "out") as stage:
+            (stage / "adapter_config.json").write_text("{}")
+    assert not (tmp_path / "out").exists() and cache.read_text() == "mine"
