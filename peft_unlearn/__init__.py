@@ -26,6 +26,7 @@ _LAZY_EXPORTS: dict[str, str] = {
     # trainer
     "UnlearningConfig": "peft_unlearn.trainer.unlearning_config",
     "UnlearningTrainer": "peft_unlearn.trainer.unlearning_trainer",
+    "RobustnessCallback": "peft_unlearn.trainer.callbacks",
     "StopWhenForgottenCallback": "peft_unlearn.trainer.callbacks",
     "UnlearningEvalCallback": "peft_unlearn.trainer.callbacks",
     # FILA
@@ -58,6 +59,7 @@ __all__ = [
     "FisherStatistics",
     "RilaConfig",
     "RilaLoraConfig",
+    "RobustnessCallback",
     "StopWhenForgottenCallback",
     "UnlearningConfig",
     "UnlearningEvalCallback",
@@ -95,7 +97,7 @@ if TYPE_CHECKING:  # pragma: no cover
         npo_loss,
         simnpo_loss,
     )
-    from .trainer.callbacks import StopWhenForgottenCallback, UnlearningEvalCallback
+    from .trainer.callbacks import RobustnessCallback, StopWhenForgottenCallback, UnlearningEvalCallback
     from .trainer.unlearning_config import UnlearningConfig
     from .trainer.unlearning_trainer import UnlearningTrainer
 

@@ -25,8 +25,8 @@ Implemented losses:
   states of one layer.
 
 The trainer reads every loss from one table, `LOSS_REGISTRY` (name, function, normalisation, reference model,
-logged metrics); adding a loss means adding one `UnlearningLoss` entry there (see CONTRIBUTING, "How to add a
-loss").
+logged metrics); adding a built-in loss means adding one `UnlearningLoss` entry there (see CONTRIBUTING, "How to
+add a loss"), and a user's own loss is added without editing the package with `register_loss`.
 
 Examples:
     >>> import torch
@@ -44,6 +44,7 @@ from .functions import (
     kl_loss,
     nll_loss,
     npo_loss,
+    quantization_margin_loss,
     rmu_control_vector,
     rmu_loss,
     sequence_log_probs,
@@ -58,8 +59,12 @@ from .registry import (
     UnlearningLoss,
     get_loss,
     loss_names,
+    loss_options,
     loss_table,
     reference_users,
+    register_loss,
+    registered_losses,
+    unregister_loss,
 )
 
 __all__ = [
@@ -72,14 +77,19 @@ __all__ = [
     "get_loss",
     "gradient_ascent_loss",
     "inverted_hinge_loss",
+    "quantization_margin_loss",
     "kl_loss",
     "loss_names",
+    "loss_options",
     "loss_table",
     "nll_loss",
     "npo_loss",
     "reference_users",
+    "register_loss",
+    "registered_losses",
     "rmu_control_vector",
     "rmu_loss",
     "sequence_log_probs",
     "simnpo_loss",
+    "unregister_loss",
 ]
