@@ -46,7 +46,12 @@ INITS = {
     "fila-stable": "FILA, stable scale",
     "vila": "VILA",
     "vila-stable": "VILA, stable scale",
+    "rila": "RILA (ReGLU)",
+    "rila+rol": "RILA + retain-subspace penalty",
+    "lora+rol": "LoRA + retain-subspace penalty",
 }
+#: inits that add the retain-subspace penalty (ReGLU's ROL) at ReGLU's official weight and rank
+ROL_SETTINGS = {"retain_subspace_weight": 0.5, "retain_subspace_rank": 128}
 SETS = ("forget", "mheldout", "retain", "neverseen")
 FORGET_LOSS_LABELS = {"inverted_hinge": "IHL", "gradient_ascent": "gradient ascent", "npo": "NPO"}
 """Forget losses the frontier can run (next to the retain NLL), with their labels in titles."""
@@ -72,6 +77,12 @@ try:
         from peft_unlearn.fila import FilaConfig
         if init == "fila-stable":
             FilaConfig(factor_scale="stable")
+    if init.endswith("+rol"):
+        from peft_unlearn import UnlearningConfig
+        if "retain_subspace_weight" not in UnlearningConfig.__dataclass_fields__:
+            raise RuntimeError("UnlearningConfig has no retain_subspace_weight (the ROL penalty) yet")
+    if init.startswith("rila"):
+        from peft_unlearn.fila import initialize_rila_weights  # noqa: F401
     elif init in ("vila", "vila-stable"):
         from peft import LoraConfig, get_peft_model
         from peft_unlearn.fila import initialize_vila_weights  # noqa: F401
@@ -131,8 +142,10 @@ def _lora_config(init: str, rank: int):
     from peft import LoraConfig
 
     kw = common.lora_kwargs(rank)
-    if init == "lora":
+    if init in ("lora", "lora+rol"):
         return LoraConfig(**kw, init_lora_weights=True)
+    if init in ("rila", "rila+rol"):  # the trainer runs the init (ReGLU's defaults: beta 0.8, 256 samples, c = 1)
+        return LoraConfig(**kw, init_lora_weights="rila")
     from peft_unlearn.fila import FilaConfig, FilaLoraConfig
 
     if init == "vila":  # the paper's factor magnitudes, explicitly (the library default is now "stable")
@@ -203,6 +216,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         fila_batch_size=spec["batch_size"],
         use_cpu=device == "cpu",
         forget_loss=spec.get("forget_loss", "inverted_hinge"),
+        **(ROL_SETTINGS if spec["init"].endswith("+rol") else {}),
     )
     trainer = UnlearningTrainer(
         model=model,
@@ -543,6 +557,9 @@ def _plot(results: dict[str, Any], png: Path) -> None:
         "fila-stable": "tab:green",
         "vila": "tab:purple",
         "vila-stable": "tab:pink",
+        "rila": "tab:red",
+        "rila+rol": "tab:brown",
+        "lora+rol": "tab:cyan",
     }
     fig, ax = plt.subplots(figsize=(8, 5.5))
     for init in INITS:

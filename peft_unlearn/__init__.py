@@ -2,10 +2,12 @@
 
 Implements Cha et al., "Towards Robust and Parameter-Efficient Knowledge Unlearning for LLMs"
 (ICLR 2025, arXiv:2408.06621): the Inverted Hinge Loss (IHL) and FILA, a Fisher-weighted LoRA
-initialisation, plus the usual unlearning baselines and metrics.
+initialisation, plus the usual unlearning baselines and metrics, and the data-driven LoRA inits VILA
+(arXiv 2508.21300) and RILA (ReGLU, arXiv 2604.17396).
 
-Importing the package registers ``LoraConfig(init_lora_weights="fila")`` with stock PEFT (one
-idempotent patch, see `peft_unlearn.fila.registration`).
+Importing the package registers ``LoraConfig(init_lora_weights="fila")`` (and ``"vila"``, ``"rila"``,
+see `peft_unlearn.fila.registry`) with stock PEFT (one idempotent patch, see
+`peft_unlearn.fila.registration`).
 
 Examples:
     >>> import peft_unlearn
@@ -24,6 +26,7 @@ _LAZY_EXPORTS: dict[str, str] = {
     # trainer
     "UnlearningConfig": "peft_unlearn.trainer.unlearning_config",
     "UnlearningTrainer": "peft_unlearn.trainer.unlearning_trainer",
+    "RobustnessCallback": "peft_unlearn.trainer.callbacks",
     "StopWhenForgottenCallback": "peft_unlearn.trainer.callbacks",
     "UnlearningEvalCallback": "peft_unlearn.trainer.callbacks",
     # FILA
@@ -32,6 +35,10 @@ _LAZY_EXPORTS: dict[str, str] = {
     "initialize_fila_weights": "peft_unlearn.fila.init",
     "estimate_vila_importance": "peft_unlearn.fila.vila",
     "initialize_vila_weights": "peft_unlearn.fila.vila",
+    "initialize_rila_weights": "peft_unlearn.fila.rila",
+    "RilaConfig": "peft_unlearn.fila.rila",
+    "RilaLoraConfig": "peft_unlearn.fila.rila",
+    "estimate_output_covariance": "peft_unlearn.fila.covariance",
     "FilaConfig": "peft_unlearn.fila.config",
     "FilaLoraConfig": "peft_unlearn.fila.config",
     "export_portable_adapter": "peft_unlearn.fila.saving",
@@ -50,15 +57,20 @@ __all__ = [
     "FilaConfig",
     "FilaLoraConfig",
     "FisherStatistics",
+    "RilaConfig",
+    "RilaLoraConfig",
+    "RobustnessCallback",
     "StopWhenForgottenCallback",
     "UnlearningConfig",
     "UnlearningEvalCallback",
     "UnlearningTrainer",
     "estimate_fisher",
+    "estimate_output_covariance",
     "estimate_vila_importance",
     "export_portable_adapter",
     "gradient_ascent_loss",
     "initialize_fila_weights",
+    "initialize_rila_weights",
     "initialize_vila_weights",
     "inverted_hinge_loss",
     "kl_loss",
@@ -70,9 +82,11 @@ __all__ = [
 
 if TYPE_CHECKING:  # pragma: no cover
     from .fila.config import FilaConfig, FilaLoraConfig
+    from .fila.covariance import estimate_output_covariance
     from .fila.fisher import FisherStatistics, estimate_fisher
     from .fila.init import initialize_fila_weights
     from .fila.registration import register_fila
+    from .fila.rila import RilaConfig, RilaLoraConfig, initialize_rila_weights
     from .fila.saving import export_portable_adapter
     from .fila.vila import estimate_vila_importance, initialize_vila_weights
     from .losses import (
@@ -83,7 +97,7 @@ if TYPE_CHECKING:  # pragma: no cover
         npo_loss,
         simnpo_loss,
     )
-    from .trainer.callbacks import StopWhenForgottenCallback, UnlearningEvalCallback
+    from .trainer.callbacks import RobustnessCallback, StopWhenForgottenCallback, UnlearningEvalCallback
     from .trainer.unlearning_config import UnlearningConfig
     from .trainer.unlearning_trainer import UnlearningTrainer
 

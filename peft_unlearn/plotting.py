@@ -1,4 +1,4 @@
-"""Optional matplotlib figures: forget/retain trade-off curves and method comparisons.
+"""Optional matplotlib figures: forget/retain trade-off curves, method comparisons and relearning curves.
 
 matplotlib is an optional dependency (``pip install peft-unlearn[plot]``) imported only when a function is
 called. Figures are built with the object-oriented API on an Agg canvas (no pyplot, no global backend change,
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["plot_method_comparison", "plot_tradeoff"]
+__all__ = ["plot_method_comparison", "plot_relearning", "plot_tradeoff", "relearning_curves"]
 
 
 def _new_figure(figsize: tuple[float, float]):
@@ -199,6 +199,94 @@ def plot_method_comparison(
     ax.set_ylabel(ylabel)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend()
+    if title:
+        ax.set_title(title)
+    _save(fig, path, dpi)
+    return fig
+
+
+def relearning_curves(report: Any, set_name: str = "forget_unseen", metric: str = "ma") -> dict[str, list[float]]:
+    """The relearning attack of a `RobustnessReport` as curves: steps and the unlearned / base values.
+
+    Args:
+        report: A [`RobustnessReport`][peft_unlearn.metrics.RobustnessReport] with the ``relearning`` attack.
+        set_name: ``forget_unseen`` (the part never relearned) or ``forget_relearned``.
+        metric: ``ma`` or ``el{n}``.
+
+    Returns:
+        ``{"steps": [0, 1, ...], "unlearned": [...], "base": [...]}`` (step 0: before relearning).
+
+    Raises:
+        ValueError: When the report has no relearning rows for ``set_name`` / ``metric``.
+    """
+    rows = [
+        r
+        for r in report.select(attack="relearning", set=set_name, metric=metric)
+        if r.variant.startswith("steps=")  # not the related-text run
+    ]
+    if not rows:
+        raise ValueError(
+            f"The report has no relearning result for set {set_name!r}, metric {metric!r}; run evaluate_robustness "
+            "with the 'relearning' attack."
+        )
+    rows.sort(key=lambda r: int(r.variant.split("=", 1)[1]))
+    return {
+        "steps": [int(r.variant.split("=", 1)[1]) for r in rows],
+        "unlearned": [r.unlearned_after for r in rows],
+        "base": [r.base_after if r.base_after is not None else math.nan for r in rows],
+    }
+
+
+def plot_relearning(
+    reports: Any,
+    *,
+    set_name: str = "forget_unseen",
+    metric: str = "ma",
+    title: str | None = None,
+    path: str | os.PathLike | None = None,
+    figsize: tuple[float, float] = (6.0, 4.0),
+    dpi: int = 120,
+) -> Figure:
+    """Forget MA vs relearning steps, for the unlearned model(s) and the base model under the same attack.
+
+    Args:
+        reports: One [`RobustnessReport`][peft_unlearn.metrics.RobustnessReport], or ``{label: report or
+            [reports]}``; several reports under one label (seeds) are averaged, with their spread as error bars.
+        set_name: ``forget_unseen`` (never relearned, the default) or ``forget_relearned``.
+        metric: ``ma`` or ``el{n}``.
+        title: Optional title.
+        path: Save the figure there when given.
+        figsize: Figure size.
+        dpi: Resolution when saving.
+
+    Returns:
+        The ``matplotlib.figure.Figure``.
+
+    Examples:
+        >>> plot_relearning({"IHL + LoRA": report}, path="relearning.png")  # doctest: +SKIP
+    """
+    groups = reports if isinstance(reports, Mapping) else {"unlearned": reports}
+    if not groups:
+        raise ValueError("`reports` is empty; pass a RobustnessReport or {label: report or [reports]}.")
+    fig = _new_figure(figsize)
+    ax = fig.add_subplot(1, 1, 1)
+    base_curve = None
+    for label, value in groups.items():
+        curves = [relearning_curves(r, set_name, metric) for r in (value if isinstance(value, Sequence) else [value])]
+        steps = curves[0]["steps"]
+        columns = list(zip(*(c["unlearned"] for c in curves)))
+        means = [sum(col) / len(col) for col in columns]
+        spread = [math.sqrt(sum((v - m) ** 2 for v in col) / max(1, len(col) - 1)) for col, m in zip(columns, means)]
+        xs = [max(s, 0.5) for s in steps]  # log axis: step 0 drawn at 0.5
+        ax.errorbar(xs, means, yerr=spread, marker="o", capsize=3, label=f"{label} ({len(curves)} run(s))")
+        base_curve = base_curve or (xs, curves[0]["base"])
+    if base_curve is not None:
+        ax.plot(*base_curve, "k--", marker="s", label="base model, same attack")
+    ax.set_xscale("log")
+    ax.set_xlabel("relearning steps (fresh LoRA, plain NLL; step 0 at 0.5)")
+    ax.set_ylabel(f"{metric} on {set_name}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
     if title:
         ax.set_title(title)
     _save(fig, path, dpi)

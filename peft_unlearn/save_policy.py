@@ -3,8 +3,8 @@
 The policy (applied by `UnlearningTrainer`'s save, checkpoint, push and model-card paths, FILA's portable save,
 and the CLI's `--output`):
 
-1. **Record what is written.** Every save records the files it wrote (size and SHA-256; above 8 MiB the hash
-   covers the size and the first and last MiB) in a small JSON record kept **outside** the save folder, under
+1. **Record what is written.** Every save records the files it wrote (size and SHA-256 of the whole file, so an
+   edit anywhere in a file, even one that keeps its size, makes it the user's) in a small JSON record kept **outside** the save folder, under
    `$PEFT_UNLEARN_CACHE/save_records/` (default `~/.cache/peft_unlearn/save_records/`), keyed by the folder's
    absolute path. The save folder holds exactly what PEFT / transformers write, so no push path uploads any
    bookkeeping. A file counts as *ours* only while it still matches its record: a file the user edited
@@ -74,8 +74,7 @@ FILA_OVERWRITE_SWITCH = "save_pretrained(..., overwrite_output=True)"
 
 _FORMAT = "peft_unlearn.save_record/1"
 _PRUNE_ABOVE = 256
-_HASH_LIMIT = 8 * 1024 * 1024
-_EDGE = 1024 * 1024
+_BLOCK = 1 << 20
 _STAGE_PREFIX = "_peft_unlearn_staging-"
 _README = "README.md"
 _CONFIG = "config.json"
@@ -117,6 +116,13 @@ def records_dir() -> Path:
     """Folder of the save records: ``$PEFT_UNLEARN_CACHE/save_records`` (default ``~/.cache/peft_unlearn``)."""
     env = os.environ.get(CACHE_ENV_VAR, "").strip()
     base = Path(env).expanduser() if env else Path.home() / ".cache" / "peft_unlearn"
+    for path in (base, base / "save_records"):
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(
+                f"The save-record cache {str(path)!r} is an existing file, but peft_unlearn keeps its save records in "
+                f"a folder there; point ${CACHE_ENV_VAR} at a writable folder (or unset it for "
+                "~/.cache/peft_unlearn). Nothing was saved."
+            )
     return base / "save_records"
 
 
@@ -166,24 +172,18 @@ def _write_record(directory: Path, files: dict[str, dict[str, Any]]) -> None:
     _prune_records(path.parent)
 
 
-def _digest(path: Path, size: int) -> str:
-    """SHA-256 of the whole file up to 8 MiB; above, of its size, first and last MiB (cheap for weights)."""
+def _digest(path: Path) -> str:
+    """SHA-256 of the whole file (exact: an edit anywhere, even one that keeps the size, changes it)."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
-        if size <= _HASH_LIMIT:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        else:
-            digest.update(str(size).encode())
-            digest.update(handle.read(_EDGE))
-            handle.seek(size - _EDGE)
-            digest.update(handle.read(_EDGE))
+        for block in iter(lambda: handle.read(_BLOCK), b""):
+            digest.update(block)
     return digest.hexdigest()
 
 
 def _fingerprint(path: Path) -> dict[str, Any]:
     size = path.stat().st_size
-    return {"size": size, "sha256": _digest(path, size)}
+    return {"size": size, "sha256": _digest(path)}
 
 
 def _matches(path: Path, record: dict[str, Any]) -> bool:
@@ -193,7 +193,7 @@ def _matches(path: Path, record: dict[str, Any]) -> bool:
         return False
     if not path.is_file() or size != record.get("size"):
         return False
-    return _digest(path, size) == record.get("sha256")
+    return _digest(path) == record.get("sha256")
 
 
 def _rel(relpath: str | os.PathLike[str]) -> str:
@@ -291,6 +291,7 @@ def check_save_folder(
     root = Path(directory)
     if root.exists() and not root.is_dir():
         raise NotADirectoryError(f"The save folder {str(root)!r} is an existing file; pass a folder path.")
+    records_dir()  # an unusable record cache is refused before any work
     if overwrite or not root.is_dir():
         return
     if adapter and _holds_foreign_base_model(root):
@@ -331,6 +332,7 @@ def staged_save(
     root = Path(directory)
     if root.exists() and not root.is_dir():
         raise NotADirectoryError(f"The save folder {str(root)!r} is an existing file; pass a folder path.")
+    records_dir()  # refused before anything is written
     root.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=_STAGE_PREFIX, dir=root))
     try:

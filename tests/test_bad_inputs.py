@@ -732,3 +732,97 @@ def test_a_copied_folder_is_the_users(tmp_path):
         (stage / "adapter_config.json").write_text("{}")
     shutil.copytree(folder, tmp_path / "b")
     assert is_ours(folder, "adapter_config.json") and not is_ours(tmp_path / "b", "adapter_config.json")
+
+
+# --------------------------------------------------------------------------------------------------
+# Issue 23: the save policy's own holes, silent references, raw errors
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("value", "expected"), [("false", False), ("False", False), ("true", True), ("0", False)])
+def test_overwrite_output_strings_are_parsed_strictly(tmp_path, value, expected):
+    assert _args(tmp_path / "out", overwrite_output=value).overwrite_output is expected
+
+
+@pytest.mark.parametrize("value", ["nope", 2, None, "off-ish"])
+def test_overwrite_output_rejects_a_non_bool(tmp_path, value):
+    with pytest.raises(TypeError, match=r"`overwrite_output` must be a bool.*overwrite_output=False"):
+        _args(tmp_path / "out", overwrite_output=value)
+
+
+def test_overwrite_output_string_false_keeps_the_users_adapter(tokenizer, tmp_path):
+    out = tmp_path / "out"
+    before = _user_files(out, {"adapter_config.json": '{"mine": true}'})
+    trainer = _trainer(tokenizer, out, overwrite_output="false")
+    with pytest.raises(SaveConflictError, match="adapter_config.json"):
+        trainer.save_model(str(out))
+    assert _snapshot(out) == before
+
+
+def test_a_large_file_edited_in_the_middle_is_the_users(tmp_path):
+    out = tmp_path / "out"
+    size = 9 * 1024 * 1024  # above the old 8 MiB partial-hash limit
+    with staged_save(out) as stage:
+        (stage / "adapter_model.safetensors").write_bytes(b"\0" * size)
+    assert is_ours(out, "adapter_model.safetensors")
+    with (out / "adapter_model.safetensors").open("r+b") as handle:  # same size, middle changed
+        handle.seek(size // 2)
+        handle.write(b"user")
+    assert not is_ours(out, "adapter_model.safetensors")
+    with pytest.raises(SaveConflictError, match="adapter_model.safetensors"):
+        with staged_save(out) as stage:
+            (stage / "adapter_model.safetensors").write_bytes(b"new")
+    assert (out / "adapter_model.safetensors").stat().st_size == size
+
+
+def test_fisher_cache_fingerprint_sees_every_weight():
+    from peft_unlearn.fila.fisher_cache import weight_fingerprint
+
+    layer = torch.nn.Linear(64, 64, bias=False)
+    before = weight_fingerprint(layer)
+    with torch.no_grad():
+        layer.weight.view(-1)[1] += 1.0  # not among 1024 evenly strided values of 4096
+    assert weight_fingerprint(layer) != before
+
+
+@pytest.mark.parametrize("bad", [11, -3])
+def test_inverted_hinge_loss_rejects_out_of_range_labels(bad):
+    from peft_unlearn.losses.functions import inverted_hinge_loss
+
+    labels = torch.tensor([[1, 2, bad, -100]])
+    with pytest.raises(ValueError, match=rf"token id {bad}, outside the vocabulary of the logits \[0, 11\)"):
+        inverted_hinge_loss(torch.randn(1, 4, 11), labels)
+
+
+def test_metrics_reject_a_negative_pad_token_id(tiny_llama):
+    from peft_unlearn.metrics.generation import greedy_generate
+
+    data = [{"input_ids": [5, 6, 7, 8]}, {"input_ids": [9, 10]}]
+    with pytest.raises(ValueError, match=r"`pad_token_id` must be a token id >= 0.*tokenizer.eos_token_id"):
+        evaluate_memorization(tiny_llama, data, pad_token_id=-1)
+    with pytest.raises(ValueError, match="`pad_token_id` must be a token id >= 0"):
+        greedy_generate(tiny_llama, [[5, 6], [7]], max_new_tokens=2, pad_token_id=-100)
+
+
+def test_output_dir_that_is_a_file_is_refused_and_kept(tmp_path):
+    path = tmp_path / "out"
+    path.write_text("mine")
+    with pytest.raises(NotADirectoryError, match="`output_dir` must be a folder"):
+        _args(path)
+    assert path.read_text() == "mine"
+
+
+def test_fila_cache_that_is_a_folder_is_refused(tmp_path):
+    (tmp_path / "cache").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"`fila_cache` must be a file path.*fisher.safetensors"):
+        _args(tmp_path / "out", fila_cache=str(tmp_path / "cache"))
+
+
+def test_a_record_cache_that_is_a_file_is_refused_before_saving(tmp_path, monkeypatch):
+    cache = tmp_path / "cache_file"
+    cache.write_text("mine")
+    monkeypatch.setenv("PEFT_UNLEARN_CACHE", str(cache))
+    with pytest.raises(NotADirectoryError, match="PEFT_UNLEARN_CACHE at a writable folder"):
+        with staged_save(tmp_path / "out") as stage:
+            (stage / "adapter_config.json").write_text("{}")
+    assert not (tmp_path / "out").exists() and cache.read_text() == "mine"

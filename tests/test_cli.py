@@ -706,3 +706,73 @@ def test_train_zero_steps_fails_and_saves_nothing(tmp_path, tiny_model_dir, data
     captured = capsys.readouterr()
     assert "zero steps" in captured.err and "Saved" not in captured.out
     assert not (out / "adapter_config.json").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# eval --robustness
+# --------------------------------------------------------------------------------------------------
+def test_eval_robustness_switch(tmp_path, tiny_model_dir, data_files, capsys):
+    """`--robustness` runs the attacks on the adapter and writes the report into the JSON, a markdown file and a
+    plot; the numbers are those of `evaluate_robustness` on the same model and data."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peft_unlearn.metrics import evaluate_robustness
+    from peft_unlearn.trainer import tokenize_dataset
+
+    forget, retain = data_files
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", init_lora_weights=False))
+    model.save_pretrained(tmp_path / "adapter")
+    report_md, plot = tmp_path / "robust.md", tmp_path / "relearn.png"
+    argv = ["--model", str(tiny_model_dir), "--adapter", str(tmp_path / "adapter"), "--forget", str(forget)]
+    argv += ["--heldout", str(retain), "--max_length", "16", "--el_n", "2", "--el_prefix_stride", "4"]
+    argv += ["--robustness", "relearning", "export", "--relearn_steps", "1", "3"]
+    data = _eval_json(
+        tmp_path, "robust", [*argv, "--robustness_report", str(report_md), "--robustness_plot", str(plot)]
+    )
+    assert "### relearning" in capsys.readouterr().out and "### export" in report_md.read_text()
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = data["robustness"]["rows"]
+    assert {r["attack"] for r in rows} == {"relearning", "export"}
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = {
+        name: tokenize_dataset([{"text": t} for t in texts], tok, max_length=16, name=name)
+        for name, texts in (("forget", FORGET_TEXTS), ("heldout", RETAIN_TEXTS))
+    }
+    expected = evaluate_robustness(
+        model,
+        tok,
+        ids["forget"],
+        heldout=ids["heldout"],
+        attacks=["relearning", "export"],
+        relearn_steps=(1, 3),
+        el_n=2,
+        el_prefix_stride=4,
+        max_length=16,
+    ).to_dict()["rows"]
+    assert [(r["variant"], r["set"], r["metric"]) for r in rows] == [
+        (r["variant"], r["set"], r["metric"]) for r in expected
+    ]
+    for got, want in zip(rows, expected):
+        assert got["unlearned_after"] == pytest.approx(want["unlearned_after"], abs=1e-6)
+        assert got["base_after"] == pytest.approx(want["base_after"], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragments"),
+    [
+        (["--robustness", "quantisation", "--adapter", "ADAPTER"], ("--robustness", "unknown attack", "quantization")),
+        (["--robustness", "all"], ("--robustness needs --adapter",)),
+        (["--related", "FORGET"], ("--related", "only apply with --robustness")),
+        (["--robustness", "all", "--adapter", "ADAPTER", "--relearn_steps", "5", "1"], ("--relearn_steps",)),
+        (["--robustness", "all", "--adapter", "ADAPTER", "--quantization_modes", "nf3"], ("--quantization_modes",)),
+    ],
+)
+def test_eval_robustness_bad_options(capsys, tmp_path, data_files, extra, fragments):
+    forget, _ = data_files
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2}))
+    extra = [str(adapter) if a == "ADAPTER" else str(forget) if a == "FORGET" else a for a in extra]
+    _expect_usage_error(capsys, ["eval", "--model", str(tmp_path / "m"), "--forget", str(forget), *extra], *fragments)

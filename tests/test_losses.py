@@ -681,3 +681,74 @@ def test_docs_loss_tables_match_the_registry():
     page = (Path(__file__).parent.parent / "docs" / "concepts" / "losses.md").read_text()
     for role in ("forget", "retain"):
         assert loss_table(role) in page, f"docs/concepts/losses.md: regenerate the table with loss_table({role!r})"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# quantization margin (the QUAIL-style defence of UnlearningConfig.quantization_margin)
+# ----------------------------------------------------------------------------------------------------------------
+def _naive_margin(logits, labels, margin):
+    """Brute force in float64: a loop over the supervised shifted positions."""
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    z = logits.double()
+    for b in range(labels.shape[0]):
+        for t in range(labels.shape[1] - 1):
+            y = int(labels[b, t + 1])
+            if y == -100:
+                continue
+            others = torch.cat([z[b, t, :y], z[b, t, y + 1 :]])
+            total = total + torch.clamp(z[b, t, y] - others.max() + margin, min=0)
+            count += 1
+    return total, count
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_quantization_margin_matches_brute_force(reduction):
+    from peft_unlearn.losses import quantization_margin_loss
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 6, 9, generator=gen, dtype=torch.float64) * 2
+    labels = torch.randint(0, 9, (3, 6), generator=gen)
+    labels[0, :3] = -100
+    labels[1, 2] = logits[1, 1].argmax()  # a position where the target is the argmax
+    logits.requires_grad_(True)
+    got = quantization_margin_loss(logits, labels, margin=1.5, reduction=reduction)
+    ref = logits.detach().clone().requires_grad_(True)
+    total, count = _naive_margin(ref, labels, 1.5)
+    want = total if reduction == "sum" else total / count
+    assert got.item() == pytest.approx(want.item(), rel=1e-12)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(logits.grad, ref.grad)
+
+
+def test_quantization_margin_bad_margin_and_config():
+    from peft_unlearn import UnlearningConfig
+    from peft_unlearn.losses import quantization_margin_loss
+
+    with pytest.raises(ValueError, match="`margin`"):
+        quantization_margin_loss(torch.zeros(1, 2, 3), torch.zeros(1, 2, dtype=torch.long), margin=0.0)
+    with pytest.raises(ValueError, match="`quantization_margin` must be"):
+        UnlearningConfig(output_dir="o", report_to="none", quantization_margin=-1.0)
+    with pytest.raises(ValueError, match="inverted_hinge"):
+        UnlearningConfig(output_dir="o", report_to="none", quantization_margin=2.0, forget_loss="npo")
+    assert UnlearningConfig(output_dir="o", report_to="none", quantization_margin=2.0).quantization_margin == 2.0
+
+
+def test_quantization_margin_is_added_to_the_ihl_term():
+    """The trainer's IHL term with the margin is IHL + margin, both summed over the forget tokens."""
+    from types import SimpleNamespace
+
+    from peft_unlearn.losses import LossBatch, get_loss, inverted_hinge_loss
+    from peft_unlearn.testing import tiny_causal_lm
+
+    model = tiny_causal_lm("llama")
+    ids = torch.randint(3, 300, (2, 7), generator=torch.Generator().manual_seed(1))
+    inputs = {"forget_input_ids": ids, "forget_attention_mask": torch.ones_like(ids), "forget_labels": ids}
+    spec = get_loss("forget", "inverted_hinge")
+    plain = spec.term(LossBatch(inputs, SimpleNamespace(quantization_margin=None)), model, None)
+    with_margin = spec.term(LossBatch(inputs, SimpleNamespace(quantization_margin=3.0)), model, None)
+    logits = model(input_ids=ids).logits
+    assert plain.total.item() == pytest.approx(inverted_hinge_loss(logits, ids, reduction="sum").item(), rel=1e-5)
+    total, _ = _naive_margin(logits.detach(), ids, 3.0)
+    assert (with_margin.total - plain.total).item() == pytest.approx(total.item(), rel=1e-5)
+    assert with_margin.count == plain.count

@@ -92,3 +92,28 @@ def test_missing_matplotlib_gives_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ImportError, match=r"pip install peft-unlearn\[plot\]"):
         plot_tradeoff(HISTORY)
+
+
+def _relearning_report(after):
+    from peft_unlearn.metrics import RobustnessReport, RobustnessRow
+
+    rows = [
+        RobustnessRow("relearning", f"steps={k}", "forget_unseen", "ma", 0.2, 0.9, value, 0.9)
+        for k, value in zip((0, 1, 5), after)
+    ]
+    rows.append(RobustnessRow("relearning", "related steps=5", "forget", "ma", 0.2, 0.9, 0.8, 0.9))
+    return RobustnessReport(rows, settings={})
+
+
+def test_relearning_curves_and_plot(tmp_path):
+    from peft_unlearn.plotting import plot_relearning, relearning_curves
+
+    curves = relearning_curves(_relearning_report([0.2, 0.3, 0.5]))
+    assert curves == {"steps": [0, 1, 5], "unlearned": [0.2, 0.3, 0.5], "base": [0.9, 0.9, 0.9]}
+    path = tmp_path / "relearn.png"
+    fig = plot_relearning({"a": [_relearning_report([0.2, 0.3, 0.5]), _relearning_report([0.2, 0.5, 0.7])]}, path=path)
+    (line,) = [c for c in fig.axes[0].containers]  # one errorbar container: the mean over the two reports
+    assert list(line.lines[0].get_ydata()) == pytest.approx([0.2, 0.4, 0.6])
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="no relearning result"):
+        relearning_curves(_relearning_report([0.2, 0.3, 0.5]), set_name="forget_relearned")

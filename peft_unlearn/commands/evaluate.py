@@ -34,6 +34,19 @@ class EvalArguments(ModelDataArguments):
     )
     output: str | None = arg("Write the results as JSON to this file.", None, "FILE.json")
     plot: str | None = arg("Save a bar chart of MA/EL per set to this image (needs matplotlib).", None, "FILE.png")
+    robustness: list[str] | None = arg(
+        "Also attack the forgetting (needs --adapter): any of quantization relearning export prompt, or all. See "
+        "docs/guides/robustness.md.",
+        None,
+        "ATTACK",
+    )
+    related: str | None = arg("Related text for the relearning attack (same formats as --forget).", None, "FILE")
+    relearn_steps: list[int] = arg("Relearning attack: steps at which it is measured.", [1, 5, 15, 50], "K")
+    quantization_modes: list[str] = arg("Quantization attack: bitsandbytes formats.", ["nf4", "fp4", "int8"], "MODE")
+    robustness_report: str | None = arg("Write the robustness tables as markdown to this file.", None, "FILE.md")
+    robustness_plot: str | None = arg(
+        "Save forget MA vs relearning steps (unlearned vs base) to this image (needs matplotlib).", None, "FILE.png"
+    )
     device: str | None = arg("Device such as cpu or cuda:0 (default: cuda when available, else cpu).", None, "DEVICE")
     no_progress: bool = arg("Hide progress bars.", False)
 
@@ -48,7 +61,8 @@ class EvalArguments(ModelDataArguments):
 _DESCRIPTION = """\
 Score memorization of a model (plus an adapter) on forget / retain / held-out sets: memorization
 accuracy (ma), extraction likelihood (el<n>), token NLL and perplexity; lower ma/el on the forget
-set means more forgotten. Prints a table; --output writes JSON, --plot a chart. See docs/cli.md."""
+set means more forgotten. Prints a table; --output writes JSON, --plot a chart. --robustness also runs quantization, relearning,
+export and prompt attacks on the forgetting (docs/guides/robustness.md). See docs/cli.md."""
 
 
 def parse_eval_args(argv: Sequence[str]) -> EvalArguments:
@@ -82,12 +96,100 @@ def parse_eval_args(argv: Sequence[str]) -> EvalArguments:
             torch.device(args.device)
         except (RuntimeError, ValueError) as err:
             raise CLIError(f"--device: invalid device {args.device!r}: {one_line(err)}") from err
-    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
-        raise CLIError("--plot needs matplotlib: pip install 'peft-unlearn[plot]'")
-    for name in ("output", "plot"):
+    for name in ("plot", "robustness_plot"):
+        if getattr(args, name) is not None and importlib.util.find_spec("matplotlib") is None:
+            raise CLIError(f"--{name} needs matplotlib: pip install 'peft-unlearn[plot]'")
+    _check_robustness(args)
+    for name in ("output", "plot", "robustness_report", "robustness_plot"):
         if getattr(args, name) is not None and Path(getattr(args, name)).expanduser().is_dir():
             raise CLIError(f"--{name}: {getattr(args, name)!r} is a directory; pass a file name")
     return args
+
+
+def _check_robustness(args: EvalArguments) -> None:
+    """The robustness options: known attacks, an adapter to compare with its base, options that need an attack."""
+    from peft_unlearn.metrics import ROBUSTNESS_ATTACKS
+    from peft_unlearn.metrics.robustness import QUANTIZATION_MODES
+
+    if args.robustness is None:
+        needing = [
+            f"--{n}" for n in ("related", "robustness_report", "robustness_plot") if getattr(args, n) is not None
+        ]
+        if needing:
+            raise CLIError(f"{', '.join(needing)} only apply with --robustness; add e.g. --robustness all")
+        return
+    if args.robustness == ["all"]:
+        args.robustness = list(ROBUSTNESS_ATTACKS)
+    unknown = [a for a in args.robustness if a not in ROBUSTNESS_ATTACKS]
+    if unknown or not args.robustness:
+        raise CLIError(
+            f"--robustness: unknown attack(s) {unknown}; expected 'all' or any of {', '.join(ROBUSTNESS_ATTACKS)}"
+        )
+    if args.adapter is None:
+        raise CLIError(
+            "--robustness needs --adapter: the attacks compare the unlearned model with its base (the model "
+            "without the adapter)"
+        )
+    bad = [m for m in args.quantization_modes if m not in QUANTIZATION_MODES]
+    if bad:
+        raise CLIError(
+            f"--quantization_modes: unknown format(s) {bad}; expected any of {', '.join(QUANTIZATION_MODES)}"
+        )
+    if "quantization" in args.robustness and importlib.util.find_spec("bitsandbytes") is None:
+        raise CLIError("--robustness quantization needs bitsandbytes: pip install bitsandbytes")
+    steps = args.relearn_steps
+    if not steps or any(k < 1 for k in steps) or steps != sorted(set(steps)):
+        raise CLIError(f"--relearn_steps: expected increasing positive step counts such as 1 5 15 50, got {steps}")
+
+
+def _run_robustness(args: EvalArguments, model, tokenizer, tokenized: dict[str, list]) -> dict:
+    """Run the attacks of --robustness, print the tables, write --robustness_report / --robustness_plot."""
+    from peft_unlearn.data_files import load_data_file
+    from peft_unlearn.metrics import evaluate_robustness
+    from peft_unlearn.trainer.formats import tokenize_dataset
+
+    related = None
+    if args.related is not None:
+        dataset = load_data_file(args.related, "--related", args.text_split, None)
+        related = tokenize_dataset(
+            dataset, tokenizer, max_length=args.max_length, completion_only_loss=args.completion_only, name="related"
+        )
+    info(f"Running robustness attacks: {', '.join(args.robustness)} (on copies of the model)...")
+    try:
+        report = evaluate_robustness(
+            model,
+            tokenizer,
+            tokenized["forget"],
+            retain=tokenized.get("retain"),
+            heldout=tokenized.get("heldout"),
+            attacks=args.robustness,
+            related=related,
+            relearn_steps=args.relearn_steps,
+            quantization_modes=args.quantization_modes,
+            el_n=args.el_n[0],
+            el_prefix_stride=args.el_prefix_stride,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+        )
+    except (ValueError, TypeError) as err:
+        raise CLIError(f"--robustness: {one_line(err)}") from err
+    print()
+    print(report.to_markdown())
+    if args.robustness_report is not None:
+        path = Path(args.robustness_report).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(report.to_markdown(), encoding="utf-8")
+        print(f"Wrote the robustness report to {path}")
+    if args.robustness_plot is not None:
+        if "relearning" not in args.robustness:
+            info("--robustness_plot: no relearning attack was run, so there is no curve to plot")
+        else:
+            from peft_unlearn.plotting import plot_relearning
+
+            path = Path(args.robustness_plot).expanduser()
+            plot_relearning({Path(args.adapter).name: report}, title=args.model, path=path)
+            print(f"Wrote the relearning plot to {path}")
+    return report.to_dict()
 
 
 def run_eval(argv: list[str]) -> None:
@@ -122,6 +224,7 @@ def run_eval(argv: list[str]) -> None:
         "show_progress": not args.no_progress,
     }
     results: dict[str, dict[str, float]] = {}
+    tokenized: dict[str, list] = {}
     for name, dataset in sets.items():
         try:
             sequences = tokenize_dataset(
@@ -129,6 +232,7 @@ def run_eval(argv: list[str]) -> None:
             )
         except (ValueError, TypeError) as err:
             raise CLIError(f"--{name}: {one_line(err)}") from err
+        tokenized[name] = sequences
         info(f"Scoring the {name} set ({len(sequences)} examples)...")
         try:
             scores = evaluate_memorization(model, sequences, **memorization)
@@ -137,6 +241,7 @@ def run_eval(argv: list[str]) -> None:
         results[name] = {**{key: float(value) for key, value in scores.items()}, "num_examples": len(sequences)}
 
     print(format_results_table(results))
+    robustness = _run_robustness(args, model, tokenizer, tokenized) if args.robustness else None
     undefined = [f"{name}/{key}" for name, sc in results.items() for key, v in sc.items() if not math.isfinite(v)]
     if undefined:  # EL_n when every sequence has n tokens or fewer
         info(f"not finite: {', '.join(undefined)} (EL_n needs more than n tokens); written as null in the JSON")
@@ -144,8 +249,9 @@ def run_eval(argv: list[str]) -> None:
         settings = ("el_prefix_stride", "max_length", "batch_size", "max_samples", "completion_only")
         settings = {"el_n": [] if args.no_el else list(args.el_n), **{k: getattr(args, k) for k in settings}}
         data = {name: getattr(args, name) for name in sets}
+        extra = {"robustness": robustness} if robustness is not None else {}
         out = write_results_json(
-            args.output, results, model=args.model, adapter=args.adapter, data=data, settings=settings
+            args.output, results, model=args.model, adapter=args.adapter, data=data, settings=settings, **extra
         )
         print(f"Wrote results to {out}")
     if args.plot is not None:

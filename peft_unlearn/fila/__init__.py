@@ -16,7 +16,9 @@ FilaLoraConfig), `state` (names, pending flags, dense weights), `fisher` (estima
 `offset` (the frozen initial factors), `init` (fila_init_layer, initialize_fila_weights),
 `preprocess` (preprocess_fila), `dispatch` (initialize_adapter_weights for "fila"/"vila"),
 `saving` (portable export, raw checkpoints), `registration` (the PEFT hooks), `vila` (VILA:
-variance-based importance through the LoRA factors, then the same weighted init).
+variance-based importance through the LoRA factors, then the same weighted init), `covariance`
+(streamed output covariances) and `rila` (RILA: eigenvectors of the forget-minus-retain output
+covariance, ReGLU). `registry` names every data-driven init in one place.
 
 Examples:
     >>> from peft_unlearn.fila import FilaConfig
@@ -27,11 +29,14 @@ Examples:
 from __future__ import annotations
 
 from .config import FilaConfig, FilaLoraConfig
+from .covariance import OutputCovariance, estimate_output_covariance
 from .dispatch import initialize_adapter_weights
 from .fisher import FisherStatistics, estimate_fisher
 from .init import fila_init_layer, initialize_fila_weights
 from .preprocess import preprocess_fila
 from .registration import FilaUnavailableWarning, register_fila
+from .registry import INITS, DataDrivenInit
+from .rila import RILA_INIT_NAME, RilaConfig, RilaLoraConfig, initialize_rila_weights, rila_init_layer
 from .saving import (
     export_portable_adapter,
     is_fila_model,
@@ -45,6 +50,15 @@ from .vila import VILA_INIT_NAME, estimate_vila_importance, initialize_vila_weig
 
 __all__ = [
     "DATA_DRIVEN_INITS",
+    "DataDrivenInit",
+    "INITS",
+    "OutputCovariance",
+    "RILA_INIT_NAME",
+    "RilaConfig",
+    "RilaLoraConfig",
+    "estimate_output_covariance",
+    "initialize_rila_weights",
+    "rila_init_layer",
     "FilaConfig",
     "FilaLoraConfig",
     "FilaNotInitializedWarning",

@@ -28,10 +28,9 @@ from typing import Any, Literal
 
 from peft import LoraConfig
 
-__all__ = ["FILA_INIT_NAME", "FilaConfig", "FilaLoraConfig", "get_fila_config", "validate_fila_lora_config"]
+from .registry import FILA_INIT_NAME, VILA_INIT_NAME
 
-#: The value of ``LoraConfig.init_lora_weights`` that selects FILA.
-FILA_INIT_NAME = "fila"
+__all__ = ["FILA_INIT_NAME", "FilaConfig", "FilaLoraConfig", "get_fila_config", "validate_fila_lora_config"]
 
 
 @dataclass
@@ -263,7 +262,10 @@ class FilaLoraConfig(LoraConfig):
     def __post_init__(self) -> None:
         if self.init_lora_weights is True:
             self.init_lora_weights = FILA_INIT_NAME
-        if isinstance(self.init_lora_weights, str) and self.init_lora_weights.lower() in (FILA_INIT_NAME, "vila"):
+        if isinstance(self.init_lora_weights, str) and self.init_lora_weights.lower() in (
+            FILA_INIT_NAME,
+            VILA_INIT_NAME,
+        ):
             self.init_lora_weights = self.init_lora_weights.lower()
         else:
             raise ValueError(

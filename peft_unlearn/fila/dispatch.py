@@ -1,9 +1,8 @@
 """`initialize_adapter_weights`: one entry point for every data-driven LoRA init.
 
-Reads the adapter's ``init_lora_weights`` and runs the matching initialisation: ``"fila"`` ->
-`peft_unlearn.fila.init.initialize_fila_weights`, ``"vila"`` ->
-``peft_unlearn.fila.vila.initialize_vila_weights`` (imported on first use). The trainer's
-automatic initialisation calls this, so a new init only needs an entry here.
+Reads the adapter's ``init_lora_weights`` and runs the initialiser that `peft_unlearn.fila.registry`
+names for it (``"fila"``, ``"vila"``, ``"rila"``; imported on first use). The trainer's automatic
+initialisation calls this, so a new init needs only its module and its registry entry.
 
 Examples:
     >>> info = initialize_adapter_weights(model, forget_loader, retain_loader)  # doctest: +SKIP
@@ -17,21 +16,25 @@ from typing import Any
 
 from torch import nn
 
-from .config import FILA_INIT_NAME
-from .init import initialize_fila_weights
-from .state import DATA_DRIVEN_INITS, VILA_INIT_NAME, init_name
+from .registry import get_init
+from .state import DATA_DRIVEN_INITS, init_name
 
-__all__ = ["initialize_adapter_weights", "resolve_initializer"]
+__all__ = ["initialize_adapter_weights", "resolve_initializer", "resolve_trainer_options"]
 
-#: Data-driven init name -> ``"module:function"`` of its initialiser (imported lazily).
-_INITIALIZERS: dict[str, str] = {
-    FILA_INIT_NAME: "peft_unlearn.fila.init:initialize_fila_weights",
-    VILA_INIT_NAME: "peft_unlearn.fila.vila:initialize_vila_weights",
-}
+
+def _import(target: str, what: str) -> Callable[..., Any]:
+    module_name, function = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(
+            f"{what} needs {module_name}.{function}, which this installation of peft_unlearn does not provide ({error})."
+        ) from error
+    return getattr(module, function)
 
 
 def resolve_initializer(init: str) -> Callable[..., dict[str, Any]]:
-    """Return the initialiser function of a data-driven init name (``"fila"`` or ``"vila"``).
+    """Return the initialiser function of a data-driven init name (a name of `peft_unlearn.fila.registry`).
 
     Raises:
         ValueError: For any other name, or when the initialiser's module is not available.
@@ -39,17 +42,24 @@ def resolve_initializer(init: str) -> Callable[..., dict[str, Any]]:
     name = init_name(init)
     if name is None:
         raise ValueError(f"`init`={init!r} is not a data-driven LoRA init; expected one of {list(DATA_DRIVEN_INITS)}.")
-    if name == FILA_INIT_NAME:
-        return initialize_fila_weights
-    module_name, function = _INITIALIZERS[name].split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ValueError(
-            f"init_lora_weights={name!r} needs {module_name}.{function}, which this installation of peft_unlearn "
-            f"does not provide ({error})."
-        ) from error
-    return getattr(module, function)
+    return _import(get_init(name).initializer, f"init_lora_weights={name!r}")
+
+
+def resolve_trainer_options(init: str, lora_config: Any, unlearning_config: Any) -> dict[str, Any]:
+    """The initialiser's extra keyword arguments for a trainer run (the registry entry's ``trainer_options``).
+
+    Args:
+        init: A data-driven init name.
+        lora_config: The adapter's ``LoraConfig``.
+        unlearning_config: The run's `UnlearningConfig` (``fila_*`` fields: seed, cache, low-memory modes).
+
+    Returns:
+        Keyword arguments for the initialiser (empty when the init takes none from the trainer).
+    """
+    entry = get_init(init_name(init) or str(init))
+    if entry.trainer_options is None:
+        return {}
+    return _import(entry.trainer_options, f"init_lora_weights={entry.name!r}")(lora_config, unlearning_config)
 
 
 def initialize_adapter_weights(
@@ -59,7 +69,7 @@ def initialize_adapter_weights(
     adapter_name: str = "default",
     **kwargs: Any,
 ) -> dict[str, Any]:
-    """Initialise a pending data-driven adapter (``"fila"`` or ``"vila"``) from forget/retain data.
+    """Initialise a pending data-driven adapter (``"fila"``, ``"vila"``, ``"rila"``) from forget/retain data.
 
     Args:
         peft_model: A PeftModel holding ``adapter_name``.
@@ -67,7 +77,7 @@ def initialize_adapter_weights(
         retain_dataloader: Retain batches or None.
         adapter_name: The adapter to initialise.
         **kwargs: Passed to the initialiser (e.g. ``max_batches``, ``show_progress``; FILA also takes
-            ``cache_path``, ``fila_config``, ``fisher``).
+            ``cache_path``, ``fila_config``, ``fisher``; RILA ``rila_config``, ``covariance_options``).
 
     Returns:
         The initialiser's statistics (times, memory, counts).

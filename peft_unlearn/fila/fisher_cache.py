@@ -6,8 +6,8 @@ settings. [`FisherCacheKey`][peft_unlearn.fila.fisher_cache.FisherCacheKey] hold
 input; the file stores it in its metadata, and [`estimate_fisher`][peft_unlearn.fila.fisher.estimate_fisher] compares
 it field by field before reusing the file.
 
-* ``weights``: SHA-256 of every base parameter's name, shape, dtype and up to 1024 evenly strided
-  values (LoRA parameters excluded: the statistics are computed with adapters disabled). Sharded
+* ``weights``: SHA-256 of every base parameter's name, shape, dtype and all of its values (LoRA
+  parameters excluded: the statistics are computed with adapters disabled). Sharded
   parameters are gathered one at a time (FSDP2 `DTensor.full_tensor()`, ZeRO-3 `GatheredParameters`),
   so the fingerprint does not depend on the sharding. Quantized weights are hashed in their stored
   (packed) form.
@@ -29,7 +29,6 @@ from torch import nn
 
 __all__ = ["DataDigest", "FisherCacheKey", "weight_fingerprint"]
 
-_SAMPLE = 1024
 _DATA_KEYS = ("input_ids", "attention_mask", "labels")
 
 
@@ -96,17 +95,16 @@ def architecture(model: nn.Module) -> str:
     return f"{type(base).__name__}/{model_type}"
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview | bytes:
     tensor = tensor.detach().to("cpu").contiguous()
     if tensor.numel() == 0:
         return b""
-    return tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())  # no copy of a large weight
 
 
 def _sample(tensor: torch.Tensor) -> torch.Tensor:
-    flat = tensor.detach().reshape(-1)
-    step = max(1, flat.numel() // _SAMPLE)
-    return flat[::step][:_SAMPLE]
+    """All values, flattened: the fingerprint is exact (a change of any weight makes the cache stale)."""
+    return tensor.detach().reshape(-1)
 
 
 def _gathered_sample(param: torch.Tensor) -> tuple[tuple[int, ...], torch.Tensor]:
@@ -126,7 +124,10 @@ def _gathered_sample(param: torch.Tensor) -> tuple[tuple[int, ...], torch.Tensor
 
 
 def weight_fingerprint(model: nn.Module) -> str:
-    """SHA-256 over the base parameters (names, shapes, dtypes, strided values), adapters excluded.
+    """SHA-256 over the base parameters (names, shapes, dtypes, every value), adapters excluded.
+
+    Hashing every value costs about one read of the weights (a fraction of one Fisher pass, which runs a
+    forward and backward per batch over them).
 
     Args:
         model: A PeftModel or plain model.

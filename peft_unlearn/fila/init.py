@@ -65,7 +65,14 @@ from .state import (
     iter_lora_layers,
 )
 
-__all__ = ["fila_init_layer", "initialize_fila_weights", "resolve_factor_scale"]
+__all__ = [
+    "assign_initial_factors",
+    "check_fresh_adapter",
+    "fila_init_layer",
+    "initialize_fila_weights",
+    "resolve_factor_scale",
+    "trainer_options",
+]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -256,6 +263,23 @@ def _apply_to_layer(
             layer_name=layer_name,
         )
         del weight
+    assign_initial_factors(layer, adapter_name, lora_a, lora_b)
+
+
+def assign_initial_factors(layer: nn.Module, adapter_name: str, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
+    """Start a LoRA layer's adapter at ``(A_init, B_init)`` and cancel their product with the frozen offset.
+
+    Shared by every data-driven init: the trainable ``lora_A``/``lora_B`` get the values (each rank writes its
+    own shard of FSDP2 ``DTensor`` / ZeRO-3 parameters), `peft_unlearn.fila.offset.set_offset` keeps a frozen
+    copy so that the output is unchanged, and the layer's pending flag is cleared.
+
+    Args:
+        layer: A PEFT LoRA layer holding ``adapter_name``.
+        adapter_name: The adapter.
+        lora_a: ``A_init`` ``[r, in]`` (the full, unsharded value; the same on every rank).
+        lora_b: ``B_init`` ``[out, r]``.
+    """
+    with torch.no_grad():
         a_param = layer.lora_A[adapter_name].weight
         b_param = layer.lora_B[adapter_name].weight
         if a_param.dtype == lora_a.dtype and not _sharded(a_param):
@@ -296,7 +320,19 @@ def init_layer_from_attached_importance(layer: nn.Module, adapter_name: str, att
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _check_adapter(peft_model: nn.Module, adapter_name: str) -> list[tuple[str, nn.Module]]:
+def check_fresh_adapter(peft_model: nn.Module, adapter_name: str) -> list[tuple[str, nn.Module]]:
+    """The LoRA layers of a data-driven adapter that is ready to be initialised (shared by every init).
+
+    Checks that ``adapter_name`` is an adapter of a PeftModel with a data-driven ``init_lora_weights`` (or
+    ``True`` on a fresh adapter, FILA's patch-free path), that its config and every target layer are supported,
+    and that it is not initialised (or trained) already.
+
+    Returns:
+        ``(normalized_name, lora_layer)`` pairs.
+
+    Raises:
+        TypeError / ValueError: Naming what is wrong and how to fix it.
+    """
     config = adapter_lora_config(peft_model, adapter_name, FILA_INIT_NAME)
     init = getattr(config, "init_lora_weights", None)
     if not (init_name(init) is not None or init is True):
@@ -408,7 +444,7 @@ def initialize_fila_weights(
         14
     """
     start = time.perf_counter()
-    layers = _check_adapter(peft_model, adapter_name)
+    layers = check_fresh_adapter(peft_model, adapter_name)
     config = peft_model.peft_config[adapter_name]
     cfg = FilaConfig.from_value(fila_config) if fila_config is not None else get_fila_config(config)
 
@@ -482,4 +518,32 @@ def initialize_fila_weights(
         "f_count": fisher.f_count,
         "r_count": fisher.r_count,
         "num_batches": fisher.num_batches,
+    }
+
+
+def trainer_options(lora_config: Any, unlearning_config: Any) -> dict[str, Any]:
+    """FILA's keyword arguments of `initialize_fila_weights` for a run of `UnlearningTrainer`.
+
+    Args:
+        lora_config: The adapter's ``LoraConfig`` (its ``fila_config``, if any, is the starting point).
+        unlearning_config: The run's `UnlearningConfig`: ``fila_seed`` (overrides the SVD seed), ``fila_cache``,
+            ``fila_accumulator_device`` and ``fila_layers_per_pass`` (the low-memory modes of the Fisher pass).
+
+    Returns:
+        ``cache_path``, ``fila_config`` and ``fisher_options``.
+    """
+    import dataclasses
+
+    fila_config = get_fila_config(lora_config)
+    seed = getattr(unlearning_config, "fila_seed", None)
+    if seed is not None:
+        fila_config = dataclasses.replace(fila_config, seed=seed)
+    options = {
+        "accumulator_device": getattr(unlearning_config, "fila_accumulator_device", None),
+        "layers_per_pass": getattr(unlearning_config, "fila_layers_per_pass", None),
+    }
+    return {
+        "cache_path": getattr(unlearning_config, "fila_cache", None),
+        "fila_config": fila_config,
+        "fisher_options": {k: v for k, v in options.items() if v is not None},
     }

@@ -1,6 +1,6 @@
 """Names, per-layer flags and weight access shared by the data-driven LoRA inits (FILA, VILA).
 
-The bottom of the `fila` package: it imports nothing from the package except `config` (and the shared
+The bottom of the `fila` package: it imports nothing from the package except `registry` (and the shared
 `peft_unlearn.utils`), and
 every other module (fisher, offset, init, saving, registration) may import it.
 
@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..utils import is_conv1d, is_linear_like
-from .config import FILA_INIT_NAME
+from .registry import FILA_INIT_NAME, VILA_INIT_NAME, init_names
 
 __all__ = [
     "DATA_DRIVEN_INITS",
@@ -53,10 +53,8 @@ __all__ = [
     "normalize_module_name",
 ]
 
-#: The value of ``LoraConfig.init_lora_weights`` that selects VILA (gradient-variance importance).
-VILA_INIT_NAME = "vila"
-#: ``init_lora_weights`` values computed from forget/retain data after ``get_peft_model``.
-DATA_DRIVEN_INITS = (FILA_INIT_NAME, VILA_INIT_NAME)
+#: ``init_lora_weights`` values computed from forget/retain data after ``get_peft_model`` (`peft_unlearn.fila.registry`).
+DATA_DRIVEN_INITS = init_names()
 #: Float dtypes a dense base weight may have.
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 #: Attribute that `preprocess_fila` attaches to a base layer (consumed by the init during injection).
@@ -78,7 +76,7 @@ def init_name(value: Any) -> str | None:
 
 
 def is_data_driven_init(value: Any) -> bool:
-    """Return True if an ``init_lora_weights`` value selects a data-driven init (``"fila"``, ``"vila"``)."""
+    """Return True if an ``init_lora_weights`` value selects a data-driven init (a name of `peft_unlearn.fila.registry`)."""
     return init_name(value) is not None
 
 

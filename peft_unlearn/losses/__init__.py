@@ -29,8 +29,8 @@ Implemented losses:
   states of one layer.
 
 The trainer reads every loss from one table, `LOSS_REGISTRY` (name, function, normalisation, reference model,
-logged metrics); adding a loss means adding one `UnlearningLoss` entry there (see CONTRIBUTING, "How to add a
-loss").
+logged metrics); adding a built-in loss means adding one `UnlearningLoss` entry there (see CONTRIBUTING, "How to
+add a loss"), and a user's own loss is added without editing the package with `register_loss`.
 
 Examples:
     >>> import torch
@@ -48,6 +48,7 @@ from .functions import (
     kl_loss,
     nll_loss,
     npo_loss,
+    quantization_margin_loss,
     rmu_control_vector,
     rmu_loss,
     sequence_log_probs,
@@ -73,8 +74,12 @@ from .registry import (
     UnlearningLoss,
     get_loss,
     loss_names,
+    loss_options,
     loss_table,
     reference_users,
+    register_loss,
+    registered_losses,
+    unregister_loss,
 )
 
 __all__ = [
@@ -93,17 +98,22 @@ __all__ = [
     "get_loss",
     "gradient_ascent_loss",
     "inverted_hinge_loss",
+    "quantization_margin_loss",
     "kl_loss",
     "loss_names",
+    "loss_options",
     "loss_table",
     "model_hidden_states",
     "nll_loss",
     "npo_loss",
     "output_head",
     "reference_users",
+    "register_loss",
+    "registered_losses",
     "rmu_control_vector",
     "rmu_loss",
     "sequence_log_probs",
     "simnpo_loss",
     "use_fused_loss",
+    "unregister_loss",
 ]

@@ -23,6 +23,7 @@ __all__ = [
     "kl_loss",
     "nll_loss",
     "npo_loss",
+    "quantization_margin_loss",
     "rmu_control_vector",
     "rmu_loss",
     "sequence_log_probs",
@@ -56,6 +57,20 @@ def _check_logits_labels(logits: Tensor, labels: Tensor, logits_name: str = "log
         raise TypeError(f"{logits_name} must be a floating-point tensor, got dtype {logits.dtype}.")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor of token ids, got dtype {labels.dtype}; use labels.long().")
+
+
+def _check_label_range(supervised: Tensor, vocab_size: int, ignore_index: int) -> None:
+    """Raise a clear error for supervised label ids outside ``[0, vocab_size)`` (one host synchronisation)."""
+    if supervised.numel() == 0:
+        return
+    low, high = int(supervised.min()), int(supervised.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(
+            f"labels hold the token id {bad}, outside the vocabulary of the logits [0, {vocab_size}); mask unsupervised "
+            f"positions with ignore_index={ignore_index} and check that the tokenizer matches the model (resize the "
+            "embeddings after adding tokens)."
+        )
 
 
 def _shift_labels(labels: Tensor, ignore_index: int) -> Tensor:
@@ -120,8 +135,59 @@ def inverted_hinge_loss(
         )
     targets = _shift_labels(labels, ignore_index).reshape(-1)
     mask = targets != ignore_index
+    _check_label_range(targets[mask], n_cols, ignore_index)
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
     per_token = InvertedHingeFunction.apply(logits.reshape(-1, n_cols), targets, mask, needs_grad)
+    return _reduce(per_token.sum(), mask.sum(), reduction)
+
+
+def quantization_margin_loss(
+    logits: Tensor, labels: Tensor, margin: float, ignore_index: int = IGNORE_INDEX, reduction: str = "mean"
+) -> Tensor:
+    """A margin on the forget logits against quantization: ``max(0, z_y - max_{v != y} z_v + margin)`` per token.
+
+    The defence idea of QUAIL (arXiv 2601.15538) against the quantization attack of Zhang et al. (arXiv
+    2410.16454): after forgetting, the true token ``y`` must trail the best other token by at least ``margin``
+    logits, so that the small logit shifts of a 4- or 8-bit reload cannot make it the argmax again. Zero once the
+    margin holds; next to IHL it keeps pushing only the tokens that are forgotten by less than the margin.
+
+    Memory: no ``[N, V]`` tensor beyond the logits (a gather and a top-2 per row); the logits are not saved.
+
+    Args:
+        logits: Unshifted logits ``[B, T, V]``.
+        labels: Token ids ``[B, T]``, ``ignore_index`` on unsupervised tokens.
+        margin: The logit margin (> 0).
+        ignore_index: Label value that is skipped.
+        reduction: ``"mean"`` over supervised tokens or ``"sum"``.
+
+    Returns:
+        Scalar loss (fp32 for half-precision logits).
+
+    Examples:
+        >>> logits = torch.tensor([[[0.0, 3.0, 1.0], [0.0, 0.0, 0.0]]])
+        >>> quantization_margin_loss(logits, torch.tensor([[0, 2]]), margin=1.0).item()  # z_2 - z_1 + 1
+        0.0
+        >>> quantization_margin_loss(logits, torch.tensor([[0, 1]]), margin=1.0).item()  # z_1 - z_2 + 1
+        3.0
+    """
+    _check_reduction(reduction)
+    _check_logits_labels(logits, labels)
+    if not isinstance(margin, (int, float)) or not 0 < margin < float("inf"):
+        raise ValueError(f"`margin` must be a finite number > 0, got {margin!r}.")
+    n_cols = logits.shape[-1]
+    if n_cols < 2:
+        raise ValueError(
+            f"quantization_margin_loss needs a vocabulary of at least 2 tokens, got {tuple(logits.shape)}."
+        )
+    flat = logits.reshape(-1, n_cols)
+    targets = _shift_labels(labels, ignore_index).reshape(-1)
+    mask = targets != ignore_index
+    safe = targets.clamp_min(0).unsqueeze(-1)
+    dtype = torch.promote_types(flat.dtype, torch.float32)  # fp32 for half precision, float64 stays float64
+    true = flat.gather(-1, safe).squeeze(-1).to(dtype)
+    top_values, top_ids = flat.topk(2, dim=-1)
+    other = torch.where(top_ids[:, 0] == safe.squeeze(-1), top_values[:, 1], top_values[:, 0]).to(dtype)
+    per_token = torch.relu(true - other + float(margin)) * mask
     return _reduce(per_token.sum(), mask.sum(), reduction)
 
 

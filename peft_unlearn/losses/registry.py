@@ -1,8 +1,9 @@
 """The loss registry: one table of every forget and retain loss the trainer accepts, and how it runs them.
 
-`UnlearningConfig` (its choices and `beta` defaults), `UnlearningTrainer.compute_loss` (the dispatch), the CLI
-(its choices), the model card (the descriptions) and `docs/concepts/losses.md` (the tables, checked by a test) all
-read `LOSS_REGISTRY`. Adding a loss is one `UnlearningLoss` entry here plus its tests.
+`UnlearningConfig` (its choices, `beta` defaults and the "option ignored" warnings), `UnlearningTrainer.compute_loss`
+(the dispatch), the CLI (its choices), the model card (the descriptions) and `docs/concepts/losses.md` (the tables,
+checked by a test) all read `LOSS_REGISTRY`. Adding a built-in loss is one `UnlearningLoss` entry here plus its
+tests; a user adds one of their own, without editing the package, with `register_loss`.
 
 Examples:
     >>> [spec.name for spec in LOSS_REGISTRY if spec.needs_reference]
@@ -25,6 +26,7 @@ from .functions import (
     kl_loss,
     nll_loss,
     npo_loss,
+    quantization_margin_loss,
     rmu_control_vector,
     rmu_loss,
     sequence_log_probs,
@@ -49,8 +51,12 @@ __all__ = [
     "UnlearningLoss",
     "get_loss",
     "loss_names",
+    "loss_options",
     "loss_table",
     "reference_users",
+    "register_loss",
+    "registered_losses",
+    "unregister_loss",
 ]
 
 
@@ -192,37 +198,59 @@ ReferenceFn = Callable[[LossBatch, torch.nn.Module], Any]
 
 @dataclass(frozen=True)
 class UnlearningLoss:
-    """One entry of `LOSS_REGISTRY`: a forget or retain objective and how the trainer runs it.
+    """One entry of the loss registry: a forget or retain objective and how the trainer runs it.
+
+    Only `name`, `role` and `term` are required; the rest defaults to what a token-level loss without a reference
+    model needs. Register your own with [`register_loss`][peft_unlearn.losses.registry.register_loss].
 
     Attributes:
         name: The `forget_loss` / `retain_loss` value selecting it.
         role: `"forget"` or `"retain"`.
-        function: The public loss function it applies (for the docs and direct use).
+        term: `term(batch, model, reference)` -> `LossTerm`: the loss of one micro-batch summed (with grad), its
+            count and its logged NLL.
+        reference: `reference(batch, reference_model)` -> whatever `term` needs from the initial model (run first,
+            under no grad, with the adapters disabled or on `ref_model`); `None` (the default) when the loss needs
+            no reference model.
         normalization: What a step's summed loss is divided by, over the whole accumulated batch: `"tokens"`
-            (supervised tokens) or `"sequences"`.
-        needs_reference: Whether it needs the initial model (a frozen copy of the adapter, or `ref_model`).
-        objective: One-line formula for the docs table.
-        description: Short name for the model card.
-        source: Where it comes from.
-        term: `term(batch, model, reference)` -> `LossTerm`.
-        reference: `reference(batch, reference_model)` -> whatever `term` needs from the initial model (run
-            first, under no grad); `None` when `needs_reference` is false.
+            (supervised tokens, the default) or `"sequences"`.
         count: `count(inputs, config)` -> the normaliser of a micro-batch (used to count the accumulated batch).
+            `None` (the default) counts what `normalization` says on the part named by `role`: its supervised
+            next-token positions, or its sequences.
+        function: The public loss function it applies, for the docs and direct use (optional).
+        objective: One-line formula for the docs table.
+        description: Short name for the model card; defaults to `name`.
+        source: Where it comes from (paper, or your project).
         default_beta: Default of `UnlearningConfig.beta` for this loss, if it uses one.
+        options: The `UnlearningConfig` fields the loss reads besides the common ones (e.g. `("beta",)`);
+            setting one of these while no chosen loss reads it warns that it is ignored.
     """
 
     name: str
     role: Literal["forget", "retain"]
-    function: Callable[..., Tensor]
-    normalization: Literal["tokens", "sequences"]
-    needs_reference: bool
-    objective: str
-    description: str
-    source: str
     term: TermFn
-    count: Callable[[Mapping[str, Tensor], Any], Tensor]
     reference: ReferenceFn | None = None
+    normalization: Literal["tokens", "sequences"] = "tokens"
+    count: Callable[[Mapping[str, Tensor], Any], Tensor] | None = None
+    function: Callable[..., Tensor] | None = None
+    objective: str = ""
+    description: str = ""
+    source: str = ""
     default_beta: float | None = None
+    options: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_spec(self)
+        if self.count is None:
+            default = _tokens(self.role) if self.normalization == "tokens" else _sequences(self.role)
+            object.__setattr__(self, "count", default)
+        if not self.description:
+            object.__setattr__(self, "description", self.name)
+        object.__setattr__(self, "options", tuple(self.options))
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether it needs the initial model (a frozen copy of the adapter, or `ref_model`): it has a `reference`."""
+        return self.reference is not None
 
     @property
     def metrics(self) -> tuple[str, str]:
@@ -230,13 +258,42 @@ class UnlearningLoss:
         return (f"{self.role}_loss", f"{self.role}_nll")
 
 
+def _check_spec(spec: UnlearningLoss) -> None:
+    """Reject an `UnlearningLoss` whose fields the trainer could not run, naming the field and the fix."""
+    if spec.role not in ("forget", "retain"):
+        raise ValueError(f"UnlearningLoss `role` must be 'forget' or 'retain', got {spec.role!r}.")
+    if not isinstance(spec.name, str) or not spec.name.isidentifier():
+        raise ValueError(
+            f"UnlearningLoss `name` must be a Python identifier such as 'my_loss' (it is a config value and a CLI "
+            f"choice), got {spec.name!r}."
+        )
+    if spec.role == "retain" and spec.name.lower() == "none":
+        raise ValueError("UnlearningLoss `name`='none' is reserved: retain_loss=None / 'none' means no retain term.")
+    if spec.normalization not in ("tokens", "sequences"):
+        raise ValueError(
+            f"UnlearningLoss `normalization` must be 'tokens' or 'sequences', got {spec.normalization!r}; pass "
+            "`count=` for any other normaliser."
+        )
+    for field_name in ("term", "reference", "count", "function"):
+        value = getattr(spec, field_name)
+        if value is not None and not callable(value):
+            raise TypeError(f"UnlearningLoss `{field_name}` must be callable, got {type(value).__name__}.")
+    if not callable(spec.term):
+        raise TypeError(f"UnlearningLoss `term` must be callable, got {type(spec.term).__name__}.")
+    if isinstance(spec.options, str) or not all(isinstance(o, str) for o in spec.options):
+        raise TypeError(f"UnlearningLoss `options` must be a tuple of config field names, got {spec.options!r}.")
+
+
 def _tokens(part: str) -> Callable[[Mapping[str, Tensor], Any], Tensor]:
     return lambda inputs, config: LossBatch(inputs, config).supervised_count(part)
 
 
-def _sequences(inputs: Mapping[str, Tensor], config: Any) -> Tensor:
-    ids = inputs["forget_input_ids"]
-    return torch.tensor(ids.shape[0], device=ids.device)
+def _sequences(part: str) -> Callable[[Mapping[str, Tensor], Any], Tensor]:
+    def count(inputs: Mapping[str, Tensor], config: Any) -> Tensor:
+        ids = inputs[f"{part}_input_ids"]
+        return torch.tensor(ids.shape[0], device=ids.device)
+
+    return count
 
 
 def _marked_tokens(part: str) -> Callable[[Mapping[str, Tensor], Any], Tensor]:
@@ -251,12 +308,15 @@ def _kl_count(inputs: Mapping[str, Tensor], config: Any) -> Tensor:
 
 def _ihl_term(batch: LossBatch, model: torch.nn.Module, reference: Any) -> LossTerm:
     labels, count = batch.labels("forget"), batch.supervised_count("forget")
-    if batch.fused:
+    margin = getattr(batch.config, "quantization_margin", None)
+    if batch.fused and margin is None:  # the margin reads raw logits: that run takes the unfused path
         stats = batch.token_stats(model, "forget", runner_up=True)
         total = (1.0 + (stats.log_p.exp() - stats.runner_up_p)).sum()
         return LossTerm(total, count, -stats.log_p.detach().sum() / count.clamp_min(1))
     logits = batch.logits(model, "forget")
     total = inverted_hinge_loss(logits, labels, reduction="sum")
+    if margin is not None:  # the QUAIL-style defence (UnlearningConfig.quantization_margin), token-normalised too
+        total = total + quantization_margin_loss(logits, labels, margin, reduction="sum").to(total.dtype)
     return LossTerm(total, count, nll_loss(logits.detach(), labels))
 
 
@@ -332,131 +392,199 @@ LOSS_REGISTRY: tuple[UnlearningLoss, ...] = (
         name="inverted_hinge",
         role="forget",
         function=inverted_hinge_loss,
-        normalization="tokens",
-        needs_reference=False,
         objective="mean over tokens of `1 + p_y − max_{v≠y} p_v`",
         description="Inverted Hinge Loss (IHL, Cha et al. 2025)",
         source="Cha et al. 2025",
         term=_ihl_term,
-        count=_tokens("forget"),
+        options=("quantization_margin",),
     ),
     UnlearningLoss(
         name="gradient_ascent",
         role="forget",
         function=gradient_ascent_loss,
-        normalization="tokens",
-        needs_reference=False,
         objective="`−NLL` (maximise the forget NLL)",
         description="gradient ascent (negated token NLL)",
         source="Jang et al. 2023",
         term=_ga_term,
-        count=_tokens("forget"),
     ),
     UnlearningLoss(
         name="npo",
         role="forget",
         function=npo_loss,
         normalization="sequences",
-        needs_reference=True,
         objective="`−(2/β)·mean log σ(β(log π_ref(y) − log π_θ(y)))` on summed sequence log-probs, β = 0.1",
         description="Negative Preference Optimization (NPO)",
         source="Zhang et al. 2024",
         term=lambda batch, model, reference: _npo_like_term(batch, model, reference, npo=True),
-        count=_sequences,
         reference=_forget_logps,
         default_beta=0.1,
+        options=("beta",),
     ),
     UnlearningLoss(
         name="simnpo",
         role="forget",
         function=simnpo_loss,
         normalization="sequences",
-        needs_reference=False,
         objective="`−(2/β)·mean log σ(−β·log π_θ(y)/|y| − βδ)`, β = 4.5, δ = 0",
         description="SimNPO (reference-free NPO)",
         source="Fan et al. 2024",
         term=lambda batch, model, reference: _npo_like_term(batch, model, reference, npo=False),
-        count=_sequences,
         default_beta=4.5,
+        options=("beta", "simnpo_delta"),
     ),
     UnlearningLoss(
         name="idk",
         role="forget",
         function=nll_loss,
-        normalization="tokens",
-        needs_reference=False,
         objective='NLL of the forget question answered by a random "I don\'t know" reply',
         description="NLL of 'I don't know' answers to the forget questions",
         source="Maini et al. 2024",
         term=_idk_term,
         count=_tokens("idk"),
+        options=("idk_answers",),
     ),
     UnlearningLoss(
         name="rmu",
         role="forget",
         function=rmu_loss,
-        normalization="tokens",
-        needs_reference=False,
         objective="mean over tokens of `‖h_l − c·u‖² / d` at layer `rmu_layer`, `u` a seeded random unit vector",
         description="representation misdirection (RMU) of the forget activations",
         source="Li et al. 2024 (WMDP)",
         term=_rmu_forget_term,
         count=_marked_tokens("forget"),
+        options=("rmu_layer", "rmu_steering_coeff"),
     ),
     UnlearningLoss(
         name="nll",
         role="retain",
         function=nll_loss,
-        normalization="tokens",
-        needs_reference=False,
         objective="mean token NLL (gradient difference when paired with `gradient_ascent`)",
         description="token negative log-likelihood",
         source="Liu et al. 2022",
         term=_nll_term,
-        count=_tokens("retain"),
     ),
     UnlearningLoss(
         name="kl",
         role="retain",
         function=kl_loss,
-        normalization="tokens",
-        needs_reference=True,
         objective="`KL(p_ref ‖ p_θ)` at positions that predict a supervised token (`kl_mask`)",
         description="KL divergence to the reference (initial) model",
         source="Maini et al. 2024",
         term=_kl_term,
         count=_kl_count,
         reference=_kl_reference,
+        options=("kl_mask",),
     ),
     UnlearningLoss(
         name="rmu",
         role="retain",
         function=rmu_loss,
-        normalization="tokens",
-        needs_reference=True,
         objective="mean over tokens of `‖h_l − h_l^ref‖² / d` at layer `rmu_layer` (weight α = `retain_weight`)",
         description="RMU retain term: activations kept at the reference model's",
         source="Li et al. 2024 (WMDP)",
         term=_rmu_retain_term,
         count=_marked_tokens("retain"),
         reference=lambda batch, model: batch.layer_output(model, "retain")[0],
+        options=("rmu_layer",),
     ),
 )
-"""Every loss the trainer accepts; `forget_loss` / `retain_loss` select an entry of the matching role."""
+"""The built-in losses, in the order the docs list them; `registered_losses()` adds the ones users registered."""
+
+_USER_LOSSES: dict[tuple[str, str], UnlearningLoss] = {}
+
+
+def registered_losses() -> tuple[UnlearningLoss, ...]:
+    """Every loss the trainer accepts now: the built-in `LOSS_REGISTRY`, then those added with `register_loss`.
+
+    Examples:
+        >>> registered_losses()[: len(LOSS_REGISTRY)] == LOSS_REGISTRY
+        True
+    """
+    return LOSS_REGISTRY + tuple(_USER_LOSSES.values())
+
+
+def register_loss(loss: UnlearningLoss, *, replace: bool = False) -> UnlearningLoss:
+    """Make a loss of your own selectable as `UnlearningConfig(forget_loss=...)` / `retain_loss=...`.
+
+    The trainer then runs it like a built-in one: `term` gives the summed loss, the trainer divides it by the count
+    of the whole accumulated batch, weights it (`forget_weight` / `retain_weight`), logs `forget_loss` /
+    `forget_nll` (or `retain_*`) and names `description` in the model card. A loss with a `reference` gets the
+    initial model (adapters disabled, or `ref_model`), exactly as NPO and KL do. Registration is per process:
+    register before building the `UnlearningConfig`. The command line (`peft-unlearn train`) accepts the built-in
+    names only.
+
+    Args:
+        loss: The `UnlearningLoss` entry (at least `name`, `role` and `term`).
+        replace: Allow replacing a loss registered earlier under the same role and name (built-in ones can never
+            be replaced: pick another name).
+
+    Returns:
+        `loss`, so it can be kept at module level.
+
+    Raises:
+        TypeError: If `loss` is not an `UnlearningLoss`.
+        ValueError: If the name is a built-in loss of that role, or already registered and `replace` is False.
+
+    Examples:
+        >>> import torch
+        >>> from peft_unlearn.losses import LossTerm, nll_loss
+        >>> def flat_forget(batch, model, reference):  # push the forget NLL towards log(V): a uniform prediction
+        ...     logits, labels = batch.logits(model, "forget"), batch.labels("forget")
+        ...     nll = nll_loss(logits, labels, reduction="sum")
+        ...     count = batch.supervised_count("forget")
+        ...     target = torch.log(torch.tensor(float(logits.shape[-1])))
+        ...     return LossTerm((nll / count.clamp_min(1) - target) ** 2 * count, count, nll.detach() / count)
+        >>> spec = register_loss(UnlearningLoss(name="flat_forget", role="forget", term=flat_forget))
+        >>> "flat_forget" in loss_names("forget")
+        True
+        >>> unregister_loss("forget", "flat_forget")
+    """
+    if not isinstance(loss, UnlearningLoss):
+        raise TypeError(
+            f"register_loss() takes an UnlearningLoss, got {type(loss).__name__}; build one with "
+            "UnlearningLoss(name=..., role='forget' or 'retain', term=...)."
+        )
+    key = (loss.role, loss.name)
+    if any((spec.role, spec.name) == key for spec in LOSS_REGISTRY):
+        raise ValueError(
+            f"{loss.role}_loss={loss.name!r} is a built-in loss and cannot be replaced; register yours under "
+            "another name."
+        )
+    if key in _USER_LOSSES and not replace:
+        raise ValueError(
+            f"{loss.role}_loss={loss.name!r} is already registered; pass replace=True to replace it, or call "
+            f"unregister_loss({loss.role!r}, {loss.name!r}) first."
+        )
+    _USER_LOSSES[key] = loss
+    return loss
+
+
+def unregister_loss(role: Literal["forget", "retain"], name: str) -> None:
+    """Remove a loss added with `register_loss` (built-in losses cannot be removed).
+
+    Raises:
+        ValueError: If `name` is a built-in loss or was not registered.
+    """
+    key = (role, name)
+    if key not in _USER_LOSSES:
+        builtin = any((spec.role, spec.name) == key for spec in LOSS_REGISTRY)
+        what = "a built-in loss and cannot be removed" if builtin else "not a registered loss"
+        raise ValueError(f"{role}_loss={name!r} is {what}.")
+    del _USER_LOSSES[key]
 
 
 def loss_names(role: Literal["forget", "retain"]) -> tuple[str, ...]:
-    """Names of the registered losses of one role, in registry order.
+    """Names of the losses of one role the trainer accepts now (built-in first, then registered ones).
 
     Examples:
         >>> loss_names("retain")
         ('nll', 'kl', 'rmu')
     """
-    return tuple(spec.name for spec in LOSS_REGISTRY if spec.role == role)
+    return tuple(spec.name for spec in registered_losses() if spec.role == role)
 
 
 def get_loss(role: Literal["forget", "retain"], name: str) -> UnlearningLoss:
-    """The registry entry of a `forget_loss` / `retain_loss` name.
+    """The registry entry of a `forget_loss` / `retain_loss` name (built-in or registered).
 
     Args:
         role: `"forget"` or `"retain"`.
@@ -472,11 +600,14 @@ def get_loss(role: Literal["forget", "retain"], name: str) -> UnlearningLoss:
         >>> get_loss("forget", "npo").needs_reference
         True
     """
-    for spec in LOSS_REGISTRY:
+    for spec in registered_losses():
         if spec.role == role and spec.name == name:
             return spec
     choices = ", ".join(repr(n) for n in loss_names(role))
-    raise ValueError(f"`{role}_loss` must be one of {choices}, got {name!r}.")
+    raise ValueError(
+        f"`{role}_loss` must be one of {choices}, got {name!r}. To use a loss of your own, register it first with "
+        "peft_unlearn.losses.register_loss."
+    )
 
 
 def reference_users(forget_loss: str, retain_loss: str | None) -> list[str]:
@@ -490,8 +621,23 @@ def reference_users(forget_loss: str, retain_loss: str | None) -> list[str]:
     return [f"{role}_loss={name!r}" for role, name in chosen if get_loss(role, name).needs_reference]
 
 
+def loss_options() -> dict[str, list[str]]:
+    """Each loss-specific config field -> the losses that read it, as `"forget_loss='npo'"`-style strings.
+
+    Examples:
+        >>> loss_options()["beta"]
+        ["forget_loss='npo'", "forget_loss='simnpo'"]
+    """
+    users: dict[str, list[str]] = {}
+    for spec in registered_losses():
+        for option in spec.options:
+            users.setdefault(option, []).append(f"{spec.role}_loss={spec.name!r}")
+    return users
+
+
 def loss_table(role: Literal["forget", "retain"]) -> str:
-    """The Markdown table of one role's losses, as `docs/concepts/losses.md` shows it (a test keeps them equal).
+    """The Markdown table of one role's built-in losses, as `docs/concepts/losses.md` shows it (a test keeps them
+    equal).
 
     Examples:
         >>> loss_table("retain").splitlines()[0]
@@ -505,8 +651,8 @@ def loss_table(role: Literal["forget", "retain"]) -> str:
     return "\n".join(lines)
 
 
-FORGET_LOSSES: tuple[str, ...] = loss_names("forget")
-"""Names of the forget-set losses (`idk` is the NLL of "I don't know" answers)."""
+FORGET_LOSSES: tuple[str, ...] = tuple(spec.name for spec in LOSS_REGISTRY if spec.role == "forget")
+"""Names of the built-in forget-set losses (`idk` is the NLL of "I don't know" answers)."""
 
-RETAIN_LOSSES: tuple[str, ...] = loss_names("retain")
-"""Names of the retain-set losses."""
+RETAIN_LOSSES: tuple[str, ...] = tuple(spec.name for spec in LOSS_REGISTRY if spec.role == "retain")
+"""Names of the built-in retain-set losses."""

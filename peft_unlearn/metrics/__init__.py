@@ -1,5 +1,6 @@
 """Unlearning metrics: memorization (MA, EL_n, NLL/perplexity), TOFU (truth ratio, forget quality, model
-utility) and membership inference (Min-k% Prob, AUC, PrivLeak).
+utility), membership inference (Min-k% Prob, AUC, PrivLeak) and robustness of the forgetting to quantization,
+relearning, export and prompt attacks (`evaluate_robustness`).
 
 Examples:
     >>> from peft_unlearn.metrics import evaluate_memorization
@@ -25,6 +26,14 @@ from .memorization import (
 )
 from .mia import mia_auc, min_k_prob_scores, privleak
 from .report import format_results_table, write_results_json
+from .robustness import (
+    ROBUSTNESS_ATTACKS,
+    AttackContext,
+    RobustnessReport,
+    RobustnessRow,
+    evaluate_robustness,
+    register_attack,
+)
 from .tofu import (
     answer_probability,
     evaluate_tofu,
@@ -36,9 +45,14 @@ from .tofu import (
 from .tofu_data import load_tofu
 
 __all__ = [
+    "ROBUSTNESS_ATTACKS",
+    "AttackContext",
+    "RobustnessReport",
+    "RobustnessRow",
     "answer_probability",
     "compute_ma_metrics",
     "evaluate_memorization",
+    "evaluate_robustness",
     "evaluate_tofu",
     "extraction_likelihood",
     "forget_quality",
@@ -54,6 +68,7 @@ __all__ = [
     "perplexity",
     "preprocess_logits_for_ma",
     "privleak",
+    "register_attack",
     "rouge_l_recall",
     "sequence_nll",
     "tofu",

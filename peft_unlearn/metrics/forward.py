@@ -28,6 +28,7 @@ from ..utils import IGNORE_INDEX
 
 __all__ = [
     "accepts_kwarg",
+    "check_pad_token_id",
     "pad_batch",
     "eval_mode",
     "forward_logits",
@@ -156,6 +157,32 @@ def _prepare_batch(
     return input_ids, attention_mask.long(), labels
 
 
+def check_pad_token_id(pad_token_id: Any) -> int:
+    """Validate a padding id: a non-negative integer token id (it is fed to the embedding, masked out).
+
+    Args:
+        pad_token_id: The padding id a metric was given.
+
+    Returns:
+        The id as an ``int``.
+
+    Raises:
+        ValueError: If it is not an integer >= 0 (e.g. ``-1`` or ``-100``, or None from a tokenizer without a
+            pad token).
+    """
+    try:
+        valid = not isinstance(pad_token_id, bool) and int(pad_token_id) == pad_token_id and pad_token_id >= 0
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise ValueError(
+            f"`pad_token_id` must be a token id >= 0 (it is written into the padded input_ids, which the model "
+            f"embeds; the attention mask hides it), got {pad_token_id!r}. Pass tokenizer.pad_token_id, or "
+            "tokenizer.eos_token_id (or 0) when the tokenizer has no pad token."
+        )
+    return int(pad_token_id)
+
+
 def pad_batch(
     items: Sequence[Mapping[str, Sequence[int]]], pad_token_id: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -177,7 +204,7 @@ def pad_batch(
     if len(items) == 0:
         raise ValueError("`items` is empty; pass at least one tokenized sequence.")
     width = max(len(item["input_ids"]) for item in items)
-    ids = torch.full((len(items), width), int(pad_token_id), dtype=torch.long)
+    ids = torch.full((len(items), width), check_pad_token_id(pad_token_id), dtype=torch.long)
     mask = torch.zeros((len(items), width), dtype=torch.long)
     has_labels = any(item.get("labels") is not None for item in items)
     labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long) if has_labels else None

@@ -14,7 +14,15 @@ from typing import Any
 import torch
 
 from ..utils import model_device
-from .forward import accepts_kwarg, eval_mode, forward_logits, forward_parameters, position_ids, to_id_list
+from .forward import (
+    accepts_kwarg,
+    check_pad_token_id,
+    eval_mode,
+    forward_logits,
+    forward_parameters,
+    position_ids,
+    to_id_list,
+)
 
 __all__ = ["greedy_generate"]
 
@@ -80,6 +88,7 @@ def greedy_generate(
     """
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
+    pad_token_id = check_pad_token_id(pad_token_id)
     n = len(prompts)
     budgets = [int(max_new_tokens)] * n if isinstance(max_new_tokens, int) else [int(m) for m in max_new_tokens]
     if len(budgets) != n:

@@ -25,6 +25,7 @@ _LAZY_EXPORTS: dict[str, str] = {
     "tokenize_dataset": "peft_unlearn.trainer.formats",
     "tokenize_idk_dataset": "peft_unlearn.trainer.formats",
     "build_model_card": "peft_unlearn.trainer.model_card",
+    "RobustnessCallback": "peft_unlearn.trainer.callbacks",
     "StopWhenForgottenCallback": "peft_unlearn.trainer.callbacks",
     "UnlearningEvalCallback": "peft_unlearn.trainer.callbacks",
 }
@@ -33,6 +34,7 @@ __all__ = [
     "DEFAULT_IDK_ANSWERS",
     "CausalLMCollator",
     "PairedUnlearningDataset",
+    "RobustnessCallback",
     "StopWhenForgottenCallback",
     "TokenizedDataset",
     "UnlearningConfig",
@@ -47,7 +49,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .callbacks import StopWhenForgottenCallback, UnlearningEvalCallback
+    from .callbacks import RobustnessCallback, StopWhenForgottenCallback, UnlearningEvalCallback
     from .collators import CausalLMCollator, UnlearningDataCollator, collate_causal_lm
     from .formats import DEFAULT_IDK_ANSWERS, tokenize_dataset, tokenize_idk_dataset
     from .item_counts import UnlearningItemCounts

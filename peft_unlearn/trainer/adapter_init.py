@@ -1,4 +1,4 @@
-"""The data-driven adapter initialisation (FILA, VILA) that `UnlearningTrainer.train` runs before the first step.
+"""The data-driven adapter initialisation (FILA, VILA, RILA) that `UnlearningTrainer.train` runs before the first step.
 
 A pending FILA/VILA adapter gets its weights from the forget/retain data; on resume its frozen initial factors are
 re-attached from the checkpoint's `_fila_init/` folder instead (re-running the init would not reproduce them in
@@ -10,7 +10,6 @@ Examples:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -20,10 +19,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers.trainer_utils import get_last_checkpoint
 
-from ..fila.config import get_fila_config
-from ..fila.dispatch import initialize_adapter_weights
+from ..fila.dispatch import initialize_adapter_weights, resolve_trainer_options
 from ..fila.saving import INIT_DIR, is_fila_model, pending_fila_adapters, restore_fila_state
-from ..fila.state import init_name
 from ..utils import is_peft_model
 
 __all__ = ["init_metrics", "initialize_pending_adapters"]
@@ -84,19 +81,7 @@ def initialize_pending_adapters(
     for adapter_name in pending:
         config = model.peft_config[adapter_name]
         kwargs: dict[str, Any] = {"max_batches": args.fila_max_batches, "show_progress": show_progress}
-        if init_name(config.init_lora_weights) == "fila":
-            fila_config = get_fila_config(config)
-            if args.fila_seed is not None:
-                fila_config = dataclasses.replace(fila_config, seed=args.fila_seed)
-            options = {
-                "accumulator_device": args.fila_accumulator_device,
-                "layers_per_pass": args.fila_layers_per_pass,
-            }
-            kwargs.update(
-                cache_path=args.fila_cache,
-                fila_config=fila_config,
-                fisher_options={k: v for k, v in options.items() if v is not None},
-            )
+        kwargs.update(resolve_trainer_options(config.init_lora_weights, config, args))
         stats[adapter_name] = initialize_adapter_weights(
             model, forget_dl, retain_dl, adapter_name=adapter_name, **kwargs
         )

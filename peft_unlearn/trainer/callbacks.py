@@ -7,6 +7,8 @@
 - `UnlearningEvalCallback` computes `evaluate_memorization` on named token
   sets every N optimizer steps and logs ``{name}_ma``, ``{name}_el10``, ``{name}_nll``, ``{name}_ppl``; it works
   with a stock ``transformers.Trainer`` as well as ``UnlearningTrainer``.
+- `RobustnessCallback` runs a cheap subset of `evaluate_robustness` (nf4 reload, export, a short relearning
+  run) at the end of training; ``UnlearningTrainer`` puts its verdict into the model card.
 
 Examples:
     >>> from peft_unlearn.trainer.callbacks import StopWhenForgottenCallback
@@ -24,7 +26,7 @@ from transformers import TrainerCallback
 
 from ..metrics.memorization import evaluate_memorization
 
-__all__ = ["StopWhenForgottenCallback", "UnlearningEvalCallback"]
+__all__ = ["RobustnessCallback", "StopWhenForgottenCallback", "UnlearningEvalCallback"]
 
 logger = logging.getLogger(__name__)
 
@@ -374,4 +376,69 @@ class UnlearningEvalCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         if state.global_step > 0 and state.global_step % self.every_n_steps == 0:
             self._run(args, state, control, model, processing_class)
+        return control
+
+
+class RobustnessCallback(TrainerCallback):
+    """Attack the forgetting once at the end of training (`evaluate_robustness` on copies of the model).
+
+    By default the cheap subset: the merged model reloaded in bitsandbytes nf4, the export round trips and a
+    relearning LoRA measured after 5 and 15 steps. The result is in `report` (a
+    [`RobustnessReport`][peft_unlearn.metrics.RobustnessReport]), a one-line verdict is logged, and
+    `UnlearningTrainer`'s model card gets a "Robustness of the forgetting" section. Runs on the main process only;
+    the trained model is not modified.
+
+    Args:
+        forget: The forget passages (anything `evaluate_robustness` accepts: texts, token-id lists, a tokenized
+            dataset).
+        heldout: Optional memorized passages never trained on (their MA is reported).
+        retain: Optional retain passages.
+        attacks: Attack names (see `ROBUSTNESS_ATTACKS`).
+        **kwargs: Further `evaluate_robustness` options (default here: ``quantization_modes=("nf4",)``,
+            ``relearn_steps=(5, 15)``).
+
+    Examples:
+        >>> cb = RobustnessCallback([[1, 5, 6, 7, 8, 9], [1, 9, 8, 7, 6, 5]], attacks=("export",))
+        >>> # UnlearningTrainer(..., callbacks=[cb]).train(); print(cb.report.to_markdown())
+    """
+
+    def __init__(
+        self,
+        forget: Any,
+        heldout: Any = None,
+        retain: Any = None,
+        attacks: Sequence[str] = ("quantization", "export", "relearning"),
+        **kwargs: Any,
+    ):
+        from ..metrics.robustness import ROBUSTNESS_ATTACKS
+
+        names = (attacks,) if isinstance(attacks, str) else tuple(attacks)
+        unknown = [a for a in names if a not in ROBUSTNESS_ATTACKS]
+        if not names or unknown:
+            raise ValueError(
+                f"`attacks` must name registered attacks ({', '.join(ROBUSTNESS_ATTACKS)}), got {attacks!r}."
+            )
+        if forget is None:
+            raise ValueError("`forget` is None; pass the forget passages the attacks measure.")
+        self.forget, self.heldout, self.retain, self.attacks = forget, heldout, retain, names
+        self.kwargs = {"quantization_modes": ("nf4",), "relearn_steps": (5, 15), **kwargs}
+        self.report: Any = None
+
+    def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if not state.is_world_process_zero:
+            return control
+        if model is None or processing_class is None:
+            raise ValueError(
+                "RobustnessCallback needs the model and its tokenizer; pass `processing_class=` to the trainer."
+            )
+        from ..metrics.robustness import evaluate_robustness
+
+        self.report = evaluate_robustness(
+            model, processing_class, self.forget, self.retain, self.heldout, self.attacks, **self.kwargs
+        )
+        bad = [k for k, v in self.report.recovered().items() if v]
+        logger.warning(
+            "RobustnessCallback: %s",
+            f"forget MA recovered under {', '.join(bad)}" if bad else "the forgetting held under every attack tried",
+        )
         return control

@@ -21,14 +21,20 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import MISSING
 from typing import Any
+
+from ..losses import loss_options
 
 __all__ = ["check_finite_fields", "warn_ignored_options"]
 
-# Defaults of the mode-specific options (kept here so the warnings compare against the documented values).
-_DEFAULT_KL_MASK = "labels"
 _DEFAULT_ASSISTANT_TURNS = "all"
-_DEFAULT_RMU_COEFF = 6.5
+
+
+def _default(config: Any, name: str) -> Any:
+    """The declared default of a dataclass field of `config` (`None` for other objects or fields)."""
+    field = getattr(config, "__dataclass_fields__", {}).get(name)
+    return None if field is None or field.default is MISSING else field.default
 
 
 def _settings(config: Any) -> dict[str, Any]:
@@ -67,10 +73,10 @@ def _warn(message: str) -> None:
 def warn_ignored_options(config: Any) -> list[str]:
     """Warn (``UserWarning``) about options that the chosen objective ignores; return the messages.
 
-    Checked: `beta` without NPO/SimNPO, `simnpo_delta` without SimNPO, `kl_mask` without the KL retain loss,
-    `rmu_layer` / `rmu_steering_coeff` without RMU,
-    `retain_weight` without a retain loss, `idk_answers` without `forget_loss="idk"`, `assistant_turns` with
-    `completion_only_loss=False`, and the EL settings with `eval_compute_el=False`.
+    Checked: every loss-specific option (`UnlearningLoss.options` in the loss registry, e.g. `beta` without
+    NPO/SimNPO, `kl_mask` without the KL retain loss, `rmu_layer` without RMU, `idk_answers` without IDK) set to
+    a non-default value while no chosen loss reads it, `retain_weight` without a retain loss, `assistant_turns`
+    with `completion_only_loss=False`, and the EL settings with `eval_compute_el=False`.
 
     Args:
         config: An `UnlearningConfig` (after the `beta` default was applied).
@@ -80,35 +86,26 @@ def warn_ignored_options(config: Any) -> list[str]:
     """
     forget_loss = getattr(config, "forget_loss", None)
     retain_loss = getattr(config, "retain_loss", None)
+    chosen = {f"forget_loss={forget_loss!r}"} | (
+        {f"retain_loss={retain_loss!r}"} if retain_loss is not None else set()
+    )
     messages: list[str] = []
-    if getattr(config, "beta", None) is not None and forget_loss not in ("npo", "simnpo"):
+    for option, users in loss_options().items():  # the registry says which loss reads which option
+        if chosen & set(users) or not hasattr(config, option):
+            continue
+        value = getattr(config, option)
+        if value is None or value == _default(config, option):
+            continue
+        shown = f"`{option}`" if isinstance(value, (list, tuple)) else f"`{option}`={value!r}"
         messages.append(
-            f"`beta`={config.beta!r} is ignored: only forget_loss='npo' or 'simnpo' uses it (forget_loss="
-            f"{forget_loss!r}). Remove it, or pick the loss that needs it."
-        )
-    if getattr(config, "simnpo_delta", 0.0) not in (0, 0.0) and forget_loss != "simnpo":
-        messages.append(
-            f"`simnpo_delta`={config.simnpo_delta!r} is ignored: only forget_loss='simnpo' uses it (forget_loss="
-            f"{forget_loss!r})."
-        )
-    if getattr(config, "kl_mask", _DEFAULT_KL_MASK) != _DEFAULT_KL_MASK and retain_loss != "kl":
-        messages.append(
-            f"`kl_mask`={config.kl_mask!r} is ignored: only retain_loss='kl' uses it (retain_loss={retain_loss!r})."
+            f"{shown} is ignored: only {' or '.join(users)} uses it (forget_loss={forget_loss!r}, retain_loss="
+            f"{retain_loss!r}). Remove it, or pick the loss that needs it."
         )
     if retain_loss is None and getattr(config, "retain_weight", 1.0) != 1.0:
         messages.append(
             f"`retain_weight`={config.retain_weight!r} is ignored: retain_loss=None trains on the forget loss alone. "
             "Set retain_loss='nll' or 'kl' to use it."
         )
-    uses_rmu = "rmu" in (forget_loss, retain_loss)
-    if not uses_rmu and getattr(config, "rmu_layer", None) is not None:
-        messages.append(f"`rmu_layer`={config.rmu_layer!r} is ignored: only forget_loss or retain_loss='rmu' uses it.")
-    if forget_loss != "rmu" and getattr(config, "rmu_steering_coeff", _DEFAULT_RMU_COEFF) != _DEFAULT_RMU_COEFF:
-        messages.append(
-            f"`rmu_steering_coeff`={config.rmu_steering_coeff!r} is ignored: only forget_loss='rmu' uses it."
-        )
-    if getattr(config, "idk_answers", None) is not None and forget_loss != "idk":
-        messages.append(f"`idk_answers` is ignored: only forget_loss='idk' uses it (forget_loss={forget_loss!r}).")
     if (
         getattr(config, "assistant_turns", _DEFAULT_ASSISTANT_TURNS) != _DEFAULT_ASSISTANT_TURNS
         and getattr(config, "completion_only_loss", True) is False

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..losses import get_loss
 
-__all__ = ["PAPER_CITATION", "build_model_card"]
+__all__ = ["PAPER_CITATION", "build_model_card", "robustness_section"]
 
 PAPER_CITATION = """@inproceedings{cha2025towards,
   title     = {Towards Robust and Parameter-Efficient Knowledge Unlearning for {LLMs}},
@@ -43,6 +43,55 @@ def _table(rows: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _pct(value: Any) -> str:
+    return f"{value:.0%}" if isinstance(value, (int, float)) else "–"
+
+
+def robustness_section(report: Mapping[str, Any]) -> list[str]:
+    """Markdown lines of a model card's "Robustness of the forgetting" section from a ``RobustnessReport.to_dict()``.
+
+    One row per attack and variant with the forget MA (the never-relearned part for relearning) of the unlearned
+    model before and after it, the base model's under the same attack, the fraction of the forgetting gap that
+    came back and whether the forgetting held (at most the report's ``recovery_threshold`` came back).
+
+    Args:
+        report: The ``to_dict()`` of a `RobustnessReport`.
+
+    Returns:
+        The lines (a heading, a sentence, a table and the report's notes).
+
+    Examples:
+        >>> row = {"attack": "quantization", "variant": "nf4", "set": "forget", "metric": "ma", "unlearned_before": 0.2,
+        ...        "base_before": 0.9, "unlearned_after": 0.3, "base_after": 0.7, "gap_recovery": 0.14}
+        >>> lines = robustness_section({"rows": [row], "recovery_threshold": 0.25, "notes": []})
+        >>> lines[-1]
+        '| quantization | nf4 | 0.200 | 0.300 | 0.700 | 14% | yes |'
+    """
+    threshold = float(report.get("recovery_threshold", 0.25))
+    lines = [
+        "## Robustness of the forgetting",
+        "",
+        "Attacks run on copies of this model with `peft_unlearn.metrics.evaluate_robustness`, next to the same attack "
+        f"on the base model. *Held*: at most {threshold:.0%} of the forget-MA gap between this model and the base came "
+        "back.",
+        "",
+        "| attack | variant | forget MA | after attack | base after attack | gap recovered | held |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in report.get("rows", []):
+        if row["metric"] != "ma" or row["set"] not in ("forget", "forget_unseen") or row["variant"].endswith("=0"):
+            continue
+        recovery = row.get("gap_recovery")
+        held = "–" if recovery is None else ("yes" if recovery <= threshold else "**no**")
+        base_after = row.get("base_after")
+        lines.append(
+            f"| {row['attack']} | {row['variant']} | {row['unlearned_before']:.3f} | {row['unlearned_after']:.3f} "
+            f"| {'–' if base_after is None else f'{base_after:.3f}'} | {_pct(recovery)} | {held} |"
+        )
+    notes = list(report.get("notes", []))
+    return lines + ([""] + [f"- {n}" for n in notes] if notes else [])
+
+
 def build_model_card(
     *,
     base_model: str | None = None,
@@ -61,6 +110,7 @@ def build_model_card(
     metrics: Mapping[str, float] | None = None,
     tags: Sequence[str] = (),
     library_name: str | None = "peft",
+    robustness: Mapping[str, Any] | None = None,
 ) -> str:
     """Render a model card (YAML front matter + markdown) for an unlearned model or adapter.
 
@@ -81,6 +131,8 @@ def build_model_card(
         metrics: Final metrics to report (e.g. ``{"train_loss": 2.1, "eval_forget_ma": 0.12}``); omitted when empty.
         tags: Extra tags; ``peft-unlearn``, ``unlearning`` (and ``peft``, ``lora``, ``fila``) are added.
         library_name: Metadata ``library_name`` (``"peft"`` for adapters, ``"transformers"`` otherwise).
+        robustness: A ``RobustnessReport.to_dict()`` (e.g. from `RobustnessCallback`): adds a "Robustness of the
+            forgetting" section with what was tried and what held.
 
     Returns:
         The card text.
@@ -134,6 +186,8 @@ def build_model_card(
     if metrics:
         body += ["", "## Results", "", "| Metric | Value |", "|---|---|"]
         body += [f"| `{k}` | {v:.4g} |" for k, v in metrics.items() if v is not None]
+    if robustness:
+        body += ["", *robustness_section(robustness)]
     if adapter:
         body += ["", "## Adapter", "", *_table(adapter)]
     if hyperparameters:

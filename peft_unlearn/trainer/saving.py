@@ -398,5 +398,14 @@ class UnlearningSavingMixin:
             metrics=self._final_metrics(),
             tags=extra_tags,
             library_name="peft" if is_peft else "transformers",
+            robustness=self._robustness_report(),
         )
         write_model_card(output_dir, card)
+
+    def _robustness_report(self) -> dict[str, Any] | None:
+        """The ``to_dict()`` of the last `RobustnessCallback` that ran, or None."""
+        from .callbacks import RobustnessCallback
+
+        reports = [cb.report for cb in self.callback_handler.callbacks if isinstance(cb, RobustnessCallback)]
+        reports = [r for r in reports if r is not None]
+        return reports[-1].to_dict() if reports else None

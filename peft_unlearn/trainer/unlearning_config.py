@@ -14,7 +14,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from ..losses import FORGET_LOSSES, LOSS_REGISTRY, RETAIN_LOSSES
+from ..losses import FORGET_LOSSES, LOSS_REGISTRY, RETAIN_LOSSES, get_loss, loss_names
 from .config_checks import check_finite_fields, warn_ignored_options
 
 __all__ = [
@@ -46,6 +46,42 @@ def _parse_fused_loss(value: Any) -> bool | str:
         return {"true": True, "false": False, "auto": "auto"}[value.lower()]
     raise ValueError(f"`fused_loss` must be True, False or 'auto', got {value!r}.")
 
+_TRUE_STRINGS = ("true", "yes", "1")
+_FALSE_STRINGS = ("false", "no", "0")
+
+
+def _strict_bool(name: str, value: Any) -> bool:
+    """A bool switch that guards user files: bools as they are, only unambiguous strings parsed, all else refused.
+
+    A string such as ``"false"`` (from a YAML file or an environment variable) is truthy in Python, so it would
+    silently switch the protection off; it is parsed here instead.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE_STRINGS + _FALSE_STRINGS:
+        return value.strip().lower() in _TRUE_STRINGS
+    raise TypeError(
+        f"`{name}` must be a bool (True or False; on the command line or in a string 'true'/'false'), got "
+        f"{value!r} of type {type(value).__name__}. Pass {name}=False to keep files peft_unlearn did not write, or "
+        f"{name}=True to allow overwriting them."
+    )
+
+
+def _check_paths(output_dir: Any, fila_cache: Any) -> None:
+    """Refuse an `output_dir` that is an existing file and a `fila_cache` that is an existing folder."""
+    import os
+
+    if isinstance(output_dir, (str, os.PathLike)) and os.path.isfile(output_dir):
+        raise NotADirectoryError(
+            f"`output_dir` must be a folder, but {str(output_dir)!r} is an existing file; pass a new or existing "
+            "folder path (the file is left untouched)."
+        )
+    if isinstance(fila_cache, (str, os.PathLike)) and os.path.isdir(fila_cache):
+        raise IsADirectoryError(
+            f"`fila_cache` must be a file path (the Fisher statistics are stored in one safetensors file), but "
+            f"{str(fila_cache)!r} is a folder; pass e.g. {os.path.join(str(fila_cache), 'fisher.safetensors')!r}."
+        )
+
 
 @dataclass
 class UnlearningConfig(TrainingArguments):
@@ -72,6 +108,10 @@ class UnlearningConfig(TrainingArguments):
         retain_weight: Weight of the retain loss. Defaults to `1.0`.
         beta: Inverse temperature of NPO/SimNPO. `None` uses `0.1` for NPO and `4.5` for SimNPO.
         simnpo_delta: Margin `delta` of SimNPO. Defaults to `0.0`.
+        quantization_margin: A defence against the quantization attack (the idea of QUAIL, arXiv 2601.15538),
+            with `forget_loss="inverted_hinge"` only: adds `max(0, z_y - max_{v != y} z_v + m)` per forget token
+            (see `peft_unlearn.losses.quantization_margin_loss`), so the forgotten token trails the best other one by
+            `m` logits. Its measured effect is in docs/guides/robustness.md. Defaults to `None` (off).
         kl_mask: Positions of the retain KL: `"labels"` (only positions predicting a supervised token) or `"none"`
             (every position, padding included: parity with the official code; not exact under gradient
             accumulation because padding depends on the micro-batch).
@@ -176,6 +216,14 @@ class UnlearningConfig(TrainingArguments):
     )
     rmu_steering_coeff: float = field(
         default=6.5, metadata={"help": "RMU steering coefficient c: norm of the forget target c * u."}
+    )
+    quantization_margin: float | None = field(
+        default=None,
+        metadata={
+            "help": "Defence against the quantization attack (QUAIL-style, arXiv 2601.15538), with "
+            "forget_loss='inverted_hinge': adds max(0, z_y - max_{v != y} z_v + m) per forget token, so the forgotten "
+            "token trails the best other one by m logits. None: off. Measured in docs/guides/robustness.md."
+        },
     )
     kl_mask: str = field(
         default="labels",
@@ -288,10 +336,12 @@ class UnlearningConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        self.overwrite_output = _strict_bool("overwrite_output", self.overwrite_output)
+        _check_paths(self.output_dir, self.fila_cache)
         if isinstance(self.retain_loss, str) and self.retain_loss.lower() == "none":  # command line
             self.retain_loss = None
-        _check_choice("forget_loss", self.forget_loss, FORGET_LOSSES)
-        _check_choice("retain_loss", self.retain_loss, (*RETAIN_LOSSES, None))
+        get_loss("forget", self.forget_loss)  # built-in or registered with `register_loss`; the error lists them
+        _check_choice("retain_loss", self.retain_loss, (*loss_names("retain"), None))
         _check_choice("kl_mask", self.kl_mask, KL_MASKS)
         _check_choice("retain_pairing", self.retain_pairing, RETAIN_PAIRINGS)
         _check_choice("assistant_turns", self.assistant_turns, ASSISTANT_TURNS)
@@ -310,12 +360,22 @@ class UnlearningConfig(TrainingArguments):
                 f"`loss_chunk_size` must be an integer >= 1 (tokens per chunk) or None (automatic), got "
                 f"{self.loss_chunk_size!r}."
             )
+
+        if self.quantization_margin is not None:
+            margin = self.quantization_margin
+            if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 < margin < float("inf"):
+                raise ValueError(f"`quantization_margin` must be a finite number > 0 or None, got {margin!r}.")
+            if self.forget_loss != "inverted_hinge":
+                raise ValueError(
+                    f"`quantization_margin` is implemented for forget_loss='inverted_hinge' only, got forget_loss="
+                    f"{self.forget_loss!r}; drop quantization_margin or use the inverted hinge loss."
+                )
         for name in ("forget_weight", "retain_weight"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"`{name}` must be a number >= 0, got {value!r}; use 0 to switch a term off.")
         if self.beta is None:
-            self.beta = DEFAULT_BETA.get(self.forget_loss)
+            self.beta = get_loss("forget", self.forget_loss).default_beta
         elif not isinstance(self.beta, (int, float)) or not self.beta > 0:
             raise ValueError(f"`beta` must be > 0 (or None for the default of the forget loss), got {self.beta!r}.")
         if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 2):

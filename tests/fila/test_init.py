@@ -579,7 +579,7 @@ def test_initialize_adapter_weights_dispatches_on_the_init_name(monkeypatch):
 
     from peft_unlearn.fila import DATA_DRIVEN_INITS, initialize_adapter_weights, is_data_driven_init
 
-    assert DATA_DRIVEN_INITS == ("fila", "vila")
+    assert DATA_DRIVEN_INITS == ("fila", "vila", "rila")
     assert is_data_driven_init("VILA") and not is_data_driven_init("pissa") and not is_data_driven_init(True)
     forget, retain = _batches(2, 40), _batches(2, 41)
     fila_model = get_peft_model(

@@ -260,3 +260,52 @@ def test_threshold_is_at_or_below():
     assert _below(0.1, 0.2) and not _below(0.3, 0.2)
     assert not _below(float("nan"), 0.2) and not _below(None, 0.2)
     assert _below(0.9, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# RobustnessCallback
+# ----------------------------------------------------------------------------------------------
+def test_robustness_callback_reports_and_fills_the_model_card(tmp_path, tokenizer):
+    """At the end of training the callback attacks the trained model (its numbers are `evaluate_robustness`'s on
+    the same model) and `UnlearningTrainer` writes them into the model card."""
+    from peft import LoraConfig, get_peft_model
+
+    from peft_unlearn.metrics import evaluate_robustness
+    from peft_unlearn.testing import TINY_CORPUS, tiny_causal_lm
+    from peft_unlearn.trainer import RobustnessCallback, UnlearningTrainer
+    from tests.helpers import quick_cpu_config
+
+    model = get_peft_model(
+        tiny_causal_lm("llama", vocab_size=len(tokenizer)), LoraConfig(r=2, target_modules="all-linear")
+    )
+    forget = _token_rows(4, seed=3)
+    options = {"relearn_steps": (1, 2), "el_n": 2, "el_prefix_stride": 4}
+    callback = RobustnessCallback(forget, attacks=("export", "relearning"), **options)
+    args = quick_cpu_config(tmp_path / "out", max_steps=2, forget_loss="inverted_hinge", retain_loss="nll")
+    trainer = UnlearningTrainer(
+        model,
+        args,
+        forget_dataset=[{"text": t} for t in TINY_CORPUS[:2]],
+        retain_dataset=[{"text": t} for t in TINY_CORPUS[2:4]],
+        processing_class=tokenizer,
+        callbacks=[callback],
+    )
+    trainer.train()
+    assert callback.report is not None
+    expected = evaluate_robustness(model, tokenizer, forget, attacks=("export", "relearning"), **options)
+    assert [r.unlearned_after for r in callback.report.rows] == pytest.approx(
+        [r.unlearned_after for r in expected.rows], abs=1e-6
+    )
+    trainer.save_model(str(tmp_path / "saved"))
+    card = (tmp_path / "saved" / "README.md").read_text()
+    assert "## Robustness of the forgetting" in card
+    assert "| relearning | steps=2 |" in card and "| export | portable adapter |" in card
+
+
+def test_robustness_callback_bad_arguments():
+    from peft_unlearn.trainer import RobustnessCallback
+
+    with pytest.raises(ValueError, match="`attacks`"):
+        RobustnessCallback([[1, 2, 3]], attacks=("nope",))
+    with pytest.raises(ValueError, match="`forget` is None"):
+        RobustnessCallback(None)
