@@ -46,6 +46,7 @@ def _parse_fused_loss(value: Any) -> bool | str:
         return {"true": True, "false": False, "auto": "auto"}[value.lower()]
     raise ValueError(f"`fused_loss` must be True, False or 'auto', got {value!r}.")
 
+
 _TRUE_STRINGS = ("true", "yes", "1")
 _FALSE_STRINGS = ("false", "no", "0")
 
