@@ -345,6 +345,8 @@ def warn_ignored_run_options(args: Any, *, has_retain_data: bool, is_fila: bool)
             messages.append(f"{', '.join(f'`{n}`' for n in used)} ignored: the run has no retain data.")
     if not is_fila:
         defaults = {"fila_batch_size": 4, "fila_max_batches": None, "fila_cache": None, "fila_seed": None}
+        if (getattr(args, "retain_subspace_weight", 0) or 0) > 0:  # its statistics pass reads these two
+            defaults = {n: d for n, d in defaults.items() if n not in ("fila_batch_size", "fila_max_batches")}
         used = [n for n, d in defaults.items() if getattr(args, n, d) != d]
         if used:
             messages.append(
