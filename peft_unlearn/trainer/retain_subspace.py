@@ -1,7 +1,7 @@
 """The retain-subspace penalty (ROL of ReGLU, arXiv 2604.17396): keep LoRA updates out of the retain outputs.
 
 For every LoRA layer of the trained adapter(s), ``Q_r`` [out, k] are the eigenvectors of the ``k`` largest
-eigenvalues of the layer's retain output covariance ``C_r = E_retain[y y^T]`` (base model, adapters off; the
+(non-zero, see `retain_basis`) eigenvalues of the layer's retain output covariance ``C_r = E_retain[y y^T]`` (base model, adapters off; the
 statistics of `peft_unlearn.fila.covariance`, one vector per retain sequence by default). The penalty is
 
     weight * sum over layers of || Q_r^T B ||_F^2
@@ -33,10 +33,10 @@ import torch
 from torch import nn
 
 from ..fila.covariance import estimate_output_covariance
-from ..fila.rila import get_rila_config, top_eigenvectors
+from ..fila.rila import get_rila_config
 from ..fila.state import init_name, iter_lora_layers
 
-__all__ = ["RetainSubspace", "compute_retain_subspace", "subspace_penalty"]
+__all__ = ["RetainSubspace", "compute_retain_subspace", "retain_basis", "subspace_penalty"]
 
 
 def subspace_penalty(lora_b: Mapping[Any, torch.Tensor], bases: Mapping[Any, torch.Tensor]) -> torch.Tensor:
@@ -59,6 +59,49 @@ def subspace_penalty(lora_b: Mapping[Any, torch.Tensor], bases: Mapping[Any, tor
     if total is None:
         raise ValueError("subspace_penalty needs at least one layer; got none.")
     return total
+
+
+#: Eigenvalues below this fraction of the largest one count as zero (the covariance is accumulated in fp32).
+RANK_TOLERANCE = 1e-5
+_OVERSAMPLE = 16
+
+
+def retain_basis(covariance: torch.Tensor, rank: int, seed: int = 0) -> torch.Tensor:
+    """``Q_r``: orthonormal eigenvectors of the ``rank`` largest eigenvalues of a PSD covariance (fp32 result).
+
+    Only eigenvalues above ``RANK_TOLERANCE`` times the largest count: directions without retain energy are
+    left out, so ``Q_r`` has ``min(rank, out, numerical rank)`` columns. (With one vector per sequence the rank is
+    at most the number of retain sequences; the official code's ``128`` vectors then include an arbitrary basis of
+    directions of zero eigenvalue, which this leaves out.) Large layers use a randomized range finder
+    (``rank + 16`` vectors, two power iterations, then an exact eigendecomposition of the projected matrix in
+    fp64): exact whenever the numerical rank is at most ``rank + 16``, as with per-sequence statistics; a close
+    approximation of the top subspace otherwise. Small layers (``out <= 2 (rank + 16)``) use ``torch.linalg.eigh``.
+
+    Args:
+        covariance: Symmetric PSD ``[out, out]``.
+        rank: Largest number of vectors, ``>= 1``.
+        seed: Seed of the random test matrix (results do not depend on it when exact).
+
+    Returns:
+        ``[out, k]`` fp32 with orthonormal columns, ``1 <= k <= rank`` (``k = 0`` for a zero covariance).
+    """
+    c = covariance.to(torch.float64)
+    c = (c + c.mT) / 2
+    n = c.shape[0]
+    width = min(n, rank + _OVERSAMPLE)
+    if 2 * width >= n:
+        values, vectors = torch.linalg.eigh(c)
+        values, vectors = values.flip(-1), vectors.flip(-1)
+    else:
+        gen = torch.Generator(device=c.device).manual_seed(seed)
+        basis = torch.linalg.qr(c @ torch.randn(n, width, generator=gen, dtype=c.dtype, device=c.device))[0]
+        for _ in range(2):
+            basis = torch.linalg.qr(c @ basis)[0]
+        values, small = torch.linalg.eigh(basis.mT @ c @ basis)
+        values, vectors = values.flip(-1), basis @ small.flip(-1)
+    top = values[0].clamp_min(0)
+    keep = min(rank, int((values > RANK_TOLERANCE * top).sum().item())) if top > 0 else 0
+    return vectors[:, :keep].contiguous().float()
 
 
 def _is_dtensor(tensor: torch.Tensor) -> bool:
@@ -121,7 +164,8 @@ def compute_retain_subspace(
     Args:
         model: A PeftModel (unwrapped).
         retain_dataloader: Retain batches (``input_ids``, ``attention_mask``).
-        rank: ``k``, the subspace size, clamped to each layer's output size (official: 128).
+        rank: ``k``, the subspace size, clamped to each layer's output size and the covariance's numerical rank
+            (official: 128).
         adapter_names: The trained adapters whose ``lora_B`` is penalised.
         max_batches: Limit on the retain batches.
         covariance_options: ``accumulator_device`` / ``layers_per_pass`` of the statistics pass.
@@ -165,8 +209,7 @@ def compute_retain_subspace(
     )
     per_layer: dict[str, torch.Tensor] = {}
     for name in names:
-        cov = stats.retain_covariance(name)
-        per_layer[name] = top_eigenvectors(cov, min(rank, cov.shape[0])).float()
+        per_layer[name] = retain_basis(stats.retain_covariance(name), rank)
         stats.pop(name)
     bases = {}
     for key, layer in layers.items():

@@ -10,7 +10,7 @@ from torch import nn
 import peft_unlearn  # noqa: F401  (registers the data-driven inits)
 from peft_unlearn.testing import TINY_CORPUS, tiny_causal_lm
 from peft_unlearn.trainer import UnlearningTrainer
-from peft_unlearn.trainer.retain_subspace import subspace_penalty
+from peft_unlearn.trainer.retain_subspace import retain_basis, subspace_penalty
 from tests.helpers import quick_cpu_config
 
 FORGET = [{"text": t} for t in TINY_CORPUS[5:9]]
@@ -63,7 +63,8 @@ def _brute_force_projectors(model, trainer, rank: int) -> dict[str, torch.Tensor
             moment = outer if moment is None else moment + outer
             count += 1
         evals, evecs = torch.linalg.eigh(moment / count)
-        q = evecs[:, -min(rank, moment.shape[0]) :]
+        nonzero = int((evals > 1e-5 * evals.max()).sum())  # the retain span: at most one direction per sequence
+        q = evecs[:, -min(rank, nonzero) :]
         projectors[name] = q @ q.T
     return projectors
 
@@ -109,15 +110,32 @@ def test_penalty_and_gradient_match_float64_brute_force(tokenizer, tmp_path) -> 
         torch.testing.assert_close(halved.double(), weight * expected / 2, rtol=1e-6, atol=1e-8)
 
 
-def test_rank_is_clamped_to_the_layer_size(tokenizer, tmp_path) -> None:
-    # k >= out: Q_r spans every output direction, so the penalty is ||B||_F^2
+def test_rank_is_clamped_to_the_retain_span(tokenizer, tmp_path) -> None:
+    # k far above the layer size: Q_r spans the retain span (5 sequences -> at most 5 directions), nothing more
     model = _peft_model(tokenizer, dtype=torch.float64)
     trainer = _trainer(model, tokenizer, tmp_path, retain_subspace_weight=1.0, retain_subspace_rank=10_000)
     subspace = trainer._maybe_compute_retain_subspace()
-    for q in subspace.bases.values():
-        assert q.shape[0] == q.shape[1]
-    total = sum(layer.lora_B["default"].weight.double().pow(2).sum() for layer in subspace.layers.values())
-    torch.testing.assert_close(subspace.penalty().double(), total.detach(), rtol=1e-6, atol=1e-8)
+    projectors = _brute_force_projectors(model, trainer, 10_000)
+    for (_, name), q in subspace.bases.items():
+        assert 1 <= q.shape[1] <= len(RETAIN)
+        torch.testing.assert_close((q @ q.T).double(), projectors[name], rtol=0, atol=1e-5)
+
+
+def test_retain_basis_randomized_path() -> None:
+    gen = torch.Generator().manual_seed(0)
+    # low rank (as with one vector per sequence): the randomized range finder is exact
+    h = torch.randn(20, 300, generator=gen, dtype=torch.float64)
+    cov = h.T @ h / 20
+    q = retain_basis(cov, 8).double()
+    evecs = torch.linalg.eigh(cov)[1][:, -8:]
+    torch.testing.assert_close(q @ q.T, evecs @ evecs.T, rtol=0, atol=1e-5)
+    assert retain_basis(cov, 128).shape == (300, 20)  # clamped to the rank
+    # full rank with decaying spectrum: the top subspace is found closely
+    basis = torch.linalg.qr(torch.randn(300, 300, generator=gen, dtype=torch.float64))[0]
+    full = basis @ torch.diag(0.5 ** torch.arange(300, dtype=torch.float64)) @ basis.T
+    q = retain_basis(full, 8).double()
+    torch.testing.assert_close(q @ q.T, basis[:, :8] @ basis[:, :8].T, rtol=0, atol=1e-4)
+    assert retain_basis(torch.zeros(4, 4), 2).shape == (4, 0)
 
 
 def test_off_adds_nothing(tokenizer, tmp_path) -> None:
