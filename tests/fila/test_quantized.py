@@ -216,7 +216,10 @@ def test_rila_on_4bit_base_auto_init_trains_and_exports(tmp_path, base_dir, toke
             self.pending = pending_fila_adapters(model)
             self.logits = _logits_before_training(model, ids)
             layer = model.base_model.model.model.layers[1].mlp.up_proj
-            self.factors = (layer.lora_A["default"].weight.detach().clone(), layer.lora_B["default"].weight.detach().clone())
+            self.factors = (
+                layer.lora_A["default"].weight.detach().clone(),
+                layer.lora_B["default"].weight.detach().clone(),
+            )
 
     args = quick_cpu_config(tmp_path / "out", max_steps=3, forget_loss="inverted_hinge", retain_loss="nll")
     forget = [{"text": t} for t in TINY_CORPUS[:2]]
