@@ -66,7 +66,7 @@ def parse_train_args(argv: Sequence[str]) -> tuple[TrainArguments, Any]:
         ...     ["--model", "m", "--forget", "f.jsonl", "--forget-loss", "npo", "--output", "out", "--report_to", "none"]
         ... )
         >>> script_args.init, config.forget_loss, config.beta, config.output_dir
-        ('fila', 'npo', 0.1, 'out')
+        ('default', 'npo', 0.1, 'out')
     """
     from peft_unlearn.trainer.unlearning_config import UnlearningConfig
 
