@@ -69,6 +69,7 @@ from .run_checks import (
     embedding_size,
     load_causal_lm,
     max_positions,
+    warn_full_finetune_learning_rate,
     warn_ignored_run_options,
 )
 from .saving import UnlearningSavingMixin, is_fila_peft_model
@@ -269,6 +270,7 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
             self._dataset_sizes["retain"] = len(self._retain_examples)
 
         check_trainer_options(args, is_fila=is_fila_peft_model(model))
+        warn_full_finetune_learning_rate(args, has_adapter=is_peft_model(model))
         if data_collator is None:
             data_collator = UnlearningDataCollator(pad_token_id)
 
