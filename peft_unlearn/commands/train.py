@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from ..fila.registry import FILA_INIT_NAME, INITS, is_data_driven_init
 from ..utils import one_line
 from . import PROG, CLIError, ModelDataArguments, arg, info, load_model, load_sets, parse
 
@@ -21,10 +22,12 @@ class TrainArguments(ModelDataArguments):
     _argument_group_name = "model, data and LoRA options"
     _positive = ("lora_r", "lora_alpha", "max_forget_samples", "max_retain_samples")
 
-    init: Literal["fila", "vila", "default", "none"] = arg(
-        "Adapter: 'fila' (Fisher-weighted LoRA init, the paper's), 'vila' (gradient-variance-weighted LoRA init, "
-        "arXiv 2508.21300), 'default' (PEFT's LoRA init) or 'none' (full fine-tuning, no PEFT).",
-        "fila",
+    # the choices are the registry's data-driven inits (peft_unlearn.fila.registry) plus PEFT's default and none
+    init: Literal[(*INITS, "default", "none")] = arg(  # type: ignore[valid-type]
+        "Adapter: "
+        + ", ".join(f"'{entry.name}' ({entry.summary}, {entry.paper})" for entry in INITS.values())
+        + ", 'default' (PEFT's LoRA init) or 'none' (full fine-tuning, no PEFT).",
+        FILA_INIT_NAME,
     )
     lora_r: int = arg("LoRA rank r (ignored with --init none).", 8, "R")
     lora_alpha: int = arg("LoRA alpha; the update is scaled by alpha/r.", 16, "ALPHA")
@@ -104,7 +107,7 @@ def run_train(argv: list[str]) -> None:
             lora_alpha=args.lora_alpha,
             lora_dropout=args.lora_dropout,
             target_modules=args.target_modules[0] if len(args.target_modules) == 1 else args.target_modules,
-            init_lora_weights=args.init if args.init in ("fila", "vila") else True,
+            init_lora_weights=args.init if is_data_driven_init(args.init) else True,
             task_type="CAUSAL_LM",
         )
     elif reference_users(config.forget_loss, config.retain_loss):

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..fila.saving import is_fila_model
+from ..fila.saving import has_data_driven_adapter
 from ..fila.state import init_name
 from ..save_policy import (
     OVERWRITE_SWITCH,
@@ -96,9 +96,9 @@ def hub_errors(action: str) -> Iterator[None]:
         raise HubConnectionError(_hub_failure_message(action, err)) from None
 
 
-def is_fila_peft_model(model: Any) -> bool:
-    """Whether `model` is a PeftModel with a FILA/VILA adapter (pending or initialised)."""
-    return is_peft_model(model) and is_fila_model(model)
+def is_data_driven_peft_model(model: Any) -> bool:
+    """Whether `model` is a PeftModel with a data-driven adapter (FILA, VILA, RILA; pending or initialised)."""
+    return is_peft_model(model) and has_data_driven_adapter(model)
 
 
 class UnlearningSavingMixin:
@@ -189,7 +189,7 @@ class UnlearningSavingMixin:
         with staged_save(output_dir, overwrite=self._overwrite_allowed()) as stage:
             self._write_model(str(stage), state_dict)
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        if is_fila_peft_model(model) and not self._in_checkpoint_save:
+        if is_data_driven_peft_model(model) and not self._in_checkpoint_save:
             from peft_unlearn.fila.saving import INIT_DIR
 
             remove_if_ours(output_dir, INIT_DIR)  # a raw save's stale initial factors: ours only
@@ -198,7 +198,7 @@ class UnlearningSavingMixin:
     def _write_model(self, output_dir: str, state_dict: dict | None) -> None:
         """Write the adapter(s): FILA ones as portable LoRA, or raw with their initial factors in checkpoints."""
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        if not is_fila_peft_model(model):
+        if not is_data_driven_peft_model(model):
             return super()._save(output_dir, state_dict)
         if not self.args.should_save:
             return None
@@ -248,7 +248,7 @@ class UnlearningSavingMixin:
         gets a temporary folder holding the portable rank-2r export instead of the raw rank-r checkpoint.
         """
         model = self.accelerator.unwrap_model(self.model)
-        if not is_fila_peft_model(model):
+        if not is_data_driven_peft_model(model):
             return self._push_files_from(checkpoint_folder)
         # the early exits of Trainer._push_from_checkpoint, checked before paying for the export
         hub_strategy = str(getattr(self.args.hub_strategy, "value", self.args.hub_strategy))
@@ -350,7 +350,7 @@ class UnlearningSavingMixin:
         if base_model and os.path.isdir(base_model):
             base_model = None
         adapter = None
-        is_fila = False
+        data_driven_init = None
         if is_peft:
             config = model.peft_config[model.active_adapter]
             adapter = {
@@ -362,8 +362,10 @@ class UnlearningSavingMixin:
                 else getattr(config, "target_modules", None),
                 "init_lora_weights": getattr(config, "init_lora_weights", None),
             }
-            is_fila = init_name(getattr(config, "init_lora_weights", None)) is not None
-            if is_fila:  # r / lora_alpha above are the adapter's; the published plain LoRA has twice the rank
+            data_driven_init = init_name(getattr(config, "init_lora_weights", None))
+            if (
+                data_driven_init is not None
+            ):  # r / lora_alpha above are the adapter's; the published plain LoRA has twice the rank
                 from peft_unlearn.fila.saving import portable_lora_config
 
                 portable = portable_lora_config(config)
@@ -394,7 +396,7 @@ class UnlearningSavingMixin:
             dataset_name=dataset_name,
             hyperparameters=hyper,
             adapter=adapter,
-            fila=is_fila,
+            init=data_driven_init,
             metrics=self._final_metrics(),
             tags=extra_tags,
             library_name="peft" if is_peft else "transformers",

@@ -70,7 +70,7 @@ from .run_checks import (
     max_positions,
     warn_ignored_run_options,
 )
-from .saving import UnlearningSavingMixin, is_fila_peft_model
+from .saving import UnlearningSavingMixin, is_data_driven_peft_model
 from .unlearning_config import UnlearningConfig
 
 __all__ = ["UnlearningItemCounts", "UnlearningTrainer"]
@@ -245,7 +245,9 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
         if self._retain_examples is not None:
             self._check_examples("retain", self._retain_examples, args)
         check_reference_vocab(model, ref_model if not isinstance(ref_model, str) else None)
-        warn_ignored_run_options(args, has_retain_data=args.retain_loss is not None, is_fila=is_fila_peft_model(model))
+        warn_ignored_run_options(
+            args, has_retain_data=args.retain_loss is not None, is_fila=is_data_driven_peft_model(model)
+        )
         self._eval_sets = self._tokenize_eval_sets(eval_dataset, args) if eval_dataset is not None else None
         self._memorization_target: list[dict[str, list[int]]] | None = None
         self._in_checkpoint_save = False
@@ -260,7 +262,7 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
         if self._retain_examples is not None:
             self._dataset_sizes["retain"] = len(self._retain_examples)
 
-        check_trainer_options(args, is_fila=is_fila_peft_model(model))
+        check_trainer_options(args, is_fila=is_data_driven_peft_model(model))
         if data_collator is None:
             data_collator = UnlearningDataCollator(pad_token_id)
 

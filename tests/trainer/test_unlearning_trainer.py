@@ -452,9 +452,9 @@ def test_fila_initialisation_reference_and_saving(tmp_path, tokenizer):
         processing_class=tokenizer,
         peft_config=_lora(init_lora_weights="fila"),
     )
-    assert fila.pending_fila_adapters(trainer.model) == ["default"]
+    assert fila.pending_data_driven_adapters(trainer.model) == ["default"]
     trainer.train()
-    assert fila.pending_fila_adapters(trainer.model) == []
+    assert fila.pending_data_driven_adapters(trainer.model) == []
     assert trainer.fila_stats["default"]["num_layers"] > 0
     assert "fila_seconds" in trainer.state.log_history[0]
     model = trainer.model.eval()
