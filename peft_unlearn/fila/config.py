@@ -279,7 +279,8 @@ class FilaLoraConfig(LoraConfig):
             self.init_lora_weights = self.init_lora_weights.lower()
         else:
             raise ValueError(
-                f"FilaLoraConfig needs init_lora_weights in {list(accepted)}, got {self.init_lora_weights!r}; use a "
+                f"FilaLoraConfig needs init_lora_weights={' or '.join(map(repr, accepted))}, got "
+                f"{self.init_lora_weights!r}; use a "
                 "plain peft.LoraConfig (or the init's own preset, e.g. RilaLoraConfig) for other initialisations."
             )
         super().__post_init__()

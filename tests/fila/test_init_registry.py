@@ -80,7 +80,7 @@ def test_model_card_names_the_adapters_init(init):
 
 def test_fila_preset_takes_the_inits_that_end_in_the_weighted_svd():
     assert FilaLoraConfig(init_lora_weights="VILA", target_modules=TARGETS).init_lora_weights == "vila"
-    with pytest.raises(ValueError, match=r"init_lora_weights in \['fila', 'vila'\], got 'rila'.*RilaLoraConfig"):
+    with pytest.raises(ValueError, match=r"init_lora_weights='fila' or 'vila', got 'rila'.*RilaLoraConfig"):
         FilaLoraConfig(init_lora_weights="rila", target_modules=TARGETS)
 
 
