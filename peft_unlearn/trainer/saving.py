@@ -147,6 +147,9 @@ class UnlearningSavingMixin:
 
     # ---- Trainer save paths ------------------------------------------------------------------------------------
 
+    # Private override: checkpoints are written only through `_save_checkpoint` (no public hook runs before the write;
+    # on_save runs after it): the save policy must refuse a foreign folder first, and data-driven adapters are saved
+    # raw (rank r plus `_fila_init/`) in checkpoints, so that resume works, instead of the portable export.
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         if self.args.hub_model_id is None:
             model_name = Path(self.args.output_dir).name
@@ -180,6 +183,8 @@ class UnlearningSavingMixin:
         if not _internal_call:
             self.create_model_card(output_dir=output_dir)
 
+    # Private override: `_save` is the one write that `save_model` reaches on every backend (plain, FSDP, DeepSpeed
+    # hand it their gathered state dict); staging it here applies the save policy and the portable export to all.
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Stage the save, check it against the policy, then move it into `output_dir`."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
@@ -240,6 +245,8 @@ class UnlearningSavingMixin:
                 **kwargs,
             )
 
+    # Private override: Trainer pushes the model files of a checkpoint folder to the Hub only from here (hub_strategy
+    # 'every_save'); for a data-driven adapter the pushed files must be the portable export, not the raw checkpoint.
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """Push to the Hub; for FILA models the pushed model files are the portable adapter, not the raw checkpoint.
 
@@ -268,6 +275,8 @@ class UnlearningSavingMixin:
                 self.processing_class.save_pretrained(portable)
             return self._push_files_from(portable)
 
+    # Private override: Trainer waits for its background uploads only here and drops their futures unexamined, so this
+    # is the one place a failed upload can be reported.
     def _finish_current_push(self) -> None:
         """`Trainer._finish_current_push` (wait for background uploads), then report the ones that failed."""
         super()._finish_current_push()

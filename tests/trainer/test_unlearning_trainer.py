@@ -630,6 +630,24 @@ def test_error_reference_missing(tmp_path, tokenizer):
         _make(tmp_path, tokenizer, model=model, args=_args(tmp_path, forget_loss="npo"), ref_model=model)
 
 
+def test_validate_is_the_one_check_step(tmp_path, tokenizer, monkeypatch):
+    """__init__ runs every check through `validate` once; called again after construction it re-checks the run."""
+    calls = []
+    original = UnlearningTrainer.validate
+    monkeypatch.setattr(UnlearningTrainer, "validate", lambda self, **kw: calls.append(kw) or original(self, **kw))
+    trainer = _make(tmp_path, tokenizer)  # no PEFT, no reference model: NPO cannot run
+    assert len(calls) == 1
+    trainer.validate()  # the constructed trainer passes its own checks
+    trainer.args.forget_loss = "npo"
+    with pytest.raises(ValueError, match=r"forget_loss='npo' needs a reference model"):
+        trainer.validate()
+    trainer.args.forget_loss = "inverted_hinge"
+    trainer.args.retain_loss = "nll"
+    trainer._retain_examples = None
+    with pytest.raises(ValueError, match=r"retain_loss='nll' needs a `retain_dataset`"):
+        trainer.validate()
+
+
 @pytest.mark.parametrize("model_cls", [BertModel, BertForSequenceClassification])
 def test_error_not_causal_lm(tmp_path, tokenizer, model_cls):
     config = BertConfig(
