@@ -61,7 +61,7 @@ def test_registry_names_and_lookup():
 
 def test_cli_init_choices_are_the_registry():
     hints = typing.get_type_hints(TrainArguments)
-    assert typing.get_args(hints["init"]) == (*INITS, "default", "none")
+    assert typing.get_args(hints["init"]) == ("default", *INITS, "none")
     help_text = TrainArguments.__dataclass_fields__["init"].metadata["help"]
     assert all(f"'{name}' ({entry.summary}" in help_text for name, entry in INITS.items())
 
