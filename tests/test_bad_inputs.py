@@ -826,3 +826,23 @@ def test_a_record_cache_that_is_a_file_is_refused_before_saving(tmp_path, monkey
         with staged_save(tmp_path / "out") as stage:
             (stage / "adapter_config.json").write_text("{}")
     assert not (tmp_path / "out").exists() and cache.read_text() == "mine"
+
+
+def test_adapter_is_never_saved_into_the_librarys_own_full_model_output(tokenizer, tmp_path):
+    out = tmp_path / "out"
+    full = _trainer(tokenizer, out, peft=False)
+    full.save_model(str(out))  # an earlier full fine-tuning run of this library
+    assert is_ours(out, "config.json") and is_ours(out, "model.safetensors")
+    before = _snapshot(out)
+    lora = _trainer(tokenizer, tmp_path / "elsewhere")
+    with pytest.raises(SaveConflictError, match=r"holds a model .* that peft_unlearn wrote .*from_pretrained\(\)"):
+        lora.save_model(str(out))
+    assert _snapshot(out) == before
+    with pytest.raises(SaveConflictError, match="another output_dir"):
+        _trainer(tokenizer, out).train()  # refused before training
+    assert _snapshot(out) == before
+    allowed = _trainer(tokenizer, tmp_path / "elsewhere", overwrite_output=True)
+    allowed.save_model(str(out))  # the switch still allows it
+    assert (out / "adapter_config.json").is_file() and (out / "model.safetensors").read_bytes() == before[
+        "model.safetensors"
+    ]
