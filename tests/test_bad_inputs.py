@@ -846,3 +846,20 @@ def test_adapter_is_never_saved_into_the_librarys_own_full_model_output(tokenize
     assert (out / "adapter_config.json").is_file() and (out / "model.safetensors").read_bytes() == before[
         "model.safetensors"
     ]
+
+
+def test_a_portable_save_into_a_fila_checkpoint_is_refused_and_resume_still_works(tokenizer, tmp_path):
+    out = tmp_path / "run"
+    trainer = _fila_trainer(tokenizer, out, max_steps=1, save_strategy="steps", save_steps=1)
+    trainer.train()
+    checkpoint = out / "checkpoint-1"
+    assert (checkpoint / "_fila_init" / "fila_meta.json").is_file()
+    before = _snapshot(checkpoint)
+    with pytest.raises(SaveConflictError, match=r"resumable trainer checkpoint .*fila_portable=False"):
+        trainer.model.save_pretrained(str(checkpoint))
+    with pytest.raises(SaveConflictError, match="Save to another folder"):
+        trainer.save_model(str(checkpoint))
+    assert _snapshot(checkpoint) == before
+    resumed = _fila_trainer(tokenizer, out, max_steps=2, save_strategy="steps", save_steps=1)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 2 and resumed.fila_stats == {}  # A0/B0 re-attached, not recomputed

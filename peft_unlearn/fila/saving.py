@@ -54,6 +54,7 @@ from .state import (
 
 __all__ = [
     "INIT_DIR",
+    "check_not_a_resumable_checkpoint",
     "export_portable_adapter",
     "fila_adapters",
     "is_fila_model",
@@ -71,6 +72,7 @@ _TENSORS_FILE = "fila_init.safetensors"
 _META_FILE = "fila_meta.json"
 _FORMAT_VERSION = 2
 _READABLE_VERSIONS = (1, 2)  # version 1 also stored base-weight fingerprints, which are no longer needed
+_TRAINER_STATE = "trainer_state.json"  # written by `Trainer` into every checkpoint folder
 
 
 def fila_adapters(model: nn.Module) -> list[str]:
@@ -136,6 +138,30 @@ def _init_states(model: nn.Module, adapter_name: str) -> dict[str, tuple[nn.Modu
             )
         states[name] = (layer, state[0], state[1])
     return states
+
+
+def check_not_a_resumable_checkpoint(directory: str | os.PathLike) -> None:
+    """Refuse a portable save into a resumable raw checkpoint (a `Trainer` checkpoint holding ``_fila_init/``).
+
+    The portable rank-2r adapter would replace the checkpoint's raw rank-r adapter and its ``_fila_init/`` would
+    be removed as stale, so ``resume_from_checkpoint`` on that folder would fail afterwards.
+
+    Args:
+        directory: The folder a portable save is about to write into.
+
+    Raises:
+        SaveConflictError: If `directory` holds ``trainer_state.json`` and ``_fila_init/``; nothing is written.
+    """
+    from ..save_policy import SaveConflictError
+
+    root = Path(directory)
+    if (root / _TRAINER_STATE).is_file() and (root / INIT_DIR).is_dir():
+        raise SaveConflictError(
+            f"Refusing to save the portable adapter into {str(root)!r}: it is a resumable trainer checkpoint (it holds "
+            f"{_TRAINER_STATE} and {INIT_DIR}/), and the portable rank-2r adapter would replace its raw adapter and "
+            f"remove {INIT_DIR}/, so resume_from_checkpoint on it would fail. Save to another folder (e.g. "
+            f"{str(root.parent / 'final')!r}), or pass fila_portable=False to rewrite the raw checkpoint."
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -478,7 +504,8 @@ def fila_save_pretrained(
 
     * ``fila_portable=True`` (default): every selected data-driven adapter is written as the portable
       rank-2r plain LoRA (`export_portable_adapter`); a stale ``_fila_init/`` in the folder is removed if
-      peft_unlearn wrote it (a folder with other files is left in place, with a warning).
+      peft_unlearn wrote it (a folder with other files is left in place, with a warning). A resumable trainer
+      checkpoint (``trainer_state.json`` plus ``_fila_init/``) is refused (`check_not_a_resumable_checkpoint`).
     * ``fila_portable=False``: the raw rank-r adapter (config keeps ``"fila"``) plus ``_fila_init/``.
     * Other selected adapters (all adapters when ``selected_adapters=None``) are saved by PEFT as they
       are: they act on the unmodified base, so they are valid on the original model.
@@ -520,6 +547,8 @@ def fila_save_pretrained(
     root = Path(save_directory)
     if root.is_file():
         raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
+    if is_main_process and fila_selected and fila_portable:
+        check_not_a_resumable_checkpoint(root)  # the portable save would break resume_from_checkpoint there
 
     def write(folder: Path) -> None:
         if plain_selected:

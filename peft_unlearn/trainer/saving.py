@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..fila.saving import is_fila_model
+from ..fila.saving import check_not_a_resumable_checkpoint, is_fila_model
 from ..fila.state import init_name
 from ..save_policy import (
     OVERWRITE_SWITCH,
@@ -186,9 +186,11 @@ class UnlearningSavingMixin:
         self._refuse_broken_model(f"saving the model to {str(output_dir)!r}")
         if not self.args.should_save:
             return self._write_model(output_dir, state_dict)  # non-writer ranks: collectives only
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if is_fila_peft_model(model) and not self._in_checkpoint_save:
+            check_not_a_resumable_checkpoint(output_dir)  # the portable save would break resuming that checkpoint
         with staged_save(output_dir, overwrite=self._overwrite_allowed()) as stage:
             self._write_model(str(stage), state_dict)
-        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         if is_fila_peft_model(model) and not self._in_checkpoint_save:
             from peft_unlearn.fila.saving import INIT_DIR
 
