@@ -863,3 +863,25 @@ def test_a_portable_save_into_a_fila_checkpoint_is_refused_and_resume_still_work
     resumed = _fila_trainer(tokenizer, out, max_steps=2, save_strategy="steps", save_steps=1)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.state.global_step == 2 and resumed.fila_stats == {}  # A0/B0 re-attached, not recomputed
+
+
+def test_resuming_a_fila_checkpoint_on_another_base_is_refused(tokenizer, tmp_path):
+    out = tmp_path / "run"
+    _fila_trainer(tokenizer, out, max_steps=1, save_strategy="steps", save_steps=1).train()
+    checkpoint = out / "checkpoint-1"
+    other = tiny_causal_lm("llama", vocab_size=len(tokenizer), seed=1)  # same architecture, other weights
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", init_lora_weights="fila")
+    trainer = UnlearningTrainer(
+        model=other,
+        args=_args(out, max_steps=2, save_strategy="steps", save_steps=1),
+        processing_class=tokenizer,
+        forget_dataset=FORGET,
+        retain_dataset=RETAIN,
+        peft_config=lora,
+    )
+    with pytest.raises(ValueError, match=r"base weight differs from the one the raw checkpoint .* was trained on"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert trainer.state.global_step == 0
+    same = _fila_trainer(tokenizer, out, max_steps=2, save_strategy="steps", save_steps=1)  # the same base
+    same.train(resume_from_checkpoint=str(checkpoint))
+    assert same.state.global_step == 2

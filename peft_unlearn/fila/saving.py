@@ -45,6 +45,7 @@ from .offset import get_offset, set_offset
 from .state import (
     clear_pending,
     data_driven_adapters,
+    dense_weight,
     init_name,
     is_data_driven_init,
     is_pending,
@@ -73,6 +74,11 @@ _META_FILE = "fila_meta.json"
 _FORMAT_VERSION = 2
 _READABLE_VERSIONS = (1, 2)  # version 1 also stored base-weight fingerprints, which are no longer needed
 _TRAINER_STATE = "trainer_state.json"  # written by `Trainer` into every checkpoint folder
+# The base check of a raw checkpoint: each target's base weight times a fixed random probe vector (float64) is stored
+# next to A0/B0; on restore, a weight whose probe product moved by more than this fraction of its norm is another
+# base. (A dtype cast, e.g. fp32 -> bf16, moves it by well under 1%; another model by ~100%.)
+_PROBE_SEED = 20240813
+_BASE_TOLERANCE = 0.02
 
 
 def fila_adapters(model: nn.Module) -> list[str]:
@@ -313,6 +319,46 @@ def export_portable_adapter(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _base_probe(layer: nn.Module) -> torch.Tensor | None:
+    """The target's base weight (dense, ``[out, in]``) times a fixed random probe, in float64 on the CPU.
+
+    None when the weight cannot be read here (e.g. on the meta device).
+    """
+    from peft.utils.integrations import gather_params_ctx
+
+    base = layer.get_base_layer()
+    if getattr(getattr(base, "weight", None), "is_meta", False):
+        return None
+    with gather_params_ctx(base.weight, modifier_rank=None), torch.no_grad():  # read-only gather under ZeRO-3
+        weight = dense_weight(base)
+        generator = torch.Generator().manual_seed(_PROBE_SEED)
+        probe = torch.randn(weight.shape[1], generator=generator, dtype=torch.float64)
+        return weight.to("cpu", torch.float64) @ probe
+
+
+def _check_same_base(
+    name: str, layer: nn.Module, stored: torch.Tensor, directory: str | os.PathLike, base_name: Any
+) -> None:
+    current = _base_probe(layer)
+    if current is None:
+        return
+    if current.shape != stored.shape:
+        raise ValueError(
+            f"Layer {name}: the base weight has {current.shape[0]} output features but the checkpoint {str(directory)!r} "
+            f"was trained on one with {stored.shape[0]}; load the base model it was trained from"
+            f"{f' ({base_name!r})' if base_name else ''}."
+        )
+    distance = float((current - stored.to(torch.float64)).norm() / stored.to(torch.float64).norm().clamp_min(1e-30))
+    if distance > _BASE_TOLERANCE:
+        raise ValueError(
+            f"Layer {name}: the base weight differs from the one the raw checkpoint {str(directory)!r} was trained on "
+            f"(relative distance {distance:.3g} of their fingerprints, tolerance {_BASE_TOLERANCE}), so its frozen A0/B0 "
+            "would not reproduce the trained model. Load the base model the checkpoint was trained from"
+            f"{f' ({base_name!r})' if base_name else ''}; to attach it anyway, call restore_fila_state(..., "
+            "check_base=False) yourself."
+        )
+
+
 def save_fila_state(
     model: nn.Module,
     directory: str | os.PathLike,
@@ -322,8 +368,10 @@ def save_fila_state(
 ) -> Path:
     """Write ``directory/_fila_init/`` with the frozen initial factors of the data-driven adapters.
 
-    Holds, per adapter and layer, ``A0``/``B0`` (exactly the values the adapter was initialised with);
-    ``fila_meta.json`` records the init, rank, scaling, shapes and dtypes.
+    Holds, per adapter and layer, ``A0``/``B0`` (exactly the values the adapter was initialised with) and a
+    fingerprint of the base weight (the weight times a fixed random probe vector), which `restore_fila_state`
+    checks so that a checkpoint is not resumed on another base; ``fila_meta.json`` records the init, rank,
+    scaling, shapes, dtypes and the base model's name.
 
     Args:
         model: A PeftModel with initialised FILA/VILA adapter(s).
@@ -348,6 +396,9 @@ def save_fila_state(
             key = f"{adapter}::{name}"
             tensors[f"{key}::A0"] = lora_a0.detach().to("cpu").contiguous()
             tensors[f"{key}::B0"] = lora_b0.detach().to("cpu").contiguous()
+            probe = _base_probe(layer)
+            if probe is not None:  # checked by restore_fila_state: the checkpoint belongs to this base
+                tensors[f"{key}::base_probe"] = probe
             layers_meta[name] = {
                 "r": int(layer.r[adapter]),
                 "scaling": float(layer.scaling[adapter]),
@@ -355,6 +406,7 @@ def save_fila_state(
                 "lora_dtype": str(lora_a0.dtype).removeprefix("torch."),
             }
         meta["adapters"][adapter] = {
+            "base_model_name_or_path": getattr(config, "base_model_name_or_path", None),
             "init_lora_weights": init_name(config.init_lora_weights),
             "r": int(config.r),
             "lora_alpha": config.lora_alpha,
@@ -407,7 +459,11 @@ def load_fila_state(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[
 
 @torch.no_grad()
 def restore_fila_state(
-    model: nn.Module, directory: str | os.PathLike, adapter_names: Sequence[str] | None = None
+    model: nn.Module,
+    directory: str | os.PathLike,
+    adapter_names: Sequence[str] | None = None,
+    *,
+    check_base: bool = True,
 ) -> dict[str, int]:
     """Re-attach the frozen initial factors stored in ``directory/_fila_init`` (resume in a new process).
 
@@ -422,13 +478,18 @@ def restore_fila_state(
         model: The PeftModel.
         directory: A folder containing ``_fila_init/`` (e.g. a Trainer checkpoint).
         adapter_names: Restore only these adapters (default: all stored ones).
+        check_base: Refuse a base whose target weights differ from those the checkpoint was trained on (their
+            stored fingerprints; checkpoints written before the fingerprints were stored are not checked).
 
     Returns:
         ``{"restored": layers whose initial factors were attached}``.
 
     Raises:
-        ValueError: If an adapter/layer is missing, or ranks, scalings or shapes differ.
+        ValueError: If an adapter/layer is missing, ranks, scalings or shapes differ, or (with `check_base`) the
+            base model is not the one the checkpoint was trained on.
     """
+    if not isinstance(check_base, bool):
+        raise TypeError(f"`check_base` must be a bool, got {check_base!r}.")
     meta, tensors = load_fila_state(directory)
     stored = meta["adapters"]
     names = list(adapter_names) if adapter_names is not None else list(stored)
@@ -451,6 +512,12 @@ def restore_fila_state(
                 f"Adapter {adapter!r} targets other layers than the stored FILA state: missing {missing[:3]}, "
                 f"unexpected {extra[:3]}. Use the same LoRA config as the checkpoint."
             )
+        if check_base:  # every layer is checked before any is attached: a refusal leaves the model as it was
+            base_name = stored[adapter].get("base_model_name_or_path")
+            for name in layer_meta:
+                stored_probe = tensors.get(f"{adapter}::{name}::base_probe")
+                if stored_probe is not None:
+                    _check_same_base(name, layers[name], stored_probe, directory, base_name)
         for name, info in layer_meta.items():
             layer = layers[name]
             if int(layer.r[adapter]) != info["r"] or not torch.isclose(
