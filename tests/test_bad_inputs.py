@@ -885,3 +885,24 @@ def test_resuming_a_fila_checkpoint_on_another_base_is_refused(tokenizer, tmp_pa
     same = _fila_trainer(tokenizer, out, max_steps=2, save_strategy="steps", save_steps=1)  # the same base
     same.train(resume_from_checkpoint=str(checkpoint))
     assert same.state.global_step == 2
+
+
+@pytest.mark.parametrize("loss", [{"forget_loss": "npo"}, {"retain_loss": "kl"}])
+def test_a_reloaded_trained_fila_adapter_needs_an_explicit_reference(tokenizer, tmp_path, loss):
+    from peft_unlearn.fila.offset import get_offset
+    from peft_unlearn.fila.state import iter_lora_layers
+    from peft_unlearn.models import load_adapter
+
+    out = tmp_path / "run"
+    _fila_trainer(tokenizer, out, max_steps=1, save_strategy="steps", save_steps=1, learning_rate=1e-2).train()
+    reloaded = load_adapter(tiny_causal_lm("llama", vocab_size=len(tokenizer)), out / "checkpoint-1", is_trainable=True)
+    with pytest.raises(ValueError, match=r"differ from the frozen initial factors A0/B0.*Pass `ref_model=`"):
+        _trainer(tokenizer, tmp_path / "again", model=reloaded, peft=False, **loss)
+    with torch.no_grad():  # back at the initial factors: the adapter is a no-op, the disabled-adapter reference is right
+        for _, layer in iter_lora_layers(reloaded, "default"):
+            lora_a0, lora_b0 = get_offset(layer, "default")
+            layer.lora_A["default"].weight.copy_(lora_a0)
+            layer.lora_B["default"].weight.copy_(lora_b0)
+    _trainer(tokenizer, tmp_path / "again", model=reloaded, peft=False, **loss)
+    ref = tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    _trainer(tokenizer, tmp_path / "again", model=reloaded, peft=False, ref_model=ref, **loss)
