@@ -906,3 +906,33 @@ def test_a_reloaded_trained_fila_adapter_needs_an_explicit_reference(tokenizer, 
     _trainer(tokenizer, tmp_path / "again", model=reloaded, peft=False, **loss)
     ref = tiny_causal_lm("llama", vocab_size=len(tokenizer))
     _trainer(tokenizer, tmp_path / "again", model=reloaded, peft=False, ref_model=ref, **loss)
+
+
+def test_fila_with_lm_head_among_the_targets_saves_a_portable_adapter(tokenizer, tmp_path, cli_files):
+    from peft import PeftModel
+
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "lm_head"], init_lora_weights="fila")
+    trainer = UnlearningTrainer(
+        model=tiny_causal_lm("llama", vocab_size=len(tokenizer)),
+        args=_args(tmp_path / "out", learning_rate=1e-2),
+        processing_class=tokenizer,
+        forget_dataset=FORGET,
+        retain_dataset=RETAIN,
+        peft_config=lora,
+    )
+    trainer.train()
+    with pytest.warns(UserWarning, match="save_embedding_layers"):  # PEFT's own "auto" choice, as for a plain LoRA
+        trainer.save_model(str(tmp_path / "saved"))
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    trained = trainer.model.eval()
+    with torch.no_grad():
+        expected = trained(input_ids=ids).logits
+        with trained.disable_adapter():
+            base_logits = trained(input_ids=ids).logits
+    assert (expected - base_logits).abs().max() > 1e-4  # the adapter (lm_head included) changed the model
+    reloaded = PeftModel.from_pretrained(tiny_causal_lm("llama", vocab_size=len(tokenizer)), tmp_path / "saved")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+    out = tmp_path / "cli"  # the command line: the run is saved, not lost
+    assert _cli_train(cli_files, out, "--target_modules", "q_proj", "lm_head") == 0
+    assert "lm_head" in json.loads((out / "adapter_config.json").read_text())["target_modules"]

@@ -28,6 +28,7 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -215,6 +216,23 @@ def _auto_mapping(model: nn.Module, config: Any) -> dict[str, str] | None:
     return {"base_model_class": base_cls.__name__, "parent_library": base_cls.__module__}
 
 
+def _embedding_prefixes(peft_model: nn.Module) -> tuple[str, ...]:
+    """State-dict prefixes (``"<module name>."``) of the model's input and output embedding layers."""
+    layers = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        with contextlib.suppress(AttributeError, NotImplementedError):
+            layer = getattr(peft_model, getter)()
+            if layer is not None:
+                layers.append(layer)
+    if not layers:
+        return ()
+    prefixes = []
+    for name, module in peft_model.named_modules():
+        if any(module is layer or getattr(module, "base_layer", None) is layer for layer in layers):
+            prefixes.append(f"{name}.")
+    return tuple(prefixes)
+
+
 def export_portable_adapter(
     peft_model: nn.Module,
     save_directory: str | os.PathLike,
@@ -238,7 +256,9 @@ def export_portable_adapter(
         safe_serialization: Use safetensors.
         is_main_process: Only the main process writes (DDP).
         state_dict: Optional full state dict to take the trained weights from (as PEFT's ``save_pretrained``).
-        save_embedding_layers: Passed to ``get_peft_model_state_dict``.
+        save_embedding_layers: Passed to ``get_peft_model_state_dict`` (``"auto"``: ``True`` when an embedding layer
+            such as ``lm_head`` is among the targets, as PEFT does). The embedding weights it adds are the base
+            weights (never changed by a data-driven adapter) and are written as they are.
         overwrite_output: Allow replacing files in `save_directory` that peft_unlearn did not write (see
             [`peft_unlearn.save_policy`][peft_unlearn.save_policy]); without it such a save raises
             `SaveConflictError` and writes nothing.
@@ -267,9 +287,15 @@ def export_portable_adapter(
     trained = get_peft_model_state_dict(
         peft_model, state_dict=state_dict, adapter_name=adapter_name, save_embedding_layers=save_embedding_layers
     )
+    embedding_prefixes = _embedding_prefixes(peft_model)
     converted: dict[str, torch.Tensor] = {}
     seen = set()
     for key, value in trained.items():
+        if ".lora_" not in key and key.startswith(embedding_prefixes):
+            # the full embedding / lm_head weight that PEFT saves when an embedding layer is targeted
+            # (`save_embedding_layers`): the base weight, which a data-driven adapter never changes; kept as is
+            converted[key] = value.detach()
+            continue
         for part, dim in ((".lora_A.weight", 0), (".lora_B.weight", 1)):
             if key.endswith(part):
                 name = normalize_module_name(key[: -len(part)])
