@@ -259,7 +259,11 @@ def _conflict_message(root: Path, names: list[str], switch: str) -> str:
 
 
 def _base_model_message(root: Path, switch: str) -> str:
-    writer = "peft_unlearn wrote (e.g. an earlier full fine-tuning run)" if is_ours(root, _CONFIG) else "peft_unlearn did not write"
+    writer = (
+        "peft_unlearn wrote (e.g. an earlier full fine-tuning run)"
+        if is_ours(root, _CONFIG)
+        else "peft_unlearn did not write"
+    )
     return (
         f"Refusing to save an adapter into {str(root)!r}: the folder holds a model (config.json and weights) that "
         f"{writer}, and from_pretrained() on it would afterwards load the adapter instead of that "

@@ -895,10 +895,13 @@ def test_a_reloaded_trained_fila_adapter_needs_an_explicit_reference(tokenizer, 
 
     out = tmp_path / "run"
     _fila_trainer(tokenizer, out, max_steps=1, save_strategy="steps", save_steps=1, learning_rate=1e-2).train()
-    reloaded = load_adapter(tiny_causal_lm("llama", vocab_size=len(tokenizer)), out / "checkpoint-1", is_trainable=True)
+    reloaded = load_adapter(
+        tiny_causal_lm("llama", vocab_size=len(tokenizer)), out / "checkpoint-1", is_trainable=True
+    )
     with pytest.raises(ValueError, match=r"differ from the frozen initial factors A0/B0.*Pass `ref_model=`"):
         _trainer(tokenizer, tmp_path / "again", model=reloaded, peft=False, **loss)
-    with torch.no_grad():  # back at the initial factors: the adapter is a no-op, the disabled-adapter reference is right
+    # back at the initial factors: the adapter is a no-op, the disabled-adapter reference is right
+    with torch.no_grad():
         for _, layer in iter_lora_layers(reloaded, "default"):
             lora_a0, lora_b0 = get_offset(layer, "default")
             layer.lora_A["default"].weight.copy_(lora_a0)
