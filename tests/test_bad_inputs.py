@@ -939,3 +939,56 @@ def test_fila_with_lm_head_among_the_targets_saves_a_portable_adapter(tokenizer,
     out = tmp_path / "cli"  # the command line: the run is saved, not lost
     assert _cli_train(cli_files, out, "--target_modules", "q_proj", "lm_head") == 0
     assert "lm_head" in json.loads((out / "adapter_config.json").read_text())["target_modules"]
+
+
+def test_fisher_pass_on_a_4bit_base_repacked_for_cpu_inference_is_a_clear_error(tmp_path):
+    """bitsandbytes repacks a 4-bit weight at the first eval-mode no-grad forward on CPUs with AVX512-BF16.
+
+    This machine may lack AVX512-BF16, so the test sets the one flag bitsandbytes checks for it
+    (`Linear4bit.support_avx512bf16_for_cpu`); the repack itself is bitsandbytes' own code.
+    """
+    bnb = pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from peft_unlearn.fila.fisher import estimate_fisher
+    from peft_unlearn.fila.fisher_hooks import MissingOutputGradientError
+    from peft_unlearn.testing import random_lm_batches
+
+    tiny_causal_lm("llama", vocab_size=320, hidden_size=64, seed=0).save_pretrained(tmp_path / "base")
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quant, dtype=torch.float32)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = True  # as on an AVX512-BF16 CPU
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 2, 3]]))  # e.g. an evaluation before training
+    assert all(layer.weight.quant_state.packing_format_for_cpu for layer in layers)  # bitsandbytes repacked them
+    batches = random_lm_batches(1)
+    with pytest.raises(MissingOutputGradientError, match=r"repacked the 4-bit weights of 14 layer.*model.train\(\)"):
+        estimate_fisher(model, batches, batches, show_progress=False)
+
+
+def test_fisher_hooks_name_a_layer_without_output_gradient(tiny_llama):
+    """A module with no backward after a target layer: its output-gradient hook gets None (an AttributeError before)."""
+    from peft_unlearn.fila.fisher import estimate_fisher
+    from peft_unlearn.fila.fisher_hooks import MissingOutputGradientError
+    from peft_unlearn.testing import random_lm_batches
+
+    class NoBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return None
+
+    tiny_llama.model.layers[1].mlp.register_forward_hook(lambda module, args, out: NoBackward.apply(out))
+    batches = random_lm_batches(1, vocab_size=tiny_llama.config.vocab_size)
+    with pytest.raises(
+        MissingOutputGradientError, match=r"'model.layers.1.mlp.down_proj' received no output gradient"
+    ):
+        estimate_fisher(tiny_llama, batches, batches, show_progress=False)
