@@ -11,13 +11,20 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from peft_unlearn.losses import inverted_hinge_loss, kl_loss, nll_loss, sequence_log_probs
+from peft_unlearn.losses import (
+    inverted_hinge_loss,
+    kl_loss,
+    nll_loss,
+    quantization_margin_loss,
+    sequence_log_probs,
+)
 from peft_unlearn.losses.fused import (
     FusedLossUnsupportedError,
     OutputHead,
     fused_inverted_hinge_loss,
     fused_kl_loss,
     fused_nll_loss,
+    fused_quantization_margin_loss,
     fused_sequence_log_probs,
     fused_token_statistics,
     model_hidden_states,
@@ -44,6 +51,19 @@ def _losses(labels: torch.Tensor, ref_hidden: torch.Tensor, ref_head: OutputHead
             "ihl",
             lambda h, head: fused_inverted_hinge_loss(h, head, labels, chunk_rows=chunk),
             lambda z: inverted_hinge_loss(z, labels),
+        ),
+        (
+            "quantization_margin",
+            lambda h, head: fused_quantization_margin_loss(h, head, labels, 1.5, reduction="sum", chunk_rows=chunk),
+            lambda z: quantization_margin_loss(z, labels, 1.5, reduction="sum"),
+        ),
+        (
+            "ihl_plus_margin",
+            lambda h, head: (
+                fused_inverted_hinge_loss(h, head, labels, chunk_rows=chunk)
+                + fused_quantization_margin_loss(h, head, labels, 0.5, chunk_rows=chunk)
+            ),
+            lambda z: inverted_hinge_loss(z, labels) + quantization_margin_loss(z, labels, 0.5),
         ),
         (
             "nll",
@@ -243,3 +263,30 @@ def test_bad_inputs_are_refused(kwargs, match):
         fused_token_statistics(torch.randn(2, 4, 6), OutputHead(torch.randn(9, 6)), **args)
     with pytest.raises(ValueError, match="hidden size"):
         fused_nll_loss(torch.randn(2, 4, 5), OutputHead(torch.randn(9, 6)), torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_quantization_margin_is_active_and_exact_past_underflow():
+    """Some tokens are inside the margin and some beyond it (the test covers both sides of the hinge); a token whose
+    runner-up probability underflows fp32 still gets its exact logit gap (log p_y - log p_k, not log of 0)."""
+    torch.manual_seed(3)
+    hidden = torch.randn(2, 6, 8, dtype=torch.float64)
+    head = OutputHead(torch.randn(13, 8, dtype=torch.float64))
+    labels = _labels(2, 6, 13)
+    stats = fused_token_statistics(hidden, head, labels, runner_up=True)
+    gap = stats.logit_margin() + 1.5
+    assert (gap > 0).any() and (gap < 0).any()
+    # one row: z_y - z_k = 200 (exp(-200) underflows fp32), margin 1 -> loss 201
+    weight = torch.zeros(3, 2)
+    weight[0, 0], weight[1, 1] = 200.0, 0.0
+    h = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]], requires_grad=True)
+    y = torch.tensor([[-100, 0]])
+    loss = fused_quantization_margin_loss(h, OutputHead(weight), y, 1.0, reduction="sum")
+    assert loss.item() == pytest.approx(201.0)
+    ref = quantization_margin_loss(OutputHead(weight).logits(h), y, 1.0, reduction="sum")
+    assert ref.item() == pytest.approx(201.0)
+    (grad_f,) = torch.autograd.grad(loss, h)
+    h2 = h.detach().clone().requires_grad_(True)
+    (grad_u,) = torch.autograd.grad(
+        quantization_margin_loss(OutputHead(weight).logits(h2), y, 1.0, reduction="sum"), h2
+    )
+    torch.testing.assert_close(grad_f, grad_u)

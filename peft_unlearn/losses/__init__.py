@@ -22,7 +22,7 @@ Implemented losses:
 * `gradient_ascent_loss` (``-NLL``), `nll_loss`, `kl_loss` (retain KL to a reference model),
   `sequence_log_probs`, `npo_loss`, `simnpo_loss`.
 * Fused linear + loss (`peft_unlearn.losses.fused`): `fused_inverted_hinge_loss`, `fused_nll_loss`,
-  `fused_sequence_log_probs`, `fused_kl_loss` take the last hidden states and the output projection
+  `fused_sequence_log_probs`, `fused_kl_loss`, `fused_quantization_margin_loss` take the last hidden states and the output projection
   (`output_head`) and process tokens in chunks, so the ``[N, V]`` logits are never materialized; the trainer uses
   them by default (`UnlearningConfig.fused_loss`).
 * `rmu_loss` with `rmu_control_vector`: representation misdirection (RMU, Li et al. 2024), an MSE on the hidden
@@ -60,6 +60,7 @@ from .fused import (
     fused_inverted_hinge_loss,
     fused_kl_loss,
     fused_nll_loss,
+    fused_quantization_margin_loss,
     fused_sequence_log_probs,
     model_hidden_states,
     output_head,
@@ -94,6 +95,7 @@ __all__ = [
     "fused_inverted_hinge_loss",
     "fused_kl_loss",
     "fused_nll_loss",
+    "fused_quantization_margin_loss",
     "fused_sequence_log_probs",
     "get_loss",
     "gradient_ascent_loss",

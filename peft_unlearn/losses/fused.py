@@ -9,7 +9,8 @@ one chunk of logits is alive in forward and in backward.
 
 Every function equals its unfused twin in `peft_unlearn.losses.functions` (same shifting, ``ignore_index``,
 ``reduction``) up to floating-point rounding: `fused_inverted_hinge_loss`, `fused_nll_loss`,
-`fused_sequence_log_probs`, `fused_kl_loss`; `fused_token_statistics` is the common core.
+`fused_sequence_log_probs`, `fused_kl_loss`, `fused_quantization_margin_loss`; `fused_token_statistics` is the common
+core.
 
 `model_hidden_states` runs a (PEFT-wrapped, possibly DDP-wrapped) model for its last hidden states only
 (``output_hidden_states=[-1]`` and ``logits_to_keep=1``: the model projects one position), and `output_head`
@@ -48,6 +49,7 @@ __all__ = [
     "fused_inverted_hinge_loss",
     "fused_kl_loss",
     "fused_nll_loss",
+    "fused_quantization_margin_loss",
     "fused_sequence_log_probs",
     "fused_token_statistics",
     "model_hidden_states",
@@ -241,6 +243,8 @@ class TokenStatistics:
         runner_up_p: ``max_{v != y} p_v`` ``[n]`` (zeros unless requested).
         kl: ``KL(p_ref || p)`` ``[n]`` (zeros without a reference).
         shape: ``(B, T)``.
+        runner_up_log_p: ``log max_{v != y} p_v`` ``[n]`` (zeros unless requested); ``log_p - runner_up_log_p`` is
+            the logit margin ``z_y - max_{v != y} z_v``.
     """
 
     positions: Tensor
@@ -248,6 +252,13 @@ class TokenStatistics:
     runner_up_p: Tensor
     kl: Tensor
     shape: tuple[int, int]
+    runner_up_log_p: Tensor | None = None
+
+    def logit_margin(self) -> Tensor:
+        """``z_y - max_{v != y} z_v`` per position ``[n]`` (of the capped logits; needs ``runner_up=True``)."""
+        if self.runner_up_log_p is None:
+            raise ValueError("logit_margin() needs statistics computed with runner_up=True.")
+        return self.log_p - self.runner_up_log_p
 
     def per_sequence(self, values: Tensor) -> Tensor:
         """Sum of per-position ``values [n]`` over each sequence, ``[B]`` (differentiable)."""
@@ -357,7 +368,7 @@ def fused_token_statistics(
     needs_grad = torch.is_grad_enabled() and (
         selected.requires_grad or head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad)
     )
-    log_p, runner_p, kl = FusedLinearStatsFunction.apply(
+    log_p, runner_p, runner_log_p, kl = FusedLinearStatsFunction.apply(
         selected,
         head.weight,
         head.bias,
@@ -374,7 +385,8 @@ def fused_token_statistics(
     if all_positions:
         log_p = torch.where(sel_supervised, log_p, torch.zeros_like(log_p))
         runner_p = torch.where(sel_supervised, runner_p, torch.zeros_like(runner_p))
-    return TokenStatistics(positions, log_p, runner_p, kl, (batch, seq))
+        runner_log_p = torch.where(sel_supervised, runner_log_p, torch.zeros_like(runner_log_p))
+    return TokenStatistics(positions, log_p, runner_p, kl, (batch, seq), runner_up_log_p=runner_log_p)
 
 
 def _reduce(total: Tensor, count: int | Tensor, reduction: str) -> Tensor:
@@ -418,6 +430,48 @@ def fused_inverted_hinge_loss(
     if head.vocab_size < 2:
         raise ValueError(f"inverted_hinge_loss needs a vocabulary of at least 2 tokens, got {head.vocab_size}.")
     per_token = 1.0 + (stats.log_p.exp() - stats.runner_up_p)
+    return _reduce(per_token.sum(), stats.positions.numel(), reduction)
+
+
+def fused_quantization_margin_loss(
+    hidden: Tensor,
+    head: OutputHead,
+    labels: Tensor,
+    margin: float,
+    ignore_index: int = IGNORE_INDEX,
+    reduction: str = "mean",
+    chunk_rows: int | None = None,
+) -> Tensor:
+    """`quantization_margin_loss` of ``head.logits(hidden)`` in chunks: ``max(0, z_y - max_{v != y} z_v + margin)``.
+
+    The logit gap is ``log p(y) - log p(k)`` of the runner-up ``k``, which the kernel returns per token, so no
+    logits are held beyond one chunk.
+
+    Args:
+        hidden: Last hidden states ``[B, T, d]``.
+        head: The output projection.
+        labels: Token ids ``[B, T]``, ``ignore_index`` on unsupervised tokens.
+        margin: The logit margin (> 0).
+        ignore_index: Label value that is skipped.
+        reduction: ``"mean"`` over supervised tokens or ``"sum"``.
+        chunk_rows: Tokens per chunk (None: automatic).
+
+    Returns:
+        Scalar loss (fp32 for half-precision inputs).
+
+    Examples:
+        >>> h, head = torch.randn(2, 5, 8), OutputHead(torch.randn(11, 8))
+        >>> fused_quantization_margin_loss(h, head, torch.randint(0, 11, (2, 5)), margin=1.0).item() >= 0.0
+        True
+    """
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 < margin < float("inf"):
+        raise ValueError(f"`margin` must be a finite number > 0, got {margin!r}.")
+    if head.vocab_size < 2:
+        raise ValueError(f"quantization_margin_loss needs a vocabulary of at least 2 tokens, got {head.vocab_size}.")
+    stats = fused_token_statistics(
+        hidden, head, labels, runner_up=True, ignore_index=ignore_index, chunk_rows=chunk_rows
+    )
+    per_token = torch.relu(stats.logit_margin() + float(margin))
     return _reduce(per_token.sum(), stats.positions.numel(), reduction)
 
 

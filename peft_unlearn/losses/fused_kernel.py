@@ -6,14 +6,16 @@ hidden states ``h [n, d]`` and an output projection ``W [V, d]`` (optional bias,
 
 * ``log p(y)``, the log-probability of the target token,
 * ``p(k)``, the probability of the runner-up ``k = argmax_{v != y} p_v`` (for the inverted hinge loss),
+* ``log p(k)``, its log-probability (``log p(y) - log p(k) = z_y - z_k``, the logit margin of the quantization
+  defence, exact even where ``p(k)`` underflows),
 * ``KL(p_ref || p)``, with the reference distribution recomputed chunk by chunk from reference hidden states.
 
 Any loss that is a function of these vectors (NLL, gradient ascent, IHL, NPO/SimNPO sequence log-probs, KL) gets
 its exact gradient through ordinary autograd on ``[n]`` vectors, plus this function's backward. With upstream
-gradients ``a`` (of ``log p(y)``), ``b`` (of ``p(k)``) and ``c`` (of the KL), the gradient w.r.t. the
-(capped) logits ``z`` of a row is
+gradients ``a`` (of ``log p(y)``), ``b`` (of ``p(k)``), ``g`` (of ``log p(k)``) and ``c`` (of the KL), the
+gradient w.r.t. the (capped) logits ``z`` of a row is
 
-    dz = a (e_y - p) + b p_k (e_k - p) + c (p - p_ref),
+    dz = a (e_y - p) + (b p_k + g) (e_k - p) + c (p - p_ref),
 
 then multiplied by ``1 - tanh(z_raw / cap)^2`` under soft-capping, and ``dh = dz W``, ``dW = dz^T h``.
 
@@ -27,7 +29,9 @@ Examples:
     >>> import torch
     >>> h, w = torch.randn(3, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
     >>> y = torch.tensor([0, 1, 2])
-    >>> logp, p_k, kl = FusedLinearStatsFunction.apply(h, w, None, y, None, None, None, None, None, 2, True, False)
+    >>> logp, p_k, log_p_k, kl = FusedLinearStatsFunction.apply(
+    ...     h, w, None, y, None, None, None, None, None, 2, True, False
+    ... )
     >>> torch.allclose(logp, torch.log_softmax(h @ w.T, -1).gather(1, y[:, None]).squeeze(1))
     True
 """
@@ -85,13 +89,14 @@ def _chunk_logits(
 
 
 class FusedLinearStatsFunction(torch.autograd.Function):
-    """``(log p(y), p(k), KL(p_ref || p))`` per row of ``softmax(softcap(h W^T + b))``, chunked over rows.
+    """``(log p(y), p(k), log p(k), KL(p_ref || p))`` per row of ``softmax(softcap(h W^T + b))``, chunked over rows.
 
     Inputs of `apply` (positional): ``hidden [n, d]``, ``weight [V, d]``, ``bias [V]`` or None, ``targets [n]``
     (valid token ids), ``ref_hidden [n, d]`` or None, ``ref_weight``, ``ref_bias``, ``softcap``, ``ref_softcap``
     (floats or None), ``chunk_rows`` (int), ``runner_up`` (bool: compute ``p(k)``), ``needs_grad`` (bool: prepare
     the backward). The reference inputs never receive a gradient. Outputs ``[n]`` in the compute dtype (fp32 for
-    half-precision inputs); ``p(k)`` is zeros without ``runner_up`` and the KL zeros without ``ref_hidden``.
+    half-precision inputs); ``p(k)`` and ``log p(k)`` are zeros without ``runner_up`` and the KL zeros without
+    ``ref_hidden``.
 
     Ties of the runner-up go to the lowest column. Double backward is not supported.
     """
@@ -111,7 +116,7 @@ class FusedLinearStatsFunction(torch.autograd.Function):
         chunk_rows: int,
         runner_up: bool,
         needs_grad: bool,
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         n_rows = hidden.shape[0]
         mdtype = _matmul_dtype(hidden, weight)
         cdtype = _compute_dtype(mdtype)
@@ -128,6 +133,7 @@ class FusedLinearStatsFunction(torch.autograd.Function):
             rb = None if ref_bias is None else ref_bias.detach().to(ref_mdtype)
         logp = torch.zeros(n_rows, dtype=cdtype, device=device)
         p_k = torch.zeros(n_rows, dtype=cdtype, device=device)
+        log_p_k = torch.zeros(n_rows, dtype=cdtype, device=device)
         kl = torch.zeros(n_rows, dtype=cdtype, device=device)
         lse = torch.zeros(n_rows, dtype=cdtype, device=device)
         runner = torch.zeros(n_rows, dtype=torch.long, device=device)
@@ -150,7 +156,8 @@ class FusedLinearStatsFunction(torch.autograd.Function):
                     z_k, k = z.max(dim=-1)
                     z.scatter_(1, y, z_y.unsqueeze(1))
                     runner[start:stop] = k
-                    p_k[start:stop] = torch.exp(z_k - chunk_lse)
+                    log_p_k[start:stop] = z_k - chunk_lse
+                    p_k[start:stop] = log_p_k[start:stop].exp()
                 log_p = z.sub_(chunk_lse.unsqueeze(1))  # z is now log p
                 if has_ref:
                     zr, _ = _chunk_logits(ref_hidden[start:stop].detach().to(ref_mdtype), rw, rb, ref_softcap, cdtype)
@@ -176,11 +183,11 @@ class FusedLinearStatsFunction(torch.autograd.Function):
             ctx.save_for_backward(weight, targets, runner, p_k, pw, ref_pw, slope_y, slope_k)
         elif train_head:
             ctx.save_for_backward(hidden, weight, bias, targets, runner, p_k, lse, ref_hidden, ref_weight, ref_bias)
-        return logp, p_k, kl
+        return logp, p_k, log_p_k, kl
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_logp: Tensor, grad_pk: Tensor, grad_kl: Tensor):  # type: ignore[override]
+    def backward(ctx, grad_logp: Tensor, grad_pk: Tensor, grad_log_pk: Tensor, grad_kl: Tensor):  # type: ignore[override]
         nones = (None,) * 9
         if not (ctx.precompute or ctx.train_head):
             return (None, None, None, *nones)
@@ -190,7 +197,7 @@ class FusedLinearStatsFunction(torch.autograd.Function):
         c = grad_kl.to(cdtype)
         if ctx.precompute:
             weight, targets, runner, p_k, pw, ref_pw, slope_y, slope_k = ctx.saved_tensors
-            coef_k = bk * p_k
+            coef_k = bk * p_k + grad_log_pk.to(cdtype)
             total = a + coef_k - (c if ctx.has_ref else 0.0)
             grad_h = pw * (-total).unsqueeze(1)
             grad_h += weight[targets].to(cdtype) * (a * slope_y).unsqueeze(1)
@@ -212,7 +219,7 @@ class FusedLinearStatsFunction(torch.autograd.Function):
         grad_b = None
         if bias is not None and ctx.needs_input_grad[2]:
             grad_b = torch.zeros(bias.shape, dtype=acc_dtype, device=bias.device)
-        coef_k = bk * p_k
+        coef_k = bk * p_k + grad_log_pk.to(cdtype)
         total = a + coef_k - (c if ctx.has_ref else 0.0)
         for start in range(0, hidden.shape[0], ctx.chunk_rows):
             stop = min(start + ctx.chunk_rows, hidden.shape[0])

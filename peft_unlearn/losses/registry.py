@@ -309,9 +309,11 @@ def _kl_count(inputs: Mapping[str, Tensor], config: Any) -> Tensor:
 def _ihl_term(batch: LossBatch, model: torch.nn.Module, reference: Any) -> LossTerm:
     labels, count = batch.labels("forget"), batch.supervised_count("forget")
     margin = getattr(batch.config, "quantization_margin", None)
-    if batch.fused and margin is None:  # the margin reads raw logits: that run takes the unfused path
+    if batch.fused:
         stats = batch.token_stats(model, "forget", runner_up=True)
         total = (1.0 + (stats.log_p.exp() - stats.runner_up_p)).sum()
+        if margin is not None:  # the QUAIL-style margin from the same statistics: z_y - z_k = log p_y - log p_k
+            total = total + torch.relu(stats.logit_margin() + float(margin)).sum()
         return LossTerm(total, count, -stats.log_p.detach().sum() / count.clamp_min(1))
     logits = batch.logits(model, "forget")
     total = inverted_hinge_loss(logits, labels, reduction="sum")

@@ -19,6 +19,7 @@ from tests.trainer.test_unlearning_trainer import FORGET, RETAIN, _args, _lora, 
     ("forget_loss", "retain_loss", "extra"),
     [
         ("inverted_hinge", "nll", {}),
+        ("inverted_hinge", "nll", {"quantization_margin": 3.0}),
         ("inverted_hinge", "kl", {"kl_mask": "none"}),
         ("gradient_ascent", "kl", {}),
         ("npo", "nll", {}),
