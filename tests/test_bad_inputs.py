@@ -992,3 +992,27 @@ def test_fisher_hooks_name_a_layer_without_output_gradient(tiny_llama):
         MissingOutputGradientError, match=r"'model.layers.1.mlp.down_proj' received no output gradient"
     ):
         estimate_fisher(tiny_llama, batches, batches, show_progress=False)
+
+
+@pytest.mark.parametrize("failure", ["offline mode", "connection refused"])
+def test_hub_push_without_network_keeps_the_local_save_and_says_how_to_push(tokenizer, tmp_path, monkeypatch, failure):
+    """The real huggingface_hub client: its offline error, or its HTTP client's transport error (httpx2 in 2.x)."""
+    import huggingface_hub
+    import transformers.trainer
+
+    if failure == "connection refused":  # a closed local port: the client's own transport error, no network used
+        monkeypatch.setattr(huggingface_hub.constants, "is_offline_mode", lambda: False)
+        monkeypatch.setattr(
+            transformers.trainer, "hf_api", lambda: huggingface_hub.HfApi(endpoint="http://127.0.0.1:9", token="hf_x")
+        )
+    out = tmp_path / "out"
+    trainer = _trainer(tokenizer, out, hub_model_id="someone/tiny")
+    trainer.train()
+    with pytest.raises(HubConnectionError) as info:
+        trainer.push_to_hub()
+    message = str(info.value)
+    assert "\n" not in message and "cannot reach the Hugging Face Hub" in message, message
+    assert f"saved locally in {str(out)!r}" in message and f"`hf upload someone/tiny {out}`" in message
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    with pytest.raises(HubConnectionError, match="cannot reach the Hugging Face Hub"):
+        _trainer(tokenizer, tmp_path / "o2", push_to_hub=True, hub_model_id="someone/tiny")  # at construction too
