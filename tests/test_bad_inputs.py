@@ -1016,3 +1016,34 @@ def test_hub_push_without_network_keeps_the_local_save_and_says_how_to_push(toke
     assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
     with pytest.raises(HubConnectionError, match="cannot reach the Hugging Face Hub"):
         _trainer(tokenizer, tmp_path / "o2", push_to_hub=True, hub_model_id="someone/tiny")  # at construction too
+
+
+def test_chat_content_as_a_list_of_text_parts_is_joined_and_other_parts_are_refused(tokenizer, tmp_path):
+    from peft_unlearn.trainer.formats import tokenize_dataset, tokenize_idk_dataset
+
+    plain = [
+        {"role": "user", "content": "Who wrote it?"},
+        {"role": "assistant", "content": "The author of the book."},
+    ]
+    parts = [
+        {"role": "user", "content": [{"type": "text", "text": "Who wrote "}, {"type": "text", "text": "it?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "The author of the book."}]},
+    ]
+    as_parts = tokenize_dataset([{"messages": parts}], tokenizer, completion_only_loss=True)
+    assert as_parts == tokenize_dataset([{"messages": plain}], tokenizer, completion_only_loss=True)
+    pc = {"prompt": parts[:1], "completion": parts[1:]}
+    assert tokenize_dataset([pc], tokenizer) == tokenize_dataset(
+        [{"prompt": plain[:1], "completion": plain[1:]}], tokenizer
+    )
+    assert tokenize_idk_dataset([{"messages": parts}], tokenizer, ["No idea."]) == tokenize_idk_dataset(
+        [{"messages": plain}], tokenizer, ["No idea."]
+    )
+    _trainer(tokenizer, tmp_path / "out", forget_dataset=[{"messages": parts}] * 2)  # accepted by the trainer
+    image = [
+        {"role": "user", "content": [{"type": "image", "url": "x.png"}, {"type": "text", "text": "What?"}]},
+        plain[1],
+    ]
+    with pytest.raises(ValueError, match=r"forget example 1: messages\[0\]\['content'\]\[0\] is a 'image' part.*text"):
+        _trainer(tokenizer, tmp_path / "out", forget_dataset=[{"messages": plain}, {"messages": image}])
+    with pytest.raises(TypeError, match=r"messages\[1\]\['content'\] must be a string or a list of text parts"):
+        tokenize_dataset([{"messages": [plain[0], {"role": "assistant", "content": 3}]}], tokenizer, name="forget")
