@@ -1047,3 +1047,29 @@ def test_chat_content_as_a_list_of_text_parts_is_joined_and_other_parts_are_refu
         _trainer(tokenizer, tmp_path / "out", forget_dataset=[{"messages": plain}, {"messages": image}])
     with pytest.raises(TypeError, match=r"messages\[1\]\['content'\] must be a string or a list of text parts"):
         tokenize_dataset([{"messages": [plain[0], {"role": "assistant", "content": 3}]}], tokenizer, name="forget")
+
+
+def test_a_raw_fila_checkpoint_says_how_to_load_and_export_it(tokenizer, tmp_path):
+    """Stock PEFT fails on a raw checkpoint with its own "Unknown initialization" error; the folder carries the how-to."""
+    from peft import PeftModel
+
+    from peft_unlearn.models import load_adapter
+
+    out = tmp_path / "run"
+    trainer = _fila_trainer(tokenizer, out, max_steps=1, save_strategy="steps", save_steps=1, learning_rate=1e-2)
+    trainer.train()
+    note = (out / "checkpoint-1" / "HOW_TO_LOAD.txt").read_text()
+    assert "Stock PEFT cannot load it" in note and "Unknown initialization init_lora_weights='fila'" in note
+    assert "load_adapter(base_model, " in note and 'model.save_pretrained("path/to/portable")' in note
+    model = load_adapter(tiny_causal_lm("llama", vocab_size=len(tokenizer)), out / "checkpoint-1")  # as the note says
+    model.save_pretrained(str(tmp_path / "portable"))
+    assert not (tmp_path / "portable" / "HOW_TO_LOAD.txt").exists()  # only raw folders carry the note
+    ids = torch.tensor([[5, 6, 7, 8]])
+    plain = PeftModel.from_pretrained(tiny_causal_lm("llama", vocab_size=len(tokenizer)), tmp_path / "portable")
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    raw = tmp_path / "raw"
+    model.save_pretrained(str(raw), fila_portable=False)
+    assert (raw / "HOW_TO_LOAD.txt").is_file()
+    model.save_pretrained(str(raw))  # portable over a raw save: its note goes with its _fila_init/
+    assert not (raw / "HOW_TO_LOAD.txt").exists() and not (raw / "_fila_init").exists()

@@ -56,6 +56,7 @@ from .state import (
 
 __all__ = [
     "INIT_DIR",
+    "RAW_NOTE",
     "check_not_a_resumable_checkpoint",
     "export_portable_adapter",
     "fila_adapters",
@@ -70,6 +71,27 @@ __all__ = [
 
 #: Folder (inside a save directory) holding A0/B0; the leading underscore keeps it out of Hub pushes.
 INIT_DIR = "_fila_init"
+#: Note written next to a raw adapter: stock PEFT cannot read the raw format (it fails with "Unknown initialization
+#: init_lora_weights='fila'" and reads no hint from the folder), so the folder says how to load or export it.
+RAW_NOTE = "HOW_TO_LOAD.txt"
+_RAW_NOTE_TEXT = """\
+This folder holds a RAW peft_unlearn adapter (init_lora_weights="{init}"), e.g. a trainer checkpoint for
+resume_from_checkpoint. Stock PEFT cannot load it: PeftModel.from_pretrained fails with
+"Unknown initialization init_lora_weights='{init}'". The adapter acts as W + s*B*A - s*B0*A0, and the
+frozen initial factors A0/B0 are stored in {init_dir}/.
+
+Load it (pip install peft_unlearn), on the original base model:
+
+    from peft_unlearn.models import load_adapter
+    model = load_adapter(base_model, "path/to/this/folder")
+
+Export the portable adapter (a plain rank-2r LoRA that stock PEFT loads without peft_unlearn) into
+another folder:
+
+    model.save_pretrained("path/to/portable")
+
+Evaluate it directly: peft-unlearn eval --adapter path/to/this/folder ...
+"""
 _TENSORS_FILE = "fila_init.safetensors"
 _META_FILE = "fila_meta.json"
 _FORMAT_VERSION = 2
@@ -599,7 +621,9 @@ def fila_save_pretrained(
       rank-2r plain LoRA (`export_portable_adapter`); a stale ``_fila_init/`` in the folder is removed if
       peft_unlearn wrote it (a folder with other files is left in place, with a warning). A resumable trainer
       checkpoint (``trainer_state.json`` plus ``_fila_init/``) is refused (`check_not_a_resumable_checkpoint`).
-    * ``fila_portable=False``: the raw rank-r adapter (config keeps ``"fila"``) plus ``_fila_init/``.
+    * ``fila_portable=False``: the raw rank-r adapter (config keeps ``"fila"``) plus ``_fila_init/`` and
+      ``HOW_TO_LOAD.txt`` (how to load it with peft_unlearn and export the portable adapter: stock PEFT cannot
+      read the raw format).
     * Other selected adapters (all adapters when ``selected_adapters=None``) are saved by PEFT as they
       are: they act on the unmodified base, so they are valid on the original model.
     * ``path_initial_model_for_weight_conversion`` given: PEFT's own conversion runs unchanged.
@@ -652,6 +676,8 @@ def fila_save_pretrained(
             original(model, str(folder), selected_adapters=fila_selected, **passthrough)
             if is_main_process:
                 save_fila_state(model, folder, fila_selected)
+                init = init_name(model.peft_config[fila_selected[0]].init_lora_weights) or "fila"
+                (folder / RAW_NOTE).write_text(_RAW_NOTE_TEXT.format(init=init, init_dir=INIT_DIR), encoding="utf-8")
             return
         for adapter in fila_selected:
             export_portable_adapter(
@@ -672,3 +698,4 @@ def fila_save_pretrained(
     )
     if is_main_process and fila_selected and fila_portable:
         remove_if_ours(root, INIT_DIR)  # a raw save's stale initial factors; never a folder we did not write
+        remove_if_ours(root, RAW_NOTE)

@@ -223,9 +223,10 @@ class UnlearningSavingMixin:
         with staged_save(output_dir, overwrite=self._overwrite_allowed()) as stage:
             self._write_model(str(stage), state_dict)
         if is_fila_peft_model(model) and not self._in_checkpoint_save:
-            from peft_unlearn.fila.saving import INIT_DIR
+            from peft_unlearn.fila.saving import INIT_DIR, RAW_NOTE
 
             remove_if_ours(output_dir, INIT_DIR)  # a raw save's stale initial factors: ours only
+            remove_if_ours(output_dir, RAW_NOTE)
         return None
 
     def _write_model(self, output_dir: str, state_dict: dict | None) -> None:
