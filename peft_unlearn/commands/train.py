@@ -22,9 +22,11 @@ class TrainArguments(ModelDataArguments):
     _positive = ("lora_r", "lora_alpha", "max_forget_samples", "max_retain_samples")
 
     init: Literal["fila", "vila", "default", "none"] = arg(
-        "Adapter: 'fila' (Fisher-weighted LoRA init, the paper's), 'vila' (gradient-variance-weighted LoRA init, "
-        "arXiv 2508.21300), 'default' (PEFT's LoRA init) or 'none' (full fine-tuning, no PEFT).",
-        "fila",
+        "Adapter: 'default' (PEFT's LoRA init, recommended: no data-driven init kept more at the same forgetting "
+        "speed in the library's benchmark), 'fila' (Fisher-weighted LoRA init, the paper's), 'vila' "
+        "(gradient-variance-weighted LoRA init, arXiv 2508.21300) or 'none' (full fine-tuning, no PEFT; pass a low "
+        "--learning_rate such as 1e-5).",
+        "default",
     )
     lora_r: int = arg("LoRA rank r (ignored with --init none).", 8, "R")
     lora_alpha: int = arg("LoRA alpha; the update is scaled by alpha/r.", 16, "ALPHA")
@@ -64,7 +66,7 @@ def parse_train_args(argv: Sequence[str]) -> tuple[TrainArguments, Any]:
         ...     ["--model", "m", "--forget", "f.jsonl", "--forget-loss", "npo", "--output", "out", "--report_to", "none"]
         ... )
         >>> script_args.init, config.forget_loss, config.beta, config.output_dir
-        ('fila', 'npo', 0.1, 'out')
+        ('default', 'npo', 0.1, 'out')
     """
     from peft_unlearn.trainer.unlearning_config import UnlearningConfig
 

@@ -106,11 +106,19 @@ def _out_features(module: nn.Module) -> int:
 
 @contextlib.contextmanager
 def _forward_only(model: nn.Module) -> Iterator[None]:
-    """Adapters off, eval mode, no gradients; modes restored."""
+    """Adapters off, eval mode, no gradients; modes restored.
+
+    bitsandbytes 4-bit layers stay in train mode (their only use of the flag): on CPUs with AVX512-BF16, an
+    eval-mode forward without gradients repacks the weight for an inference kernel through which no gradient flows
+    afterwards, which would break the training that follows the statistics pass.
+    """
     saved_modes = [(module, module.training) for module in model.modules()]
     disable = model.disable_adapter() if has_peft_adapters(model) else contextlib.nullcontext()
     try:
         model.eval()
+        for module in model.modules():
+            if type(module).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4"):
+                module.training = True
         with disable, torch.no_grad():
             yield
     finally:

@@ -54,6 +54,7 @@ from .item_counts import UnlearningItemCounts, count_items
 from .model_card import PAPER_CITATION
 from .pairing import PairedUnlearningDataset, PairingEpochCallback, TokenizedDataset
 from .reference import check_reference, reference_forward
+from .retain_subspace import RetainSubspace, compute_retain_subspace
 from .run_checks import (
     check_causal_lm,
     check_liger_kernel,
@@ -68,6 +69,7 @@ from .run_checks import (
     embedding_size,
     load_causal_lm,
     max_positions,
+    warn_full_finetune_learning_rate,
     warn_ignored_run_options,
 )
 from .saving import UnlearningSavingMixin, is_fila_peft_model
@@ -216,6 +218,12 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
                 f"retain_loss={args.retain_loss!r} needs a `retain_dataset`; pass one, or set retain_loss=None to "
                 "train on the forget loss alone."
             )
+        if args.retain_subspace_weight > 0 and (retain_dataset is None or not is_peft_model(model)):
+            raise ValueError(
+                f"retain_subspace_weight={args.retain_subspace_weight!r} penalises the LoRA weights inside the retain "
+                "subspace, so it needs a `retain_dataset` and a PEFT (LoRA) model (pass `peft_config` or a PeftModel); "
+                "set retain_subspace_weight=0 otherwise."
+            )
         tok_kwargs = {
             "max_length": args.max_length,
             "completion_only_loss": args.completion_only_loss,
@@ -252,6 +260,7 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
         self._finite_guard = FiniteGuard()
         self._num_params: int | None = None
         self.fila_stats: dict[str, Any] = {}
+        self._retain_subspace: RetainSubspace | None = None
         self._metrics: dict[str, defaultdict[str, list[float]]] = {
             "train": defaultdict(list),
             "eval": defaultdict(list),
@@ -261,6 +270,7 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
             self._dataset_sizes["retain"] = len(self._retain_examples)
 
         check_trainer_options(args, is_fila=is_fila_peft_model(model))
+        warn_full_finetune_learning_rate(args, has_adapter=is_peft_model(model))
         if data_collator is None:
             data_collator = UnlearningDataCollator(pad_token_id)
 
@@ -419,11 +429,47 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
             values[f"{role}_nll"] = term.nll.detach()
         if counts is not None:
             loss = loss * counts.loss_scale
+        loss = loss + self._retain_subspace_term(values, training=counts is not None)
         self._record_metrics(mode, values)
 
         if return_outputs:
             return loss, {k: v for k, v in values.items()}
         return loss
+
+    def _retain_subspace_term(self, values: dict[str, torch.Tensor], training: bool) -> torch.Tensor | float:
+        """``retain_subspace_weight * sum ||Q_r^T B||_F^2``, once per optimizer step (see `trainer.retain_subspace`).
+
+        The penalty is the same on every process (DDP averages its gradient) and is split over the micro-batches of
+        a step, so gradient accumulation does not change it. Logged unweighted as ``retain_subspace_loss``.
+        """
+        if self._retain_subspace is None:
+            return 0.0
+        penalty = self._retain_subspace.penalty()
+        values["retain_subspace_loss"] = penalty.detach()
+        micro_batches = getattr(self, "current_gradient_accumulation_steps", 1) if training else 1
+        return self.args.retain_subspace_weight * penalty / max(int(micro_batches), 1)
+
+    def _maybe_compute_retain_subspace(self) -> RetainSubspace | None:
+        """Compute the retain subspaces ``Q_r`` of the trained adapter(s) when ``retain_subspace_weight > 0``."""
+        if self.args.retain_subspace_weight <= 0 or self._retain_subspace is not None:
+            return self._retain_subspace
+        model = self.accelerator.unwrap_model(self.model)
+        adapters = list(getattr(model, "active_adapters", None) or [getattr(model, "active_adapter", "default")])
+        options = {
+            "accumulator_device": self.args.fila_accumulator_device,
+            "layers_per_pass": self.args.fila_layers_per_pass,
+        }
+        self._retain_subspace = compute_retain_subspace(
+            model,
+            self._fila_loaders()[1],
+            self.args.retain_subspace_rank,
+            adapters,
+            max_batches=self.args.fila_max_batches,
+            covariance_options={k: v for k, v in options.items() if v is not None},
+            show_progress=not self.args.disable_tqdm and self.is_world_process_zero(),
+        )
+        self._metrics["train"]["retain_subspace_seconds"].append(self._retain_subspace.seconds)
+        return self._retain_subspace
 
     def _record_metrics(self, mode: str, values: Mapping[str, torch.Tensor]) -> None:
         names = list(values)
@@ -493,7 +539,8 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
         trial: Any = None,
         ignore_keys_for_eval: list[str] | None = None,
     ):
-        """Initialise pending FILA/VILA adapters, then run ``Trainer.train``.
+        """Initialise pending FILA/VILA/RILA adapters (and the retain subspaces of ``retain_subspace_weight``), then
+        run ``Trainer.train``.
 
         On resume the frozen initial factors are re-attached from the checkpoint's ``_fila_init/`` (the init is not
         re-run), so a fresh process (original base + ``get_peft_model(..., LoraConfig(init_lora_weights="fila"))``)
@@ -503,6 +550,7 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
         check_trains_some_steps(self.args)
         self.check_output_dir()
         self._maybe_initialize_fila(resume_from_checkpoint)
+        self._maybe_compute_retain_subspace()
         output = super().train(
             resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval
         )

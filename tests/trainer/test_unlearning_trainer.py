@@ -663,3 +663,31 @@ def test_output_dir_untouched_without_saving(tmp_path, tokenizer):
     trainer = _make(tmp_path, tokenizer, args=_args(tmp_path, max_steps=1), peft_config=_lora())
     trainer.train()
     assert not os.path.exists(tmp_path / "out" / "checkpoint-1")
+
+
+def test_full_finetune_at_the_adapter_learning_rate_warns(tmp_path, tokenizer):
+    """The default 1e-3 suits adapters; on a full model the trainer warns and names a rate that suits it."""
+    forget = [{"text": TINY_CORPUS[0]}]
+    args = quick_cpu_config(tmp_path, retain_loss=None)
+    assert args.learning_rate >= 1e-3
+    with pytest.warns(UserWarning, match=r"without a PEFT adapter.*learning_rate=1e-5"):
+        UnlearningTrainer(
+            model=tiny_causal_lm("llama", vocab_size=len(tokenizer)),
+            args=args,
+            forget_dataset=forget,
+            processing_class=tokenizer,
+        )
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        low = quick_cpu_config(tmp_path, retain_loss=None, learning_rate=1e-5)
+        UnlearningTrainer(
+            model=tiny_causal_lm("llama", vocab_size=len(tokenizer)), args=low, forget_dataset=forget,
+            processing_class=tokenizer,
+        )  # fmt: skip
+        adapter = quick_cpu_config(tmp_path, retain_loss=None)
+        UnlearningTrainer(
+            model=get_peft_model(tiny_causal_lm("llama", vocab_size=len(tokenizer)), _lora()), args=adapter,
+            forget_dataset=forget, processing_class=tokenizer,
+        )  # fmt: skip
