@@ -45,7 +45,7 @@ from torch import nn
 
 from ..utils import has_peft_adapters, is_conv1d
 from .fisher import resolve_fisher_targets
-from .fisher_passes import _check_reiterable, all_reduce_, distributed, model_device, plan_passes, rank, weight_device
+from .fisher_passes import all_reduce_, check_reiterable, distributed, model_device, plan_passes, rank, weight_device
 
 __all__ = ["POOLINGS", "OutputCovariance", "estimate_output_covariance"]
 
@@ -247,7 +247,7 @@ def estimate_output_covariance(
     roles = {role: loader for role, loader in roles.items() if loader is not None}
     groups = plan_passes({n: (s, s) for n, s in sizes.items()}, 4 * len(roles), layers_per_pass, None)
     for role, loader in roles.items():
-        _check_reiterable(loader, role, len(groups))
+        check_reiterable(loader, role, len(groups))
     final_device = accumulator_device if accumulator_device is not None else ("cpu" if len(groups) > 1 else None)
     device = model_device(model)
 

@@ -19,7 +19,7 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback  # noqa: E402
 
 import peft_unlearn  # noqa: E402, F401
-from peft_unlearn.fila import FisherStatistics, initialize_fila_weights, pending_fila_adapters  # noqa: E402
+from peft_unlearn.fila import FisherStatistics, initialize_fila_weights, pending_data_driven_adapters  # noqa: E402
 from peft_unlearn.fila.state import dense_weight, iter_lora_layers  # noqa: E402
 from peft_unlearn.testing import TINY_CORPUS, random_lm_batches, tiny_causal_lm  # noqa: E402
 from peft_unlearn.trainer import UnlearningTrainer  # noqa: E402
@@ -136,11 +136,11 @@ def test_fila_on_quantized_base_trains_and_exports(tmp_path, base_dir, tokenizer
         quantized,
         LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, init_lora_weights="fila"),
     )
-    assert pending_fila_adapters(model) == ["default"]
+    assert pending_data_driven_adapters(model) == ["default"]
 
     class StepZero(TrainerCallback):  # the trainer's auto-init (Fisher pass + SVD) ran before step 0
         def on_train_begin(self, args, state, control, model=None, **kwargs):
-            self.pending = pending_fila_adapters(model)
+            self.pending = pending_data_driven_adapters(model)
             self.logits = _logits_before_training(model, ids)
 
     # FILA init and a few IHL steps through UnlearningTrainer
@@ -209,11 +209,11 @@ def test_rila_on_4bit_base_auto_init_trains_and_exports(tmp_path, base_dir, toke
         quantized,
         RilaLoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, rila_config=settings),
     )
-    assert pending_fila_adapters(model) == ["default"]
+    assert pending_data_driven_adapters(model) == ["default"]
 
     class StepZero(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
-            self.pending = pending_fila_adapters(model)
+            self.pending = pending_data_driven_adapters(model)
             self.logits = _logits_before_training(model, ids)
             layer = model.base_model.model.model.layers[1].mlp.up_proj
             self.factors = (

@@ -14,7 +14,7 @@ from peft_unlearn.fila import (
     RilaConfig,
     estimate_output_covariance,
     initialize_adapter_weights,
-    pending_fila_adapters,
+    pending_data_driven_adapters,
     rila_init_layer,
 )
 from peft_unlearn.fila.offset import get_offset
@@ -63,7 +63,7 @@ _brute_force_covariance.acc = {}
 
 def test_rila_is_registered() -> None:
     assert "rila" in DATA_DRIVEN_INITS
-    assert pending_fila_adapters(_model()) == ["default"]
+    assert pending_data_driven_adapters(_model()) == ["default"]
 
 
 def test_covariance_and_factors_match_float64_brute_force() -> None:
@@ -92,7 +92,7 @@ def test_output_unchanged_at_init_and_base_untouched() -> None:
     with torch.no_grad(), model.disable_adapter():
         reference = model(input_ids=batch["input_ids"]).logits
     info = initialize_adapter_weights(model, _batches(1), _batches(2), show_progress=False)
-    assert info["num_layers"] == 4 and pending_fila_adapters(model) == []
+    assert info["num_layers"] == 4 and pending_data_driven_adapters(model) == []
     layer = model.base_model.model.model.layers[0].mlp.up_proj
     assert get_offset(layer, "default") is not None
     assert layer.lora_B["default"].weight.abs().sum() > 0
@@ -176,7 +176,7 @@ FSDP_RILA_WORKER = textwrap.dedent(
         sums["counts"] = torch.tensor([stats.f_count, stats.r_count])
         save_file(sums, os.path.join(out_dir, f"cov_rank{rank}.safetensors"))
         initialize_rila_weights(model, covariance=stats, show_progress=False)
-        assert pending_fila_adapters(model) == []
+        assert pending_data_driven_adapters(model) == []
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         init = {k: v for k, v in full.items() if "lora_" in k}
 
@@ -200,7 +200,7 @@ FSDP_RILA_WORKER = textwrap.dedent(
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
     from peft_unlearn.fila import (
-        RilaLoraConfig, estimate_output_covariance, initialize_rila_weights, pending_fila_adapters
+        RilaLoraConfig, estimate_output_covariance, initialize_rila_weights, pending_data_driven_adapters
     )
     from peft_unlearn.testing import random_lm_batches, tiny_causal_lm
 
