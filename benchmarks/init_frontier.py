@@ -86,10 +86,10 @@ try:
     elif init in ("vila", "vila-stable"):
         from peft import LoraConfig, get_peft_model
         from peft_unlearn.fila import initialize_vila_weights  # noqa: F401
-        from peft_unlearn.fila import pending_fila_adapters
+        from peft_unlearn.fila import pending_data_driven_adapters
         from peft_unlearn.testing import tiny_causal_lm
         model = get_peft_model(tiny_causal_lm("llama"), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="vila"))
-        if not pending_fila_adapters(model):
+        if not pending_data_driven_adapters(model):
             ok, why = False, "init_lora_weights='vila' is not marked pending (trainer auto-init missing)"
 except Exception as exc:
     ok, why = False, f"{type(exc).__name__}: {exc}"

@@ -22,17 +22,35 @@ def _readme_quickstart() -> str:
 
 
 def test_readme_quickstart_runs_and_saves_a_plain_lora(tmp_path, monkeypatch):
+    """The README's drop-in runs as written, with the Hub loaders answered by a tiny offline Gemma-3."""
+    import transformers
+
+    from peft_unlearn.testing import tiny_causal_lm, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    loaded: list[str] = []
+
+    def fake_model(name, *args, **kwargs):
+        loaded.append(name)
+        return tiny_causal_lm("gemma3", vocab_size=len(tokenizer))
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_model)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda name, *a, **k: tokenizer)
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(_readme_quickstart(), "README.md", "exec"), namespace)
+    assert loaded == ["google/gemma-3-270m"]
     trainer = namespace["trainer"]
     assert trainer.state.global_step == 10
+    assert trainer.args.learning_rate == 1e-3  # the default the README promises
+    assert (trainer.args.forget_loss, trainer.args.retain_loss) == ("inverted_hinge", "nll")
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
-    # FILA adapters are saved as a plain rank-2r LoRA that stock peft can load
-    assert config["init_lora_weights"] is True
-    assert config["r"] == 16
+    assert config["init_lora_weights"] is True and config["r"] == 8  # the recommended default-init LoRA
     logs = [row for row in trainer.state.log_history if "forget_loss" in row]
     assert logs, "forget_loss was not logged"
+    # training changed the adapter: PEFT's default init starts every lora_B at zero
+    lora_b = [p for n, p in trainer.model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().max() > 0 for p in lora_b)
 
 
 def test_tofu_example_offline(tmp_path):

@@ -372,7 +372,7 @@ def test_read_adapter_config_names_what_is_wrong(tmp_path):
 def test_load_adapter_portable_and_raw_fila_checkpoint_match_the_trained_model(tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    from peft_unlearn.fila import initialize_fila_weights, pending_fila_adapters
+    from peft_unlearn.fila import initialize_fila_weights, pending_data_driven_adapters
     from peft_unlearn.models import load_adapter
 
     def base():
@@ -398,7 +398,7 @@ def test_load_adapter_portable_and_raw_fila_checkpoint_match_the_trained_model(t
         assert not torch.allclose(expected, base()(input_ids=ids).logits, atol=1e-4)  # the adapter matters
         for kind in ("portable", "raw"):
             loaded = load_adapter(base(), tmp_path / kind)
-            assert isinstance(loaded, PeftModel) and pending_fila_adapters(loaded) == []
+            assert isinstance(loaded, PeftModel) and pending_data_driven_adapters(loaded) == []
             torch.testing.assert_close(loaded.eval()(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
     (tmp_path / "raw" / "_fila_init" / "fila_meta.json").unlink()
     (tmp_path / "raw" / "_fila_init" / "fila_init.safetensors").unlink()

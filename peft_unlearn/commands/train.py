@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from ..fila.registry import INITS, is_data_driven_init
 from ..utils import one_line
 from . import PROG, CLIError, ModelDataArguments, arg, info, load_model, load_sets, parse
 
@@ -21,10 +22,13 @@ class TrainArguments(ModelDataArguments):
     _argument_group_name = "model, data and LoRA options"
     _positive = ("lora_r", "lora_alpha", "max_forget_samples", "max_retain_samples")
 
-    init: Literal["fila", "vila", "default", "none"] = arg(
-        "Adapter: 'fila' (Fisher-weighted LoRA init, the paper's), 'vila' (gradient-variance-weighted LoRA init, "
-        "arXiv 2508.21300), 'default' (PEFT's LoRA init) or 'none' (full fine-tuning, no PEFT).",
-        "fila",
+    # the choices are PEFT's default, the registry's data-driven inits (peft_unlearn.fila.registry) and none
+    init: Literal[("default", *INITS, "none")] = arg(  # type: ignore[valid-type]
+        "Adapter: 'default' (PEFT's LoRA init, recommended: no data-driven init kept more at the same forgetting "
+        "speed in the library's benchmark), "
+        + ", ".join(f"'{entry.name}' ({entry.summary}, {entry.paper})" for entry in INITS.values())
+        + " or 'none' (full fine-tuning, no PEFT; pass a low --learning_rate such as 1e-5).",
+        "default",
     )
     lora_r: int = arg("LoRA rank r (ignored with --init none).", 8, "R")
     lora_alpha: int = arg("LoRA alpha; the update is scaled by alpha/r.", 16, "ALPHA")
@@ -64,7 +68,7 @@ def parse_train_args(argv: Sequence[str]) -> tuple[TrainArguments, Any]:
         ...     ["--model", "m", "--forget", "f.jsonl", "--forget-loss", "npo", "--output", "out", "--report_to", "none"]
         ... )
         >>> script_args.init, config.forget_loss, config.beta, config.output_dir
-        ('fila', 'npo', 0.1, 'out')
+        ('default', 'npo', 0.1, 'out')
     """
     from peft_unlearn.trainer.unlearning_config import UnlearningConfig
 
@@ -104,7 +108,7 @@ def run_train(argv: list[str]) -> None:
             lora_alpha=args.lora_alpha,
             lora_dropout=args.lora_dropout,
             target_modules=args.target_modules[0] if len(args.target_modules) == 1 else args.target_modules,
-            init_lora_weights=args.init if args.init in ("fila", "vila") else True,
+            init_lora_weights=args.init if is_data_driven_init(args.init) else True,
             task_type="CAUSAL_LM",
         )
     elif reference_users(config.forget_loss, config.retain_loss):

@@ -1,4 +1,8 @@
-"""FILA: Fisher-weighted LoRA initialisation for unlearning (Cha et al., ICLR 2025).
+"""The data-driven LoRA inits: FILA (Fisher-weighted LoRA initialisation, Cha et al., ICLR 2025), VILA and RILA.
+
+"FILA" names the method; the family of inits that compute an adapter's factors from forget/retain data after
+``get_peft_model`` is the *data-driven inits*, registered in `peft_unlearn.fila.registry` (`DataDrivenInit`), the
+one place their names live.
 
 Usage with stock PEFT after ``import peft_unlearn``:
 
@@ -14,7 +18,7 @@ model, and 4-bit/8-bit and sharded bases work.
 Modules, in import order (each imports only the ones before it): `config` (FilaConfig,
 FilaLoraConfig), `state` (names, pending flags, dense weights), `fisher` (estimate_fisher),
 `offset` (the frozen initial factors), `init` (fila_init_layer, initialize_fila_weights),
-`preprocess` (preprocess_fila), `dispatch` (initialize_adapter_weights for "fila"/"vila"),
+`preprocess` (preprocess_fila), `dispatch` (initialize_adapter_weights for every registered init),
 `saving` (portable export, raw checkpoints), `registration` (the PEFT hooks), `vila` (VILA:
 variance-based importance through the LoRA factors, then the same weighted init), `covariance`
 (streamed output covariances) and `rila` (RILA: eigenvectors of the forget-minus-retain output
@@ -35,22 +39,25 @@ from .fisher import FisherStatistics, estimate_fisher
 from .init import fila_init_layer, initialize_fila_weights
 from .preprocess import preprocess_fila
 from .registration import FilaUnavailableWarning, register_fila
-from .registry import INITS, DataDrivenInit
+from .registry import INITS, DataDrivenInit, get_init, init_names
 from .rila import RILA_INIT_NAME, RilaConfig, RilaLoraConfig, initialize_rila_weights, rila_init_layer
 from .saving import (
     export_portable_adapter,
+    has_data_driven_adapter,
     is_fila_model,
+    pending_data_driven_adapters,
     pending_fila_adapters,
     restore_fila_residual,
     restore_fila_state,
     save_fila_state,
 )
-from .state import DATA_DRIVEN_INITS, FilaNotInitializedWarning, is_data_driven_init
+from .state import DATA_DRIVEN_INITS, DataDrivenInitPendingWarning, FilaNotInitializedWarning, is_data_driven_init
 from .vila import VILA_INIT_NAME, estimate_vila_importance, initialize_vila_weights
 
 __all__ = [
     "DATA_DRIVEN_INITS",
     "DataDrivenInit",
+    "DataDrivenInitPendingWarning",
     "INITS",
     "OutputCovariance",
     "RILA_INIT_NAME",
@@ -67,10 +74,14 @@ __all__ = [
     "estimate_fisher",
     "export_portable_adapter",
     "fila_init_layer",
+    "get_init",
+    "has_data_driven_adapter",
+    "init_names",
     "initialize_adapter_weights",
     "initialize_fila_weights",
     "is_data_driven_init",
     "is_fila_model",
+    "pending_data_driven_adapters",
     "pending_fila_adapters",
     "preprocess_fila",
     "register_fila",

@@ -28,9 +28,16 @@ from typing import Any, Literal
 
 from peft import LoraConfig
 
-from .registry import FILA_INIT_NAME, VILA_INIT_NAME
+from .registry import FILA_INIT_NAME, inits_with_settings
 
-__all__ = ["FILA_INIT_NAME", "FilaConfig", "FilaLoraConfig", "get_fila_config", "validate_fila_lora_config"]
+__all__ = [
+    "FILA_INIT_NAME",
+    "FilaConfig",
+    "check_factor_scale",
+    "FilaLoraConfig",
+    "get_fila_config",
+    "validate_fila_lora_config",
+]
 
 
 @dataclass
@@ -116,7 +123,7 @@ class FilaConfig:
             raise ValueError(f"`exact_svd_max_dim` must be an integer, got {self.exact_svd_max_dim!r}.")
         if not isinstance(self.fp32_accumulation, bool):
             raise ValueError(f"`fp32_accumulation` must be a bool, got {self.fp32_accumulation!r}.")
-        self.factor_scale = _check_factor_scale(self.factor_scale)
+        self.factor_scale = check_factor_scale(self.factor_scale)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the settings as a JSON-serialisable dict."""
@@ -149,7 +156,12 @@ class FilaConfig:
 FACTOR_SCALE_NAMES = ("paper", "stable")
 
 
-def _check_factor_scale(value: Any) -> str | float:
+def check_factor_scale(value: Any) -> str | float:
+    """Validate a ``factor_scale`` setting (``"paper"``, ``"stable"`` or a positive number; shared by the inits).
+
+    Returns:
+        The lower-case name or the number as a float.
+    """
     if isinstance(value, str):
         if value.lower() in FACTOR_SCALE_NAMES:
             return value.lower()
@@ -262,15 +274,14 @@ class FilaLoraConfig(LoraConfig):
     def __post_init__(self) -> None:
         if self.init_lora_weights is True:
             self.init_lora_weights = FILA_INIT_NAME
-        if isinstance(self.init_lora_weights, str) and self.init_lora_weights.lower() in (
-            FILA_INIT_NAME,
-            VILA_INIT_NAME,
-        ):
+        accepted = inits_with_settings("fila_config")  # the registered inits that end in FILA's weighted SVD
+        if isinstance(self.init_lora_weights, str) and self.init_lora_weights.lower() in accepted:
             self.init_lora_weights = self.init_lora_weights.lower()
         else:
             raise ValueError(
-                f"FilaLoraConfig needs init_lora_weights='fila' or 'vila', got {self.init_lora_weights!r}; use a "
-                "plain peft.LoraConfig for other initialisations."
+                f"FilaLoraConfig needs init_lora_weights={' or '.join(map(repr, accepted))}, got "
+                f"{self.init_lora_weights!r}; use a "
+                "plain peft.LoraConfig (or the init's own preset, e.g. RilaLoraConfig) for other initialisations."
             )
         super().__post_init__()
         self.fila_config = FilaConfig.from_value(self.fila_config)

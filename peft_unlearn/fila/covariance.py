@@ -45,7 +45,7 @@ from torch import nn
 
 from ..utils import has_peft_adapters, is_conv1d
 from .fisher import resolve_fisher_targets
-from .fisher_passes import _check_reiterable, all_reduce_, distributed, model_device, plan_passes, rank, weight_device
+from .fisher_passes import all_reduce_, check_reiterable, distributed, model_device, plan_passes, rank, weight_device
 
 __all__ = ["POOLINGS", "OutputCovariance", "estimate_output_covariance"]
 
@@ -106,11 +106,19 @@ def _out_features(module: nn.Module) -> int:
 
 @contextlib.contextmanager
 def _forward_only(model: nn.Module) -> Iterator[None]:
-    """Adapters off, eval mode, no gradients; modes restored."""
+    """Adapters off, eval mode, no gradients; modes restored.
+
+    bitsandbytes 4-bit layers stay in train mode (their only use of the flag): on CPUs with AVX512-BF16, an
+    eval-mode forward without gradients repacks the weight for an inference kernel through which no gradient flows
+    afterwards, which would break the training that follows the statistics pass.
+    """
     saved_modes = [(module, module.training) for module in model.modules()]
     disable = model.disable_adapter() if has_peft_adapters(model) else contextlib.nullcontext()
     try:
         model.eval()
+        for module in model.modules():
+            if type(module).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4"):
+                module.training = True
         with disable, torch.no_grad():
             yield
     finally:
@@ -239,7 +247,7 @@ def estimate_output_covariance(
     roles = {role: loader for role, loader in roles.items() if loader is not None}
     groups = plan_passes({n: (s, s) for n, s in sizes.items()}, 4 * len(roles), layers_per_pass, None)
     for role, loader in roles.items():
-        _check_reiterable(loader, role, len(groups))
+        check_reiterable(loader, role, len(groups))
     final_device = accumulator_device if accumulator_device is not None else ("cpu" if len(groups) > 1 else None)
     device = model_device(model)
 

@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from .registry import get_init
-from .state import DATA_DRIVEN_INITS, init_name
+from .state import DATA_DRIVEN_INITS, adapter_lora_config, init_name
 
 __all__ = ["initialize_adapter_weights", "resolve_initializer", "resolve_trainer_options"]
 
@@ -85,9 +85,6 @@ def initialize_adapter_weights(
     Raises:
         ValueError: If the adapter does not exist or its init is not data-driven.
     """
-    configs = getattr(peft_model, "peft_config", None) or {}
-    if adapter_name not in configs:
-        raise ValueError(f"`adapter_name`={adapter_name!r} is not an adapter of the model; have {sorted(configs)}.")
-    init = getattr(configs[adapter_name], "init_lora_weights", None)
+    init = getattr(adapter_lora_config(peft_model, adapter_name), "init_lora_weights", None)
     initializer = resolve_initializer(init)
     return initializer(peft_model, forget_dataloader, retain_dataloader, adapter_name=adapter_name, **kwargs)

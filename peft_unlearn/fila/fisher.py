@@ -480,13 +480,13 @@ def _consumed(
     """The batches a pass would consume (materialised, so one-shot iterators still work) and their digests."""
     import itertools
 
-    from .fisher_passes import _cycle
+    from .fisher_passes import cycle_batches
 
     forget_digest, retain_digest = DataDigest(), DataDigest()
     forget = list(forget_digest.wrap(itertools.islice(iter(forget_dataloader), max_batches)))
     retain = None
     if retain_dataloader is not None:
-        retain_iter = _cycle(retain_dataloader)
+        retain_iter = cycle_batches(retain_dataloader)
         retain = list(retain_digest.wrap(next(retain_iter) for _ in forget))
     return (
         forget,

@@ -20,6 +20,7 @@ from torch import nn
 from ..utils import IGNORE_INDEX, has_peft_adapters
 from .fisher_cache import DataDigest
 from .fisher_hooks import WeightGradientHooks, input_embedding_roots
+from .state import is_sharded
 
 __all__ = ["PassResult", "compute_statistics", "plan_passes"]
 
@@ -38,14 +39,6 @@ def weight_device(module: nn.Module) -> torch.device:
     return torch.device("cpu") if device.type == "meta" else device
 
 
-def is_sharded(param: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover
-        return hasattr(param, "ds_id")
-    return isinstance(param, DTensor) or hasattr(param, "ds_id")
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # estimation
 # ----------------------------------------------------------------------------------------------------------------
@@ -60,7 +53,7 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _prepare_batch(batch: Any, device: torch.device, role: str) -> tuple[dict[str, Any], int]:
+def prepare_batch(batch: Any, device: torch.device, role: str) -> tuple[dict[str, Any], int]:
     if not isinstance(batch, Mapping):
         raise TypeError(
             f"The {role} dataloader must yield dicts with `input_ids`, `attention_mask` and `labels`, got "
@@ -77,7 +70,7 @@ def _prepare_batch(batch: Any, device: torch.device, role: str) -> tuple[dict[st
     return inputs, (count if shifted > 0 else 0)
 
 
-def _cycle(loader: Iterable) -> Iterator:
+def cycle_batches(loader: Iterable) -> Iterator:
     """Yield the retain batches in order, restarting when exhausted (one-shot iterators are replayed)."""
     one_shot = isinstance(loader, Iterator)
     seen: list[Any] = []
@@ -118,7 +111,7 @@ def distributed() -> bool:
 def rank() -> int:
     import torch.distributed as dist
 
-    return dist.getrank() if dist.is_available() and dist.is_initialized() else 0
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 @contextlib.contextmanager
@@ -235,14 +228,14 @@ def _run_pass(
     forget_iter: Iterator = iter(forget_dataloader)
     if max_batches is not None:
         forget_iter = itertools.islice(forget_iter, max_batches)
-    retain_iter = _cycle(retain_dataloader) if retain_dataloader is not None else None
+    retain_iter = cycle_batches(retain_dataloader) if retain_dataloader is not None else None
 
     with input_embedding_roots(model) as roots, WeightGradientHooks(modules) as hooks:
 
         def accumulate(batch: Any, acc: Mapping[str, torch.Tensor], role: str, digest: DataDigest) -> None:
             if isinstance(batch, Mapping):
                 digest.update(batch)
-            inputs, n = _prepare_batch(batch, device, role)
+            inputs, n = prepare_batch(batch, device, role)
             if n == 0:
                 return
             roots.clear()
@@ -281,7 +274,7 @@ def _run_pass(
     )
 
 
-def _check_reiterable(loader: Any, role: str, passes: int) -> None:
+def check_reiterable(loader: Any, role: str, passes: int) -> None:
     if passes > 1 and loader is not None and isinstance(loader, Iterator):
         raise ValueError(
             f"The {role} dataloader is a one-shot iterator ({type(loader).__name__}), but the layers are processed "
@@ -305,8 +298,8 @@ def compute_statistics(
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], PassResult]:
     roles = 2 if retain_dataloader is not None else 1
     groups = plan_passes(shapes, 4 * roles, layers_per_pass, max_accumulator_bytes)
-    _check_reiterable(forget_dataloader, "forget", len(groups))
-    _check_reiterable(retain_dataloader, "retain", len(groups))
+    check_reiterable(forget_dataloader, "forget", len(groups))
+    check_reiterable(retain_dataloader, "retain", len(groups))
     # where the returned statistics live; with several passes, finished groups leave the accelerator
     final_device = accumulator_device if accumulator_device is not None else ("cpu" if len(groups) > 1 else None)
 

@@ -53,6 +53,7 @@ from .config import FILA_INIT_NAME, FilaConfig, get_fila_config, validate_fila_l
 from .fisher import FisherStatistics, estimate_fisher
 from .offset import get_offset, set_offset
 from .state import (
+    DATA_DRIVEN_INITS,
     FLOAT_DTYPES,
     IMPORTANCE_ATTR,
     adapter_lora_config,
@@ -62,10 +63,13 @@ from .state import (
     dense_weight,
     init_name,
     is_pending,
+    is_sharded,
     iter_lora_layers,
+    peak_memory,
 )
 
 __all__ = [
+    "AttachedImportance",
     "assign_initial_factors",
     "check_fresh_adapter",
     "fila_init_layer",
@@ -234,10 +238,6 @@ def resolve_factor_scale(factor_scale: str | float, lora_a: torch.Tensor, lora_b
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _sharded(param: torch.Tensor) -> bool:
-    return hasattr(param, "ds_id") or type(param).__name__ == "DTensor" or hasattr(param, "device_mesh")
-
-
 def _apply_to_layer(
     layer: nn.Module,
     adapter_name: str,
@@ -282,7 +282,7 @@ def assign_initial_factors(layer: nn.Module, adapter_name: str, lora_a: torch.Te
     with torch.no_grad():
         a_param = layer.lora_A[adapter_name].weight
         b_param = layer.lora_B[adapter_name].weight
-        if a_param.dtype == lora_a.dtype and not _sharded(a_param):
+        if a_param.dtype == lora_a.dtype and not is_sharded(a_param):
             a_param.data = lora_a.to(a_param.device)
             b_param.data = lora_b.to(b_param.device)
         else:  # FSDP2 DTensor / ZeRO-3 parameters: every rank writes its own shard of the same full value
@@ -293,7 +293,7 @@ def assign_initial_factors(layer: nn.Module, adapter_name: str, lora_a: torch.Te
 
 
 @dataclass
-class _AttachedImportance:
+class AttachedImportance:
     """Relative importance attached to a base layer by `preprocess_fila`."""
 
     importance: torch.Tensor
@@ -308,7 +308,7 @@ def init_layer_from_attached_importance(layer: nn.Module, adapter_name: str, att
     dtype right after the init and may upcast it later, which is exact), fp32 for quantized bases; the
     offset computes in the adapter's dtype at every forward, so it cancels the initial product.
     """
-    if not isinstance(attached, _AttachedImportance):
+    if not isinstance(attached, AttachedImportance):
         raise TypeError(f"Unexpected object in `{IMPORTANCE_ATTR}`: {type(attached).__name__}.")
     dtype = layer.get_base_layer().weight.dtype
     dtype = dtype if dtype in FLOAT_DTYPES else torch.float32
@@ -337,8 +337,8 @@ def check_fresh_adapter(peft_model: nn.Module, adapter_name: str) -> list[tuple[
     init = getattr(config, "init_lora_weights", None)
     if not (init_name(init) is not None or init is True):
         raise ValueError(
-            f"Adapter {adapter_name!r} has init_lora_weights={init!r}; FILA needs 'fila' (or 'vila', or True for the "
-            "patch-free path on a fresh adapter)."
+            f"Adapter {adapter_name!r} has init_lora_weights={init!r}; a data-driven init needs one of "
+            f"{list(DATA_DRIVEN_INITS)} (or True for the patch-free path on a fresh adapter)."
         )
     validate_fila_lora_config(config)
     layers = iter_lora_layers(peft_model, adapter_name)
@@ -357,20 +357,6 @@ def check_fresh_adapter(peft_model: nn.Module, adapter_name: str) -> list[tuple[
                 "trained or loaded. initialize_fila_weights needs a fresh adapter."
             )
     return layers
-
-
-def _peak_memory(devices: set[torch.device]) -> int:
-    cuda = [d for d in devices if d.type == "cuda"]
-    if cuda:
-        return max(torch.cuda.max_memory_allocated(d) for d in cuda)
-    try:
-        import resource
-        import sys
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return int(peak if sys.platform == "darwin" else peak * 1024)
-    except (ImportError, OSError):  # pragma: no cover - non-POSIX
-        return 0
 
 
 _FISHER_OPTIONS = ("accumulator_device", "layers_per_pass", "max_accumulator_bytes", "train_mode", "on_cache_mismatch")
@@ -513,7 +499,7 @@ def initialize_fila_weights(
         "fisher_seconds": fisher_seconds,
         "svd_seconds": svd_seconds,
         "seconds": time.perf_counter() - start,
-        "peak_memory_bytes": _peak_memory(devices),
+        "peak_memory_bytes": peak_memory(devices),
         "num_layers": len(layers),
         "f_count": fisher.f_count,
         "r_count": fisher.r_count,

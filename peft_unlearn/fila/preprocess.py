@@ -21,7 +21,7 @@ from torch import nn
 from ..utils import is_linear_like
 from .config import get_fila_config, validate_fila_lora_config
 from .fisher import FisherStatistics, estimate_fisher, resolve_fisher_targets
-from .init import _AttachedImportance
+from .init import AttachedImportance
 from .state import IMPORTANCE_ATTR, config_targets, is_fila_init
 
 __all__ = ["preprocess_fila"]
@@ -91,5 +91,5 @@ def preprocess_fila(
     )
     for name, module in resolve_fisher_targets(model, names).items():
         importance = stats.layer_relative_importance(name, fila_config.eps)
-        setattr(module, IMPORTANCE_ATTR, _AttachedImportance(importance, fila_config, name))
+        setattr(module, IMPORTANCE_ATTR, AttachedImportance(importance, fila_config, name))
     return stats

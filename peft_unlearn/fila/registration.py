@@ -37,15 +37,16 @@ from typing import Any
 
 from torch import nn
 
-from ..utils import is_linear_like
 from .config import validate_fila_lora_config
 from .init import init_layer_from_attached_importance
 from .offset import remove_offset, unwrap_delta_weights
-from .saving import fila_save_pretrained, is_fila_model
+from .registry import FILA_INIT_NAME
+from .saving import fila_save_pretrained, has_data_driven_adapter
 from .state import (
-    FLOAT_DTYPES,
     IMPORTANCE_ATTR,
+    DataDrivenInitPendingWarning,
     FilaNotInitializedWarning,
+    check_target,
     check_target_layer,
     config_targets,
     init_name,
@@ -56,6 +57,7 @@ from .state import (
 
 __all__ = [
     "SUPPORTED_PEFT",
+    "DataDrivenInitPendingWarning",
     "FilaNotInitializedWarning",
     "FilaUnavailableWarning",
     "is_registered",
@@ -85,7 +87,7 @@ def _data_driven_reset(layer: nn.Module, adapter_name: str, init: str, original:
     original(layer, adapter_name, True)  # kaiming A, zero B: the adapter is a no-op until the init runs
     remove_offset(layer, adapter_name)  # a stale offset of a deleted adapter with the same name
     attached = getattr(base, IMPORTANCE_ATTR, None)
-    if init == "fila" and attached is not None and layer.lora_A[adapter_name].weight.device.type != "meta":
+    if init == FILA_INIT_NAME and attached is not None and layer.lora_A[adapter_name].weight.device.type != "meta":
         init_layer_from_attached_importance(layer, adapter_name, attached)
         try:
             delattr(base, IMPORTANCE_ATTR)
@@ -108,37 +110,22 @@ def _wrap_reset_lora_parameters(original: Any) -> Any:
 
 
 def validate_targets(model: nn.Module, config: Any) -> None:
-    """Reject targets a data-driven init cannot handle, before PEFT swaps any layer.
+    """Reject targets a data-driven init cannot handle, before PEFT swaps any layer (`check_target` on each).
 
     Args:
         model: The model the adapter is injected into.
-        config: A ``LoraConfig`` whose ``init_lora_weights`` is ``"fila"`` or ``"vila"``.
+        config: A ``LoraConfig`` whose ``init_lora_weights`` is a data-driven init.
 
     Raises:
         ValueError: Naming the first unsupported target module, its type and the fix.
     """
-    from peft.tuners.lora.layer import LoraLayer, _ConvNd
-
     init = init_name(config.init_lora_weights)
     try:
         targets = config_targets(model, config)
     except ValueError:  # no default targets for this model: PEFT raises its own error next
         return
     for name, module in targets:
-        base = module.get_base_layer() if isinstance(module, LoraLayer) else module
-        if isinstance(module, _ConvNd) or not is_linear_like(base):
-            raise ValueError(
-                f"init_lora_weights={init!r} supports nn.Linear and transformers Conv1D targets only, but "
-                f"`target_modules`={config.target_modules!r} matches {name} ({type(base).__name__}). Restrict "
-                "target_modules to linear layers (e.g. 'all-linear'); the model was left unchanged."
-            )
-        weight = getattr(base, "weight", None)
-        quantized = type(weight).__name__ in ("Params4bit", "Int8Params")
-        if weight is None or not (weight.dtype in FLOAT_DTYPES or quantized):
-            raise ValueError(
-                f"init_lora_weights={init!r} needs a float or bitsandbytes 4-bit/8-bit weight, but target {name} has "
-                f"dtype {None if weight is None else weight.dtype}; for GGUF use GgufConfig(dequantize=True)."
-            )
+        check_target(module, init, name)
 
 
 def _check_data_driven_config(tuner: Any, config: Any) -> None:
@@ -170,7 +157,7 @@ def _wrap_check_new_adapter_config(original: Any) -> Any:
 def _wrap_save_pretrained(original: Any) -> Any:
     @functools.wraps(original)
     def save_pretrained(self, save_directory, *args, fila_portable: bool = True, **kwargs):
-        if not is_fila_model(self):
+        if not has_data_driven_adapter(self):
             return original(self, save_directory, *args, **kwargs)
         return fila_save_pretrained(self, original, save_directory, *args, fila_portable=fila_portable, **kwargs)
 

@@ -24,7 +24,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["DataDrivenInit", "FILA_INIT_NAME", "INITS", "RILA_INIT_NAME", "VILA_INIT_NAME", "get_init", "init_names"]
+__all__ = [
+    "DataDrivenInit",
+    "FILA_INIT_NAME",
+    "INITS",
+    "RILA_INIT_NAME",
+    "VILA_INIT_NAME",
+    "get_init",
+    "init_name",
+    "init_names",
+    "inits_with_settings",
+    "is_data_driven_init",
+]
 
 #: ``init_lora_weights`` value of FILA (Fisher-weighted SVD).
 FILA_INIT_NAME = "fila"
@@ -46,6 +57,8 @@ class DataDrivenInit:
             `UnlearningTrainer`, called as ``function(lora_config, unlearning_config)``; ``None``: none.
         summary: One line for help texts (the CLI's ``--init`` choices).
         paper: Where the method is published.
+        settings_field: The ``LoraConfig`` attribute that carries the init's settings (``"fila_config"`` for the
+            inits that end in FILA's weighted SVD, `FilaLoraConfig`; ``"rila_config"`` for RILA, `RilaLoraConfig`).
     """
 
     name: str
@@ -53,6 +66,7 @@ class DataDrivenInit:
     trainer_options: str | None
     summary: str
     paper: str
+    settings_field: str = "fila_config"
 
 
 #: Every data-driven init, by name (model of PEFT's name -> method tables).
@@ -61,7 +75,7 @@ INITS: dict[str, DataDrivenInit] = {
         name=FILA_INIT_NAME,
         initializer="peft_unlearn.fila.init:initialize_fila_weights",
         trainer_options="peft_unlearn.fila.init:trainer_options",
-        summary="Fisher-weighted LoRA init (the paper's)",
+        summary="Fisher-weighted LoRA init, the paper's",
         paper="arXiv 2408.06621",
     ),
     VILA_INIT_NAME: DataDrivenInit(
@@ -75,8 +89,9 @@ INITS: dict[str, DataDrivenInit] = {
         name=RILA_INIT_NAME,
         initializer="peft_unlearn.fila.rila:initialize_rila_weights",
         trainer_options="peft_unlearn.fila.rila:trainer_options",
-        summary="eigenvectors of the forget-minus-retain output covariance (ReGLU)",
+        summary="eigenvectors of the forget-minus-retain output covariance, ReGLU",
         paper="arXiv 2604.17396",
+        settings_field="rila_config",
     ),
 }
 
@@ -84,6 +99,28 @@ INITS: dict[str, DataDrivenInit] = {
 def init_names() -> tuple[str, ...]:
     """The names of the registered data-driven inits, in registration order."""
     return tuple(INITS)
+
+
+def init_name(value: object) -> str | None:
+    """The lower-case registered init name of an ``init_lora_weights`` value, or None for any other value.
+
+    Examples:
+        >>> init_name("FILA"), init_name(True), init_name("pissa")
+        ('fila', None, None)
+    """
+    if isinstance(value, str) and value.lower() in INITS:
+        return value.lower()
+    return None
+
+
+def is_data_driven_init(value: object) -> bool:
+    """Return True if an ``init_lora_weights`` value selects a registered data-driven init."""
+    return init_name(value) is not None
+
+
+def inits_with_settings(settings_field: str) -> tuple[str, ...]:
+    """The names of the inits whose settings live in ``settings_field`` (e.g. the inits `FilaLoraConfig` takes)."""
+    return tuple(name for name, entry in INITS.items() if entry.settings_field == settings_field)
 
 
 def get_init(name: str) -> DataDrivenInit:

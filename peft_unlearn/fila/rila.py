@@ -50,11 +50,11 @@ import torch
 from peft import LoraConfig
 from torch import nn
 
-from .config import _check_factor_scale, validate_fila_lora_config
+from .config import check_factor_scale, validate_fila_lora_config
 from .covariance import POOLINGS, OutputCovariance, estimate_output_covariance
-from .init import _peak_memory, assign_initial_factors, check_fresh_adapter, resolve_factor_scale
+from .init import assign_initial_factors, check_fresh_adapter, resolve_factor_scale
 from .registry import RILA_INIT_NAME
-from .state import FLOAT_DTYPES, dense_weight, init_name
+from .state import FLOAT_DTYPES, dense_weight, init_name, peak_memory
 
 __all__ = [
     "RILA_INIT_NAME",
@@ -114,7 +114,7 @@ class RilaConfig:
             raise ValueError(f"`max_samples` must be a positive integer or None, got {self.max_samples!r}.")
         if self.pooling not in POOLINGS:
             raise ValueError(f"`pooling` must be one of {list(POOLINGS)}, got {self.pooling!r}.")
-        self.factor_scale = _check_factor_scale(self.factor_scale)
+        self.factor_scale = check_factor_scale(self.factor_scale)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the settings as a JSON-serialisable dict."""
@@ -389,7 +389,7 @@ def initialize_rila_weights(
         "covariance_seconds": covariance_seconds,
         "eig_seconds": time.perf_counter() - eig_start,
         "seconds": time.perf_counter() - start,
-        "peak_memory_bytes": _peak_memory(devices),
+        "peak_memory_bytes": peak_memory(devices),
         "num_layers": len(layers),
         "f_count": covariance.f_count,
         "r_count": covariance.r_count,

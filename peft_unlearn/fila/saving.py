@@ -43,6 +43,7 @@ from ..save_policy import FILA_OVERWRITE_SWITCH, policy_write, remove_if_ours
 from .config import get_fila_config
 from .offset import get_offset, set_offset
 from .state import (
+    adapter_lora_config,
     clear_pending,
     data_driven_adapters,
     init_name,
@@ -56,8 +57,10 @@ __all__ = [
     "INIT_DIR",
     "export_portable_adapter",
     "fila_adapters",
+    "has_data_driven_adapter",
     "is_fila_model",
     "load_fila_state",
+    "pending_data_driven_adapters",
     "pending_fila_adapters",
     "portable_lora_config",
     "restore_fila_residual",
@@ -73,23 +76,18 @@ _FORMAT_VERSION = 2
 _READABLE_VERSIONS = (1, 2)  # version 1 also stored base-weight fingerprints, which are no longer needed
 
 
-def fila_adapters(model: nn.Module) -> list[str]:
-    """Names of the adapters whose config selects a data-driven init (``"fila"`` or ``"vila"``)."""
-    return data_driven_adapters(model)
-
-
-def is_fila_model(model: nn.Module) -> bool:
+def has_data_driven_adapter(model: nn.Module) -> bool:
     """Return True if the model has at least one data-driven adapter (pending or initialised).
 
     Examples:
-        >>> is_fila_model(torch.nn.Linear(2, 2))
+        >>> has_data_driven_adapter(torch.nn.Linear(2, 2))
         False
     """
     return bool(data_driven_adapters(model))
 
 
-def pending_fila_adapters(model: nn.Module) -> list[str]:
-    """Data-driven adapters (``"fila"``, ``"vila"``) whose weights are not computed yet.
+def pending_data_driven_adapters(model: nn.Module) -> list[str]:
+    """Data-driven adapters (FILA, VILA, RILA) whose weights are not computed yet.
 
     An adapter counts as pending if any of its layers is flagged pending (fresh ``get_peft_model``, or
     a raw checkpoint loaded without `restore_fila_state`), or if none of its layers carries the
@@ -102,7 +100,7 @@ def pending_fila_adapters(model: nn.Module) -> list[str]:
         Sorted list of adapter names (empty if nothing is pending or the model has no such adapter).
 
     Examples:
-        >>> pending_fila_adapters(torch.nn.Linear(2, 2))
+        >>> pending_data_driven_adapters(torch.nn.Linear(2, 2))
         []
     """
     result = []
@@ -115,8 +113,23 @@ def pending_fila_adapters(model: nn.Module) -> list[str]:
     return sorted(result)
 
 
+def _deprecated(old: str, new: Any) -> Any:
+    def alias(*args: Any, **kwargs: Any) -> Any:
+        warnings.warn(f"{old} is deprecated; use {new.__name__}.", DeprecationWarning, stacklevel=2)
+        return new(*args, **kwargs)
+
+    alias.__name__ = alias.__qualname__ = old
+    alias.__doc__ = f"Deprecated alias of `{new.__name__}` (the data-driven inits are not only FILA)."
+    return alias
+
+
+is_fila_model = _deprecated("is_fila_model", has_data_driven_adapter)
+pending_fila_adapters = _deprecated("pending_fila_adapters", pending_data_driven_adapters)
+fila_adapters = _deprecated("fila_adapters", data_driven_adapters)
+
+
 def _require_initialized(model: nn.Module, adapter_names: Sequence[str]) -> None:
-    pending = [a for a in pending_fila_adapters(model) if a in adapter_names]
+    pending = [a for a in pending_data_driven_adapters(model) if a in adapter_names]
     if pending:
         raise ValueError(
             f"Data-driven adapter(s) {pending} are not initialised yet (they still hold PEFT's default init), so "
@@ -221,10 +234,7 @@ def export_portable_adapter(
     from peft.utils import get_peft_model_state_dict
     from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
-    configs = getattr(peft_model, "peft_config", None) or {}
-    if adapter_name not in configs:
-        raise ValueError(f"`adapter_name`={adapter_name!r} is not an adapter of the model; have {sorted(configs)}.")
-    config = configs[adapter_name]
+    config = adapter_lora_config(peft_model, adapter_name)
     if not is_data_driven_init(config.init_lora_weights):
         raise ValueError(
             f"Adapter {adapter_name!r} is not a FILA/VILA adapter (init_lora_weights={config.init_lora_weights!r}); save it "
@@ -497,7 +507,7 @@ def fila_save_pretrained(
         "is_main_process": is_main_process,
         **kwargs,
     }
-    fila_names = fila_adapters(model)
+    fila_names = data_driven_adapters(model)
     selected = list(model.peft_config) if selected_adapters is None else list(selected_adapters)
     unknown = [a for a in selected if a not in model.peft_config]
     if unknown:

@@ -1,8 +1,10 @@
-"""Names, per-layer flags and weight access shared by the data-driven LoRA inits (FILA, VILA).
+"""Names, checks, per-layer flags and weight access shared by the data-driven LoRA inits (FILA, VILA, RILA).
 
 The bottom of the `fila` package: it imports nothing from the package except `registry` (and the shared
-`peft_unlearn.utils`), and
-every other module (fisher, offset, init, saving, registration) may import it.
+`peft_unlearn.utils`), and every other module (fisher, offset, init, saving, registration) may import it.
+
+* the shared checks, each defined once: `adapter_lora_config` (a PeftModel holding the adapter), `check_target`
+  (a target a data-driven init supports, before and after injection), `is_sharded` (FSDP2 / ZeRO-3).
 
 * `DATA_DRIVEN_INITS` / `is_data_driven_init`: the `init_lora_weights` values whose factors
   are computed from data after `get_peft_model` (the layer is *pending* until then).
@@ -30,14 +32,16 @@ import torch
 from torch import nn
 
 from ..utils import is_conv1d, is_linear_like
-from .registry import FILA_INIT_NAME, VILA_INIT_NAME, init_names
+from .registry import FILA_INIT_NAME, VILA_INIT_NAME, init_name, init_names, is_data_driven_init
 
 __all__ = [
     "DATA_DRIVEN_INITS",
+    "DataDrivenInitPendingWarning",
     "FLOAT_DTYPES",
     "IMPORTANCE_ATTR",
     "FilaNotInitializedWarning",
     "VILA_INIT_NAME",
+    "check_target",
     "check_target_layer",
     "clear_pending",
     "config_targets",
@@ -47,10 +51,13 @@ __all__ = [
     "init_name",
     "is_data_driven_init",
     "is_fila_init",
+    "is_dtensor",
     "is_pending",
+    "is_sharded",
     "iter_lora_layers",
     "mark_pending",
     "normalize_module_name",
+    "peak_memory",
 ]
 
 #: ``init_lora_weights`` values computed from forget/retain data after ``get_peft_model`` (`peft_unlearn.fila.registry`).
@@ -64,20 +71,12 @@ _QUANTIZED_PARAMS = ("Params4bit", "Int8Params")
 _WARNED_ADAPTERS: set[str] = set()
 
 
-class FilaNotInitializedWarning(UserWarning):
-    """A data-driven adapter (FILA, VILA) is used for training before its weights were computed."""
+class DataDrivenInitPendingWarning(UserWarning):
+    """A data-driven adapter (FILA, VILA, RILA) is used for training before its weights were computed."""
 
 
-def init_name(value: Any) -> str | None:
-    """The lower-case data-driven init name of an ``init_lora_weights`` value, or None for any other value."""
-    if isinstance(value, str) and value.lower() in DATA_DRIVEN_INITS:
-        return value.lower()
-    return None
-
-
-def is_data_driven_init(value: Any) -> bool:
-    """Return True if an ``init_lora_weights`` value selects a data-driven init (a name of `peft_unlearn.fila.registry`)."""
-    return init_name(value) is not None
+#: Deprecated name of `DataDrivenInitPendingWarning` (the warning covers every data-driven init, not only FILA).
+FilaNotInitializedWarning = DataDrivenInitPendingWarning
 
 
 def is_fila_init(value: Any) -> bool:
@@ -97,7 +96,7 @@ def normalize_module_name(name: str) -> str:
     return ".".join(p for p in name.split(".") if p != "base_layer")
 
 
-def adapter_lora_config(peft_model: nn.Module, adapter_name: str, init: str) -> Any:
+def adapter_lora_config(peft_model: nn.Module, adapter_name: str, init: str = FILA_INIT_NAME) -> Any:
     """The `LoraConfig` of `adapter_name`, after checking that `peft_model` is a PeftModel holding it.
 
     Args:
@@ -176,7 +175,7 @@ def _pending_forward_pre_hook(module: nn.Module, args: Any) -> None:
             "hold PEFT's default init, so this trains a plain LoRA. Call "
             "peft_unlearn.fila.initialize_adapter_weights(model, forget_dataloader, retain_dataloader) first "
             "(UnlearningTrainer does this automatically).",
-            FilaNotInitializedWarning,
+            DataDrivenInitPendingWarning,
             stacklevel=2,
         )
 
@@ -216,35 +215,81 @@ def _is_quantized(weight: Any) -> bool:
     return type(weight).__name__ in _QUANTIZED_PARAMS
 
 
-def check_target_layer(layer: nn.Module, adapter_name: str, init: str = FILA_INIT_NAME) -> nn.Module:
-    """Return the base layer if a data-driven init supports this LoRA layer, else raise a ValueError.
+def check_target(module: nn.Module, init: str = FILA_INIT_NAME, name: str | None = None) -> nn.Module:
+    """Return the base layer of a target if a data-driven init supports it, else raise a ValueError.
 
-    Supported: ``nn.Linear`` (bitsandbytes ``Linear4bit``/``Linear8bitLt`` included) and transformers
-    ``Conv1D`` with a float or bitsandbytes-quantized weight.
+    The one target check of every data-driven init, before injection (`module` is a plain layer of the model,
+    or an existing LoRA layer) and after it (`module` is the LoRA layer). Supported: ``nn.Linear``
+    (bitsandbytes ``Linear4bit``/``Linear8bitLt`` included) and transformers ``Conv1D`` with a float or
+    bitsandbytes-quantized weight.
+
+    Args:
+        module: The target module or its LoRA layer.
+        init: The init's name, for the message.
+        name: The module's name, for the message (before injection: the model is then left unchanged).
+
+    Returns:
+        The base layer.
     """
     from peft.tuners.lora.layer import _ConvNd
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
-    base = layer.get_base_layer()
-    kind = type(base).__name__
-    if adapter_name in getattr(layer, "lora_embedding_A", {}) or isinstance(layer, _ConvNd):
+    base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+    where = f"{name} ({type(base).__name__})" if name else f"a {type(base).__name__} target"
+    embedding = bool(getattr(module, "lora_embedding_A", None)) and not getattr(module, "lora_A", None)
+    if isinstance(module, _ConvNd) or embedding or not is_linear_like(base):
         raise ValueError(
-            f"init_lora_weights={init!r} supports nn.Linear and transformers Conv1D targets only, got a {kind} "
-            f"target (LoRA layer {type(layer).__name__}). Remove it from `target_modules` (e.g. use "
-            "target_modules='all-linear')."
-        )
-    if adapter_name not in layer.lora_A or not is_linear_like(base):
-        raise ValueError(
-            f"init_lora_weights={init!r} supports nn.Linear and transformers Conv1D targets only, got {kind}; "
-            "restrict `target_modules` to linear layers."
+            f"init_lora_weights={init!r} supports nn.Linear and transformers Conv1D targets only, but "
+            f"`target_modules` matches {where}. Restrict target_modules to linear layers (e.g. 'all-linear')"
+            + ("; the model was left unchanged." if name else ".")
         )
     weight = getattr(base, "weight", None)
     if weight is None or not (weight.dtype in FLOAT_DTYPES or _is_quantized(weight)):
-        dtype = None if weight is None else weight.dtype
         raise ValueError(
-            f"init_lora_weights={init!r} needs a float (fp32/fp16/bf16) or bitsandbytes 4-bit/8-bit base weight, got "
-            f"dtype {dtype} on a {kind} target. For GGUF use GgufConfig(dequantize=True)."
+            f"init_lora_weights={init!r} needs a float or bitsandbytes 4-bit/8-bit weight, but {where} has dtype "
+            f"{None if weight is None else weight.dtype}; for GGUF use GgufConfig(dequantize=True)."
         )
     return base
+
+
+def check_target_layer(layer: nn.Module, adapter_name: str, init: str = FILA_INIT_NAME) -> nn.Module:
+    """`check_target` for the LoRA layer of `adapter_name` (it must hold ``lora_A``/``lora_B`` of it)."""
+    if adapter_name not in layer.lora_A:
+        raise ValueError(
+            f"init_lora_weights={init!r} supports nn.Linear and transformers Conv1D targets only, got a "
+            f"{type(layer.get_base_layer()).__name__} target without lora_A/lora_B; restrict `target_modules` to "
+            "linear layers."
+        )
+    return check_target(layer, init)
+
+
+def is_dtensor(tensor: Any) -> bool:
+    """Return True for an FSDP2 ``torch.distributed.tensor.DTensor``."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def is_sharded(param: torch.Tensor) -> bool:
+    """Return True if `param` is sharded over processes (an FSDP2 ``DTensor`` or a DeepSpeed ZeRO-3 partition)."""
+    return is_dtensor(param) or hasattr(param, "ds_id")
+
+
+def peak_memory(devices: set[torch.device]) -> int:
+    """Peak memory of an init in bytes: CUDA max allocated over `devices`, else the process's RSS high-water mark."""
+    cuda = [d for d in devices if d.type == "cuda"]
+    if cuda:
+        return max(torch.cuda.max_memory_allocated(d) for d in cuda)
+    try:
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak if sys.platform == "darwin" else peak * 1024)
+    except (ImportError, OSError):  # pragma: no cover - non-POSIX
+        return 0
 
 
 def _dequantize_bnb(base_layer: nn.Module) -> torch.Tensor:
@@ -297,14 +342,6 @@ def dense_weight(base_layer: nn.Module) -> torch.Tensor:
     return weight.mT if is_conv1d(base_layer) else weight
 
 
-def _is_dtensor(tensor: Any) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return False
-    return isinstance(tensor, DTensor)
-
-
 @torch.no_grad()
 def copy_into_(param: torch.Tensor, value: torch.Tensor) -> None:
     """Write a full (unsharded) ``value`` into ``param``, in place, whatever its sharding.
@@ -327,7 +364,7 @@ def copy_into_(param: torch.Tensor, value: torch.Tensor) -> None:
     shape = tuple(getattr(param, "ds_shape", param.shape))
     if tuple(value.shape) != shape:
         raise ValueError(f"Cannot write a value of shape {tuple(value.shape)} into a parameter of shape {shape}.")
-    if _is_dtensor(param):
+    if is_dtensor(param):
         from torch.distributed.tensor import distribute_tensor
 
         local = param.to_local()

@@ -59,11 +59,7 @@ from torch import nn
 
 from .config import FilaConfig
 from .fisher import FisherStatistics
-from .fisher_passes import _cycle, _prepare_batch
-from .fisher_passes import all_reduce_ as _all_reduce_
-from .fisher_passes import distributed as _distributed
-from .fisher_passes import model_device as _model_device
-from .fisher_passes import rank as _rank
+from .fisher_passes import all_reduce_, cycle_batches, distributed, model_device, prepare_batch, rank
 from .init import initialize_fila_weights
 from .state import VILA_INIT_NAME as VILA_INIT_NAME
 from .state import adapter_lora_config, iter_lora_layers
@@ -194,7 +190,7 @@ def estimate_vila_importance(
     saved_flags = [(p, p.requires_grad) for p in model.parameters()]
     saved_modes = [(module, module.training) for module in model.modules()]
     saved_active = model.active_adapter
-    device = _model_device(model)
+    device = model_device(model)
 
     def zeros() -> list[torch.Tensor]:
         return [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
@@ -204,7 +200,7 @@ def estimate_vila_importance(
     num_batches = 0
 
     def accumulate(batch: Any, role: str) -> None:
-        inputs, n = _prepare_batch(batch, device, role)
+        inputs, n = prepare_batch(batch, device, role)
         if n == 0:
             return
         loss = model(**inputs).loss
@@ -241,8 +237,8 @@ def estimate_vila_importance(
         if hasattr(forget_dataloader, "__len__"):
             per_epoch = len(forget_dataloader) if max_batches is None else min(len(forget_dataloader), max_batches)
             total = per_epoch * epochs
-        progress = tqdm(total=total, desc="VILA importance", disable=not show_progress or _rank() != 0)
-        retain_iter = _cycle(retain_dataloader) if retain_dataloader is not None else None
+        progress = tqdm(total=total, desc="VILA importance", disable=not show_progress or rank() != 0)
+        retain_iter = cycle_batches(retain_dataloader) if retain_dataloader is not None else None
         with torch.enable_grad():
             for _ in range(epochs):
                 forget_iter = iter(forget_dataloader)
@@ -267,11 +263,11 @@ def estimate_vila_importance(
             module.training = mode
 
     f_count, r_count = counts["f"], counts["r"]
-    if _distributed():
+    if distributed():
         ordered = [t for role in ("f", "r") if sums[role] is not None for group in sums[role] for t in group]
-        _all_reduce_(ordered)
+        all_reduce_(ordered)
         totals = torch.tensor([f_count, r_count, num_batches], dtype=torch.float64, device=ordered[0].device)
-        _all_reduce_([totals])
+        all_reduce_([totals])
         f_count, r_count, num_batches = (int(v) for v in totals.tolist())
     if f_count == 0:
         raise ValueError(
@@ -293,7 +289,7 @@ def estimate_vila_importance(
     importance_f = full_shape("f", f_count)
     importance_r = full_shape("r", r_count) if sums["r"] is not None else {}
     stats = FisherStatistics(importance_f, importance_r, f_count, r_count, num_batches)
-    if cache_path is not None and _rank() == 0:
+    if cache_path is not None and rank() == 0:
         stats.save(cache_path)
     return stats
 

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..fila.dispatch import initialize_adapter_weights, resolve_trainer_options
-from ..fila.saving import INIT_DIR, is_fila_model, pending_fila_adapters, restore_fila_state
+from ..fila.saving import INIT_DIR, has_data_driven_adapter, pending_data_driven_adapters, restore_fila_state
 from ..utils import is_peft_model
 
 __all__ = ["init_metrics", "initialize_pending_adapters"]
@@ -34,9 +34,9 @@ def _restore_from_checkpoint(model: nn.Module, checkpoint: str | None) -> None:
         return
     if (Path(checkpoint) / INIT_DIR).is_dir():
         restore_fila_state(model, checkpoint)
-    elif pending_fila_adapters(model):
+    elif pending_data_driven_adapters(model):
         raise ValueError(
-            f"Cannot resume the adapter(s) {pending_fila_adapters(model)} from {str(checkpoint)!r}: the "
+            f"Cannot resume the adapter(s) {pending_data_driven_adapters(model)} from {str(checkpoint)!r}: the "
             f"checkpoint has no `{INIT_DIR}/` folder with the initial factors A0/B0 (re-running the init would "
             "not reproduce them). Resume from a checkpoint written by UnlearningTrainer (or "
             "save_pretrained(..., fila_portable=False)), or start a new run without `resume_from_checkpoint`."
@@ -67,13 +67,13 @@ def initialize_pending_adapters(
     Raises:
         ValueError: If a pending adapter is resumed from a checkpoint without `_fila_init/`.
     """
-    if not is_peft_model(model) or not is_fila_model(model):
+    if not is_peft_model(model) or not has_data_driven_adapter(model):
         return None
     checkpoint = resume_from_checkpoint
     if isinstance(checkpoint, bool):
         checkpoint = get_last_checkpoint(args.output_dir) if checkpoint else None
     _restore_from_checkpoint(model, checkpoint)
-    pending = pending_fila_adapters(model)
+    pending = pending_data_driven_adapters(model)
     if not pending:
         return None
     forget_dl, retain_dl = loaders()

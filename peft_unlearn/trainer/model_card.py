@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ..fila.registry import FILA_INIT_NAME, get_init
 from ..losses import get_loss
 
 __all__ = ["PAPER_CITATION", "build_model_card", "robustness_section"]
@@ -107,6 +108,7 @@ def build_model_card(
     hyperparameters: Mapping[str, Any] | None = None,
     adapter: Mapping[str, Any] | None = None,
     fila: bool = False,
+    init: str | None = None,
     metrics: Mapping[str, float] | None = None,
     tags: Sequence[str] = (),
     library_name: str | None = "peft",
@@ -127,9 +129,11 @@ def build_model_card(
         dataset_name: Hub dataset id(s) for the metadata.
         hyperparameters: Training hyper-parameters to list.
         adapter: PEFT adapter settings to list (rank, alpha, target modules...).
-        fila: Whether the adapter was initialised with FILA.
+        fila: Deprecated spelling of ``init="fila"``.
+        init: The adapter's data-driven init (a name of `peft_unlearn.fila.registry`, e.g. ``"vila"``), or None:
+            adds its tag and a line saying how the adapter was initialised.
         metrics: Final metrics to report (e.g. ``{"train_loss": 2.1, "eval_forget_ma": 0.12}``); omitted when empty.
-        tags: Extra tags; ``peft-unlearn``, ``unlearning`` (and ``peft``, ``lora``, ``fila``) are added.
+        tags: Extra tags; ``peft-unlearn``, ``unlearning`` (and ``peft``, ``lora``, the init's name) are added.
         library_name: Metadata ``library_name`` (``"peft"`` for adapters, ``"transformers"`` otherwise).
         robustness: A ``RobustnessReport.to_dict()`` (e.g. from `RobustnessCallback`): adds a "Robustness of the
             forgetting" section with what was tried and what held.
@@ -144,8 +148,9 @@ def build_model_card(
     all_tags = list(dict.fromkeys([*tags, "unlearning", "peft-unlearn"]))
     if library_name == "peft":
         all_tags = list(dict.fromkeys(["peft", "lora", *all_tags]))
-    if fila:
-        all_tags.append("fila")
+    entry = get_init(init) if init is not None else get_init(FILA_INIT_NAME) if fila else None
+    if entry is not None:
+        all_tags.append(entry.name)
     meta = ["---"]
     if base_model:
         meta.append(f"base_model: {base_model}")
@@ -176,10 +181,10 @@ def build_model_card(
     ]
     if beta is not None:
         body.append(f"- beta: {beta}")
-    if fila:
+    if entry is not None:
         body.append(
-            "- LoRA initialisation: FILA (Fisher-weighted, from the forget/retain data); the published adapter is the "
-            "equivalent plain LoRA on the original base model"
+            f"- LoRA initialisation: {entry.name.upper()} ({entry.summary}, {entry.paper}; from the forget/retain "
+            "data); the published adapter is the equivalent plain LoRA on the original base model"
         )
     if datasets:
         body += ["", "## Data", ""] + [f"- {role}: {n} examples" for role, n in datasets.items()]

@@ -42,6 +42,7 @@ __all__ = [
     "embedding_size",
     "load_causal_lm",
     "max_positions",
+    "warn_full_finetune_learning_rate",
     "warn_ignored_run_options",
 ]
 
@@ -345,6 +346,8 @@ def warn_ignored_run_options(args: Any, *, has_retain_data: bool, is_fila: bool)
             messages.append(f"{', '.join(f'`{n}`' for n in used)} ignored: the run has no retain data.")
     if not is_fila:
         defaults = {"fila_batch_size": 4, "fila_max_batches": None, "fila_cache": None, "fila_seed": None}
+        if (getattr(args, "retain_subspace_weight", 0) or 0) > 0:  # its statistics pass reads these two
+            defaults = {n: d for n, d in defaults.items() if n not in ("fila_batch_size", "fila_max_batches")}
         used = [n for n, d in defaults.items() if getattr(args, n, d) != d]
         if used:
             messages.append(
@@ -412,6 +415,30 @@ def check_causal_lm(model: Any) -> None:
         f"`AutoModelForCausalLM.from_pretrained`), got {name}. Unlearning needs next-token logits over the "
         "vocabulary; load the checkpoint with AutoModelForCausalLM instead."
     )
+
+
+def warn_full_finetune_learning_rate(args: Any, *, has_adapter: bool) -> str | None:
+    """Warn when a full model (no PEFT adapter) trains at `UnlearningConfig`'s adapter learning rate or above.
+
+    The default `learning_rate=1e-3` suits LoRA adapters; on every weight of a model it wrecks the model in a few
+    steps, so a full fine-tuning run at 1e-3 or more gets a warning (the run still starts: the rate may be intended).
+
+    Args:
+        args: The `UnlearningConfig`.
+        has_adapter: Whether the model trains PEFT adapters.
+
+    Returns:
+        The warning message, or `None` when there is nothing to warn about.
+    """
+    if has_adapter or args.learning_rate < 1e-3:
+        return None
+    message = (
+        f"learning_rate={args.learning_rate:g} on a model without a PEFT adapter: every weight is trained, and rates "
+        "this large (UnlearningConfig's default 1e-3 is meant for LoRA adapters) usually destroy the model within a "
+        "few steps. Pass e.g. learning_rate=1e-5 for full fine-tuning, or wrap the model with peft.get_peft_model."
+    )
+    warnings.warn(message, UserWarning, stacklevel=3)
+    return message
 
 
 def check_trainer_options(args: Any, *, is_fila: bool) -> None:

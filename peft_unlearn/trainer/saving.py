@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..fila.saving import is_fila_model
+from ..fila.saving import has_data_driven_adapter
 from ..fila.state import init_name
 from ..save_policy import (
     OVERWRITE_SWITCH,
@@ -96,9 +96,9 @@ def hub_errors(action: str) -> Iterator[None]:
         raise HubConnectionError(_hub_failure_message(action, err)) from None
 
 
-def is_fila_peft_model(model: Any) -> bool:
-    """Whether `model` is a PeftModel with a FILA/VILA adapter (pending or initialised)."""
-    return is_peft_model(model) and is_fila_model(model)
+def is_data_driven_peft_model(model: Any) -> bool:
+    """Whether `model` is a PeftModel with a data-driven adapter (FILA, VILA, RILA; pending or initialised)."""
+    return is_peft_model(model) and has_data_driven_adapter(model)
 
 
 class UnlearningSavingMixin:
@@ -147,6 +147,9 @@ class UnlearningSavingMixin:
 
     # ---- Trainer save paths ------------------------------------------------------------------------------------
 
+    # Private override: checkpoints are written only through `_save_checkpoint` (no public hook runs before the write;
+    # on_save runs after it): the save policy must refuse a foreign folder first, and data-driven adapters are saved
+    # raw (rank r plus `_fila_init/`) in checkpoints, so that resume works, instead of the portable export.
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         if self.args.hub_model_id is None:
             model_name = Path(self.args.output_dir).name
@@ -180,6 +183,8 @@ class UnlearningSavingMixin:
         if not _internal_call:
             self.create_model_card(output_dir=output_dir)
 
+    # Private override: `_save` is the one write that `save_model` reaches on every backend (plain, FSDP, DeepSpeed
+    # hand it their gathered state dict); staging it here applies the save policy and the portable export to all.
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Stage the save, check it against the policy, then move it into `output_dir`."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
@@ -189,7 +194,7 @@ class UnlearningSavingMixin:
         with staged_save(output_dir, overwrite=self._overwrite_allowed()) as stage:
             self._write_model(str(stage), state_dict)
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        if is_fila_peft_model(model) and not self._in_checkpoint_save:
+        if is_data_driven_peft_model(model) and not self._in_checkpoint_save:
             from peft_unlearn.fila.saving import INIT_DIR
 
             remove_if_ours(output_dir, INIT_DIR)  # a raw save's stale initial factors: ours only
@@ -198,7 +203,7 @@ class UnlearningSavingMixin:
     def _write_model(self, output_dir: str, state_dict: dict | None) -> None:
         """Write the adapter(s): FILA ones as portable LoRA, or raw with their initial factors in checkpoints."""
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        if not is_fila_peft_model(model):
+        if not is_data_driven_peft_model(model):
             return super()._save(output_dir, state_dict)
         if not self.args.should_save:
             return None
@@ -240,6 +245,8 @@ class UnlearningSavingMixin:
                 **kwargs,
             )
 
+    # Private override: Trainer pushes the model files of a checkpoint folder to the Hub only from here (hub_strategy
+    # 'every_save'); for a data-driven adapter the pushed files must be the portable export, not the raw checkpoint.
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """Push to the Hub; for FILA models the pushed model files are the portable adapter, not the raw checkpoint.
 
@@ -248,7 +255,7 @@ class UnlearningSavingMixin:
         gets a temporary folder holding the portable rank-2r export instead of the raw rank-r checkpoint.
         """
         model = self.accelerator.unwrap_model(self.model)
-        if not is_fila_peft_model(model):
+        if not is_data_driven_peft_model(model):
             return self._push_files_from(checkpoint_folder)
         # the early exits of Trainer._push_from_checkpoint, checked before paying for the export
         hub_strategy = str(getattr(self.args.hub_strategy, "value", self.args.hub_strategy))
@@ -268,6 +275,8 @@ class UnlearningSavingMixin:
                 self.processing_class.save_pretrained(portable)
             return self._push_files_from(portable)
 
+    # Private override: Trainer waits for its background uploads only here and drops their futures unexamined, so this
+    # is the one place a failed upload can be reported.
     def _finish_current_push(self) -> None:
         """`Trainer._finish_current_push` (wait for background uploads), then report the ones that failed."""
         super()._finish_current_push()
@@ -350,7 +359,7 @@ class UnlearningSavingMixin:
         if base_model and os.path.isdir(base_model):
             base_model = None
         adapter = None
-        is_fila = False
+        data_driven_init = None
         if is_peft:
             config = model.peft_config[model.active_adapter]
             adapter = {
@@ -362,8 +371,10 @@ class UnlearningSavingMixin:
                 else getattr(config, "target_modules", None),
                 "init_lora_weights": getattr(config, "init_lora_weights", None),
             }
-            is_fila = init_name(getattr(config, "init_lora_weights", None)) is not None
-            if is_fila:  # r / lora_alpha above are the adapter's; the published plain LoRA has twice the rank
+            data_driven_init = init_name(getattr(config, "init_lora_weights", None))
+            if (
+                data_driven_init is not None
+            ):  # r / lora_alpha above are the adapter's; the published plain LoRA has twice the rank
                 from peft_unlearn.fila.saving import portable_lora_config
 
                 portable = portable_lora_config(config)
@@ -394,7 +405,7 @@ class UnlearningSavingMixin:
             dataset_name=dataset_name,
             hyperparameters=hyper,
             adapter=adapter,
-            fila=is_fila,
+            init=data_driven_init,
             metrics=self._final_metrics(),
             tags=extra_tags,
             library_name="peft" if is_peft else "transformers",

@@ -54,6 +54,7 @@ from .item_counts import UnlearningItemCounts, count_items
 from .model_card import PAPER_CITATION
 from .pairing import PairedUnlearningDataset, PairingEpochCallback, TokenizedDataset
 from .reference import check_reference, reference_forward
+from .retain_subspace import RetainSubspace, compute_retain_subspace
 from .run_checks import (
     check_causal_lm,
     check_liger_kernel,
@@ -68,9 +69,10 @@ from .run_checks import (
     embedding_size,
     load_causal_lm,
     max_positions,
+    warn_full_finetune_learning_rate,
     warn_ignored_run_options,
 )
-from .saving import UnlearningSavingMixin, is_fila_peft_model
+from .saving import UnlearningSavingMixin, is_data_driven_peft_model
 from .unlearning_config import UnlearningConfig
 
 __all__ = ["UnlearningItemCounts", "UnlearningTrainer"]
@@ -135,67 +137,37 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
         optimizers: tuple[Any, Any] = (None, None),
         optimizer_cls_and_kwargs: tuple[type, dict[str, Any]] | None = None,
     ):
-        # ---- args ----
-        if args is None:
-            name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
-            args = UnlearningConfig(output_dir=f"{Path(str(name or 'model')).name}-Unlearning")
-        elif not isinstance(args, UnlearningConfig):
-            if not isinstance(args, TrainingArguments):
-                raise TypeError(f"`args` must be an UnlearningConfig or TrainingArguments, got {type(args).__name__}.")
-            dict_args = args.to_dict()
-            dict_args["hub_token"] = args.hub_token  # to_dict hides it
-            args = UnlearningConfig(**dict_args)
-
-        # ---- model ----
-        if isinstance(model, str):
-            model = load_causal_lm(model, args.model_init_kwargs, arg="model")
-        elif args.model_init_kwargs:
-            logger.warning("`model_init_kwargs` is ignored because `model` is already instantiated.")
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"`model` must be a torch.nn.Module or a model id/path, got {type(model).__name__}.")
-        check_causal_lm(model)
-
-        # ---- tokenizer ----
-        if processing_class is None:
-            name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
-            if not name_or_path:
-                raise ValueError("`processing_class` is required: the model has no `name_or_path` to load it from.")
-            processing_class = AutoTokenizer.from_pretrained(name_or_path)
-        tokenizer = processing_class
-        if not isinstance(tokenizer, PreTrainedTokenizerBase) and hasattr(tokenizer, "tokenizer"):
-            tokenizer = tokenizer.tokenizer
-        if not callable(tokenizer):
-            raise TypeError(f"`processing_class` must be a tokenizer, got {type(processing_class).__name__}.")
+        # construction: resolve every input into the objects the run uses; `validate` then checks them all
+        args = _as_unlearning_config(args, model)
+        model = _as_model(model, args)
+        processing_class, tokenizer = _as_tokenizer(processing_class, model)
         pad_token_id = ensure_pad_token(tokenizer)
-        check_tokenizer_fits(tokenizer, model)
-
-        # ---- PEFT ----
-        if peft_config is not None:
-            from peft import PeftConfig, get_peft_model
-
-            if not isinstance(peft_config, PeftConfig):
-                raise TypeError(
-                    f"`peft_config` must be a peft.PeftConfig (e.g. peft.LoraConfig), got {type(peft_config).__name__}."
-                )
-            if is_peft_model(model):
-                raise ValueError(
-                    "You passed a PeftModel together with `peft_config`. Either pass the PeftModel alone (its active "
-                    "adapter is trained) or pass the base model with `peft_config`."
-                )
-            set_seed(args.seed)
-            model = get_peft_model(model, peft_config)
-
-        # ---- reference model ----
-        reference_users = L.reference_users(args.forget_loss, args.retain_loss)
-        self._needs_reference = bool(reference_users)
+        model = _with_peft(model, peft_config, args)
         if isinstance(ref_model, str):
             ref_model = load_causal_lm(ref_model, args.model_init_kwargs, arg="ref_model")
-        if ref_model is not None and ref_model is model:
-            raise ValueError(
-                "`ref_model` must not be the trained model itself; pass a separate (frozen) copy or None."
-            )
-        if self._needs_reference:
-            check_reference(model, ref_model, " and ".join(reference_users))
+        self._needs_reference = bool(L.reference_users(args.forget_loss, args.retain_loss))
+        # the fused linear + loss path: resolved before any data work, so an unsupported fused_loss=True fails fast
+        self._fused_loss = L.use_fused_loss(args.fused_loss, model, ref_model)
+        self._tokenizer = tokenizer
+        self._pad_token_id = pad_token_id
+        self._model_for_checks = model
+        tok_kwargs = {
+            "max_length": args.max_length,
+            "completion_only_loss": args.completion_only_loss,
+            "assistant_turns": args.assistant_turns,
+        }
+        self._forget_examples = (
+            tokenize_dataset(forget_dataset, tokenizer, name="forget", **tok_kwargs)
+            if forget_dataset is not None
+            else None
+        )
+        self._retain_examples = (
+            tokenize_dataset(retain_dataset, tokenizer, name="retain", **tok_kwargs)
+            if retain_dataset is not None
+            else None
+        )
+
+        self.validate(model=model, args=args, ref_model=ref_model)
         if ref_model is not None and not self._needs_reference:
             logger.warning(
                 "`ref_model` is unused: neither forget_loss=%r nor retain_loss=%r needs it.",
@@ -204,29 +176,6 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
             )
             ref_model = None
 
-        # ---- fused linear + loss (before any data work: an unsupported fused_loss=True fails fast) ----
-        self._fused_loss = L.use_fused_loss(args.fused_loss, model, ref_model)
-        check_liger_kernel(args, self._fused_loss)
-
-        # ---- data ----
-        if forget_dataset is None:
-            raise ValueError("`forget_dataset` is required: the data to unlearn.")
-        if args.retain_loss is not None and retain_dataset is None:
-            raise ValueError(
-                f"retain_loss={args.retain_loss!r} needs a `retain_dataset`; pass one, or set retain_loss=None to "
-                "train on the forget loss alone."
-            )
-        tok_kwargs = {
-            "max_length": args.max_length,
-            "completion_only_loss": args.completion_only_loss,
-            "assistant_turns": args.assistant_turns,
-        }
-        self._forget_examples = tokenize_dataset(forget_dataset, tokenizer, name="forget", **tok_kwargs)
-        self._retain_examples = (
-            tokenize_dataset(retain_dataset, tokenizer, name="retain", **tok_kwargs)
-            if retain_dataset is not None
-            else None
-        )
         idk = None
         if args.forget_loss == "idk":
             idk = tokenize_idk_dataset(forget_dataset, tokenizer, args.idk_answers, max_length=args.max_length)
@@ -238,20 +187,13 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
             seed=seed,
             idk=idk,
         )
-        self._tokenizer = tokenizer
-        self._pad_token_id = pad_token_id
-        self._model_for_checks = model
-        self._check_examples("forget", self._forget_examples, args)
-        if self._retain_examples is not None:
-            self._check_examples("retain", self._retain_examples, args)
-        check_reference_vocab(model, ref_model if not isinstance(ref_model, str) else None)
-        warn_ignored_run_options(args, has_retain_data=args.retain_loss is not None, is_fila=is_fila_peft_model(model))
         self._eval_sets = self._tokenize_eval_sets(eval_dataset, args) if eval_dataset is not None else None
         self._memorization_target: list[dict[str, list[int]]] | None = None
         self._in_checkpoint_save = False
         self._finite_guard = FiniteGuard()
         self._num_params: int | None = None
         self.fila_stats: dict[str, Any] = {}
+        self._retain_subspace: RetainSubspace | None = None
         self._metrics: dict[str, defaultdict[str, list[float]]] = {
             "train": defaultdict(list),
             "eval": defaultdict(list),
@@ -259,11 +201,8 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
         self._dataset_sizes = {"forget": len(self._forget_examples)}
         if self._retain_examples is not None:
             self._dataset_sizes["retain"] = len(self._retain_examples)
-
-        check_trainer_options(args, is_fila=is_fila_peft_model(model))
         if data_collator is None:
             data_collator = UnlearningDataCollator(pad_token_id)
-
         if is_peft_model(model) and args.activation_checkpointing:
             model.enable_input_require_grads()
 
@@ -289,12 +228,76 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
             self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
 
     # ------------------------------------------------------------------------------------------------------------
+    # validation
+    # ------------------------------------------------------------------------------------------------------------
+
+    def validate(
+        self,
+        model: nn.Module | None = None,
+        args: UnlearningConfig | None = None,
+        ref_model: nn.Module | None = None,
+    ) -> None:
+        """Check the run's inputs together: every check of the trainer, in one place (`__init__` calls it once).
+
+        The model is a causal LM whose vocabulary and positions fit the tokenizer and the data, the losses have the
+        reference and the data they need, the options work together (warnings for options the run ignores). Called
+        again after construction (no arguments: the trainer's own model, args and reference) it re-checks them, e.g.
+        after changing `args`.
+
+        Args:
+            model: The trained model (default: the trainer's).
+            args: The run's config (default: the trainer's).
+            ref_model: The separate reference model, if any (default: the trainer's).
+
+        Raises:
+            ValueError / TypeError: Naming the argument, what was expected and how to fix it.
+        """
+        constructed = model is None
+        model = self.accelerator.unwrap_model(self.model) if constructed else model
+        args = self.args if args is None else args
+        if constructed and ref_model is None:
+            ref_model = self.ref_model
+        check_causal_lm(model)
+        check_tokenizer_fits(self._tokenizer, model)
+        if ref_model is not None and ref_model is model:
+            raise ValueError(
+                "`ref_model` must not be the trained model itself; pass a separate (frozen) copy or None."
+            )
+        reference_users = L.reference_users(args.forget_loss, args.retain_loss)
+        if reference_users:
+            check_reference(model, ref_model, " and ".join(reference_users))
+        check_liger_kernel(args, self._fused_loss)
+        if self._forget_examples is None:
+            raise ValueError("`forget_dataset` is required: the data to unlearn.")
+        if args.retain_loss is not None and self._retain_examples is None:
+            raise ValueError(
+                f"retain_loss={args.retain_loss!r} needs a `retain_dataset`; pass one, or set retain_loss=None to "
+                "train on the forget loss alone."
+            )
+        if args.retain_subspace_weight > 0 and (self._retain_examples is None or not is_peft_model(model)):
+            raise ValueError(
+                f"retain_subspace_weight={args.retain_subspace_weight!r} penalises the LoRA weights inside the retain "
+                "subspace, so it needs a `retain_dataset` and a PEFT (LoRA) model (pass `peft_config` or a PeftModel); "
+                "set retain_subspace_weight=0 otherwise."
+            )
+        self._check_examples("forget", self._forget_examples, args, model)
+        if self._retain_examples is not None:
+            self._check_examples("retain", self._retain_examples, args, model)
+        check_reference_vocab(model, ref_model)
+        is_data_driven = is_data_driven_peft_model(model)
+        warn_ignored_run_options(args, has_retain_data=args.retain_loss is not None, is_fila=is_data_driven)
+        check_trainer_options(args, is_fila=is_data_driven)
+        warn_full_finetune_learning_rate(args, has_adapter=is_peft_model(model))
+
+    # ------------------------------------------------------------------------------------------------------------
     # data helpers
     # ------------------------------------------------------------------------------------------------------------
 
-    def _check_examples(self, name: str, examples: list, args: UnlearningConfig) -> None:
+    def _check_examples(
+        self, name: str, examples: list, args: UnlearningConfig, model: nn.Module | None = None
+    ) -> None:
         """Token ids inside the vocabulary, lengths inside the model's positions (clear errors, not IndexError)."""
-        model = self._model_for_checks
+        model = self._model_for_checks if model is None else model
         check_token_ids(examples, embedding_size(model), name)
         check_sequence_lengths(examples, max_positions(model), name, args.max_length)
 
@@ -308,6 +311,9 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
         shards = (self.args.process_index, self.args.world_size) if shard else None
         return causal_lm_dataloader(examples, batch_size, self._pad_token_id, shard=shards)
 
+    # Private override (as TRL's trainers do): Trainer drops every batch column the model's forward does not take,
+    # and the paired batch's prefixed columns are inputs of compute_loss, not of the model; this is the only place
+    # Trainer reads the kept columns from (remove_unused_columns=False would also keep a user's extra columns).
     def _set_signature_columns_if_needed(self) -> None:
         if self._signature_columns is None:
             keys = ("input_ids", "attention_mask", "labels")
@@ -419,11 +425,47 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
             values[f"{role}_nll"] = term.nll.detach()
         if counts is not None:
             loss = loss * counts.loss_scale
+        loss = loss + self._retain_subspace_term(values, training=counts is not None)
         self._record_metrics(mode, values)
 
         if return_outputs:
             return loss, {k: v for k, v in values.items()}
         return loss
+
+    def _retain_subspace_term(self, values: dict[str, torch.Tensor], training: bool) -> torch.Tensor | float:
+        """``retain_subspace_weight * sum ||Q_r^T B||_F^2``, once per optimizer step (see `trainer.retain_subspace`).
+
+        The penalty is the same on every process (DDP averages its gradient) and is split over the micro-batches of
+        a step, so gradient accumulation does not change it. Logged unweighted as ``retain_subspace_loss``.
+        """
+        if self._retain_subspace is None:
+            return 0.0
+        penalty = self._retain_subspace.penalty()
+        values["retain_subspace_loss"] = penalty.detach()
+        micro_batches = getattr(self, "current_gradient_accumulation_steps", 1) if training else 1
+        return self.args.retain_subspace_weight * penalty / max(int(micro_batches), 1)
+
+    def _maybe_compute_retain_subspace(self) -> RetainSubspace | None:
+        """Compute the retain subspaces ``Q_r`` of the trained adapter(s) when ``retain_subspace_weight > 0``."""
+        if self.args.retain_subspace_weight <= 0 or self._retain_subspace is not None:
+            return self._retain_subspace
+        model = self.accelerator.unwrap_model(self.model)
+        adapters = list(getattr(model, "active_adapters", None) or [getattr(model, "active_adapter", "default")])
+        options = {
+            "accumulator_device": self.args.fila_accumulator_device,
+            "layers_per_pass": self.args.fila_layers_per_pass,
+        }
+        self._retain_subspace = compute_retain_subspace(
+            model,
+            self._fila_loaders()[1],
+            self.args.retain_subspace_rank,
+            adapters,
+            max_batches=self.args.fila_max_batches,
+            covariance_options={k: v for k, v in options.items() if v is not None},
+            show_progress=not self.args.disable_tqdm and self.is_world_process_zero(),
+        )
+        self._metrics["train"]["retain_subspace_seconds"].append(self._retain_subspace.seconds)
+        return self._retain_subspace
 
     def _record_metrics(self, mode: str, values: Mapping[str, torch.Tensor]) -> None:
         names = list(values)
@@ -469,8 +511,10 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
         self._finite_guard.check_loss(loss, self.state.global_step + 1, self._guard_settings())
         return loss
 
+    # Private override: the gradient norm Trainer computes before each optimizer step is visible only here (the
+    # on_pre_optimizer_step callback gets no norm, and computing it again would cost a pass over every gradient,
+    # with collectives under FSDP/DeepSpeed); the guard stops the run before a NaN/inf gradient is applied.
     def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
-        # the norm Trainer computes before each optimizer step: stop before a NaN/inf gradient is applied
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
         self._finite_guard.check_grad_norm(grad_norm, self.state.global_step + 1, self._guard_settings())
         return grad_norm
@@ -493,7 +537,8 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
         trial: Any = None,
         ignore_keys_for_eval: list[str] | None = None,
     ):
-        """Initialise pending FILA/VILA adapters, then run ``Trainer.train``.
+        """Initialise pending FILA/VILA/RILA adapters (and the retain subspaces of ``retain_subspace_weight``), then
+        run ``Trainer.train``.
 
         On resume the frozen initial factors are re-attached from the checkpoint's ``_fila_init/`` (the init is not
         re-run), so a fresh process (original base + ``get_peft_model(..., LoraConfig(init_lora_weights="fila"))``)
@@ -503,6 +548,7 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
         check_trains_some_steps(self.args)
         self.check_output_dir()
         self._maybe_initialize_fila(resume_from_checkpoint)
+        self._maybe_compute_retain_subspace()
         output = super().train(
             resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval
         )
@@ -600,3 +646,62 @@ class UnlearningTrainer(UnlearningSavingMixin, Trainer):
     def _memorization_metrics(self, examples: list, prefix: str) -> dict[str, float]:
         sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
         return memorization_metrics(self.model, examples, prefix, self.args, self._pad_token_id, sharded)
+
+
+def _as_unlearning_config(args: TrainingArguments | None, model: nn.Module | str) -> UnlearningConfig:
+    """The run's `UnlearningConfig`: the default one, `args` itself, or a `TrainingArguments` upcast."""
+    if args is None:
+        name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
+        return UnlearningConfig(output_dir=f"{Path(str(name or 'model')).name}-Unlearning")
+    if isinstance(args, UnlearningConfig):
+        return args
+    if not isinstance(args, TrainingArguments):
+        raise TypeError(f"`args` must be an UnlearningConfig or TrainingArguments, got {type(args).__name__}.")
+    dict_args = args.to_dict()
+    dict_args["hub_token"] = args.hub_token  # to_dict hides it
+    return UnlearningConfig(**dict_args)
+
+
+def _as_model(model: nn.Module | str, args: UnlearningConfig) -> nn.Module:
+    """The model itself, or the causal LM loaded from a Hub id / local path with `args.model_init_kwargs`."""
+    if isinstance(model, str):
+        model = load_causal_lm(model, args.model_init_kwargs, arg="model")
+    elif args.model_init_kwargs:
+        logger.warning("`model_init_kwargs` is ignored because `model` is already instantiated.")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module or a model id/path, got {type(model).__name__}.")
+    return model
+
+
+def _as_tokenizer(processing_class: Any, model: nn.Module) -> tuple[Any, Any]:
+    """``(processing_class, tokenizer)``: the one given (a processor's ``tokenizer``), or loaded from the model."""
+    if processing_class is None:
+        name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
+        if not name_or_path:
+            raise ValueError("`processing_class` is required: the model has no `name_or_path` to load it from.")
+        processing_class = AutoTokenizer.from_pretrained(name_or_path)
+    tokenizer = processing_class
+    if not isinstance(tokenizer, PreTrainedTokenizerBase) and hasattr(tokenizer, "tokenizer"):
+        tokenizer = tokenizer.tokenizer
+    if not callable(tokenizer):
+        raise TypeError(f"`processing_class` must be a tokenizer, got {type(processing_class).__name__}.")
+    return processing_class, tokenizer
+
+
+def _with_peft(model: nn.Module, peft_config: Any, args: UnlearningConfig) -> nn.Module:
+    """`model` wrapped with ``get_peft_model(model, peft_config)`` (seeded with `args.seed`), or as it is."""
+    if peft_config is None:
+        return model
+    from peft import PeftConfig, get_peft_model
+
+    if not isinstance(peft_config, PeftConfig):
+        raise TypeError(
+            f"`peft_config` must be a peft.PeftConfig (e.g. peft.LoraConfig), got {type(peft_config).__name__}."
+        )
+    if is_peft_model(model):
+        raise ValueError(
+            "You passed a PeftModel together with `peft_config`. Either pass the PeftModel alone (its active "
+            "adapter is trained) or pass the base model with `peft_config`."
+        )
+    set_seed(args.seed)
+    return get_peft_model(model, peft_config)

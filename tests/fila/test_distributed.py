@@ -152,7 +152,7 @@ FSDP_WORKER = textwrap.dedent(
         stats.save(os.path.join(out_dir, f"fisher_rank{rank}.safetensors"))
         assert all(p.grad is None for p in model.parameters())
         initialize_fila_weights(model, fisher=stats, show_progress=False)
-        assert pending_fila_adapters(model) == []
+        assert pending_data_driven_adapters(model) == []
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         init = {k: v for k, v in full.items() if "lora_" in k}
         dense = {"q_proj.weight": dense_weight(q_proj.base_layer)}
@@ -179,7 +179,7 @@ FSDP_WORKER = textwrap.dedent(
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
-    from peft_unlearn.fila import estimate_fisher, initialize_fila_weights, pending_fila_adapters
+    from peft_unlearn.fila import estimate_fisher, initialize_fila_weights, pending_data_driven_adapters
     from peft_unlearn.fila.state import dense_weight
     from peft_unlearn.testing import random_lm_batches, tiny_causal_lm
 

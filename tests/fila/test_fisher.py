@@ -653,3 +653,17 @@ def test_trainer_fila_cache_is_not_reused_for_another_forget_set(tokenizer, tmp_
     assert second.f_count != first.f_count or not torch.equal(
         second.importance_f[second.names[0]], first.importance_f[first.names[0]]
     )
+
+
+def test_rank_inside_a_process_group(tmp_path):
+    """`rank()` reads the process-group rank (it shows the progress bar and writes the cache on rank 0 only)."""
+    import torch.distributed as dist
+
+    from peft_unlearn.fila.fisher_passes import rank
+
+    assert rank() == 0  # no process group
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert rank() == 0
+    finally:
+        dist.destroy_process_group()

@@ -16,7 +16,7 @@ from peft_unlearn.fila import (
     estimate_fisher,
     fila_init_layer,
     initialize_fila_weights,
-    pending_fila_adapters,
+    pending_data_driven_adapters,
     preprocess_fila,
 )
 from peft_unlearn.testing import random_lm_batches, tiny_causal_lm
@@ -235,7 +235,7 @@ def test_outputs_preserved_fp32(arch):
         model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[arch], init_lora_weights="fila")
     )
     info = initialize_fila_weights(peft_model, _batches(2, 11), _batches(2, 12), show_progress=False)
-    assert pending_fila_adapters(peft_model) == []
+    assert pending_data_driven_adapters(peft_model) == []
     assert peft_model.peft_config["default"].init_lora_weights == "fila"
     layers = _layers(peft_model)
     assert info["num_layers"] == len(layers) > 0
@@ -327,7 +327,7 @@ def test_preprocess_fila_initialises_during_get_peft_model():
         reference = base(input_ids=ids).logits
     preprocess_fila(base, config, forget, retain, show_progress=False)
     direct = get_peft_model(base, config)
-    assert pending_fila_adapters(direct) == []
+    assert pending_data_driven_adapters(direct) == []
     assert not any(hasattr(m, "_fila_importance") for m in direct.modules())
     with torch.no_grad():
         assert (direct(input_ids=ids).logits - reference).abs().max() <= 1e-4
@@ -586,12 +586,12 @@ def test_initialize_adapter_weights_dispatches_on_the_init_name(monkeypatch):
         tiny_causal_lm("llama", vocab_size=VOCAB), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="fila")
     )
     info = initialize_adapter_weights(fila_model, forget, retain, show_progress=False)
-    assert info["num_layers"] == 2 and pending_fila_adapters(fila_model) == []
+    assert info["num_layers"] == 2 and pending_data_driven_adapters(fila_model) == []
 
     vila_model = get_peft_model(
         tiny_causal_lm("llama", vocab_size=VOCAB), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="vila")
     )
-    assert pending_fila_adapters(vila_model) == ["default"]  # marked pending like FILA
+    assert pending_data_driven_adapters(vila_model) == ["default"]  # marked pending like FILA
     calls = []
 
     def fake_vila(peft_model, forget_dataloader, retain_dataloader, adapter_name="default", **kwargs):
@@ -622,7 +622,7 @@ def test_vila_adapter_initialised_by_fila_weights_keeps_its_name():
     stats = estimate_fisher(peft_model, _batches(1, 42), show_progress=False)
     initialize_fila_weights(peft_model, fisher=stats, show_progress=False)
     assert peft_model.peft_config["default"].init_lora_weights == "vila"
-    assert pending_fila_adapters(peft_model) == []
+    assert pending_data_driven_adapters(peft_model) == []
 
 
 def test_fisher_options_are_checked_before_the_fisher_pass():

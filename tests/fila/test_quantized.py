@@ -19,7 +19,7 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback  # noqa: E402
 
 import peft_unlearn  # noqa: E402, F401
-from peft_unlearn.fila import FisherStatistics, initialize_fila_weights, pending_fila_adapters  # noqa: E402
+from peft_unlearn.fila import FisherStatistics, initialize_fila_weights, pending_data_driven_adapters  # noqa: E402
 from peft_unlearn.fila.state import dense_weight, iter_lora_layers  # noqa: E402
 from peft_unlearn.testing import TINY_CORPUS, random_lm_batches, tiny_causal_lm  # noqa: E402
 from peft_unlearn.trainer import UnlearningTrainer  # noqa: E402
@@ -136,11 +136,11 @@ def test_fila_on_quantized_base_trains_and_exports(tmp_path, base_dir, tokenizer
         quantized,
         LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, init_lora_weights="fila"),
     )
-    assert pending_fila_adapters(model) == ["default"]
+    assert pending_data_driven_adapters(model) == ["default"]
 
     class StepZero(TrainerCallback):  # the trainer's auto-init (Fisher pass + SVD) ran before step 0
         def on_train_begin(self, args, state, control, model=None, **kwargs):
-            self.pending = pending_fila_adapters(model)
+            self.pending = pending_data_driven_adapters(model)
             self.logits = _logits_before_training(model, ids)
 
     # FILA init and a few IHL steps through UnlearningTrainer
@@ -190,3 +190,92 @@ def test_merge_and_unload_on_quantized_base(base_dir, mode):
         warnings.simplefilter("ignore")
         merged = model.merge_and_unload()
     assert (_logits(merged, ids) - before).abs().max().item() <= 0.05 * before.abs().max().item()
+
+
+def test_rila_on_4bit_base_auto_init_trains_and_exports(tmp_path, base_dir, tokenizer):
+    """RILA on an nf4 base through UnlearningTrainer's auto-init: the output covariance reads the 4-bit layers'
+    outputs, A0 = Qᵀ W uses the dequantized weight, the output is unchanged at init, the base is untouched, and the
+    portable adapter loads with plain PEFT."""
+    from peft_unlearn.fila import RilaConfig, RilaLoraConfig, estimate_output_covariance, rila_init_layer
+
+    # one vector per token: with one per sequence and 2 forget sequences, (1 - beta) C_f - beta C_r has at most 2
+    # positive eigenvalues, and the rest of the top 4 would be an arbitrary basis of its zero-eigenvalue space
+    settings = RilaConfig(pooling="token")
+
+    ids = random_lm_batches(1, seed=7, vocab_size=VOCAB)[0]["input_ids"]
+    quantized = _load(base_dir, "nf4")
+    reference = _logits_before_training(quantized, ids)
+    model = get_peft_model(
+        quantized,
+        RilaLoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, rila_config=settings),
+    )
+    assert pending_data_driven_adapters(model) == ["default"]
+
+    class StepZero(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.pending = pending_data_driven_adapters(model)
+            self.logits = _logits_before_training(model, ids)
+            layer = model.base_model.model.model.layers[1].mlp.up_proj
+            self.factors = (
+                layer.lora_A["default"].weight.detach().clone(),
+                layer.lora_B["default"].weight.detach().clone(),
+            )
+
+    args = quick_cpu_config(tmp_path / "out", max_steps=3, forget_loss="inverted_hinge", retain_loss="nll")
+    forget = [{"text": t} for t in TINY_CORPUS[:2]]
+    retain = [{"text": t} for t in TINY_CORPUS[2:4]]
+    probe = StepZero()
+    trainer = UnlearningTrainer(
+        model, args, forget_dataset=forget, retain_dataset=retain, processing_class=tokenizer, callbacks=[probe]
+    )
+    # the statistics the trainer's init uses, computed here from the same loaders (adapters are disabled inside)
+    name = "model.layers.1.mlp.up_proj"
+    stats = estimate_output_covariance(
+        model, *trainer._fila_loaders(), target_modules=[name], pooling="token", show_progress=False
+    )
+    trainer.train()
+    assert probe.pending == [] and trainer.fila_stats["default"]["num_layers"] == 14
+    assert (trainer.fila_stats["default"]["f_count"], trainer.fila_stats["default"]["r_count"]) == (
+        stats.f_count,
+        stats.r_count,
+    )
+    dense = dense_weight(model.base_model.model.model.layers[1].mlp.up_proj.get_base_layer()).double()
+    lora_a, lora_b = rila_init_layer(
+        dense, stats.forget_covariance(name), stats.retain_covariance(name), 4, config=settings
+    )
+    projector = lora_b.double() @ lora_b.double().T  # Q is defined up to the signs of its columns
+    torch.testing.assert_close(probe.factors[1].double() @ probe.factors[1].double().T, projector, atol=1e-4, rtol=0)
+    torch.testing.assert_close(probe.factors[1].double().T @ dense, probe.factors[0].double(), atol=1e-4, rtol=1e-4)
+    assert (probe.logits - reference).abs().max().item() <= 1e-5
+    model.train()
+    with torch.no_grad(), model.disable_adapter():
+        torch.testing.assert_close(model(input_ids=ids).logits, reference, atol=0, rtol=0)  # base untouched
+    trained = _logits(model, ids)
+    assert (trained - reference).abs().max().item() > 1e-3
+
+    adapter_dir = tmp_path / "portable"
+    model.save_pretrained(adapter_dir)
+    assert json.loads((adapter_dir / "adapter_config.json").read_text())["r"] == 8
+    torch.save(ids, tmp_path / "ids.pt")
+    script = tmp_path / "plain.py"
+    script.write_text(PLAIN_PEFT)
+    run_python(
+        [script, base_dir, adapter_dir, tmp_path / "ids.pt", tmp_path, "nf4"], cwd=tmp_path, expect="PLAIN_PEFT_OK"
+    )
+    assert (torch.load(tmp_path / "quantized.pt") - trained).abs().max().item() <= 1e-4
+
+
+def test_output_covariance_pass_never_repacks_4bit_weights(base_dir):
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight at an eval-mode, no-grad forward (no gradient
+    flows through it afterwards); the RILA/ROL statistics pass must not trigger that. Simulated on any CPU by
+    claiming the instruction set: the pass keeps the 4-bit layers in train mode, so the repack never happens."""
+    from peft_unlearn.fila import estimate_output_covariance
+
+    model = get_peft_model(_load(base_dir, "nf4"), LoraConfig(r=2, target_modules=["q_proj", "up_proj"]))
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = True
+    model.train()
+    estimate_output_covariance(model, random_lm_batches(2, seed=8, vocab_size=VOCAB), show_progress=False)
+    assert not any(getattr(layer.weight.quant_state, "packing_format_for_cpu", False) for layer in layers)
+    assert all(layer.training for layer in layers) and model.training  # modes restored

@@ -12,11 +12,11 @@ from peft.tuners.lora.model import LoraModel
 
 import peft_unlearn  # noqa: F401  (registers FILA)
 from peft_unlearn.fila import (
+    DataDrivenInitPendingWarning,
     FilaConfig,
     FilaLoraConfig,
-    FilaNotInitializedWarning,
     initialize_fila_weights,
-    pending_fila_adapters,
+    pending_data_driven_adapters,
 )
 from peft_unlearn.fila.registration import is_registered, register_fila, unregister_fila
 from peft_unlearn.testing import random_lm_batches, tiny_causal_lm
@@ -74,7 +74,7 @@ def test_get_peft_model_marks_pending_and_keeps_outputs(arch, tokenizer):
     peft_model = get_peft_model(
         model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[arch], init_lora_weights="fila")
     )
-    assert pending_fila_adapters(peft_model) == ["default"]
+    assert pending_data_driven_adapters(peft_model) == ["default"]
     layers = _lora_layers(peft_model)
     assert layers
     for layer in layers:
@@ -86,7 +86,7 @@ def test_get_peft_model_marks_pending_and_keeps_outputs(arch, tokenizer):
 
 def test_other_inits_are_delegated(tiny_llama):
     peft_model = get_peft_model(tiny_llama, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="gaussian"))
-    assert pending_fila_adapters(peft_model) == []
+    assert pending_data_driven_adapters(peft_model) == []
     layer = _lora_layers(peft_model)[0]
     assert "_fila_pending" not in layer.__dict__
     assert torch.count_nonzero(layer.lora_A["default"].weight) > 0
@@ -196,7 +196,7 @@ def test_pending_forward_warns_in_training_only(tokenizer):
     peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="fila"))
     batch = _batches(len(tokenizer), n=1)[0]
     with warnings.catch_warnings():
-        warnings.simplefilter("error", FilaNotInitializedWarning)
+        warnings.simplefilter("error", DataDrivenInitPendingWarning)
         peft_model.eval()
         peft_model(**batch)  # eval mode: no warning
         peft_model.train()
@@ -204,13 +204,13 @@ def test_pending_forward_warns_in_training_only(tokenizer):
             peft_model(**batch)  # no grad: no warning
         with peft_model.disable_adapter():
             peft_model(**batch)  # adapters disabled: no warning
-    with pytest.warns(FilaNotInitializedWarning, match="initialize_adapter_weights"):
+    with pytest.warns(DataDrivenInitPendingWarning, match="initialize_adapter_weights"):
         peft_model(**batch)
     with warnings.catch_warnings():  # once per adapter
-        warnings.simplefilter("error", FilaNotInitializedWarning)
+        warnings.simplefilter("error", DataDrivenInitPendingWarning)
         peft_model(**batch)
     initialize_fila_weights(peft_model, [batch], show_progress=False)
-    assert pending_fila_adapters(peft_model) == []
+    assert pending_data_driven_adapters(peft_model) == []
     for layer in _lora_layers(peft_model):
         assert "_fila_pending_hook" not in layer.__dict__
         assert len(layer._forward_pre_hooks) == 0
@@ -223,7 +223,7 @@ def test_add_adapter_with_fila_is_validated(tiny_llama):
             "f", LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="fila", use_dora=True)
         )
     peft_model.add_adapter("f", LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="fila"))
-    assert pending_fila_adapters(peft_model) == ["f"]
+    assert pending_data_driven_adapters(peft_model) == ["f"]
 
 
 # ----------------------------------------------------------------------------------------------------------------

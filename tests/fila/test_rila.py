@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -12,7 +14,7 @@ from peft_unlearn.fila import (
     RilaConfig,
     estimate_output_covariance,
     initialize_adapter_weights,
-    pending_fila_adapters,
+    pending_data_driven_adapters,
     rila_init_layer,
 )
 from peft_unlearn.fila.offset import get_offset
@@ -61,7 +63,7 @@ _brute_force_covariance.acc = {}
 
 def test_rila_is_registered() -> None:
     assert "rila" in DATA_DRIVEN_INITS
-    assert pending_fila_adapters(_model()) == ["default"]
+    assert pending_data_driven_adapters(_model()) == ["default"]
 
 
 def test_covariance_and_factors_match_float64_brute_force() -> None:
@@ -90,7 +92,7 @@ def test_output_unchanged_at_init_and_base_untouched() -> None:
     with torch.no_grad(), model.disable_adapter():
         reference = model(input_ids=batch["input_ids"]).logits
     info = initialize_adapter_weights(model, _batches(1), _batches(2), show_progress=False)
-    assert info["num_layers"] == 4 and pending_fila_adapters(model) == []
+    assert info["num_layers"] == 4 and pending_data_driven_adapters(model) == []
     layer = model.base_model.model.model.layers[0].mlp.up_proj
     assert get_offset(layer, "default") is not None
     assert layer.lora_B["default"].weight.abs().sum() > 0
@@ -138,3 +140,131 @@ def test_low_memory_modes_give_identical_statistics() -> None:
     for name in plain.names:
         torch.testing.assert_close(plain.forget[name], grouped.forget[name])
         torch.testing.assert_close(plain.retain[name], grouped.retain[name])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FSDP2 (fully_shard) on CPU with gloo: sharded DTensor weights, as for FILA (tests/fila/test_distributed.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+FSDP_RILA_WORKER = textwrap.dedent(
+    """
+    import os, sys
+    import torch
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+
+    def worker(rank, world_size, out_dir):
+        torch.set_num_threads(1)
+        dist.init_process_group(
+            "gloo", init_method="file://" + os.path.join(out_dir, "rendezvous"), rank=rank, world_size=world_size
+        )
+        forget = random_lm_batches(4, 1)[rank::world_size]
+        retain = random_lm_batches(4, 2)[rank::world_size]
+        torch.manual_seed(0)
+        config = RilaLoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, rila_config={"pooling": "token"})
+        model = get_peft_model(tiny_causal_lm("llama", vocab_size=320), config)
+        for layer in model.base_model.model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+        assert isinstance(q_proj.base_layer.weight, DTensor) and isinstance(q_proj.lora_A["default"].weight, DTensor)
+
+        # the covariances (all-reduced over the ranks), then the RILA init of the sharded adapter
+        stats = estimate_output_covariance(model, forget, retain, pooling="token", show_progress=False)
+        sums = {f"f.{k}": v for k, v in stats.forget.items()} | {f"r.{k}": v for k, v in stats.retain.items()}
+        sums["counts"] = torch.tensor([stats.f_count, stats.r_count])
+        save_file(sums, os.path.join(out_dir, f"cov_rank{rank}.safetensors"))
+        initialize_rila_weights(model, covariance=stats, show_progress=False)
+        assert pending_data_driven_adapters(model) == []
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        init = {k: v for k, v in full.items() if "lora_" in k}
+
+        model.train()  # one training step (gradients averaged over the ranks by FSDP)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        model(**forget[0]).loss.backward()
+        optimizer.step()
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        lora = {k: v for k, v in full.items() if "lora_" in k}
+        if rank == 0:
+            save_file(init, os.path.join(out_dir, "init.safetensors"))
+            model.save_pretrained(os.path.join(out_dir, "adapter"), state_dict=lora)  # the portable adapter
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+    import peft_unlearn  # noqa: F401
+    from peft import get_peft_model
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    from peft_unlearn.fila import (
+        RilaLoraConfig, estimate_output_covariance, initialize_rila_weights, pending_data_driven_adapters
+    )
+    from peft_unlearn.testing import random_lm_batches, tiny_causal_lm
+
+    TARGETS = sys.argv[2].split(",")
+
+    if __name__ == "__main__":
+        torch.set_num_threads(1)
+        mp.start_processes(worker, args=(2, sys.argv[1]), nprocs=2, join=True, start_method="fork")
+        print("DIST_OK")
+    """
+)
+
+
+@pytest.mark.distributed
+def test_fsdp2_sharded_rila_init_step_and_portable_adapter(tmp_path) -> None:
+    """Under FSDP2 (2 gloo ranks, DTensor weights) the covariances, the RILA init, one training step and the
+    portable adapter equal the single-process run on the union of the ranks' data."""
+    pytest.importorskip("torch.distributed.fsdp")
+    from safetensors.torch import load_file
+
+    from peft_unlearn.fila import RilaLoraConfig, initialize_rila_weights
+    from peft_unlearn.testing import random_lm_batches
+    from tests.helpers import run_python
+
+    targets = ["q_proj", "down_proj"]
+    script = tmp_path / "fsdp_rila_worker.py"
+    script.write_text(FSDP_RILA_WORKER)
+    run_python([script, tmp_path, ",".join(targets)], cwd=tmp_path, expect="DIST_OK")
+
+    forget, retain = random_lm_batches(4, 1), random_lm_batches(4, 2)
+    torch.manual_seed(0)
+    config = RilaLoraConfig(r=4, lora_alpha=8, target_modules=targets, rila_config={"pooling": "token"})
+    model = get_peft_model(tiny_causal_lm("llama", vocab_size=320), config)
+    single = estimate_output_covariance(model, forget, retain, pooling="token", show_progress=False)
+    for r in range(2):
+        sums = load_file(str(tmp_path / f"cov_rank{r}.safetensors"))
+        assert sums["counts"].tolist() == [single.f_count, single.r_count]
+        for name in single.names:
+            torch.testing.assert_close(sums[f"f.{name}"], single.forget[name], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(sums[f"r.{name}"], single.retain[name], rtol=1e-5, atol=1e-5)
+    initialize_rila_weights(model, covariance=single, show_progress=False)
+
+    init = load_file(str(tmp_path / "init.safetensors"))
+    single_init = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    assert len(init) == len(single_init) == 2 * len(targets) * 2
+    for key in [k for k in single_init if ".lora_A." in k]:  # products: eigenvector signs could differ
+        b_key = key.replace(".lora_A.", ".lora_B.")
+        torch.testing.assert_close(
+            init[b_key] @ init[key], single_init[b_key] @ single_init[key], atol=1e-5, rtol=1e-4
+        )
+
+    model.train()  # the same step in one process: the ranks' losses averaged (FSDP's gradient averaging)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ((model(**forget[0]).loss + model(**forget[1]).loss) / 2).backward()
+    optimizer.step()
+    model.save_pretrained(tmp_path / "single")
+    sharded = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    expected = load_file(str(tmp_path / "single" / "adapter_model.safetensors"))
+    assert sharded.keys() == expected.keys() and len(expected) == 2 * 2 * len(targets)
+    # rank 2r: [A; A0] and [B | -B0], so B_full A_full = B A - B0 A0, the trained update (compared as a product:
+    # close eigenvalues let rounding rotate Q inside their eigenspace, which changes the factors, not the product)
+    for key in [k for k in expected if ".lora_A." in k]:
+        b_key = key.replace(".lora_A.", ".lora_B.")
+        update = expected[b_key] @ expected[key]
+        assert update.abs().max() > 1e-4  # the step moved the adapter
+        error = ((sharded[b_key] @ sharded[key] - update).norm() / update.norm()).item()
+        assert error < 1e-2, (key, error)  # Adam is per coordinate, so a rotated Q moves the update by ~rounding

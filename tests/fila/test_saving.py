@@ -16,9 +16,9 @@ from transformers import AutoModelForCausalLM
 import peft_unlearn  # noqa: F401
 from peft_unlearn.fila import (
     export_portable_adapter,
+    has_data_driven_adapter,
     initialize_fila_weights,
-    is_fila_model,
-    pending_fila_adapters,
+    pending_data_driven_adapters,
     restore_fila_residual,
     restore_fila_state,
     save_fila_state,
@@ -205,10 +205,10 @@ def test_raw_save_restore_and_resume(tmp_path):
         AutoModelForCausalLM.from_pretrained(base_dir),
         LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights="fila"),
     )
-    assert pending_fila_adapters(fresh) == ["default"]
+    assert pending_data_driven_adapters(fresh) == ["default"]
     assert restore_fila_state(fresh, raw_dir) == {"restored": len(layers)}
     assert restore_fila_state(fresh, raw_dir) == {"restored": len(layers)}  # idempotent: re-attaching is harmless
-    assert pending_fila_adapters(fresh) == []
+    assert pending_data_driven_adapters(fresh) == []
     fresh.load_adapter(raw_dir, "default", is_trainable=True)
     assert (_logits(fresh, ids) - logits).abs().max() <= 1e-5
     original = AutoModelForCausalLM.from_pretrained(base_dir).state_dict()
@@ -224,7 +224,7 @@ def test_raw_save_restore_and_resume(tmp_path):
 
     # alternative: PeftModel.from_pretrained on the raw checkpoint, then restore
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), raw_dir)
-    assert pending_fila_adapters(loaded) == ["default"]
+    assert pending_data_driven_adapters(loaded) == ["default"]
     with pytest.raises(ValueError, match="not initialised yet"):
         loaded.save_pretrained(tmp_path / "nope")
     with pytest.warns(DeprecationWarning, match="use restore_fila_state"):
@@ -263,7 +263,7 @@ def test_restore_errors(tmp_path):
 
 def test_pending_adapters_cannot_be_saved(tmp_path, tiny_llama):
     peft_model = get_peft_model(tiny_llama, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="fila"))
-    assert is_fila_model(peft_model)
+    assert has_data_driven_adapter(peft_model)
     for call in (
         lambda: peft_model.save_pretrained(tmp_path / "a"),
         lambda: peft_model.save_pretrained(tmp_path / "b", fila_portable=False),
@@ -310,7 +310,7 @@ def test_named_adapter_bin_format_and_state_dict_argument(tmp_path):
     reloaded = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "out" / "forget", adapter_name="forget"
     )
-    assert pending_fila_adapters(reloaded) == [] and not is_fila_model(reloaded)
+    assert pending_data_driven_adapters(reloaded) == [] and not has_data_driven_adapter(reloaded)
     assert (_logits(reloaded, ids) - logits).abs().max() <= 1e-4
 
 

@@ -17,7 +17,7 @@ from peft_unlearn.fila import (
     fila_init_layer,
     initialize_fila_weights,
     initialize_vila_weights,
-    pending_fila_adapters,
+    pending_data_driven_adapters,
 )
 from peft_unlearn.fila.state import iter_lora_layers
 from peft_unlearn.fila.vila import vila_layer_importance
@@ -270,7 +270,7 @@ def test_portable_save_loads_with_plain_peft(tmp_path):
     model = get_peft_model(
         base, LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS["llama"], init_lora_weights="vila")
     )
-    assert pending_fila_adapters(model) == ["default"]
+    assert pending_data_driven_adapters(model) == ["default"]
     initialize_vila_weights(model, _batches(2, 1), _batches(2, 2), show_progress=False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.5)
@@ -314,7 +314,7 @@ def test_trainer_initialises_a_vila_adapter_automatically(tmp_path, tokenizer):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             with torch.no_grad():
                 seen["logits"] = model(input_ids=ids).logits
-            seen["pending"] = pending_fila_adapters(model)
+            seen["pending"] = pending_data_driven_adapters(model)
 
     args = quick_cpu_config(tmp_path, max_steps=2, seed=0)
     forget = [{"text": t} for t in TINY_CORPUS[:4]]

@@ -30,6 +30,8 @@ def test_defaults():
     assert (args.fila_batch_size, args.fila_max_batches, args.fila_cache, args.fila_seed) == (4, None, None, None)
     assert args.remove_unused_columns is False
     assert args.logging_steps == 10
+    assert args.learning_rate == 1e-3  # the sound LoRA rate of the init benchmark, not TrainingArguments' 5e-5
+    assert TrainingArguments(output_dir="unused").learning_rate != args.learning_rate
 
 
 def test_loss_names_match_losses_module():

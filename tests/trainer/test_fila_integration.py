@@ -24,7 +24,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import peft_unlearn.fila
 import peft_unlearn.trainer.adapter_init
-from peft_unlearn.fila import FilaNotInitializedWarning, pending_fila_adapters
+from peft_unlearn.fila import DataDrivenInitPendingWarning, pending_data_driven_adapters
 from peft_unlearn.fila.saving import INIT_DIR
 from peft_unlearn.testing import TINY_CORPUS, tiny_causal_lm
 from peft_unlearn.trainer import UnlearningConfig, UnlearningTrainer
@@ -92,7 +92,7 @@ class _StepZeroProbe(TrainerCallback):
         self.logits = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.pending = pending_fila_adapters(model)
+        self.pending = pending_data_driven_adapters(model)
         self.logits = _logits(model, self.ids)
 
 
@@ -165,7 +165,7 @@ def test_trainer_fila_end_to_end(tmp_path, tokenizer, monkeypatch):
     original_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
 
     model = _fila_model(base)
-    assert pending_fila_adapters(model) == ["default"]
+    assert pending_data_driven_adapters(model) == ["default"]
     probe = _StepZeroProbe(ids)
     trainer = _trainer(
         model,
@@ -265,9 +265,9 @@ def test_pending_fila_model_warns_in_plain_trainer_and_cannot_be_saved(tmp_path,
         output_dir=str(tmp_path / "plain"), report_to="none", use_cpu=True, max_steps=1, save_strategy="no"
     )
     plain = Trainer(model=model, args=args, train_dataset=data)
-    with pytest.warns(FilaNotInitializedWarning, match=r"initialize_adapter_weights"):
+    with pytest.warns(DataDrivenInitPendingWarning, match=r"initialize_adapter_weights"):
         plain.train()
-    assert pending_fila_adapters(model) == ["default"]  # a plain Trainer never computes FILA
+    assert pending_data_driven_adapters(model) == ["default"]  # a plain Trainer never computes FILA
     with pytest.raises(ValueError, match=r"adapter\(s\) \['default'\] are not initialised yet"):
         plain.save_model(str(tmp_path / "plain_saved"))
     assert not (tmp_path / "plain_saved" / "adapter_model.safetensors").exists()

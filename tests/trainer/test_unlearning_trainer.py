@@ -452,9 +452,9 @@ def test_fila_initialisation_reference_and_saving(tmp_path, tokenizer):
         processing_class=tokenizer,
         peft_config=_lora(init_lora_weights="fila"),
     )
-    assert fila.pending_fila_adapters(trainer.model) == ["default"]
+    assert fila.pending_data_driven_adapters(trainer.model) == ["default"]
     trainer.train()
-    assert fila.pending_fila_adapters(trainer.model) == []
+    assert fila.pending_data_driven_adapters(trainer.model) == []
     assert trainer.fila_stats["default"]["num_layers"] > 0
     assert "fila_seconds" in trainer.state.log_history[0]
     model = trainer.model.eval()
@@ -630,6 +630,24 @@ def test_error_reference_missing(tmp_path, tokenizer):
         _make(tmp_path, tokenizer, model=model, args=_args(tmp_path, forget_loss="npo"), ref_model=model)
 
 
+def test_validate_is_the_one_check_step(tmp_path, tokenizer, monkeypatch):
+    """__init__ runs every check through `validate` once; called again after construction it re-checks the run."""
+    calls = []
+    original = UnlearningTrainer.validate
+    monkeypatch.setattr(UnlearningTrainer, "validate", lambda self, **kw: calls.append(kw) or original(self, **kw))
+    trainer = _make(tmp_path, tokenizer)  # no PEFT, no reference model: NPO cannot run
+    assert len(calls) == 1
+    trainer.validate()  # the constructed trainer passes its own checks
+    trainer.args.forget_loss = "npo"
+    with pytest.raises(ValueError, match=r"forget_loss='npo' needs a reference model"):
+        trainer.validate()
+    trainer.args.forget_loss = "inverted_hinge"
+    trainer.args.retain_loss = "nll"
+    trainer._retain_examples = None
+    with pytest.raises(ValueError, match=r"retain_loss='nll' needs a `retain_dataset`"):
+        trainer.validate()
+
+
 @pytest.mark.parametrize("model_cls", [BertModel, BertForSequenceClassification])
 def test_error_not_causal_lm(tmp_path, tokenizer, model_cls):
     config = BertConfig(
@@ -663,3 +681,31 @@ def test_output_dir_untouched_without_saving(tmp_path, tokenizer):
     trainer = _make(tmp_path, tokenizer, args=_args(tmp_path, max_steps=1), peft_config=_lora())
     trainer.train()
     assert not os.path.exists(tmp_path / "out" / "checkpoint-1")
+
+
+def test_full_finetune_at_the_adapter_learning_rate_warns(tmp_path, tokenizer):
+    """The default 1e-3 suits adapters; on a full model the trainer warns and names a rate that suits it."""
+    forget = [{"text": TINY_CORPUS[0]}]
+    args = quick_cpu_config(tmp_path, retain_loss=None)
+    assert args.learning_rate >= 1e-3
+    with pytest.warns(UserWarning, match=r"without a PEFT adapter.*learning_rate=1e-5"):
+        UnlearningTrainer(
+            model=tiny_causal_lm("llama", vocab_size=len(tokenizer)),
+            args=args,
+            forget_dataset=forget,
+            processing_class=tokenizer,
+        )
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        low = quick_cpu_config(tmp_path, retain_loss=None, learning_rate=1e-5)
+        UnlearningTrainer(
+            model=tiny_causal_lm("llama", vocab_size=len(tokenizer)), args=low, forget_dataset=forget,
+            processing_class=tokenizer,
+        )  # fmt: skip
+        adapter = quick_cpu_config(tmp_path, retain_loss=None)
+        UnlearningTrainer(
+            model=get_peft_model(tiny_causal_lm("llama", vocab_size=len(tokenizer)), _lora()), args=adapter,
+            forget_dataset=forget, processing_class=tokenizer,
+        )  # fmt: skip
