@@ -16,9 +16,10 @@ and the CLI's `--output`):
    command line, `overwrite=True` on the functions here).
 3. **Keep a user's README.md.** The model card is written only when `README.md` is absent or ours, even with
    the overwrite switch; otherwise the user's file stays and an info line says so.
-4. **Do not turn a base model into an adapter folder.** Saving an adapter into a folder holding a model that
-   peft_unlearn did not write (`config.json` plus weights) is refused: `from_pretrained` on that folder would
-   afterwards load the adapter instead of the base model. The overwrite switch allows it.
+4. **Do not turn a model's folder into an adapter folder.** Saving an adapter into a folder holding a model
+   (`config.json` plus weights) is refused, whoever wrote that model (a user, or peft_unlearn itself, e.g. an
+   earlier full fine-tuning run into the same `output_dir`): `from_pretrained` on that folder would afterwards
+   load the model plus the adapter instead of the model. The overwrite switch allows it.
 5. **Delete only what we wrote.** A stale `_fila_init/` or any other folder is removed only if every file in it
    is ours; otherwise it is left in place with a warning.
 
@@ -240,11 +241,12 @@ def record_written(directory: str | os.PathLike[str], relpaths: Iterable[str | o
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _holds_foreign_base_model(root: Path) -> bool:
-    if not (root / _CONFIG).is_file() or is_ours(root, _CONFIG):
+def _holds_model(root: Path) -> bool:
+    """Whether `root` holds a model (`config.json` plus weights), whoever wrote it."""
+    if not (root / _CONFIG).is_file():
         return False
     weights = [root / name for name in _BASE_WEIGHTS] + list(root.glob("model-*-of-*.safetensors"))
-    return any(path.is_file() and not is_ours(root, path.name) for path in weights)
+    return any(path.is_file() for path in weights)
 
 
 def _conflict_message(root: Path, names: list[str], switch: str) -> str:
@@ -257,10 +259,15 @@ def _conflict_message(root: Path, names: list[str], switch: str) -> str:
 
 
 def _base_model_message(root: Path, switch: str) -> str:
+    writer = (
+        "peft_unlearn wrote (e.g. an earlier full fine-tuning run)"
+        if is_ours(root, _CONFIG)
+        else "peft_unlearn did not write"
+    )
     return (
         f"Refusing to save an adapter into {str(root)!r}: the folder holds a model (config.json and weights) that "
-        "peft_unlearn did not write, and from_pretrained() on it would afterwards load the adapter instead of that "
-        f"model. Save the adapter to its own folder, or allow it with {switch}."
+        f"{writer}, and from_pretrained() on it would afterwards load the adapter instead of that "
+        f"model. Save the adapter to its own folder (another output_dir), or allow it with {switch}."
     )
 
 
@@ -279,7 +286,7 @@ def check_save_folder(
     Args:
         directory: The save folder (need not exist).
         names: File names the save may write at the top of the folder.
-        adapter: The save writes an adapter (then a folder holding a base model is refused too).
+        adapter: The save writes an adapter (then a folder holding a model, whoever wrote it, is refused too).
         overwrite: Allow overwriting (the check passes).
         switch: How the caller allows overwriting, quoted in the error.
 
@@ -294,7 +301,7 @@ def check_save_folder(
     records_dir()  # an unusable record cache is refused before any work
     if overwrite or not root.is_dir():
         return
-    if adapter and _holds_foreign_base_model(root):
+    if adapter and _holds_model(root):
         raise SaveConflictError(_base_model_message(root, switch))
     conflicts = [name for name in names if (root / name).exists() and not is_ours(root, name)]
     if conflicts:
@@ -314,7 +321,7 @@ def staged_save(
     The body writes into the yielded folder (inside `directory`, so the final move is a rename). On exit each
     staged file is checked against `directory`: a file of the same name that is not ours is a conflict (unless
     `overwrite`), a user's `README.md` is kept (the staged card is dropped, even with `overwrite`), and a staged
-    adapter next to a base model that is not ours is refused (unless `overwrite`). Without conflicts the files
+    adapter next to a model (whoever wrote it) is refused (unless `overwrite`). Without conflicts the files
     are moved and recorded; with conflicts nothing is moved. The staging folder is removed in
     every case.
 
@@ -348,7 +355,7 @@ def staged_save(
                 "that name. Move the folder away or save elsewhere."
             )
         if not overwrite:
-            if _ADAPTER_CONFIG in staged and _holds_foreign_base_model(root):
+            if _ADAPTER_CONFIG in staged and _holds_model(root):
                 raise SaveConflictError(_base_model_message(root, switch))
             conflicts = [rel for rel in staged if (root / rel).exists() and not is_ours(root, rel)]
             if conflicts:

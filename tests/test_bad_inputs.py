@@ -826,3 +826,250 @@ def test_a_record_cache_that_is_a_file_is_refused_before_saving(tmp_path, monkey
         with staged_save(tmp_path / "out") as stage:
             (stage / "adapter_config.json").write_text("{}")
     assert not (tmp_path / "out").exists() and cache.read_text() == "mine"
+
+
+def test_adapter_is_never_saved_into_the_librarys_own_full_model_output(tokenizer, tmp_path):
+    out = tmp_path / "out"
+    full = _trainer(tokenizer, out, peft=False)
+    full.save_model(str(out))  # an earlier full fine-tuning run of this library
+    assert is_ours(out, "config.json") and is_ours(out, "model.safetensors")
+    before = _snapshot(out)
+    lora = _trainer(tokenizer, tmp_path / "elsewhere")
+    with pytest.raises(SaveConflictError, match=r"holds a model .* that peft_unlearn wrote .*from_pretrained\(\)"):
+        lora.save_model(str(out))
+    assert _snapshot(out) == before
+    with pytest.raises(SaveConflictError, match="another output_dir"):
+        _trainer(tokenizer, out).train()  # refused before training
+    assert _snapshot(out) == before
+    allowed = _trainer(tokenizer, tmp_path / "elsewhere", overwrite_output=True)
+    allowed.save_model(str(out))  # the switch still allows it
+    assert (out / "adapter_config.json").is_file() and (out / "model.safetensors").read_bytes() == before[
+        "model.safetensors"
+    ]
+
+
+def test_a_portable_save_into_a_fila_checkpoint_is_refused_and_resume_still_works(tokenizer, tmp_path):
+    out = tmp_path / "run"
+    trainer = _fila_trainer(tokenizer, out, max_steps=1, save_strategy="steps", save_steps=1)
+    trainer.train()
+    checkpoint = out / "checkpoint-1"
+    assert (checkpoint / "_fila_init" / "fila_meta.json").is_file()
+    before = _snapshot(checkpoint)
+    with pytest.raises(SaveConflictError, match=r"resumable trainer checkpoint .*fila_portable=False"):
+        trainer.model.save_pretrained(str(checkpoint))
+    with pytest.raises(SaveConflictError, match="Save to another folder"):
+        trainer.save_model(str(checkpoint))
+    assert _snapshot(checkpoint) == before
+    resumed = _fila_trainer(tokenizer, out, max_steps=2, save_strategy="steps", save_steps=1)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 2 and resumed.fila_stats == {}  # A0/B0 re-attached, not recomputed
+
+
+def test_resuming_a_fila_checkpoint_on_another_base_is_refused(tokenizer, tmp_path):
+    out = tmp_path / "run"
+    _fila_trainer(tokenizer, out, max_steps=1, save_strategy="steps", save_steps=1).train()
+    checkpoint = out / "checkpoint-1"
+    other = tiny_causal_lm("llama", vocab_size=len(tokenizer), seed=1)  # same architecture, other weights
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", init_lora_weights="fila")
+    trainer = UnlearningTrainer(
+        model=other,
+        args=_args(out, max_steps=2, save_strategy="steps", save_steps=1),
+        processing_class=tokenizer,
+        forget_dataset=FORGET,
+        retain_dataset=RETAIN,
+        peft_config=lora,
+    )
+    with pytest.raises(ValueError, match=r"base weight differs from the one the raw checkpoint .* was trained on"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert trainer.state.global_step == 0
+    same = _fila_trainer(tokenizer, out, max_steps=2, save_strategy="steps", save_steps=1)  # the same base
+    same.train(resume_from_checkpoint=str(checkpoint))
+    assert same.state.global_step == 2
+
+
+@pytest.mark.parametrize("loss", [{"forget_loss": "npo"}, {"retain_loss": "kl"}])
+def test_a_reloaded_trained_fila_adapter_needs_an_explicit_reference(tokenizer, tmp_path, loss):
+    from peft_unlearn.fila.offset import get_offset
+    from peft_unlearn.fila.state import iter_lora_layers
+    from peft_unlearn.models import load_adapter
+
+    out = tmp_path / "run"
+    _fila_trainer(tokenizer, out, max_steps=1, save_strategy="steps", save_steps=1, learning_rate=1e-2).train()
+    reloaded = load_adapter(
+        tiny_causal_lm("llama", vocab_size=len(tokenizer)), out / "checkpoint-1", is_trainable=True
+    )
+    with pytest.raises(ValueError, match=r"differ from the frozen initial factors A0/B0.*Pass `ref_model=`"):
+        _trainer(tokenizer, tmp_path / "again", model=reloaded, peft=False, **loss)
+    # back at the initial factors: the adapter is a no-op, the disabled-adapter reference is right
+    with torch.no_grad():
+        for _, layer in iter_lora_layers(reloaded, "default"):
+            lora_a0, lora_b0 = get_offset(layer, "default")
+            layer.lora_A["default"].weight.copy_(lora_a0)
+            layer.lora_B["default"].weight.copy_(lora_b0)
+    _trainer(tokenizer, tmp_path / "again", model=reloaded, peft=False, **loss)
+    ref = tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    _trainer(tokenizer, tmp_path / "again", model=reloaded, peft=False, ref_model=ref, **loss)
+
+
+def test_fila_with_lm_head_among_the_targets_saves_a_portable_adapter(tokenizer, tmp_path, cli_files):
+    from peft import PeftModel
+
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "lm_head"], init_lora_weights="fila")
+    trainer = UnlearningTrainer(
+        model=tiny_causal_lm("llama", vocab_size=len(tokenizer)),
+        args=_args(tmp_path / "out", learning_rate=1e-2),
+        processing_class=tokenizer,
+        forget_dataset=FORGET,
+        retain_dataset=RETAIN,
+        peft_config=lora,
+    )
+    trainer.train()
+    with pytest.warns(UserWarning, match="save_embedding_layers"):  # PEFT's own "auto" choice, as for a plain LoRA
+        trainer.save_model(str(tmp_path / "saved"))
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    trained = trainer.model.eval()
+    with torch.no_grad():
+        expected = trained(input_ids=ids).logits
+        with trained.disable_adapter():
+            base_logits = trained(input_ids=ids).logits
+    assert (expected - base_logits).abs().max() > 1e-4  # the adapter (lm_head included) changed the model
+    reloaded = PeftModel.from_pretrained(tiny_causal_lm("llama", vocab_size=len(tokenizer)), tmp_path / "saved")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+    out = tmp_path / "cli"  # the command line: the run is saved, not lost
+    assert _cli_train(cli_files, out, "--target_modules", "q_proj", "lm_head") == 0
+    assert "lm_head" in json.loads((out / "adapter_config.json").read_text())["target_modules"]
+
+
+def test_fisher_pass_on_a_4bit_base_repacked_for_cpu_inference_is_a_clear_error(tmp_path):
+    """bitsandbytes repacks a 4-bit weight at the first eval-mode no-grad forward on CPUs with AVX512-BF16.
+
+    This machine may lack AVX512-BF16, so the test sets the one flag bitsandbytes checks for it
+    (`Linear4bit.support_avx512bf16_for_cpu`); the repack itself is bitsandbytes' own code.
+    """
+    bnb = pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from peft_unlearn.fila.fisher import estimate_fisher
+    from peft_unlearn.fila.fisher_hooks import MissingOutputGradientError
+    from peft_unlearn.testing import random_lm_batches
+
+    tiny_causal_lm("llama", vocab_size=320, hidden_size=64, seed=0).save_pretrained(tmp_path / "base")
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quant, dtype=torch.float32)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = True  # as on an AVX512-BF16 CPU
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 2, 3]]))  # e.g. an evaluation before training
+    assert all(layer.weight.quant_state.packing_format_for_cpu for layer in layers)  # bitsandbytes repacked them
+    batches = random_lm_batches(1)
+    with pytest.raises(MissingOutputGradientError, match=r"repacked the 4-bit weights of 14 layer.*model.train\(\)"):
+        estimate_fisher(model, batches, batches, show_progress=False)
+
+
+def test_fisher_hooks_name_a_layer_without_output_gradient(tiny_llama):
+    """A module with no backward after a target layer: its output-gradient hook gets None (an AttributeError before)."""
+    from peft_unlearn.fila.fisher import estimate_fisher
+    from peft_unlearn.fila.fisher_hooks import MissingOutputGradientError
+    from peft_unlearn.testing import random_lm_batches
+
+    class NoBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return None
+
+    tiny_llama.model.layers[1].mlp.register_forward_hook(lambda module, args, out: NoBackward.apply(out))
+    batches = random_lm_batches(1, vocab_size=tiny_llama.config.vocab_size)
+    with pytest.raises(
+        MissingOutputGradientError, match=r"'model.layers.1.mlp.down_proj' received no output gradient"
+    ):
+        estimate_fisher(tiny_llama, batches, batches, show_progress=False)
+
+
+@pytest.mark.parametrize("failure", ["offline mode", "connection refused"])
+def test_hub_push_without_network_keeps_the_local_save_and_says_how_to_push(tokenizer, tmp_path, monkeypatch, failure):
+    """The real huggingface_hub client: its offline error, or its HTTP client's transport error (httpx2 in 2.x)."""
+    import huggingface_hub
+    import transformers.trainer
+
+    if failure == "connection refused":  # a closed local port: the client's own transport error, no network used
+        monkeypatch.setattr(huggingface_hub.constants, "is_offline_mode", lambda: False)
+        monkeypatch.setattr(
+            transformers.trainer, "hf_api", lambda: huggingface_hub.HfApi(endpoint="http://127.0.0.1:9", token="hf_x")
+        )
+    out = tmp_path / "out"
+    trainer = _trainer(tokenizer, out, hub_model_id="someone/tiny")
+    trainer.train()
+    with pytest.raises(HubConnectionError) as info:
+        trainer.push_to_hub()
+    message = str(info.value)
+    assert "\n" not in message and "cannot reach the Hugging Face Hub" in message, message
+    assert f"saved locally in {str(out)!r}" in message and f"`hf upload someone/tiny {out}`" in message
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    with pytest.raises(HubConnectionError, match="cannot reach the Hugging Face Hub"):
+        _trainer(tokenizer, tmp_path / "o2", push_to_hub=True, hub_model_id="someone/tiny")  # at construction too
+
+
+def test_chat_content_as_a_list_of_text_parts_is_joined_and_other_parts_are_refused(tokenizer, tmp_path):
+    from peft_unlearn.trainer.formats import tokenize_dataset, tokenize_idk_dataset
+
+    plain = [
+        {"role": "user", "content": "Who wrote it?"},
+        {"role": "assistant", "content": "The author of the book."},
+    ]
+    parts = [
+        {"role": "user", "content": [{"type": "text", "text": "Who wrote "}, {"type": "text", "text": "it?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "The author of the book."}]},
+    ]
+    as_parts = tokenize_dataset([{"messages": parts}], tokenizer, completion_only_loss=True)
+    assert as_parts == tokenize_dataset([{"messages": plain}], tokenizer, completion_only_loss=True)
+    pc = {"prompt": parts[:1], "completion": parts[1:]}
+    assert tokenize_dataset([pc], tokenizer) == tokenize_dataset(
+        [{"prompt": plain[:1], "completion": plain[1:]}], tokenizer
+    )
+    assert tokenize_idk_dataset([{"messages": parts}], tokenizer, ["No idea."]) == tokenize_idk_dataset(
+        [{"messages": plain}], tokenizer, ["No idea."]
+    )
+    _trainer(tokenizer, tmp_path / "out", forget_dataset=[{"messages": parts}] * 2)  # accepted by the trainer
+    image = [
+        {"role": "user", "content": [{"type": "image", "url": "x.png"}, {"type": "text", "text": "What?"}]},
+        plain[1],
+    ]
+    with pytest.raises(ValueError, match=r"forget example 1: messages\[0\]\['content'\]\[0\] is a 'image' part.*text"):
+        _trainer(tokenizer, tmp_path / "out", forget_dataset=[{"messages": plain}, {"messages": image}])
+    with pytest.raises(TypeError, match=r"messages\[1\]\['content'\] must be a string or a list of text parts"):
+        tokenize_dataset([{"messages": [plain[0], {"role": "assistant", "content": 3}]}], tokenizer, name="forget")
+
+
+def test_a_raw_fila_checkpoint_says_how_to_load_and_export_it(tokenizer, tmp_path):
+    """Stock PEFT fails on a raw checkpoint with its own "Unknown initialization" error; the folder carries the how-to."""
+    from peft import PeftModel
+
+    from peft_unlearn.models import load_adapter
+
+    out = tmp_path / "run"
+    trainer = _fila_trainer(tokenizer, out, max_steps=1, save_strategy="steps", save_steps=1, learning_rate=1e-2)
+    trainer.train()
+    note = (out / "checkpoint-1" / "HOW_TO_LOAD.txt").read_text()
+    assert "Stock PEFT cannot load it" in note and "Unknown initialization init_lora_weights='fila'" in note
+    assert "load_adapter(base_model, " in note and 'model.save_pretrained("path/to/portable")' in note
+    model = load_adapter(tiny_causal_lm("llama", vocab_size=len(tokenizer)), out / "checkpoint-1")  # as the note says
+    model.save_pretrained(str(tmp_path / "portable"))
+    assert not (tmp_path / "portable" / "HOW_TO_LOAD.txt").exists()  # only raw folders carry the note
+    ids = torch.tensor([[5, 6, 7, 8]])
+    plain = PeftModel.from_pretrained(tiny_causal_lm("llama", vocab_size=len(tokenizer)), tmp_path / "portable")
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    raw = tmp_path / "raw"
+    model.save_pretrained(str(raw), fila_portable=False)
+    assert (raw / "HOW_TO_LOAD.txt").is_file()
+    model.save_pretrained(str(raw))  # portable over a raw save: its note goes with its _fila_init/
+    assert not (raw / "HOW_TO_LOAD.txt").exists() and not (raw / "_fila_init").exists()

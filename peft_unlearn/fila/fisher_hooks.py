@@ -19,6 +19,13 @@ call's gradient arrives.
 
 Conv1D (GPT-2) computes ``y = x W + b`` with ``W`` of shape ``[in, out]``; ``gᵀx`` is the same
 gradient in ``nn.Linear`` layout, which is the layout of the statistics.
+
+A layer whose output gradient does not arrive (a module after it has no backward) fails with
+[`MissingOutputGradientError`][peft_unlearn.fila.fisher_hooks.MissingOutputGradientError] naming the layer.
+The known cause is checked before any pass by
+[`check_no_cpu_inference_packing`][peft_unlearn.fila.fisher_hooks.check_no_cpu_inference_packing]: on CPUs
+with AVX512-BF16, bitsandbytes repacks a 4-bit weight for an inference-only kernel at the first eval-mode
+forward without gradients, and no gradient flows through that layer afterwards.
 """
 
 from __future__ import annotations
@@ -31,7 +38,48 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["WeightGradientHooks", "input_embedding_roots"]
+__all__ = [
+    "MissingOutputGradientError",
+    "WeightGradientHooks",
+    "check_no_cpu_inference_packing",
+    "input_embedding_roots",
+]
+
+_FIX = (
+    "Reload the base model and run the data-driven init (UnlearningTrainer.train(), or initialize_adapter_weights) "
+    "before any eval-mode forward without gradients, or run such forwards in train mode (model.train(): "
+    "bitsandbytes repacks 4-bit weights for its CPU inference kernel only in eval mode)."
+)
+
+
+class MissingOutputGradientError(RuntimeError):
+    """A target layer received no output gradient in the Fisher backward pass (a module after it has no backward)."""
+
+
+def check_no_cpu_inference_packing(model: nn.Module) -> None:
+    """Refuse a model whose bitsandbytes 4-bit weights were repacked for the CPU inference kernel.
+
+    On CPUs with AVX512-BF16, bitsandbytes (>= 0.49) repacks a `Linear4bit` weight at its first eval-mode forward
+    without gradients (``quant_state.packing_format_for_cpu``). The kernel it then uses has no backward, so the
+    output gradients of the layers before it are missing (or wrong), and no Fisher statistics can be computed.
+
+    Args:
+        model: The model of the Fisher pass.
+
+    Raises:
+        MissingOutputGradientError: Naming the repacked layers and the fix.
+    """
+    packed = [
+        name
+        for name, module in model.named_modules()
+        if getattr(getattr(getattr(module, "weight", None), "quant_state", None), "packing_format_for_cpu", False)
+    ]
+    if packed:
+        raise MissingOutputGradientError(
+            f"bitsandbytes repacked the 4-bit weights of {len(packed)} layer(s) (e.g. {packed[0]!r}) for its CPU "
+            "inference kernel, after an eval-mode forward without gradients (e.g. an evaluation or generation before "
+            "training); that kernel has no backward, so the Fisher pass would get no output gradients. " + _FIX
+        )
 
 
 class WeightGradientHooks:
@@ -109,9 +157,16 @@ class WeightGradientHooks:
 
         return hook
 
-    def _on_output_grad(self, name: str, x: torch.Tensor, grad_out: torch.Tensor) -> None:
+    def _on_output_grad(self, name: str, x: torch.Tensor, grad_out: torch.Tensor | None) -> None:
         if self._accumulators is None:
             return
+        if grad_out is None:
+            raise MissingOutputGradientError(
+                f"The layer {name!r} received no output gradient in the Fisher backward pass: a module between it and "
+                "the loss has no backward (for instance a bitsandbytes 4-bit layer repacked for the CPU inference "
+                "kernel by an eval-mode forward without gradients), so its Fisher statistics cannot be computed. "
+                + _FIX
+            )
         with torch.no_grad():
             dtype = torch.promote_types(grad_out.dtype, x.dtype)
             g = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)

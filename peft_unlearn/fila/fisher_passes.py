@@ -19,7 +19,7 @@ from torch import nn
 
 from ..utils import IGNORE_INDEX, has_peft_adapters
 from .fisher_cache import DataDigest
-from .fisher_hooks import WeightGradientHooks, input_embedding_roots
+from .fisher_hooks import WeightGradientHooks, check_no_cpu_inference_packing, input_embedding_roots
 from .state import is_sharded
 
 __all__ = ["PassResult", "compute_statistics", "plan_passes"]
@@ -296,6 +296,7 @@ def compute_statistics(
     layers_per_pass: int | None,
     max_accumulator_bytes: int | None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], PassResult]:
+    check_no_cpu_inference_packing(model)  # bitsandbytes' CPU inference packing has no backward
     roles = 2 if retain_dataloader is not None else 1
     groups = plan_passes(shapes, 4 * roles, layers_per_pass, max_accumulator_bytes)
     check_reiterable(forget_dataloader, "forget", len(groups))

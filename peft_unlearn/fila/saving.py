@@ -28,6 +28,7 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -46,6 +47,7 @@ from .state import (
     adapter_lora_config,
     clear_pending,
     data_driven_adapters,
+    dense_weight,
     init_name,
     is_data_driven_init,
     is_pending,
@@ -55,6 +57,8 @@ from .state import (
 
 __all__ = [
     "INIT_DIR",
+    "RAW_NOTE",
+    "check_not_a_resumable_checkpoint",
     "export_portable_adapter",
     "fila_adapters",
     "has_data_driven_adapter",
@@ -70,10 +74,37 @@ __all__ = [
 
 #: Folder (inside a save directory) holding A0/B0; the leading underscore keeps it out of Hub pushes.
 INIT_DIR = "_fila_init"
+#: Note written next to a raw adapter: stock PEFT cannot read the raw format (it fails with "Unknown initialization
+#: init_lora_weights='fila'" and reads no hint from the folder), so the folder says how to load or export it.
+RAW_NOTE = "HOW_TO_LOAD.txt"
+_RAW_NOTE_TEXT = """\
+This folder holds a RAW peft_unlearn adapter (init_lora_weights="{init}"), e.g. a trainer checkpoint for
+resume_from_checkpoint. Stock PEFT cannot load it: PeftModel.from_pretrained fails with
+"Unknown initialization init_lora_weights='{init}'". The adapter acts as W + s*B*A - s*B0*A0, and the
+frozen initial factors A0/B0 are stored in {init_dir}/.
+
+Load it (pip install peft_unlearn), on the original base model:
+
+    from peft_unlearn.models import load_adapter
+    model = load_adapter(base_model, "path/to/this/folder")
+
+Export the portable adapter (a plain rank-2r LoRA that stock PEFT loads without peft_unlearn) into
+another folder:
+
+    model.save_pretrained("path/to/portable")
+
+Evaluate it directly: peft-unlearn eval --adapter path/to/this/folder ...
+"""
 _TENSORS_FILE = "fila_init.safetensors"
 _META_FILE = "fila_meta.json"
 _FORMAT_VERSION = 2
 _READABLE_VERSIONS = (1, 2)  # version 1 also stored base-weight fingerprints, which are no longer needed
+_TRAINER_STATE = "trainer_state.json"  # written by `Trainer` into every checkpoint folder
+# The base check of a raw checkpoint: each target's base weight times a fixed random probe vector (float64) is stored
+# next to A0/B0; on restore, a weight whose probe product moved by more than this fraction of its norm is another
+# base. (A dtype cast, e.g. fp32 -> bf16, moves it by well under 1%; another model by ~100%.)
+_PROBE_SEED = 20240813
+_BASE_TOLERANCE = 0.02
 
 
 def has_data_driven_adapter(model: nn.Module) -> bool:
@@ -151,6 +182,30 @@ def _init_states(model: nn.Module, adapter_name: str) -> dict[str, tuple[nn.Modu
     return states
 
 
+def check_not_a_resumable_checkpoint(directory: str | os.PathLike) -> None:
+    """Refuse a portable save into a resumable raw checkpoint (a `Trainer` checkpoint holding ``_fila_init/``).
+
+    The portable rank-2r adapter would replace the checkpoint's raw rank-r adapter and its ``_fila_init/`` would
+    be removed as stale, so ``resume_from_checkpoint`` on that folder would fail afterwards.
+
+    Args:
+        directory: The folder a portable save is about to write into.
+
+    Raises:
+        SaveConflictError: If `directory` holds ``trainer_state.json`` and ``_fila_init/``; nothing is written.
+    """
+    from ..save_policy import SaveConflictError
+
+    root = Path(directory)
+    if (root / _TRAINER_STATE).is_file() and (root / INIT_DIR).is_dir():
+        raise SaveConflictError(
+            f"Refusing to save the portable adapter into {str(root)!r}: it is a resumable trainer checkpoint (it holds "
+            f"{_TRAINER_STATE} and {INIT_DIR}/), and the portable rank-2r adapter would replace its raw adapter and "
+            f"remove {INIT_DIR}/, so resume_from_checkpoint on it would fail. Save to another folder (e.g. "
+            f"{str(root.parent / 'final')!r}), or pass fila_portable=False to rewrite the raw checkpoint."
+        )
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # portable export
 # ----------------------------------------------------------------------------------------------------------------
@@ -196,6 +251,23 @@ def _auto_mapping(model: nn.Module, config: Any) -> dict[str, str] | None:
     return {"base_model_class": base_cls.__name__, "parent_library": base_cls.__module__}
 
 
+def _embedding_prefixes(peft_model: nn.Module) -> tuple[str, ...]:
+    """State-dict prefixes (``"<module name>."``) of the model's input and output embedding layers."""
+    layers = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        with contextlib.suppress(AttributeError, NotImplementedError):
+            layer = getattr(peft_model, getter)()
+            if layer is not None:
+                layers.append(layer)
+    if not layers:
+        return ()
+    prefixes = []
+    for name, module in peft_model.named_modules():
+        if any(module is layer or getattr(module, "base_layer", None) is layer for layer in layers):
+            prefixes.append(f"{name}.")
+    return tuple(prefixes)
+
+
 def export_portable_adapter(
     peft_model: nn.Module,
     save_directory: str | os.PathLike,
@@ -219,7 +291,9 @@ def export_portable_adapter(
         safe_serialization: Use safetensors.
         is_main_process: Only the main process writes (DDP).
         state_dict: Optional full state dict to take the trained weights from (as PEFT's ``save_pretrained``).
-        save_embedding_layers: Passed to ``get_peft_model_state_dict``.
+        save_embedding_layers: Passed to ``get_peft_model_state_dict`` (``"auto"``: ``True`` when an embedding layer
+            such as ``lm_head`` is among the targets, as PEFT does). The embedding weights it adds are the base
+            weights (never changed by a data-driven adapter) and are written as they are.
         overwrite_output: Allow replacing files in `save_directory` that peft_unlearn did not write (see
             [`peft_unlearn.save_policy`][peft_unlearn.save_policy]); without it such a save raises
             `SaveConflictError` and writes nothing.
@@ -245,9 +319,15 @@ def export_portable_adapter(
     trained = get_peft_model_state_dict(
         peft_model, state_dict=state_dict, adapter_name=adapter_name, save_embedding_layers=save_embedding_layers
     )
+    embedding_prefixes = _embedding_prefixes(peft_model)
     converted: dict[str, torch.Tensor] = {}
     seen = set()
     for key, value in trained.items():
+        if ".lora_" not in key and key.startswith(embedding_prefixes):
+            # the full embedding / lm_head weight that PEFT saves when an embedding layer is targeted
+            # (`save_embedding_layers`): the base weight, which a data-driven adapter never changes; kept as is
+            converted[key] = value.detach()
+            continue
         for part, dim in ((".lora_A.weight", 0), (".lora_B.weight", 1)):
             if key.endswith(part):
                 name = normalize_module_name(key[: -len(part)])
@@ -297,6 +377,46 @@ def export_portable_adapter(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _base_probe(layer: nn.Module) -> torch.Tensor | None:
+    """The target's base weight (dense, ``[out, in]``) times a fixed random probe, in float64 on the CPU.
+
+    None when the weight cannot be read here (e.g. on the meta device).
+    """
+    from peft.utils.integrations import gather_params_ctx
+
+    base = layer.get_base_layer()
+    if getattr(getattr(base, "weight", None), "is_meta", False):
+        return None
+    with gather_params_ctx(base.weight, modifier_rank=None), torch.no_grad():  # read-only gather under ZeRO-3
+        weight = dense_weight(base)
+        generator = torch.Generator().manual_seed(_PROBE_SEED)
+        probe = torch.randn(weight.shape[1], generator=generator, dtype=torch.float64)
+        return weight.to("cpu", torch.float64) @ probe
+
+
+def _check_same_base(
+    name: str, layer: nn.Module, stored: torch.Tensor, directory: str | os.PathLike, base_name: Any
+) -> None:
+    current = _base_probe(layer)
+    if current is None:
+        return
+    if current.shape != stored.shape:
+        raise ValueError(
+            f"Layer {name}: the base weight has {current.shape[0]} output features but the checkpoint {str(directory)!r} "
+            f"was trained on one with {stored.shape[0]}; load the base model it was trained from"
+            f"{f' ({base_name!r})' if base_name else ''}."
+        )
+    distance = float((current - stored.to(torch.float64)).norm() / stored.to(torch.float64).norm().clamp_min(1e-30))
+    if distance > _BASE_TOLERANCE:
+        raise ValueError(
+            f"Layer {name}: the base weight differs from the one the raw checkpoint {str(directory)!r} was trained on "
+            f"(relative distance {distance:.3g} of their fingerprints, tolerance {_BASE_TOLERANCE}), so its frozen A0/B0 "
+            "would not reproduce the trained model. Load the base model the checkpoint was trained from"
+            f"{f' ({base_name!r})' if base_name else ''}; to attach it anyway, call restore_fila_state(..., "
+            "check_base=False) yourself."
+        )
+
+
 def save_fila_state(
     model: nn.Module,
     directory: str | os.PathLike,
@@ -306,8 +426,10 @@ def save_fila_state(
 ) -> Path:
     """Write ``directory/_fila_init/`` with the frozen initial factors of the data-driven adapters.
 
-    Holds, per adapter and layer, ``A0``/``B0`` (exactly the values the adapter was initialised with);
-    ``fila_meta.json`` records the init, rank, scaling, shapes and dtypes.
+    Holds, per adapter and layer, ``A0``/``B0`` (exactly the values the adapter was initialised with) and a
+    fingerprint of the base weight (the weight times a fixed random probe vector), which `restore_fila_state`
+    checks so that a checkpoint is not resumed on another base; ``fila_meta.json`` records the init, rank,
+    scaling, shapes, dtypes and the base model's name.
 
     Args:
         model: A PeftModel with initialised FILA/VILA adapter(s).
@@ -332,6 +454,9 @@ def save_fila_state(
             key = f"{adapter}::{name}"
             tensors[f"{key}::A0"] = lora_a0.detach().to("cpu").contiguous()
             tensors[f"{key}::B0"] = lora_b0.detach().to("cpu").contiguous()
+            probe = _base_probe(layer)
+            if probe is not None:  # checked by restore_fila_state: the checkpoint belongs to this base
+                tensors[f"{key}::base_probe"] = probe
             layers_meta[name] = {
                 "r": int(layer.r[adapter]),
                 "scaling": float(layer.scaling[adapter]),
@@ -339,6 +464,7 @@ def save_fila_state(
                 "lora_dtype": str(lora_a0.dtype).removeprefix("torch."),
             }
         meta["adapters"][adapter] = {
+            "base_model_name_or_path": getattr(config, "base_model_name_or_path", None),
             "init_lora_weights": init_name(config.init_lora_weights),
             "r": int(config.r),
             "lora_alpha": config.lora_alpha,
@@ -391,7 +517,11 @@ def load_fila_state(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[
 
 @torch.no_grad()
 def restore_fila_state(
-    model: nn.Module, directory: str | os.PathLike, adapter_names: Sequence[str] | None = None
+    model: nn.Module,
+    directory: str | os.PathLike,
+    adapter_names: Sequence[str] | None = None,
+    *,
+    check_base: bool = True,
 ) -> dict[str, int]:
     """Re-attach the frozen initial factors stored in ``directory/_fila_init`` (resume in a new process).
 
@@ -406,13 +536,18 @@ def restore_fila_state(
         model: The PeftModel.
         directory: A folder containing ``_fila_init/`` (e.g. a Trainer checkpoint).
         adapter_names: Restore only these adapters (default: all stored ones).
+        check_base: Refuse a base whose target weights differ from those the checkpoint was trained on (their
+            stored fingerprints; checkpoints written before the fingerprints were stored are not checked).
 
     Returns:
         ``{"restored": layers whose initial factors were attached}``.
 
     Raises:
-        ValueError: If an adapter/layer is missing, or ranks, scalings or shapes differ.
+        ValueError: If an adapter/layer is missing, ranks, scalings or shapes differ, or (with `check_base`) the
+            base model is not the one the checkpoint was trained on.
     """
+    if not isinstance(check_base, bool):
+        raise TypeError(f"`check_base` must be a bool, got {check_base!r}.")
     meta, tensors = load_fila_state(directory)
     stored = meta["adapters"]
     names = list(adapter_names) if adapter_names is not None else list(stored)
@@ -435,6 +570,12 @@ def restore_fila_state(
                 f"Adapter {adapter!r} targets other layers than the stored FILA state: missing {missing[:3]}, "
                 f"unexpected {extra[:3]}. Use the same LoRA config as the checkpoint."
             )
+        if check_base:  # every layer is checked before any is attached: a refusal leaves the model as it was
+            base_name = stored[adapter].get("base_model_name_or_path")
+            for name in layer_meta:
+                stored_probe = tensors.get(f"{adapter}::{name}::base_probe")
+                if stored_probe is not None:
+                    _check_same_base(name, layers[name], stored_probe, directory, base_name)
         for name, info in layer_meta.items():
             layer = layers[name]
             if int(layer.r[adapter]) != info["r"] or not torch.isclose(
@@ -488,8 +629,11 @@ def fila_save_pretrained(
 
     * ``fila_portable=True`` (default): every selected data-driven adapter is written as the portable
       rank-2r plain LoRA (`export_portable_adapter`); a stale ``_fila_init/`` in the folder is removed if
-      peft_unlearn wrote it (a folder with other files is left in place, with a warning).
-    * ``fila_portable=False``: the raw rank-r adapter (config keeps ``"fila"``) plus ``_fila_init/``.
+      peft_unlearn wrote it (a folder with other files is left in place, with a warning). A resumable trainer
+      checkpoint (``trainer_state.json`` plus ``_fila_init/``) is refused (`check_not_a_resumable_checkpoint`).
+    * ``fila_portable=False``: the raw rank-r adapter (config keeps ``"fila"``) plus ``_fila_init/`` and
+      ``HOW_TO_LOAD.txt`` (how to load it with peft_unlearn and export the portable adapter: stock PEFT cannot
+      read the raw format).
     * Other selected adapters (all adapters when ``selected_adapters=None``) are saved by PEFT as they
       are: they act on the unmodified base, so they are valid on the original model.
     * ``path_initial_model_for_weight_conversion`` given: PEFT's own conversion runs unchanged.
@@ -530,6 +674,8 @@ def fila_save_pretrained(
     root = Path(save_directory)
     if root.is_file():
         raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
+    if is_main_process and fila_selected and fila_portable:
+        check_not_a_resumable_checkpoint(root)  # the portable save would break resume_from_checkpoint there
 
     def write(folder: Path) -> None:
         if plain_selected:
@@ -540,6 +686,8 @@ def fila_save_pretrained(
             original(model, str(folder), selected_adapters=fila_selected, **passthrough)
             if is_main_process:
                 save_fila_state(model, folder, fila_selected)
+                init = init_name(model.peft_config[fila_selected[0]].init_lora_weights) or "fila"
+                (folder / RAW_NOTE).write_text(_RAW_NOTE_TEXT.format(init=init, init_dir=INIT_DIR), encoding="utf-8")
             return
         for adapter in fila_selected:
             export_portable_adapter(
@@ -560,3 +708,4 @@ def fila_save_pretrained(
     )
     if is_main_process and fila_selected and fila_portable:
         remove_if_ours(root, INIT_DIR)  # a raw save's stale initial factors; never a folder we did not write
+        remove_if_ours(root, RAW_NOTE)

@@ -4,7 +4,8 @@ Accepted formats (one per dataset, detected from its columns, in this order of p
 
 * **pre-tokenized**: ``input_ids`` (+ optional ``labels``, ``attention_mask``): used as is (positions whose
   ``attention_mask`` is 0 are dropped; without ``labels`` every token is supervised).
-* **conversational**: ``messages``, a list of ``{"role", "content"}`` dicts rendered with the tokenizer's chat
+* **conversational**: ``messages``, a list of ``{"role", "content"}`` dicts (``content`` a string, or a list of text
+  parts ``[{"type": "text", "text": ...}]``, joined in order) rendered with the tokenizer's chat
   template; with ``completion_only_loss`` only assistant turns are supervised (all of them or the last one).
 * **conversational prompt-completion**: ``prompt`` and ``completion`` as message lists (TRL convention).
 * **prompt-completion**: ``prompt`` and ``completion`` strings; with ``completion_only_loss`` only the completion
@@ -189,6 +190,38 @@ def _with_eos(ids: list[int], eos_id: int | None) -> list[int]:
     return ids
 
 
+def _text_messages(messages: Sequence[Mapping[str, Any]], column: str, index: int, name: str) -> list[dict[str, Any]]:
+    """The messages with every ``content`` a string: a list of parts (the OpenAI / Hugging Face multimodal layout,
+    ``[{"type": "text", "text": ...}, ...]``) becomes the concatenation of its text parts, in order, as the chat
+    templates that accept parts render them. Non-text parts (images, audio) are refused: the models trained here read
+    text only.
+    """
+    result = []
+    for turn, message in enumerate(messages):
+        content = message["content"]
+        where = f"{name} example {index}: {column}[{turn}]['content']"
+        if isinstance(content, (list, tuple)):
+            texts = []
+            for part_index, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, Mapping) else None
+                if kind != "text" or not isinstance(part.get("text"), str):
+                    shown = repr(kind) if kind is not None else type(part).__name__
+                    raise ValueError(
+                        f"{where}[{part_index}] is a {shown} part, but only text parts ({{'type': 'text', 'text': "
+                        "'...'}}) are supported: peft_unlearn trains text-only causal language models. Remove the "
+                        "non-text parts, or pass the content as a string."
+                    )
+                texts.append(part["text"])
+            content = "".join(texts)
+        elif not isinstance(content, str):
+            raise TypeError(
+                f"{where} must be a string or a list of text parts ({{'type': 'text', 'text': '...'}}), got "
+                f"{type(content).__name__}."
+            )
+        result.append({**message, "content": content})
+    return result
+
+
 def _require_str(value: Any, column: str, index: int, name: str) -> str:
     if not isinstance(value, str):
         raise TypeError(f"{name} example {index}: column '{column}' must be a string, got {type(value).__name__}.")
@@ -278,6 +311,8 @@ def _tokenize_example(
                 f"{name} example {index}: 'prompt' and 'completion' must both be lists of {{'role', 'content'}} "
                 "dicts (or both strings)."
             )
+        prompt = _text_messages(prompt, "prompt", index, name)
+        completion = _text_messages(completion, "completion", index, name)
         full_ids = _chat_ids(tokenizer, [*prompt, *completion])
         start = _content_start(tokenizer, prompt, full_ids)
         return _tokenize_prompt_completion_ids(full_ids[:start], full_ids, completion_only_loss)
@@ -287,6 +322,7 @@ def _tokenize_example(
             raise TypeError(
                 f"{name} example {index}: 'messages' must be a non-empty list of {{'role', 'content'}} dicts."
             )
+        messages = _text_messages(messages, "messages", index, name)
         full_ids = _chat_ids(tokenizer, messages)
         if not completion_only_loss:
             return {"input_ids": full_ids, "labels": list(full_ids)}

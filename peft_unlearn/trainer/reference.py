@@ -22,28 +22,57 @@ import torch
 from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
-from ..fila.offset import has_offset
-from ..fila.state import is_data_driven_init
+from ..fila.offset import get_offset, has_offset
+from ..fila.state import is_data_driven_init, is_pending
 from ..utils import is_peft_model
 
 __all__ = ["check_reference", "reference_forward"]
 
 
-def _changing_layer(model: nn.Module, adapter_names: list[str]) -> str | None:
-    """Name of the first LoRA layer where an active, non-data-driven adapter already changes the output."""
+def _moved_from_initial_factors(module: nn.Module, adapter: str) -> bool | None:
+    """Whether a data-driven adapter's ``lora_A``/``lora_B`` differ from its frozen initial factors.
+
+    Its output is ``s * B A - s * B0 A0``, zero exactly while ``(A, B) == (A0, B0)``. None when that cannot be
+    told here (a ZeRO-3 partitioned parameter).
+    """
+    offset = get_offset(module, adapter)
+    if offset is None:
+        return None
+    for param, initial in ((module.lora_A[adapter].weight, offset[0]), (module.lora_B[adapter].weight, offset[1])):
+        if hasattr(param, "ds_id"):
+            return None
+        value = param.full_tensor() if hasattr(param, "full_tensor") else param  # FSDP2 DTensor
+        value = value.detach()
+        if value.shape != initial.shape or not torch.equal(value, initial.to(value.device, value.dtype)):
+            return True
+    return False
+
+
+def _changing_layer(model: nn.Module, adapter_names: list[str]) -> tuple[str, bool] | None:
+    """The first LoRA layer where an active adapter already changes the output, and whether it is data-driven.
+
+    A default-init LoRA changes the output once ``lora_B`` is non-zero. A data-driven (FILA/VILA) adapter starts as
+    a no-op (its initial product is cancelled by the frozen offset) and changes the output once its factors moved
+    away from the initial ones (a trained adapter, or one reloaded from a raw checkpoint). A data-driven adapter
+    still pending (initialised from the data when training starts) is a no-op then.
+    """
     configs = getattr(model, "peft_config", {}) or {}
     for name, module in model.named_modules():
         if not isinstance(module, LoraLayer):
             continue
         for adapter in adapter_names:
-            if adapter not in module.lora_B or is_data_driven_init(
-                getattr(configs.get(adapter), "init_lora_weights", None)
-            ):
+            if adapter not in module.lora_B:
                 continue
-            if has_offset(module, adapter):
+            if is_data_driven_init(getattr(configs.get(adapter), "init_lora_weights", None)) or has_offset(
+                module, adapter
+            ):
+                if is_pending(module, adapter):
+                    continue
+                if _moved_from_initial_factors(module, adapter):
+                    return name, True
                 continue
             if bool(module.lora_B[adapter].weight.detach().ne(0).any()):
-                return name
+                return name, False
     return None
 
 
@@ -68,13 +97,20 @@ def check_reference(model: nn.Module, ref_model: nn.Module | None, needed_by: st
         )
     active = model.active_adapters if hasattr(model, "active_adapters") else [model.active_adapter]
     active = [active] if isinstance(active, str) else list(active)
-    layer = _changing_layer(model, active)
-    if layer is not None:
+    found = _changing_layer(model, active)
+    if found is not None:
+        layer, data_driven = found
+        why = (
+            "its lora_A/lora_B differ from the frozen initial factors A0/B0: a trained FILA/VILA adapter, e.g. one "
+            "reloaded with load_adapter from a raw checkpoint; to continue that run instead, resume it with "
+            "train(resume_from_checkpoint=...) on a fresh adapter"
+            if data_driven
+            else "non-zero lora_B: a trained or loaded adapter, or an init such as PiSSA that rewrites the base"
+        )
         raise ValueError(
             f"{needed_by} uses the model with adapters disabled as the reference (the starting model), but adapter(s) "
-            f"{active} already change the model at layer {layer} (non-zero lora_B: a trained or loaded adapter, or an "
-            "init such as PiSSA that rewrites the base). Pass `ref_model=` (a frozen copy of the starting model), or "
-            "start from a fresh adapter."
+            f"{active} already change the model at layer {layer} ({why}). Pass `ref_model=` (a frozen copy of the "
+            "starting model), or start from a fresh adapter."
         )
 
 

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import tempfile
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..fila.saving import has_data_driven_adapter
+from ..fila.saving import check_not_a_resumable_checkpoint, has_data_driven_adapter
 from ..fila.state import init_name
 from ..save_policy import (
     OVERWRITE_SWITCH,
@@ -59,41 +60,69 @@ class HubConnectionError(ConnectionError):
 
 
 def _connection_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]  # huggingface_hub's OfflineModeIsEnabled too
     with contextlib.suppress(ImportError):
         import requests
 
         errors += [requests.exceptions.ConnectionError, requests.exceptions.Timeout]
-    with contextlib.suppress(ImportError):
-        import httpx
-
-        errors.append(httpx.TransportError)
+    for transport in ("httpx", "httpx2"):  # huggingface_hub 1.x uses httpx, 2.x httpx2
+        with contextlib.suppress(ImportError, AttributeError):
+            errors.append(importlib.import_module(transport).TransportError)
     return tuple(errors)
 
 
-def _hub_failure_message(action: str, err: BaseException) -> str:
+def is_connection_error(err: BaseException) -> bool:
+    """Whether `err` says that the Hub could not be reached (no network, offline mode, DNS, timeout).
+
+    Besides the known classes, any ``TransportError`` of an ``httpx``-family client counts (the HTTP client of
+    `huggingface_hub` has changed between major versions).
+    """
+    if isinstance(err, _connection_errors()):
+        return True
+    return any(
+        cls.__name__ == "TransportError" and cls.__module__.split(".")[0].startswith("httpx")
+        for cls in type(err).__mro__
+    )
+
+
+def _hub_failure_message(
+    action: str, err: BaseException, saved_in: str | None = None, repo_id: str | None = None
+) -> str:
     first = (str(err).strip().splitlines() or [""])[0][:200]
+    repo = repo_id or "<repo_id>"
+    if saved_in is not None:
+        later = (
+            f"The model is saved locally in {saved_in!r}; push it later, once online, with `hf upload {repo} "
+            f"{saved_in}` (or trainer.push_to_hub())."
+        )
+    else:
+        later = "Or set push_to_hub=False and upload the saved folder later with `hf upload <repo_id> <folder>`."
     return (
         f"{action}: cannot reach the Hugging Face Hub ({type(err).__name__}: {first}). Check the network (and "
-        "HF_HUB_OFFLINE / HF_ENDPOINT), or set push_to_hub=False and upload the saved folder later with "
-        "`hf upload <repo_id> <folder>`."
+        f"HF_HUB_OFFLINE / HF_ENDPOINT). {later}"
     )
 
 
 @contextlib.contextmanager
-def hub_errors(action: str) -> Iterator[None]:
+def hub_errors(action: str, saved_in: str | None = None, repo_id: str | None = None) -> Iterator[None]:
     """Turn a connection failure of a Hub call into a one-line `HubConnectionError`.
 
     Args:
         action: The call, for the message (e.g. ``"push_to_hub"``).
+        saved_in: The local folder that already holds the save (the message then says how to push it later).
+        repo_id: The Hub repository, for the message.
 
     Raises:
         HubConnectionError: Instead of the connection error (its chain suppressed).
     """
     try:
         yield
-    except _connection_errors() as err:
-        raise HubConnectionError(_hub_failure_message(action, err)) from None
+    except HubConnectionError:
+        raise  # already one line (a nested Hub call)
+    except Exception as err:
+        if not is_connection_error(err):
+            raise
+        raise HubConnectionError(_hub_failure_message(action, err, saved_in, repo_id)) from None
 
 
 def is_data_driven_peft_model(model: Any) -> bool:
@@ -108,6 +137,7 @@ class UnlearningSavingMixin:
     """
 
     _in_checkpoint_save: bool = False
+    _push_saved: bool = False  # whether push_to_hub's local save happened (a failed push still leaves the save)
 
     # ---- policy helpers ----------------------------------------------------------------------------------------
 
@@ -180,6 +210,7 @@ class UnlearningSavingMixin:
         not write (unless `overwrite_output=True`), keeps a user's README.md, and refuses a diverged model.
         """
         super().save_model(output_dir, _internal_call=_internal_call)
+        self._push_saved = True
         if not _internal_call:
             self.create_model_card(output_dir=output_dir)
 
@@ -191,13 +222,16 @@ class UnlearningSavingMixin:
         self._refuse_broken_model(f"saving the model to {str(output_dir)!r}")
         if not self.args.should_save:
             return self._write_model(output_dir, state_dict)  # non-writer ranks: collectives only
-        with staged_save(output_dir, overwrite=self._overwrite_allowed()) as stage:
-            self._write_model(str(stage), state_dict)
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         if is_data_driven_peft_model(model) and not self._in_checkpoint_save:
-            from peft_unlearn.fila.saving import INIT_DIR
+            check_not_a_resumable_checkpoint(output_dir)  # the portable save would break resuming that checkpoint
+        with staged_save(output_dir, overwrite=self._overwrite_allowed()) as stage:
+            self._write_model(str(stage), state_dict)
+        if is_data_driven_peft_model(model) and not self._in_checkpoint_save:
+            from peft_unlearn.fila.saving import INIT_DIR, RAW_NOTE
 
             remove_if_ours(output_dir, INIT_DIR)  # a raw save's stale initial factors: ours only
+            remove_if_ours(output_dir, RAW_NOTE)
         return None
 
     def _write_model(self, output_dir: str, state_dict: dict | None) -> None:
@@ -233,9 +267,14 @@ class UnlearningSavingMixin:
         private: bool | None = None,
         **kwargs: Any,
     ) -> Any:
-        """`Trainer.push_to_hub` that refuses a diverged model and fails with one line without network."""
+        """`Trainer.push_to_hub` that refuses a diverged model and fails with one line without network.
+
+        Without network the model is still saved in `output_dir` (also when the Hub repository could not be created,
+        which `Trainer` tries before saving), and the `HubConnectionError` says where and how to push it later.
+        """
         self._refuse_broken_model("push_to_hub()")
-        with hub_errors("push_to_hub"):
+        self._push_saved = False
+        try:
             return super().push_to_hub(
                 commit_message=commit_message,
                 blocking=blocking,
@@ -244,6 +283,15 @@ class UnlearningSavingMixin:
                 private=private,
                 **kwargs,
             )
+        except Exception as err:
+            if not (isinstance(err, HubConnectionError) or is_connection_error(err)):
+                raise
+            original = err.__context__ if isinstance(err, HubConnectionError) and err.__context__ is not None else err
+            if not self._push_saved and self.args.should_save:
+                self.save_model()  # the repository could not be created before Trainer saved: save now, lose nothing
+            saved_in = str(self.args.output_dir)
+            repo_id = getattr(self, "hub_model_id", None) or self.args.hub_model_id
+            raise HubConnectionError(_hub_failure_message("push_to_hub", original, saved_in, repo_id)) from None
 
     # Private override: Trainer pushes the model files of a checkpoint folder to the Hub only from here (hub_strategy
     # 'every_save'); for a data-driven adapter the pushed files must be the portable export, not the raw checkpoint.
@@ -295,7 +343,7 @@ class UnlearningSavingMixin:
                 continue
             reported.add(id(job))
             err = job.exception()
-            if isinstance(err, _connection_errors()):
+            if is_connection_error(err):
                 message = _hub_failure_message("background push of a checkpoint to the Hub", err)
             else:
                 message = f"background push of a checkpoint to the Hub failed: {type(err).__name__}: {err}"
@@ -308,7 +356,9 @@ class UnlearningSavingMixin:
         names = [n for n in names if n not in _CHECKPOINT_ONLY] + [_TRAINING_ARGS_NAME]
         if self.is_world_process_zero():
             check_save_folder(self.args.output_dir, names=names, adapter=False, overwrite=self._overwrite_allowed())
-        with hub_errors("push to the Hub"):
+        with hub_errors(
+            "push to the Hub", saved_in=str(self.args.output_dir), repo_id=getattr(self, "hub_model_id", None)
+        ):
             super()._push_from_checkpoint(folder)
         if self.is_world_process_zero():
             record_written(self.args.output_dir, [n for n in names if (Path(self.args.output_dir) / n).is_file()])
