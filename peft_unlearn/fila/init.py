@@ -5,11 +5,12 @@ LoRA scaling ``s``:
 
 1. row weights ``w_i = sqrt(sum_j F_hat_ij)`` (optionally floored),
 2. truncated SVD of the row-weighted weight ``diag(w) W ~= U diag(S) V^T`` (rank r, fp32; seeded
-   randomized SVD or exact SVD),
+   randomized SVD, or an exact SVD: by default, ``exact_svd="auto"``, for layers with ``min(out, in) <= 256``),
 3. ``S <- S / s``,
 4. ``A0 = (V diag(sqrt S))^T`` [r, in], ``B0 = diag(1 / (w + eps)) U diag(sqrt S)`` [out, r]
-   (evaluated as ``diag(w / (w + eps)) W V diag(1 / sqrt(S s))``, the same for an exact SVD, so that
-   rows with ``w ~ 0`` do not get rounding noise amplified by ``1 / eps``),
+   (by default evaluated as ``diag(w / (w + eps)) W V diag(1 / sqrt(S s))``: the same for an exact SVD, and rows
+   with ``w ~ 0`` do not get rounding noise amplified by ``1 / eps``; under the randomized SVD the two differ,
+   ``FilaConfig(b0_form="official")`` uses the official ``U`` form),
 5. the trainable factors start at ``A_init = c * A0``, ``B_init = c * B0`` (``FilaConfig.factor_scale``;
    ``c = 1`` is the paper),
 6. the initial product ``s * B_init A_init`` is cancelled by a frozen copy of the initial factors
@@ -185,19 +186,28 @@ def fila_init_layer(
     elif config.row_weight_floor is not None:
         row_w = row_w.clamp_min(config.row_weight_floor * top)
 
-    _, s, v = _truncated_svd(row_w[:, None] * w_mat, rank, config)
+    u, s, v = _truncated_svd(row_w[:, None] * w_mat, rank, config)
     s = s.clamp_min(0)
     lora_a = (v * (s / scaling).sqrt()).mT
+    if config.b0_form == "official":  # the official code's B0 = diag(1/(w+eps)) U diag(sqrt(S/s))
+        lora_b = (u / (row_w + config.eps)[:, None]) * (s / scaling).sqrt()
+        return _scaled(config, lora_a, lora_b, lora_dtype)
+    del u
     # B0 = diag(1/(w+eps)) U diag(sqrt(S/s)) with U = diag(w) W V diag(1/S), i.e. diag(w/(w+eps)) W V diag(1/sqrt(S s)):
     # identical for an exact SVD, but rows with w ~ 0 get exactly their (tiny) share instead of U's rounding noise
     # divided by eps. Directions with S = 0 carry nothing (their A0 row is 0).
     tiny = s.max() * torch.finfo(work).eps * max(w_mat.shape)
     inv_root = torch.where(s > tiny, (s * scaling).clamp_min(torch.finfo(work).tiny).rsqrt(), 0.0)
     lora_b = (row_w / (row_w + config.eps))[:, None] * (w_mat @ v) * inv_root
+    return _scaled(config, lora_a, lora_b, lora_dtype)
+
+
+def _scaled(
+    config: FilaConfig, lora_a: torch.Tensor, lora_b: torch.Tensor, lora_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(c A0, c B0)`` in ``lora_dtype`` with ``c`` from ``config.factor_scale``."""
     factor = resolve_factor_scale(config.factor_scale, lora_a, lora_b)
-    lora_a = (factor * lora_a).contiguous().to(lora_dtype)
-    lora_b = (factor * lora_b).contiguous().to(lora_dtype)
-    return lora_a, lora_b
+    return (factor * lora_a).contiguous().to(lora_dtype), (factor * lora_b).contiguous().to(lora_dtype)
 
 
 def resolve_factor_scale(factor_scale: str | float, lora_a: torch.Tensor, lora_b: torch.Tensor) -> float:

@@ -27,8 +27,10 @@ Choices where the official code and the paper leave room (all documented on the 
   order and dropout off every epoch would repeat the same gradients and leave the variance unchanged.
   ``epochs=10, train_mode=True`` with a shuffling dataloader reproduces the scripts.
 * **No second division by the token count.** The official code divides the variance (already a
-  per-token mean) by ``N`` once more before taking the ratio, which only changes how much the
-  ``1e-5`` stabiliser weighs; here ``F_f / (eps + F_r)`` uses the variances themselves
+  per-token mean) by ``N`` once more before taking the ratio: ``(I_f / N_f) / (eps + I_r / N_r)``, i.e.
+  ``(N_r / N_f) I_f / (N_r eps + I_r)``, which gives ``eps`` ``N_r`` times more weight and, where ``eps``
+  dominates, scales the importance by about ``1 / N_f`` (``A0`` by its fourth root, ``B0`` by the inverse;
+  docs/concepts/vila.md states it in full); here ``F_f / (eps + F_r)`` uses the variances themselves
   (``FisherStatistics`` holds ``N * (I_B @ I_A)`` with count ``N``).
 * **Eval mode** by default (dropout off, deterministic), like [`estimate_fisher`][peft_unlearn.fila.fisher.estimate_fisher].
 * The random factors come from a private generator seeded by ``seed``; the global RNG is untouched.

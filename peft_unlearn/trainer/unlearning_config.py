@@ -170,7 +170,8 @@ class UnlearningConfig(TrainingArguments):
             `"cpu"` (host memory, the low-memory mode; identical statistics).
         fila_layers_per_pass: Process the target layers in groups of this many, one data pass per group
             (identical statistics); `None`: one pass.
-        fila_seed: Seed of FILA's randomized SVD; None keeps the adapter config's `fila_config.seed` (42 by default). The
+        fila_seed: Seed of FILA's randomized SVD (used for layers larger than `FilaConfig.exact_svd_max_dim`, which get an
+            exact SVD otherwise); None keeps the adapter config's `fila_config.seed` (42 by default). The
             global RNG state is restored afterwards.
             Defaults to `None`.
 

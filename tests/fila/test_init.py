@@ -92,6 +92,59 @@ def test_product_is_the_weighted_best_rank_r_approximation():
         assert weighted_error(product) <= weighted_error(noisy)
 
 
+@pytest.mark.parametrize("shape", [(12, 8), (8, 12)])
+def test_b0_forms_agree_under_exact_svd(shape):
+    """Both B0 forms are the float64 weighted rank-r approximation when the SVD is exact."""
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(shape, generator=gen)
+    importance = torch.rand(shape, generator=gen) ** 2
+    expected, _ = _reference(weight, importance, 3, eps=1e-5)
+    for form in ("projection", "official"):
+        config = FilaConfig(factor_scale="paper", exact_svd=True, b0_form=form)
+        lora_a, lora_b = fila_init_layer(weight, importance, 3, 2.0, config=config)
+        torch.testing.assert_close((2.0 * lora_b @ lora_a).double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(300, 200), (200, 300)])
+def test_b0_forms_under_randomized_svd_match_their_float64_formulas(shape):
+    """Under the randomized SVD (``U, S, V`` of ``torch.svd_lowrank`` with the config's seed): ``"official"`` is
+    ``diag(1/(w+eps)) U S V^T``, ``"projection"`` is ``diag(w/(w+eps)) W V V^T`` (float64 formulas), the latter is
+    at least as close to the weighted optimum. They agree when out < in (``svd_lowrank`` then finds the row space
+    first and ``U`` from it, which is the projection) and differ when out > in (no spectral gap: an inexact SVD)."""
+    gen = torch.Generator().manual_seed(4)
+    weight = torch.randn(shape, generator=gen)
+    importance = torch.rand(shape, generator=gen) ** 2 + 0.1
+    rank, scaling, eps = 8, 2.0, 1e-5
+    w = importance.sum(1).sqrt()
+    state = torch.random.get_rng_state()
+    torch.manual_seed(42)
+    u, s, v = torch.svd_lowrank(w[:, None] * weight, q=rank, niter=2)
+    torch.random.set_rng_state(state)
+    u, s, v, w64, weight64 = u.double(), s.double(), v.double(), w.double(), weight.double()
+    formulas = {
+        "official": (u * s) @ v.T / (w64 + eps)[:, None],
+        "projection": (w64 / (w64 + eps))[:, None] * weight64 @ v @ v.T,
+    }
+    products = {}
+    for form, expected in formulas.items():
+        config = FilaConfig(factor_scale="paper", exact_svd=False, b0_form=form, seed=42, niter=2)
+        lora_a, lora_b = fila_init_layer(weight, importance, rank, scaling, config=config)
+        products[form] = (scaling * lora_b @ lora_a).double()
+        torch.testing.assert_close(products[form], expected, atol=1e-4, rtol=1e-4)
+
+    def weighted_error(m):
+        return torch.linalg.norm(w64[:, None] * (weight64 - m))
+
+    assert weighted_error(products["projection"]) <= weighted_error(products["official"]) + 1e-6
+    gap = torch.linalg.norm(products["projection"] - products["official"]) / torch.linalg.norm(products["official"])
+    assert gap < 1e-4 if shape[0] < shape[1] else gap > 1e-2
+
+
+def test_b0_form_validation():
+    with pytest.raises(ValueError, match="b0_form"):
+        FilaConfig(b0_form="u")
+
+
 def test_constant_importance_gives_scaled_pissa():
     gen = torch.Generator().manual_seed(2)
     weight = torch.randn(9, 6, generator=gen)
