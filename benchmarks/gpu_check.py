@@ -10,6 +10,10 @@ Checks, each recorded as ``ok`` / ``failed`` (with the error) so one failure doe
 3. ``low_memory_fisher``: peak `torch.cuda.max_memory_allocated` above the loaded model of the Fisher pass
    with accumulators on the GPU, with ``accumulator_device="cpu"``, with ``layers_per_pass``, and of one
    unlearning step of default LoRA; the statistics of the three modes are compared.
+4. ``fused_loss_memory``: the step of ``benchmarks/fused_loss_memory.py`` (IHL + NLL, LoRA r=8) on a Gemma-3-shaped
+   random model (vocabulary 262,144, hidden 640 as Gemma-3 270M, 2 layers, bf16) at 8 x 512 and 8 x 2048 tokens,
+   fused vs full logits: peak `torch.cuda.max_memory_allocated` above the model and time per step (one warm-up, two
+   timed steps); a step that runs out of GPU memory is recorded as not fitting.
 
 Results: ``benchmarks/results/gpu_check.{json,md}`` (the exact command is recorded).
 
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 import tempfile
@@ -261,10 +266,56 @@ def check_low_memory_fisher(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def check_fused_loss_memory(args: argparse.Namespace) -> dict[str, Any]:
+    import fused_loss_memory as flm
+    import torch
+
+    spec = {"vocab": 262_144, "hidden": 640, "layers": 2, "dtype": "bfloat16", "device": args.device, "seq": 2048}
+    sizes = ("8x512", "8x2048")
+    if args.smoke:
+        spec.update(vocab=4096, hidden=64, layers=1, seq=64)
+        sizes = ("2x32", "2x64")
+    oom = (torch.cuda.OutOfMemoryError, RuntimeError, MemoryError)
+    out: dict[str, Any] = {"model": spec, "cases": {}}
+    for fused in (True, False):
+        model = flm.build_model(spec)
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        flm.unlearning_step(model, optimizer, flm._inputs(spec, 1, 32), fused, None)  # warm-up
+        for size in sizes:
+            batch, seq = flm.parse_size(size)
+            inputs = flm._inputs(spec, batch, seq)
+            entry: dict[str, Any] = {"steps": []}
+            try:
+                flm.unlearning_step(model, optimizer, inputs, fused, None)  # warm-up at this size
+                for _ in range(2):
+                    with common.PeakMemory(args.device, host=False) as peak:
+                        loss = flm.unlearning_step(model, optimizer, inputs, fused, None)
+                    entry["steps"].append({"peak_bytes": peak.delta, "seconds": peak.seconds, "loss": loss})
+                entry["fits"] = True
+            except oom as err:
+                if not flm._is_oom(err):
+                    raise
+                optimizer.zero_grad(set_to_none=True)
+                entry.update(fits=False, error=f"{type(err).__name__}: {str(err)[:200]}")
+            out["cases"][flm.case_key(size, fused)] = entry
+            del inputs
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+        del model, optimizer
+    out["ok"] = all(
+        c["fits"] and all(math.isfinite(s["loss"]) for s in c["steps"])
+        for k, c in out["cases"].items()
+        if k.endswith("/fused")
+    )
+    return out
+
+
 CHECKS = {
     "bf16_fila_ihl": check_bf16_fila_ihl,
     "qlora_4bit_fila": check_qlora_4bit_fila,
     "low_memory_fisher": check_low_memory_fisher,
+    "fused_loss_memory": check_fused_loss_memory,
 }
 
 
@@ -308,6 +359,13 @@ def write_report(data: dict[str, Any], path: Path) -> None:
             details.append(f"{mode}: {_gib(entry['peak_bytes'])}")
         if "lora_step" in result:
             details.append(f"LoRA step: {_gib(result['lora_step']['peak_bytes'])}")
+        for case, entry in result.get("cases", {}).items():
+            if not entry.get("fits"):
+                details.append(f"{case}: does not fit")
+                continue
+            peak = max((s["peak_bytes"] for s in entry["steps"]), default=None, key=lambda x: x or 0)
+            secs = sum(s["seconds"] for s in entry["steps"]) / max(len(entry["steps"]), 1)
+            details.append(f"{case}: {_gib(peak)}, {secs:.2f} s/step")
         lines.append(f"| `{name}` | {'ok' if result.get('ok') else 'FAILED'} | {'; '.join(details)} |")
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
 

@@ -19,10 +19,15 @@ put the model in eval mode and restore its previous train/eval mode afterwards. 
 padding tokens are identified by ``attention_mask`` and ``position_ids`` are derived from it when the model
 accepts them.
 
-Memory: a forward pass holds logits ``[B, T, V]`` in the model dtype; the per-token statistics are then
-computed one sequence at a time on the supervised positions only (an extra ``[n_tokens, V]`` fp32 buffer).
-Greedy generation for EL asks the model for the last position's logits only (``logits_to_keep=1`` when
-supported) and reuses the KV cache when the model returns one.
+Memory: by default (``fused="auto"``, when the model supports it: see `peft_unlearn.metrics.chunked`) the
+teacher-forced metrics (MA, NLL, perplexity, token log-probs) run the model for its last hidden states only and
+project the counted positions through the output head ``chunk_size`` tokens at a time (default about 2**24 logits
+per chunk), so the ``[B, T, V]`` logits are never materialized; the values equal the full-logits path. With
+``fused=False`` (or a model without ``logits_to_keep`` / with LoRA on ``lm_head``) a forward pass holds logits
+``[B, T, V]`` in the model dtype and the statistics are computed one sequence at a time on the supervised
+positions (an extra ``[n_tokens, V]`` fp32 buffer). Greedy generation for EL asks the model for the last
+position's logits only (``logits_to_keep=1`` when supported) and reuses the KV cache when the model returns one,
+so it never holds more than ``[B, V]`` logits either way.
 
 Examples:
     >>> import torch
@@ -42,11 +47,14 @@ from typing import Any, Literal
 
 import torch
 
+from ..losses.fused import model_hidden_states, output_head
 from ..utils import IGNORE_INDEX, model_device
+from .chunked import FusedSetting, check_chunk_size, chunked_argmax_log_probs, resolve_fused
 from .extraction import _check_el_args, _el_scores, extraction_likelihood
-from .forward import _normalize_data, _prepare_batch, pad_batch
+from .forward import _normalize_data, _prepare_batch, accepts_kwarg, pad_batch
 from .forward import eval_mode as _eval_mode
 from .forward import forward_logits as _logits
+from .forward import position_ids as _position_ids
 from .forward import with_eval_mode as _with_eval_mode
 from .generation import greedy_generate
 
@@ -92,9 +100,21 @@ def _check_vocab(ids: torch.Tensor, size: int, what: str) -> None:
 
 
 def _token_stats(
-    model: torch.nn.Module, input_ids: Any, attention_mask: Any = None, labels: Any = None
+    model: torch.nn.Module,
+    input_ids: Any,
+    attention_mask: Any = None,
+    labels: Any = None,
+    *,
+    fused: FusedSetting = "auto",
+    chunk_size: int | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per sequence: (correct [n] bool, log p(target) [n] float32) over counted positions. Caller sets no_grad."""
+    """Per sequence: (correct [n] bool, log p(target) [n] float32) over counted positions. Caller sets no_grad.
+
+    ``fused`` (``True``/``False``/``"auto"``, resolved by `resolve_fused`) picks the chunked path from hidden
+    states; ``chunk_size`` is its tokens per chunk.
+    """
+    use_fused = resolve_fused(fused, model)
+    check_chunk_size(chunk_size)
     input_ids, attention_mask, labels = _prepare_batch(input_ids, attention_mask, labels)
     device = model_device(model)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
@@ -106,6 +126,8 @@ def _token_stats(
     weight = getattr(embeddings, "weight", None)
     if weight is not None:
         _check_vocab(input_ids[attention_mask.bool()], int(weight.shape[0]), "input_ids")
+    if use_fused:
+        return _fused_token_stats(model, input_ids, attention_mask, labels, chunk_size)
     logits = _logits(model, input_ids, attention_mask).logits
     if logits.shape[:2] != input_ids.shape:
         raise ValueError(
@@ -124,9 +146,42 @@ def _token_stats(
     return stats
 
 
+def _fused_token_stats(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor | None,
+    chunk_size: int | None,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`_token_stats` from the last hidden states, the counted positions projected in chunks (no full logits)."""
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if accepts_kwarg(model, "position_ids"):
+        inputs["position_ids"] = _position_ids(attention_mask)
+    hidden = model_hidden_states(model, **inputs)
+    head = output_head(model)
+    if hidden.shape[:2] != input_ids.shape:
+        raise ValueError(
+            f"The model returned hidden states of shape {tuple(hidden.shape)} for input_ids of shape "
+            f"{tuple(input_ids.shape)}; expected [batch, seq_len, hidden]."
+        )
+    targets, valid = _supervised_mask(input_ids, attention_mask, labels)
+    _check_vocab(targets[valid], head.vocab_size, "labels" if labels is not None else "input_ids")
+    rows = hidden[:, :-1][valid]  # [n, d], sequence by sequence
+    pred, logp = chunked_argmax_log_probs(rows, head, targets[valid], chunk_size)
+    correct = pred == targets[valid]
+    sizes = valid.sum(dim=1).tolist()
+    return list(zip(correct.split(sizes), logp.split(sizes)))
+
+
 @_with_eval_mode
 def memorization_accuracy(
-    model: torch.nn.Module, input_ids: Any, attention_mask: Any = None, labels: Any = None
+    model: torch.nn.Module,
+    input_ids: Any,
+    attention_mask: Any = None,
+    labels: Any = None,
+    *,
+    fused: FusedSetting = "auto",
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Per-sequence memorization accuracy (teacher-forced next-token argmax accuracy).
 
@@ -139,6 +194,10 @@ def memorization_accuracy(
         input_ids: Token ids ``[B, T]`` (or one 1-D sequence).
         attention_mask: ``[B, T]``, 1 for real tokens; default all ones. Left or right padding.
         labels: Optional unshifted labels ``[B, T]`` with -100 on ignored positions.
+        fused: Compute the statistics from the last hidden states, projecting ``chunk_size`` tokens at a time, so the
+            ``[B, T, V]`` logits are never materialized (same values): ``"auto"`` (default) when the model supports
+            it (the rules of `UnlearningConfig.fused_loss`), ``True`` requires it, ``False`` uses the full logits.
+        chunk_size: Tokens per chunk of the fused path (None: about 2**24 logits per chunk).
 
     Returns:
         Float tensor ``[B]`` on the CPU.
@@ -148,7 +207,7 @@ def memorization_accuracy(
         >>> memorization_accuracy(tiny_causal_lm("llama"), [[5, 6, 7, 8]]).shape
         torch.Size([1])
     """
-    stats = _token_stats(model, input_ids, attention_mask, labels)
+    stats = _token_stats(model, input_ids, attention_mask, labels, fused=fused, chunk_size=chunk_size)
     return torch.tensor(
         [c.double().mean().item() if c.numel() else float("nan") for c, _ in stats], dtype=torch.float32
     )
@@ -156,7 +215,13 @@ def memorization_accuracy(
 
 @_with_eval_mode
 def token_log_probs(
-    model: torch.nn.Module, input_ids: Any, attention_mask: Any = None, labels: Any = None
+    model: torch.nn.Module,
+    input_ids: Any,
+    attention_mask: Any = None,
+    labels: Any = None,
+    *,
+    fused: FusedSetting = "auto",
+    chunk_size: int | None = None,
 ) -> list[torch.Tensor]:
     """Log-probabilities of the counted tokens of each sequence (teacher forcing).
 
@@ -165,6 +230,10 @@ def token_log_probs(
         input_ids: Token ids ``[B, T]``.
         attention_mask: Optional ``[B, T]`` mask (left or right padding).
         labels: Optional unshifted labels with -100 on ignored positions.
+        fused: Compute the statistics from the last hidden states, projecting ``chunk_size`` tokens at a time, so the
+            ``[B, T, V]`` logits are never materialized (same values): ``"auto"`` (default) when the model supports
+            it (the rules of `UnlearningConfig.fused_loss`), ``True`` requires it, ``False`` uses the full logits.
+        chunk_size: Tokens per chunk of the fused path (None: about 2**24 logits per chunk).
 
     Returns:
         A list of ``B`` float32 CPU tensors ``[n_b]``: ``log p(x_t | x_<t)`` for every counted position t >= 1.
@@ -174,12 +243,19 @@ def token_log_probs(
         >>> [lp.shape for lp in token_log_probs(tiny_causal_lm("llama"), [[5, 6, 7]])]
         [torch.Size([2])]
     """
-    return [lp.cpu() for _, lp in _token_stats(model, input_ids, attention_mask, labels)]
+    stats = _token_stats(model, input_ids, attention_mask, labels, fused=fused, chunk_size=chunk_size)
+    return [lp.cpu() for _, lp in stats]
 
 
 @_with_eval_mode
 def sequence_nll(
-    model: torch.nn.Module, input_ids: Any, attention_mask: Any = None, labels: Any = None
+    model: torch.nn.Module,
+    input_ids: Any,
+    attention_mask: Any = None,
+    labels: Any = None,
+    *,
+    fused: FusedSetting = "auto",
+    chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed token NLL and token count per sequence.
 
@@ -188,6 +264,10 @@ def sequence_nll(
         input_ids: Token ids ``[B, T]``.
         attention_mask: Optional ``[B, T]`` mask.
         labels: Optional unshifted labels with -100 on ignored positions.
+        fused: Compute the statistics from the last hidden states, projecting ``chunk_size`` tokens at a time, so the
+            ``[B, T, V]`` logits are never materialized (same values): ``"auto"`` (default) when the model supports
+            it (the rules of `UnlearningConfig.fused_loss`), ``True`` requires it, ``False`` uses the full logits.
+        chunk_size: Tokens per chunk of the fused path (None: about 2**24 logits per chunk).
 
     Returns:
         ``(nll_sum [B], n_tokens [B])`` float32 / int64 CPU tensors; ``nll_sum / n_tokens`` is the per-token NLL.
@@ -198,13 +278,21 @@ def sequence_nll(
         >>> int(count[0])
         2
     """
-    stats = _token_stats(model, input_ids, attention_mask, labels)
+    stats = _token_stats(model, input_ids, attention_mask, labels, fused=fused, chunk_size=chunk_size)
     total = torch.tensor([-lp.sum().item() for _, lp in stats], dtype=torch.float32)
     count = torch.tensor([lp.numel() for _, lp in stats], dtype=torch.long)
     return total, count
 
 
-def perplexity(model: torch.nn.Module, input_ids: Any, attention_mask: Any = None, labels: Any = None) -> float:
+def perplexity(
+    model: torch.nn.Module,
+    input_ids: Any,
+    attention_mask: Any = None,
+    labels: Any = None,
+    *,
+    fused: FusedSetting = "auto",
+    chunk_size: int | None = None,
+) -> float:
     """Token-pooled perplexity ``exp(sum NLL / number of tokens)`` of a batch.
 
     Args:
@@ -212,6 +300,10 @@ def perplexity(model: torch.nn.Module, input_ids: Any, attention_mask: Any = Non
         input_ids: Token ids ``[B, T]``.
         attention_mask: Optional ``[B, T]`` mask.
         labels: Optional unshifted labels with -100 on ignored positions.
+        fused: Compute the statistics from the last hidden states, projecting ``chunk_size`` tokens at a time, so the
+            ``[B, T, V]`` logits are never materialized (same values): ``"auto"`` (default) when the model supports
+            it (the rules of `UnlearningConfig.fused_loss`), ``True`` requires it, ``False`` uses the full logits.
+        chunk_size: Tokens per chunk of the fused path (None: about 2**24 logits per chunk).
 
     Returns:
         The perplexity (``inf`` on overflow, NaN when no token is counted).
@@ -221,7 +313,7 @@ def perplexity(model: torch.nn.Module, input_ids: Any, attention_mask: Any = Non
         >>> perplexity(tiny_causal_lm("llama"), [[5, 6, 7]]) > 1.0
         True
     """
-    total, count = sequence_nll(model, input_ids, attention_mask, labels)
+    total, count = sequence_nll(model, input_ids, attention_mask, labels, fused=fused, chunk_size=chunk_size)
     n = int(count.sum())
     return _safe_exp(float(total.sum()) / n) if n else float("nan")
 
@@ -316,6 +408,8 @@ def evaluate_memorization(
     show_progress: bool = False,
     el_batch_size: int | None = None,
     distributed: DistributedMode = "shard",
+    fused: FusedSetting = "auto",
+    chunk_size: int | None = None,
 ) -> dict[str, float]:
     """MA, EL_n, NLL and perplexity of a data set.
 
@@ -348,6 +442,10 @@ def evaluate_memorization(
         show_progress: Show a tqdm bar over batches.
         el_batch_size: Prefixes per generation batch for EL (default ``4 * batch_size``).
         distributed: ``"shard"``, ``"gather"`` or ``"none"`` (see above).
+        fused: MA and NLL from the last hidden states, ``chunk_size`` tokens at a time (no ``[B, T, V]`` logits;
+            same values): ``"auto"`` (default) when the model supports it, ``True`` requires it, ``False`` uses
+            the full logits. EL's greedy generation only ever computes the last position's logits.
+        chunk_size: Tokens per chunk of the fused path (None: about 2**24 logits per chunk).
 
     Returns:
         ``{"ma": ..., "el10": ..., "nll": ..., "ppl": ...}`` as Python floats.
@@ -363,6 +461,8 @@ def evaluate_memorization(
     if distributed not in ("shard", "gather", "none"):
         raise ValueError(f"`distributed` must be 'shard', 'gather' or 'none', got {distributed!r}.")
     ns = _check_el_args(el_n, el_prefix_stride, el_batch_size or 4 * batch_size) if compute_el else ()
+    use_fused = resolve_fused(fused, model)
+    check_chunk_size(chunk_size)
     items = _normalize_data(data)
     rank, world = _dist_info()
     if not items and (world == 1 or distributed != "gather"):
@@ -385,7 +485,7 @@ def evaluate_memorization(
         for start in batches:
             chunk = items[start : start + batch_size]
             ids, mask, labels = pad_batch(chunk, pad_token_id)
-            for correct, logp in _token_stats(model, ids, mask, labels):
+            for correct, logp in _token_stats(model, ids, mask, labels, fused=use_fused, chunk_size=chunk_size):
                 local["ma"].append(correct.double().mean().item() if correct.numel() else float("nan"))
                 local["nll_sum"].append(-logp.sum().item())
                 local["n_tok"].append(float(logp.numel()))

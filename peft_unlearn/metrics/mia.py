@@ -25,13 +25,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from .chunked import FusedSetting, check_chunk_size, resolve_fused
 from .memorization import _eval_mode, _normalize_data, _token_stats, pad_batch
 
 __all__ = ["min_k_prob_scores", "mia_auc", "privleak"]
 
 
 def min_k_prob_scores(
-    model: torch.nn.Module, data: Any, k: float = 0.4, *, batch_size: int = 8, pad_token_id: int = 0
+    model: torch.nn.Module,
+    data: Any,
+    k: float = 0.4,
+    *,
+    batch_size: int = 8,
+    pad_token_id: int = 0,
+    fused: FusedSetting = "auto",
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Min-k% Prob score per sequence: mean of the lowest ``k`` fraction of token log-probabilities.
 
@@ -42,6 +50,10 @@ def min_k_prob_scores(
         k: Fraction in (0, 1] of the lowest-probability tokens to average (MUSE default 0.4).
         batch_size: Sequences per forward pass.
         pad_token_id: Padding id for batching.
+        fused: Token log-probs from the last hidden states, ``chunk_size`` tokens at a time (no ``[B, T, V]``
+            logits; same values): ``"auto"`` (default) when the model supports it, ``True`` requires it, ``False``
+            uses the full logits.
+        chunk_size: Tokens per chunk of the fused path (None: about 2**24 logits per chunk).
 
     Returns:
         Float tensor ``[N]`` (NaN for a sequence without counted tokens).
@@ -55,6 +67,8 @@ def min_k_prob_scores(
         raise ValueError(f"`k` must be a fraction in (0, 1], got {k!r} (e.g. 0.4 for Min-40%).")
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
+    use_fused = resolve_fused(fused, model)
+    check_chunk_size(chunk_size)
     items = _normalize_data(data)
     if not items:
         raise ValueError("`data` is empty: min_k_prob_scores needs at least one sequence to score.")
@@ -62,7 +76,7 @@ def min_k_prob_scores(
     with _eval_mode(model):
         for start in range(0, len(items), batch_size):
             ids, mask, labels = pad_batch(items[start : start + batch_size], pad_token_id)
-            for _, logp in _token_stats(model, ids, mask, labels):
+            for _, logp in _token_stats(model, ids, mask, labels, fused=use_fused, chunk_size=chunk_size):
                 if logp.numel() == 0:
                     scores.append(float("nan"))
                     continue

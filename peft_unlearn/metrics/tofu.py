@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from .chunked import FusedSetting, check_chunk_size, resolve_fused
 from .forward import eval_mode as _eval_mode
 from .generation import greedy_generate
 from .memorization import _token_stats, pad_batch
@@ -78,6 +79,8 @@ def answer_nll(
     batch_size: int = 8,
     max_length: int | None = None,
     add_eos: bool = True,
+    fused: FusedSetting = "auto",
+    chunk_size: int | None = None,
 ) -> np.ndarray:
     """Mean per-token NLL of each answer given its question (question masked), batched.
 
@@ -90,6 +93,10 @@ def answer_nll(
         batch_size: Sequences per forward pass.
         max_length: See `format_qa`.
         add_eos: See `format_qa`.
+        fused: Compute the answer log-probs from the last hidden states, ``chunk_size`` tokens at a time (no
+            ``[B, T, V]`` logits; same values): ``"auto"`` (default) when the model supports it, ``True`` requires
+            it, ``False`` uses the full logits.
+        chunk_size: Tokens per chunk of the fused path (None: about 2**24 logits per chunk).
 
     Returns:
         ``np.ndarray [N]`` (float64).
@@ -104,6 +111,8 @@ def answer_nll(
         raise ValueError(f"`questions` has {len(questions)} items but `answers` has {len(answers)}; they must match.")
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
+    use_fused = resolve_fused(fused, model)
+    check_chunk_size(chunk_size)
     items = [
         format_qa(q, a, tokenizer, template, add_eos=add_eos, max_length=max_length)
         for q, a in zip(questions, answers)
@@ -113,7 +122,8 @@ def answer_nll(
     with _eval_mode(model):
         for start in range(0, len(items), batch_size):
             ids, mask, labels = pad_batch(items[start : start + batch_size], pad)
-            for j, (_, logp) in enumerate(_token_stats(model, ids, mask, labels)):
+            stats = _token_stats(model, ids, mask, labels, fused=use_fused, chunk_size=chunk_size)
+            for j, (_, logp) in enumerate(stats):
                 out[start + j] = -float(logp.double().mean()) if logp.numel() else float("nan")
     return out
 
@@ -127,6 +137,8 @@ def answer_probability(
     template: str = DEFAULT_QA_TEMPLATE,
     batch_size: int = 8,
     max_length: int | None = None,
+    fused: FusedSetting = "auto",
+    chunk_size: int | None = None,
 ) -> np.ndarray:
     """Length-normalised answer probability ``P(a|q)^{1/|a|} = exp(-mean token NLL)`` per item.
 
@@ -138,6 +150,10 @@ def answer_probability(
         template: See `format_qa`.
         batch_size: Sequences per forward pass.
         max_length: See `format_qa`.
+        fused: Compute the answer log-probs from the last hidden states, ``chunk_size`` tokens at a time (no
+            ``[B, T, V]`` logits; same values): ``"auto"`` (default) when the model supports it, ``True`` requires
+            it, ``False`` uses the full logits.
+        chunk_size: Tokens per chunk of the fused path (None: about 2**24 logits per chunk).
 
     Returns:
         ``np.ndarray [N]`` in (0, 1].
@@ -150,7 +166,15 @@ def answer_probability(
         True
     """
     nll = answer_nll(
-        model, tokenizer, questions, answers, template=template, batch_size=batch_size, max_length=max_length
+        model,
+        tokenizer,
+        questions,
+        answers,
+        template=template,
+        batch_size=batch_size,
+        max_length=max_length,
+        fused=fused,
+        chunk_size=chunk_size,
     )
     return np.exp(-nll)
 
@@ -422,10 +446,18 @@ def _split_scores(
     max_length: int | None,
     max_new_tokens: int,
     compute_rouge: bool,
+    fused: bool,
+    chunk_size: int | None,
 ) -> dict[str, Any]:
     questions = [r["question"] for r in rows]
     answers = [r["answer"] for r in rows]
-    kw = {"template": template, "batch_size": batch_size, "max_length": max_length}
+    kw = {
+        "template": template,
+        "batch_size": batch_size,
+        "max_length": max_length,
+        "fused": fused,
+        "chunk_size": chunk_size,
+    }
     true_nll = answer_nll(model, tokenizer, questions, answers, **kw)
     if base_key == "answer":
         base_nll = true_nll
@@ -472,6 +504,8 @@ def evaluate_tofu(
     max_items: int | None = 300,
     max_length: int | None = 500,
     compute_rouge: bool = True,
+    fused: FusedSetting = "auto",
+    chunk_size: int | None = None,
 ) -> dict[str, Any]:
     """All TOFU numbers for one model: probability, ROUGE-L, truth ratio per split, model utility, forget quality.
 
@@ -495,6 +529,10 @@ def evaluate_tofu(
         max_items: Evaluate the first ``max_items`` rows of each split (TOFU protocol: 300; None = all).
         max_length: Token budget per scored sequence (TOFU: 500).
         compute_rouge: False skips generation (ROUGE keys absent, no model utility).
+        fused: The probabilities and truth ratios from the last hidden states, ``chunk_size`` tokens at a time (no
+            ``[B, T, V]`` logits; same values): ``"auto"`` (default) when the model supports it, ``True`` requires
+            it, ``False`` uses the full logits. ROUGE's greedy generation only computes last-position logits.
+        chunk_size: Tokens per chunk of the fused path (None: about 2**24 logits per chunk).
 
     Returns:
         A dict with, for each given split ``s``: ``s_prob``, ``s_truth_ratio`` (forget: ``mean(min(R, 1/R))``;
@@ -514,6 +552,8 @@ def evaluate_tofu(
     splits = {"forget": forget, "retain": retain, "real_authors": real_authors, "world_facts": world_facts}
     if all(v is None for v in splits.values()):
         raise ValueError("Pass at least one of `forget`, `retain`, `real_authors`, `world_facts`.")
+    use_fused = resolve_fused(fused, model)
+    check_chunk_size(chunk_size)
     result: dict[str, Any] = {}
     for name, data in splits.items():
         if data is None:
@@ -530,6 +570,8 @@ def evaluate_tofu(
             max_length=max_length,
             max_new_tokens=max_new_tokens,
             compute_rouge=compute_rouge,
+            fused=use_fused,
+            chunk_size=chunk_size,
         )
         result[f"{name}_prob"] = float(np.mean(scores["prob"]))
         ratios = scores["truth_ratios"]

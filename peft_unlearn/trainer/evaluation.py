@@ -118,7 +118,7 @@ def memorization_metrics(
         examples: Tokenized examples of one evaluation set.
         prefix: Metric name prefix, e.g. `"eval_forget"`.
         args: The `UnlearningConfig` (`per_device_eval_batch_size`, `eval_el_n`, `eval_el_prefix_stride`,
-            `eval_compute_el`).
+            `eval_compute_el`, `fused_loss`, `loss_chunk_size`).
         pad_token_id: Padding id.
         sharded: The model is sharded (FSDP, DeepSpeed): every process evaluates every example.
 
@@ -136,5 +136,7 @@ def memorization_metrics(
         pad_token_id=pad_token_id,
         compute_el=args.eval_compute_el,
         distributed="none" if sharded else "shard",
+        fused=args.fused_loss,
+        chunk_size=args.loss_chunk_size,
     )
     return {f"{prefix}_{key}": float(value) for key, value in result.items()}

@@ -137,8 +137,12 @@ class UnlearningConfig(TrainingArguments):
             tokens, never materialized (same values and gradients up to rounding). `"auto"` uses it whenever the model
             supports it (a linear output projection, tied or not, optional soft-capping, a forward with
             `logits_to_keep`; LoRA on `lm_head` is not supported), `True` requires it (error otherwise), `False`
-            uses the full logits. Also used by `evaluate()`. Defaults to `"auto"`.
-        loss_chunk_size: Tokens per chunk of the fused path. `None` picks about 2**24 logits per chunk (64 tokens at a
+            uses the full logits. The same setting drives `evaluate()`: its `eval_{name}_loss` (the token NLL, or
+            the unlearning loss of a paired set) and its teacher-forced metrics `_ma`, `_nll` and `_ppl`
+            (`evaluate_memorization(fused=...)`: argmax and log-probs of the counted tokens, `loss_chunk_size` at a
+            time). The extraction likelihood `_el{n}` is greedy generation, which only ever computes the last
+            position's logits, so it needs no chunking. Defaults to `"auto"`.
+        loss_chunk_size: Tokens per chunk of the fused path (training and `evaluate()`). `None` picks about 2**24 logits per chunk (64 tokens at a
             262,144-token vocabulary). Larger chunks are faster on GPUs and cost `chunk * vocab * 4` bytes each.
         max_length: Maximum tokenized length; longer sequences are truncated on the right. `None`: no truncation. Defaults to `512`.
         completion_only_loss: For prompt/completion and conversational data, supervise only the completion (assistant) tokens. `False`
@@ -270,15 +274,17 @@ class UnlearningConfig(TrainingArguments):
         default="auto",
         metadata={
             "help": "Compute the token-level losses from the last hidden states in chunks, never materializing the "
-            "[tokens, vocab] logits: 'auto' (when the model supports it), True (required) or False (full logits).",
+            "[tokens, vocab] logits: 'auto' (when the model supports it), True (required) or False (full logits). "
+            "Also drives evaluate(): its eval loss and its MA / NLL / perplexity (the extraction likelihood is "
+            "greedy generation, last-position logits only).",
             "choices": ["auto", "true", "false"],
         },
     )
     loss_chunk_size: int | None = field(
         default=None,
         metadata={
-            "help": "Tokens per chunk of the fused loss path; None picks about 2**24 logits per chunk (64 tokens at "
-            "a 262,144-token vocabulary)."
+            "help": "Tokens per chunk of the fused loss path (training and evaluate()); None picks about 2**24 "
+            "logits per chunk (64 tokens at a 262,144-token vocabulary)."
         },
     )
 

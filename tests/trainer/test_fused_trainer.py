@@ -127,3 +127,25 @@ def test_use_liger_kernel_without_liger(tmp_path, tokenizer, caplog):
     trainer.train()
     with pytest.raises(ImportError, match="liger-kernel is not installed.*fused_loss='auto'"):
         _trainer(tmp_path, tokenizer, use_liger_kernel=True, fused_loss=False)
+
+
+@pytest.mark.parametrize("fused_loss", ["auto", False])
+def test_evaluate_follows_fused_loss(tmp_path, tokenizer, fused_loss):
+    """evaluate() (loss, MA, NLL, EL) builds [B, T, V] logits only with fused_loss=False; same numbers both ways."""
+    model = tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    trainer = _trainer(tmp_path, tokenizer, model=model, fused_loss=fused_loss, eval_el_n=[2])
+    widths = []
+    head = trainer.model.get_output_embeddings()
+    hook = head.register_forward_hook(lambda mod, inp, out: widths.append(out.shape[1]))
+    metrics = trainer.evaluate(eval_dataset=FORGET)
+    hook.remove()
+    assert {"eval_forget_loss", "eval_forget_ma", "eval_forget_nll", "eval_forget_el2"} <= set(metrics)
+    if fused_loss == "auto":
+        assert set(widths) == {1}  # the model's own head only ever sees one position (generation, logits_to_keep)
+    else:
+        assert max(widths) > 1
+    other = "auto" if fused_loss is False else False
+    reference = _trainer(tmp_path / "ref", tokenizer, fused_loss=other, eval_el_n=[2])
+    ref_metrics = reference.evaluate(eval_dataset=FORGET)
+    for key in ("eval_forget_loss", "eval_forget_ma", "eval_forget_nll", "eval_forget_el2"):
+        assert metrics[key] == pytest.approx(ref_metrics[key], rel=1e-5), key
