@@ -17,7 +17,9 @@ from peft_unlearn.fila import (
     pending_data_driven_adapters,
     rila_init_layer,
 )
+from peft_unlearn.fila import rila as rila_module
 from peft_unlearn.fila.offset import get_offset
+from peft_unlearn.fila.rila import top_eigenvectors
 from peft_unlearn.testing import tiny_causal_lm
 
 TARGETS = ["q_proj", "up_proj"]
@@ -83,6 +85,61 @@ def test_covariance_and_factors_match_float64_brute_force() -> None:
     signs = torch.sign((lora_b * q).sum(0))  # eigenvectors are defined up to sign
     torch.testing.assert_close(lora_b * signs, q, rtol=0, atol=1e-8)
     torch.testing.assert_close(lora_a, lora_b.T @ weight, rtol=0, atol=1e-10)
+
+
+def _difference_of_covariances(n: int, n_f: int, n_r: int, beta: float, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    y_f = torch.randn(n_f, n, generator=gen, dtype=torch.float64) * 3
+    y_r = torch.randn(n_r, n, generator=gen, dtype=torch.float64)
+    return (1 - beta) * (y_f.T @ y_f) / n_f - beta * (y_r.T @ y_r) / n_r
+
+
+def _full_eigh_reference(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    values, vectors = torch.linalg.eigh(matrix)
+    return values.flip(0)[:k], vectors.flip(-1)[:, :k]
+
+
+@pytest.mark.parametrize("n, n_f, n_r, k", [(300, 6, 20, 4), (257, 1, 40, 1), (512, 12, 0, 8)])
+def test_low_rank_eigenvectors_match_full_eigh(n: int, n_f: int, n_r: int, k: int) -> None:
+    matrix = _difference_of_covariances(n, n_f, max(n_r, 1), 0.8 if n_r else 0.0, seed=n)
+    values, reference = _full_eigh_reference(matrix, k)
+    assert (values > 1e-6 * values[0]).all(), "the test needs k clearly positive eigenvalues"
+    fast = top_eigenvectors(matrix, k, rank_bound=n_f + max(n_r, 1))
+    full = top_eigenvectors(matrix, k)
+    # both paths return the same vectors with the same signs; up to sign they are eigh's
+    torch.testing.assert_close(fast, full, rtol=0, atol=1e-8)
+    signs = torch.sign((full * reference).sum(0))
+    torch.testing.assert_close(full * signs, reference, rtol=0, atol=1e-8)
+    torch.testing.assert_close(fast.T @ fast, torch.eye(k, dtype=torch.float64), rtol=0, atol=1e-10)
+
+
+def test_low_rank_eigenvectors_rank_null_space_above_negative_eigenvalues() -> None:
+    """With fewer positive eigenvalues than k, the rest are eigenvectors of 0, as in the full decomposition."""
+    matrix = _difference_of_covariances(300, 2, 30, 0.8, seed=5)
+    values, reference = _full_eigh_reference(matrix, 6)
+    positive = int((values > 1e-8 * values[0]).sum())
+    assert 1 <= positive < 6
+    fast = top_eigenvectors(matrix, 6, rank_bound=32)
+    signs = torch.sign((fast[:, :positive] * reference[:, :positive]).sum(0))
+    torch.testing.assert_close(fast[:, :positive] * signs, reference[:, :positive], rtol=0, atol=1e-8)
+    rest = fast[:, positive:]
+    scale = matrix.abs().max()
+    assert (matrix @ rest).abs().max() < 1e-9 * scale  # eigenvalue 0, not one of the negative ones
+    torch.testing.assert_close(fast.T @ fast, torch.eye(6, dtype=torch.float64), rtol=0, atol=1e-10)
+
+
+def test_initialize_passes_the_vector_count_as_rank_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[int | None] = []
+    original = rila_module.top_eigenvectors
+
+    def spy(matrix, k, *, rank_bound=None, seed=0):
+        seen.append(rank_bound)
+        return original(matrix, k, rank_bound=rank_bound, seed=seed)
+
+    monkeypatch.setattr(rila_module, "top_eigenvectors", spy)
+    model = _model()
+    info = initialize_adapter_weights(model, _batches(1), _batches(2), show_progress=False)
+    assert seen == [info["f_count"] + info["r_count"]] * info["num_layers"] and info["f_count"] == 6
 
 
 def test_output_unchanged_at_init_and_base_untouched() -> None:
